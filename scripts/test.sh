@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's test command (README: "Run the tests"). Installs what the tests need, builds
+# every binary the integration tests start, then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TERM_COLOR=never
+
+if [ ! -f ../shared/models/grok-1/tokenizer.model ]; then
+  echo "note: ../shared/models/grok-1 is missing; the tokenizer tests need it beside the project" >&2
+fi
+
+cargo build --workspace --bins --locked
+cargo test --workspace --locked

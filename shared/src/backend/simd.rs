@@ -1,0 +1,270 @@
+//! Row-dot kernels: one weight row against up to four activation rows, for f32, bf16 and int8
+//! weights, with AVX-512 and AVX2 paths chosen at run time and a portable fallback.
+//!
+//! Each kernel reads every weight element once and keeps `M` accumulators, so a GEMV streams
+//! the weights at memory speed; the block-scaled int8 kernel applies one scale per block of
+//! the input dimension (GROK1_SPEC.md §6) without materialising a dequantized row.
+
+/// Which instruction set the kernels use on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+pub fn isa() -> Isa {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("GROK_CPU_PORTABLE").is_some() {
+            return Isa::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// Weight row element types.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+/// bf16 stored as raw bits.
+impl WeightElem for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+impl WeightElem for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// `acc[r] = Σ_i w[i] * xs[r][i]` for `r < M`, over the whole row.
+#[inline(always)]
+pub fn dot_rows<T: WeightElem, const M: usize>(w: &[T], xs: [&[f32]; M]) -> [f32; M] {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the feature was detected at run time.
+        Isa::Avx512 => unsafe { x86::dot512::<T, M>(w, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the feature was detected at run time.
+        Isa::Avx2 => unsafe { x86::dot256::<T, M>(w, xs) },
+        _ => dot_portable::<T, M>(w, xs),
+    }
+}
+
+pub fn dot_portable<T: WeightElem, const M: usize>(w: &[T], xs: [&[f32]; M]) -> [f32; M] {
+    let mut acc = [[0f32; 8]; M];
+    let n = w.len();
+    let chunks = n / 8;
+    for c in 0..chunks {
+        let base = c * 8;
+        let mut wf = [0f32; 8];
+        for k in 0..8 {
+            wf[k] = w[base + k].to_f32();
+        }
+        for r in 0..M {
+            let x = &xs[r][base..base + 8];
+            for k in 0..8 {
+                acc[r][k] += wf[k] * x[k];
+            }
+        }
+    }
+    let mut out = [0f32; M];
+    for r in 0..M {
+        let mut s: f32 = acc[r].iter().sum();
+        for i in chunks * 8..n {
+            s += w[i].to_f32() * xs[r][i];
+        }
+        out[r] = s;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::WeightElem;
+    use std::any::TypeId;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load16<T: WeightElem>(p: *const T) -> __m512 {
+        // SAFETY (all arms): the caller guarantees 16 readable elements at `p`.
+        unsafe {
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                _mm512_loadu_ps(p as *const f32)
+            } else if TypeId::of::<T>() == TypeId::of::<u16>() {
+                let h = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            } else {
+                let b = _mm_loadu_si128(p as *const __m128i);
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dot512<T: WeightElem, const M: usize>(w: &[T], xs: [&[f32]; M]) -> [f32; M] {
+        let n = w.len();
+        for x in xs.iter() {
+            assert!(x.len() >= n);
+        }
+        let mut a0 = [_mm512_setzero_ps(); M];
+        let mut a1 = [_mm512_setzero_ps(); M];
+        let mut i = 0;
+        let wp = w.as_ptr();
+        // SAFETY: every load below stays inside `w[..n]` and `xs[r][..n]` (checked above).
+        unsafe {
+            while i + 32 <= n {
+                let w0 = load16(wp.add(i));
+                let w1 = load16(wp.add(i + 16));
+                for r in 0..M {
+                    let xp = xs[r].as_ptr().add(i);
+                    a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a0[r]);
+                    a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a1[r]);
+                }
+                i += 32;
+            }
+            if i + 16 <= n {
+                let w0 = load16(wp.add(i));
+                for r in 0..M {
+                    a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[r].as_ptr().add(i)), a0[r]);
+                }
+                i += 16;
+            }
+        }
+        let mut out = [0f32; M];
+        for r in 0..M {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+            for k in i..n {
+                s += w[k].to_f32() * xs[r][k];
+            }
+            out[r] = s;
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load8<T: WeightElem>(p: *const T) -> __m256 {
+        // SAFETY (all arms): the caller guarantees 8 readable elements at `p`.
+        unsafe {
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                _mm256_loadu_ps(p as *const f32)
+            } else if TypeId::of::<T>() == TypeId::of::<u16>() {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            } else {
+                let b = _mm_loadl_epi64(p as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot256<T: WeightElem, const M: usize>(w: &[T], xs: [&[f32]; M]) -> [f32; M] {
+        let n = w.len();
+        for x in xs.iter() {
+            assert!(x.len() >= n);
+        }
+        let mut a0 = [_mm256_setzero_ps(); M];
+        let mut a1 = [_mm256_setzero_ps(); M];
+        let mut i = 0;
+        let wp = w.as_ptr();
+        // SAFETY: every load below stays inside `w[..n]` and `xs[r][..n]` (checked above).
+        unsafe {
+            while i + 16 <= n {
+                let w0 = load8(wp.add(i));
+                let w1 = load8(wp.add(i + 8));
+                for r in 0..M {
+                    let xp = xs[r].as_ptr().add(i);
+                    a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a0[r]);
+                    a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a1[r]);
+                }
+                i += 16;
+            }
+        }
+        let mut out = [0f32; M];
+        for r in 0..M {
+            let v = _mm256_add_ps(a0[r], a1[r]);
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+            let mut s: f32 = lanes.iter().sum();
+            for k in i..n {
+                s += w[k].to_f32() * xs[r][k];
+            }
+            out[r] = s;
+        }
+        out
+    }
+}
+
+/// Sum of a slice, vectorised where possible (used by the bandwidth probe).
+pub fn sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for k in 0..16 {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + rem.iter().sum::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check<T: WeightElem>(w: &[T]) {
+        let n = w.len();
+        let xs: Vec<Vec<f32>> = (0..4)
+            .map(|r| (0..n).map(|i| ((i * 7 + r * 13) % 17) as f32 / 17.0 - 0.4).collect())
+            .collect();
+        let want: Vec<f64> = (0..4)
+            .map(|r| (0..n).map(|i| w[i].to_f32() as f64 * xs[r][i] as f64).sum())
+            .collect();
+        let got4 = dot_rows::<T, 4>(w, [&xs[0], &xs[1], &xs[2], &xs[3]]);
+        let got1 = dot_rows::<T, 1>(w, [&xs[2]]);
+        let port = dot_portable::<T, 3>(w, [&xs[0], &xs[1], &xs[2]]);
+        for r in 0..4 {
+            assert!((got4[r] as f64 - want[r]).abs() < 1e-4 * (1.0 + want[r].abs()), "{n} {r}");
+        }
+        assert!((got1[0] as f64 - want[2]).abs() < 1e-4 * (1.0 + want[2].abs()));
+        for r in 0..3 {
+            assert!((port[r] as f64 - want[r]).abs() < 1e-4 * (1.0 + want[r].abs()));
+        }
+    }
+
+    #[test]
+    fn kernels_match_f64_for_odd_lengths() {
+        for n in [1usize, 15, 16, 17, 31, 32, 33, 63, 100, 257] {
+            let f: Vec<f32> = (0..n).map(|i| ((i * 31) % 11) as f32 - 5.3).collect();
+            let b: Vec<u16> = f.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            let q: Vec<i8> = (0..n).map(|i| ((i * 37) % 255) as i32 as i8).collect();
+            check(&f);
+            check(&b);
+            check(&q);
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! The Grok-1 forward pass with the OFFICIAL semantics of xai-org/grok-1 `model.py`
+//! (GROK1_SPEC.md §3), on the CPU backend, over a paged KV cache.
+//!
+//! Semantics kept exactly (and not the ports' deviations of §9): embeddings ×
+//! `embedding_multiplier_scale`; pre- and post-norms around attention and MoE with the stored
+//! gain used as is; half-split RoPE with the phase in f64; the attention multiplier on the
+//! logits only, then the soft-cap `cap·tanh(s/cap)`, then the mask with -1e30 (so a query whose
+//! keys are all masked attends uniformly to every key of the pass); token ids `<= pad_token_id`
+//! masked as keys; router softmax over all experts with no cap, top-k with ties to the lower
+//! index, raw (not renormalised) gates; GELU (tanh form) on `linear`, times `linear_v`, then
+//! `linear_1`; tied output embedding × `output_multiplier_scale`.
+//!
+//! A [`Model`] may hold a shard only ([`ShardSpec`]): a range of layers (pipeline stage), a
+//! range of query/KV heads and a set of expert slices (tensor/expert parallelism). The partial
+//! attention output and MoE output are summed over the tensor-parallel group by the
+//! [`Communicator`] passed to [`Model::forward_layers`].
+
+mod load;
+pub mod names;
+
+use crate::backend::cpu::{gelu_tanh, rms_norm, rope, Linear};
+use crate::checkpoint::CheckpointError;
+use crate::collective::{CommError, Communicator};
+use crate::config::ModelConfig;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Errors of loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("invalid shard: {0}")]
+    Shard(String),
+    #[error("token id {id} at position {pos} is outside the vocabulary (size {vocab})")]
+    TokenOutOfVocab { id: u32, pos: usize, vocab: usize },
+    #[error("sequence of {len} tokens exceeds the context length {max}")]
+    ContextOverflow { len: usize, max: usize },
+    #[error("empty input: a sequence needs at least one token")]
+    Empty,
+    #[error("kv cache: {0}")]
+    Kv(String),
+    #[error("this shard holds no {0}")]
+    NotInShard(&'static str),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+}
+
+/// The part of the model one process holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardSpec {
+    pub layers: Range<usize>,
+    pub q_heads: Range<usize>,
+    pub kv_heads: Range<usize>,
+    /// Local experts: (expert index, slice of its FFN width).
+    pub experts: Vec<(usize, Range<usize>)>,
+    /// Holds the embedding for the input lookup (first pipeline stage).
+    pub embed: bool,
+    /// Holds the final norm and output matrix (last pipeline stage).
+    pub logits: bool,
+}
+
+impl ShardSpec {
+    pub fn full(c: &ModelConfig) -> Self {
+        Self {
+            layers: 0..c.num_layers,
+            q_heads: 0..c.num_q_heads,
+            kv_heads: 0..c.num_kv_heads,
+            experts: (0..c.num_experts).map(|e| (e, 0..c.ffn_size)).collect(),
+            embed: true,
+            logits: true,
+        }
+    }
+
+    pub fn check(&self, c: &ModelConfig) -> Result<(), ModelError> {
+        let bad = |s: String| Err(ModelError::Shard(s));
+        if self.layers.end > c.num_layers || self.layers.is_empty() {
+            return bad(format!("layers {:?} not inside 0..{}", self.layers, c.num_layers));
+        }
+        if self.q_heads.end > c.num_q_heads || self.q_heads.is_empty() {
+            return bad(format!("query heads {:?} not inside 0..{}", self.q_heads, c.num_q_heads));
+        }
+        let g = c.group_size();
+        let need = self.q_heads.start / g..(self.q_heads.end - 1) / g + 1;
+        if self.kv_heads.start > need.start || self.kv_heads.end < need.end || self.kv_heads.end > c.num_kv_heads {
+            return bad(format!(
+                "kv heads {:?} do not cover the kv heads {need:?} of query heads {:?}",
+                self.kv_heads, self.q_heads
+            ));
+        }
+        for (e, f) in &self.experts {
+            if *e >= c.num_experts || f.end > c.ffn_size || f.is_empty() {
+                return bad(format!("expert {e} slice {f:?} invalid"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One expert's slice: `linear`/`linear_v` rows and `linear_1` columns of its FFN range.
+pub struct Expert {
+    pub index: usize,
+    pub linear: Linear,
+    pub linear_v: Linear,
+    pub linear_1: Linear,
+}
+
+pub struct Layer {
+    pub index: usize,
+    pub pre_attn_norm: Vec<f32>,
+    pub post_attn_norm: Vec<f32>,
+    pub pre_moe_norm: Vec<f32>,
+    pub post_moe_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    /// `[num_experts, emb_size]`, f32 (the reference keeps the router in fp32).
+    pub router: Vec<f32>,
+    pub experts: Vec<Expert>,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub shard: ShardSpec,
+    /// `[vocab, emb]`: input lookup and (tied) output matrix.
+    pub embed: Option<Linear>,
+    pub final_norm: Option<Vec<f32>>,
+    pub layers: Vec<Layer>,
+}
+
+/// Which logits a sequence wants from a forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WantLogits {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's part of a batched forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// The new tokens of this pass, at positions `start_pos..start_pos + tokens.len()`.
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    /// KV blocks covering positions `0..start_pos + tokens.len()`.
+    pub block_table: &'a [u32],
+    pub want: WantLogits,
+}
+
+/// The paged KV cache of the layers a shard holds: `[block, slot, kv_head, key_size]` per layer,
+/// plus one "key visible" flag per slot (token id > pad), shared by all layers.
+pub struct KvCache {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub num_kv_heads: usize,
+    pub key_size: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    visible: Vec<bool>,
+}
+
+impl KvCache {
+    pub fn new(model: &Model, num_blocks: usize, block_size: usize) -> Self {
+        let nkv = model.shard.kv_heads.len();
+        let ks = model.config.key_size;
+        let per = num_blocks * block_size * nkv * ks;
+        let n = model.layers.len();
+        Self {
+            block_size,
+            num_blocks,
+            num_kv_heads: nkv,
+            key_size: ks,
+            k: (0..n).map(|_| vec![0f32; per]).collect(),
+            v: (0..n).map(|_| vec![0f32; per]).collect(),
+            visible: vec![false; num_blocks * block_size],
+        }
+    }
+
+    /// Bytes one token takes in this cache.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * 4 * self.num_kv_heads * self.key_size * self.k.len()
+    }
+
+    fn slot(&self, table: &[u32], pos: usize) -> usize {
+        table[pos / self.block_size] as usize * self.block_size + pos % self.block_size
+    }
+}
+
+/// Per-pass bookkeeping derived from the batch.
+struct Pass {
+    /// Row range of each sequence in the flattened batch.
+    rows: Vec<Range<usize>>,
+    positions: Vec<usize>,
+}
+
+impl Model {
+    pub fn embed_layer(&self) -> Result<&Linear, ModelError> {
+        self.embed.as_ref().ok_or(ModelError::NotInShard("embedding"))
+    }
+
+    /// Validates a batch against the vocabulary, the context length and the cache.
+    pub fn check_batch(&self, seqs: &[SeqInput], kv: &KvCache) -> Result<(), ModelError> {
+        let c = &self.config;
+        for s in seqs {
+            if s.tokens.is_empty() {
+                return Err(ModelError::Empty);
+            }
+            for (i, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= c.vocab_size {
+                    return Err(ModelError::TokenOutOfVocab {
+                        id: t,
+                        pos: s.start_pos + i,
+                        vocab: c.vocab_size,
+                    });
+                }
+            }
+            let end = s.start_pos + s.tokens.len();
+            if end > c.max_position_embeddings {
+                return Err(ModelError::ContextOverflow {
+                    len: end,
+                    max: c.max_position_embeddings,
+                });
+            }
+            if s.block_table.len() * kv.block_size < end {
+                return Err(ModelError::Kv(format!(
+                    "block table of {} blocks cannot hold {end} positions",
+                    s.block_table.len()
+                )));
+            }
+            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks) {
+                return Err(ModelError::Kv(format!("block {b} outside the cache of {} blocks", kv.num_blocks)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Input hidden states `[T, emb]` for the concatenated tokens of the batch.
+    pub fn embed_tokens(&self, seqs: &[SeqInput]) -> Result<Vec<f32>, ModelError> {
+        let e = self.embed_layer()?;
+        let d = self.config.emb_size;
+        let toks: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let mut h = vec![0f32; toks.len() * d];
+        let mult = self.config.embedding_multiplier_scale as f32;
+        h.par_chunks_mut(d).zip(toks.par_iter()).for_each(|(row, &t)| {
+            e.row_f32(t as usize, row);
+            for v in row.iter_mut() {
+                *v *= mult;
+            }
+        });
+        Ok(h)
+    }
+
+    fn pass(seqs: &[SeqInput]) -> Pass {
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut positions = Vec::new();
+        let mut r = 0;
+        for s in seqs {
+            rows.push(r..r + s.tokens.len());
+            positions.extend(s.start_pos..s.start_pos + s.tokens.len());
+            r += s.tokens.len();
+        }
+        Pass { rows, positions }
+    }
+
+    /// Runs this shard's layers on `h` (`[T, emb]`, updated in place), writing the new keys
+    /// and values into `kv`.
+    pub fn forward_layers(
+        &self,
+        h: &mut [f32],
+        seqs: &[SeqInput],
+        kv: &mut KvCache,
+        tp: &dyn Communicator,
+    ) -> Result<(), ModelError> {
+        self.check_batch(seqs, kv)?;
+        let pass = Self::pass(seqs);
+        let pad = self.config.pad_token_id;
+        for s in seqs {
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let slot = kv.slot(s.block_table, s.start_pos + i);
+                kv.visible[slot] = t > pad;
+            }
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", layer = layer.index).entered();
+            self.attention_block(layer, li, h, seqs, &pass, kv, tp)?;
+            self.moe_block(layer, h, tp)?;
+        }
+        Ok(())
+    }
+
+    fn attention_block(
+        &self,
+        l: &Layer,
+        li: usize,
+        h: &mut [f32],
+        seqs: &[SeqInput],
+        pass: &Pass,
+        kv: &mut KvCache,
+        tp: &dyn Communicator,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let (d, ks) = (c.emb_size, c.key_size);
+        let t = h.len() / d;
+        let nq = self.shard.q_heads.len();
+        let nkv = self.shard.kv_heads.len();
+        let mut xn = vec![0f32; t * d];
+        rms_norm(h, &l.pre_attn_norm, c.rms_norm_eps, &mut xn);
+        let mut q = vec![0f32; t * nq * ks];
+        let mut k = vec![0f32; t * nkv * ks];
+        let mut v = vec![0f32; t * nkv * ks];
+        l.q.matmul(&xn, t, &mut q);
+        l.k.matmul(&xn, t, &mut k);
+        l.v.matmul(&xn, t, &mut v);
+        rope(&mut q, nq, ks, &pass.positions, c.rope_theta);
+        rope(&mut k, nkv, ks, &pass.positions, c.rope_theta);
+        // Keys are cached after RoPE.
+        for (si, s) in seqs.iter().enumerate() {
+            for (i, row) in pass.rows[si].clone().enumerate() {
+                let slot = kv.slot(s.block_table, s.start_pos + i);
+                let dst = slot * nkv * ks..(slot + 1) * nkv * ks;
+                kv.k[li][dst.clone()].copy_from_slice(&k[row * nkv * ks..(row + 1) * nkv * ks]);
+                kv.v[li][dst].copy_from_slice(&v[row * nkv * ks..(row + 1) * nkv * ks]);
+            }
+        }
+        // Attention: one task per (row, local query head).
+        let mut o = vec![0f32; t * nq * ks];
+        let mut row_seq = vec![0usize; t];
+        for (si, r) in pass.rows.iter().enumerate() {
+            row_seq[r.clone()].fill(si);
+        }
+        let g = c.group_size();
+        let (kc, vc, vis) = (&kv.k[li], &kv.v[li], &kv.visible);
+        let (q0, kv0) = (self.shard.q_heads.start, self.shard.kv_heads.start);
+        let kvr: &KvCache = kv;
+        // The core runs in f64: attention logits reach the soft-cap (|s| ~ 30), where f32
+        // rounding of q·k alone would cost ~1e-5 of relative error in the probabilities.
+        let (mult, cap) = (c.attn_output_multiplier, c.max_attn_value);
+        o.par_chunks_mut(ks).enumerate().for_each_init(
+            || (Vec::new(), vec![0f64; ks]),
+            |(scores, acc): &mut (Vec<f64>, Vec<f64>), (idx, out)| {
+                let (row, hl) = (idx / nq, idx % nq);
+                let s = &seqs[row_seq[row]];
+                let pos = pass.positions[row];
+                let end = s.start_pos + s.tokens.len();
+                let kvh = (q0 + hl) / g - kv0;
+                let qv = &q[(row * nq + hl) * ks..(row * nq + hl + 1) * ks];
+                scores.clear();
+                scores.resize(end, f64::NEG_INFINITY);
+                let mut max = f64::NEG_INFINITY;
+                for u in 0..=pos {
+                    let slot = kvr.slot(s.block_table, u);
+                    if !vis[slot] {
+                        continue;
+                    }
+                    let kvec = &kc[(slot * nkv + kvh) * ks..(slot * nkv + kvh + 1) * ks];
+                    let dot: f64 = kvec.iter().zip(qv).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let z = dot * mult;
+                    let capped = cap * (z / cap).tanh();
+                    scores[u] = capped;
+                    max = max.max(capped);
+                }
+                acc.fill(0.0);
+                let mut add_v = |u: usize, p: f64| {
+                    let slot = kvr.slot(s.block_table, u);
+                    let vv = &vc[(slot * nkv + kvh) * ks..(slot * nkv + kvh + 1) * ks];
+                    for (a, &b) in acc.iter_mut().zip(vv) {
+                        *a += p * b as f64;
+                    }
+                };
+                if max == f64::NEG_INFINITY {
+                    // Every key masked: the reference's -1e30 fill makes the softmax uniform
+                    // over all keys of the pass.
+                    let w = 1.0 / end as f64;
+                    for u in 0..end {
+                        add_v(u, w);
+                    }
+                } else {
+                    let mut sum = 0f64;
+                    for sc in scores[..=pos].iter_mut() {
+                        if *sc != f64::NEG_INFINITY {
+                            *sc = (*sc - max).exp();
+                            sum += *sc;
+                        }
+                    }
+                    let inv = 1.0 / sum;
+                    for u in 0..=pos {
+                        if scores[u] != f64::NEG_INFINITY {
+                            add_v(u, scores[u] * inv);
+                        }
+                    }
+                }
+                for (o, a) in out.iter_mut().zip(acc.iter()) {
+                    *o = *a as f32;
+                }
+            },
+        );
+        let mut a = vec![0f32; t * d];
+        l.o.matmul(&o, t, &mut a);
+        tp.all_reduce_sum(&mut a)?;
+        rms_norm(&a.clone(), &l.post_attn_norm, c.rms_norm_eps, &mut a);
+        for (x, y) in h.iter_mut().zip(&a) {
+            *x += y;
+        }
+        Ok(())
+    }
+
+    /// Router probabilities and the top-k choice of each row: `(expert, gate)` pairs.
+    pub fn route(&self, l: &Layer, xn: &[f32]) -> Vec<Vec<(usize, f32)>> {
+        let c = &self.config;
+        let (d, ne, k) = (c.emb_size, c.num_experts, c.num_selected_experts);
+        xn.par_chunks(d)
+            .map(|x| {
+                let logits: Vec<f64> = (0..ne)
+                    .map(|e| {
+                        let w = &l.router[e * d..(e + 1) * d];
+                        w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
+                    })
+                    .collect();
+                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let ex: Vec<f64> = logits.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = ex.iter().sum();
+                let probs: Vec<f32> = ex.iter().map(|v| (v / sum) as f32).collect();
+                let mut idx: Vec<usize> = (0..ne).collect();
+                // Stable sort: ties keep the lower index first, like jax.lax.top_k.
+                idx.sort_by(|&a, &b| probs[b].partial_cmp(&probs[a]).unwrap_or(std::cmp::Ordering::Equal));
+                idx[..k].iter().map(|&e| (e, probs[e])).collect()
+            })
+            .collect()
+    }
+
+    fn moe_block(&self, l: &Layer, h: &mut [f32], tp: &dyn Communicator) -> Result<(), ModelError> {
+        let c = &self.config;
+        let d = c.emb_size;
+        let t = h.len() / d;
+        let mut xn = vec![0f32; t * d];
+        rms_norm(h, &l.pre_moe_norm, c.rms_norm_eps, &mut xn);
+        let routes = self.route(l, &xn);
+        let mut m = vec![0f32; t * d];
+        for ex in &l.experts {
+            let picked: Vec<(usize, f32)> = routes
+                .iter()
+                .enumerate()
+                .filter_map(|(r, sel)| sel.iter().find(|(e, _)| *e == ex.index).map(|(_, g)| (r, *g)))
+                .collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let n = picked.len();
+            let f = ex.linear.out_features;
+            let mut xs = vec![0f32; n * d];
+            for (i, (r, _)) in picked.iter().enumerate() {
+                xs[i * d..(i + 1) * d].copy_from_slice(&xn[r * d..(r + 1) * d]);
+            }
+            let mut a = vec![0f32; n * f];
+            let mut b = vec![0f32; n * f];
+            ex.linear.matmul(&xs, n, &mut a);
+            ex.linear_v.matmul(&xs, n, &mut b);
+            for (x, y) in a.iter_mut().zip(&b) {
+                *x = gelu_tanh(*x) * y;
+            }
+            let mut y = vec![0f32; n * d];
+            ex.linear_1.matmul(&a, n, &mut y);
+            for (i, (r, gate)) in picked.iter().enumerate() {
+                for (dst, src) in m[r * d..(r + 1) * d].iter_mut().zip(&y[i * d..(i + 1) * d]) {
+                    *dst += gate * src;
+                }
+            }
+        }
+        tp.all_reduce_sum(&mut m)?;
+        rms_norm(&m.clone(), &l.post_moe_norm, c.rms_norm_eps, &mut m);
+        for (x, y) in h.iter_mut().zip(&m) {
+            *x += y;
+        }
+        Ok(())
+    }
+
+    /// Rows of `h` whose logits the batch asked for, in batch order.
+    pub fn logit_rows(seqs: &[SeqInput]) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut r = 0;
+        for s in seqs {
+            match s.want {
+                WantLogits::None => {}
+                WantLogits::Last => out.push(r + s.tokens.len() - 1),
+                WantLogits::All => out.extend(r..r + s.tokens.len()),
+            }
+            r += s.tokens.len();
+        }
+        out
+    }
+
+    /// Final norm and tied output projection of the given rows: `[rows.len(), vocab]`.
+    pub fn logits(&self, h: &[f32], rows: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let d = c.emb_size;
+        let e = self.embed_layer()?;
+        let g = self.final_norm.as_ref().ok_or(ModelError::NotInShard("final norm"))?;
+        let mut sel = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            sel.extend_from_slice(&h[r * d..(r + 1) * d]);
+        }
+        let mut xn = vec![0f32; sel.len()];
+        rms_norm(&sel, g, c.rms_norm_eps, &mut xn);
+        let mut out = vec![0f32; rows.len() * c.vocab_size];
+        e.matmul(&xn, rows.len(), &mut out);
+        let s = c.output_multiplier_scale as f32;
+        out.par_iter_mut().for_each(|v| *v *= s);
+        Ok(out)
+    }
+
+    /// A whole forward pass on a model that holds every layer: embed, layers, logits.
+    pub fn forward(&self, seqs: &[SeqInput], kv: &mut KvCache, tp: &dyn Communicator) -> Result<Vec<f32>, ModelError> {
+        self.check_batch(seqs, kv)?;
+        let mut h = self.embed_tokens(seqs)?;
+        self.forward_layers(&mut h, seqs, kv, tp)?;
+        let rows = Self::logit_rows(seqs);
+        self.logits(&h, &rows)
+    }
+
+    /// Bytes of weights one decoded token reads: attention, router, the selected experts'
+    /// slices (on average), the embedding row and the output matrix.
+    pub fn active_weight_bytes_per_token(&self) -> f64 {
+        let c = &self.config;
+        let mut b = 0f64;
+        for l in &self.layers {
+            b += (l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.router.len() * 4) as f64;
+            let ex: usize = l.experts.iter().map(|e| e.linear.bytes() + e.linear_v.bytes() + e.linear_1.bytes()).sum();
+            b += ex as f64 * c.num_selected_experts as f64 / c.num_experts as f64;
+            b += 16.0 * c.emb_size as f64;
+        }
+        if self.shard.logits {
+            if let Some(e) = &self.embed {
+                b += e.bytes() as f64;
+            }
+        }
+        b
+    }
+
+    /// Bytes of all weights this shard holds.
+    pub fn weight_bytes(&self) -> usize {
+        let mut b = self.embed.as_ref().map_or(0, |e| e.bytes());
+        for l in &self.layers {
+            b += l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.router.len() * 4;
+            b += l.experts.iter().map(|e| e.linear.bytes() + e.linear_v.bytes() + e.linear_1.bytes()).sum::<usize>();
+        }
+        b
+    }
+}
+
+/// A free list of KV blocks (the single-process generator's block manager).
+pub struct BlockAllocator {
+    free: Vec<u32>,
+}
+
+impl BlockAllocator {
+    pub fn new(num_blocks: usize) -> Self {
+        Self {
+            free: (0..num_blocks as u32).rev().collect(),
+        }
+    }
+    /// Grows `table` to cover `len` positions.
+    pub fn ensure(&mut self, table: &mut Vec<u32>, len: usize, block_size: usize) -> Result<(), ModelError> {
+        while table.len() * block_size < len {
+            let b = self
+                .free
+                .pop()
+                .ok_or_else(|| ModelError::Kv(format!("out of KV blocks for {len} positions")))?;
+            table.push(b);
+        }
+        Ok(())
+    }
+    pub fn release(&mut self, table: &mut Vec<u32>) {
+        self.free.append(table);
+    }
+}

@@ -1,0 +1,1 @@
+//! grok-worker: a process that owns one shard of one model replica.

@@ -46,13 +46,24 @@ pub fn gen_model(a: &GenModelArgs) -> Result<()> {
     );
     let t = Instant::now();
     let mut last = 0usize;
-    genmodel::generate(&cfg, a.dtype, a.seed, &a.out, a.max_file_mb << 20, |done, total| {
-        let pct = done * 100 / total.max(1);
-        if pct >= last + 10 || done == total {
-            last = pct;
-            eprintln!("  {pct:3}%  {:.2} / {:.2} GB", done as f64 / 1e9, total as f64 / 1e9);
-        }
-    })
+    genmodel::generate(
+        &cfg,
+        a.dtype,
+        a.seed,
+        &a.out,
+        a.max_file_mb << 20,
+        |done, total| {
+            let pct = done * 100 / total.max(1);
+            if pct >= last + 10 || done == total {
+                last = pct;
+                eprintln!(
+                    "  {pct:3}%  {:.2} / {:.2} GB",
+                    done as f64 / 1e9,
+                    total as f64 / 1e9
+                );
+            }
+        },
+    )
     .with_context(|| format!("writing the model to {}", a.out.display()))?;
     eprintln!("done in {:.1} s", t.elapsed().as_secs_f64());
     Ok(())
@@ -64,7 +75,10 @@ fn load_model(dir: &Path) -> Result<Model> {
 }
 
 /// The tokenizer named on the command line, else `tokenizer.model` inside the model directory.
-pub fn find_tokenizer(explicit: Option<&Path>, model_dir: Option<&Path>) -> Result<Option<Tokenizer>> {
+pub fn find_tokenizer(
+    explicit: Option<&Path>,
+    model_dir: Option<&Path>,
+) -> Result<Option<Tokenizer>> {
     let path = match (explicit, model_dir) {
         (Some(p), _) => Some(p.to_path_buf()),
         (None, Some(d)) if d.join("tokenizer.model").exists() => Some(d.join("tokenizer.model")),
@@ -80,7 +94,10 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(|x| x.trim())
         .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<u32>().with_context(|| format!("`{x}` is not a token id")))
+        .map(|x| {
+            x.parse::<u32>()
+                .with_context(|| format!("`{x}` is not a token id"))
+        })
         .collect()
 }
 
@@ -223,8 +240,17 @@ pub fn run_detokenize(tokenizer: &Path) -> Result<()> {
         let ids: Vec<u32> = v
             .get("ids")
             .and_then(|x| x.as_array())
-            .and_then(|a| a.iter().map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok())).collect())
-            .with_context(|| format!("line {}: expected {{\"ids\": [non-negative integers]}}", n + 1))?;
+            .and_then(|a| {
+                a.iter()
+                    .map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok()))
+                    .collect()
+            })
+            .with_context(|| {
+                format!(
+                    "line {}: expected {{\"ids\": [non-negative integers]}}",
+                    n + 1
+                )
+            })?;
         let text = t.decode(&ids)?;
         writeln!(out, "{}", serde_json::json!({ "text": text }))?;
     }
@@ -252,14 +278,24 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
     }
     // A fixed pseudo-random prompt of ids >= 3 (no pad or control tokens).
     let mut rng = grok_shared::sampling::Rng::new(42);
-    let prompt: Vec<u32> = (0..a.prompt_len).map(|_| 3 + (rng.next_u64() % (c.vocab_size as u64 - 3)) as u32).collect();
+    let prompt: Vec<u32> = (0..a.prompt_len)
+        .map(|_| 3 + (rng.next_u64() % (c.vocab_size as u64 - 3)) as u32)
+        .collect();
     let opts = GenerateOptions {
         max_new_tokens: a.gen_len + 1,
         stop_at_eos: false,
         ..Default::default()
     };
     // Warm-up: touch every weight page once.
-    generate(&model, &prompt[..prompt.len().min(8)], &GenerateOptions { max_new_tokens: 2, ..opts.clone() }, |_| {})?;
+    generate(
+        &model,
+        &prompt[..prompt.len().min(8)],
+        &GenerateOptions {
+            max_new_tokens: 2,
+            ..opts.clone()
+        },
+        |_| {},
+    )?;
     let out = generate(&model, &prompt, &opts, |_| {})?;
     let prompt_tps = a.prompt_len as f64 / out.prefill_seconds;
     // The first sampled token comes from prefill; gen_len decode steps follow.
@@ -287,12 +323,30 @@ pub fn run_bench(a: &BenchArgs) -> Result<()> {
     if a.json {
         println!("{j}");
     } else {
-        println!("model            {} ({dtype}, {:.3} B params, {threads} threads)", a.model.display(), c.num_params() as f64 / 1e9);
-        println!("prefill          {:.1} tokens/s ({} tokens)", prompt_tps, a.prompt_len);
-        println!("decode           {:.2} tokens/s ({} tokens, batch 1)", decode_tps, a.gen_len);
-        println!("memory bandwidth {:.2} GB/s (read, {} threads)", bw / 1e9, threads);
+        println!(
+            "model            {} ({dtype}, {:.3} B params, {threads} threads)",
+            a.model.display(),
+            c.num_params() as f64 / 1e9
+        );
+        println!(
+            "prefill          {:.1} tokens/s ({} tokens)",
+            prompt_tps, a.prompt_len
+        );
+        println!(
+            "decode           {:.2} tokens/s ({} tokens, batch 1)",
+            decode_tps, a.gen_len
+        );
+        println!(
+            "memory bandwidth {:.2} GB/s (read, {} threads)",
+            bw / 1e9,
+            threads
+        );
         println!("active bytes     {:.1} MB per token", active / 1e6);
-        println!("decode roofline  {:.2} tokens/s  -> {:.0}% reached", roofline, 100.0 * decode_tps / roofline);
+        println!(
+            "decode roofline  {:.2} tokens/s  -> {:.0}% reached",
+            roofline,
+            100.0 * decode_tps / roofline
+        );
     }
     Ok(())
 }

@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "grok-coordinator", version, about = "grok-cluster coordinator: membership, placement and the engine loop")]
+#[command(
+    name = "grok-coordinator",
+    version,
+    about = "grok-cluster coordinator: membership, placement and the engine loop"
+)]
 struct Args {}
 
 fn main() {

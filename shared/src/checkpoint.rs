@@ -139,7 +139,9 @@ impl<T: bytemuck::Pod> Buf<T> {
     }
     pub fn as_slice(&self) -> &[T] {
         match self {
-            Buf::Mapped { map, start, len, .. } => {
+            Buf::Mapped {
+                map, start, len, ..
+            } => {
                 let bytes = &map[*start..*start + *len * std::mem::size_of::<T>()];
                 // Alignment was checked when the view was made.
                 bytemuck::cast_slice(bytes)
@@ -238,7 +240,12 @@ impl Checkpoint {
     }
 
     /// Checks the shape of a tensor.
-    pub fn expect_shape(&self, name: &str, info: &TensorInfo, shape: &[usize]) -> Result<(), CheckpointError> {
+    pub fn expect_shape(
+        &self,
+        name: &str,
+        info: &TensorInfo,
+        shape: &[usize],
+    ) -> Result<(), CheckpointError> {
         if info.shape != shape {
             return Err(CheckpointError::Shape {
                 name: name.to_string(),
@@ -256,7 +263,7 @@ impl Checkpoint {
         let size = std::mem::size_of::<T>();
         let len = (info.end - info.start) / size;
         let ptr = f.map.as_ptr() as usize + info.start;
-        if ptr % std::mem::align_of::<T>() == 0 {
+        if ptr.is_multiple_of(std::mem::align_of::<T>()) {
             Buf::Mapped {
                 map: f.map.clone(),
                 start: info.start,
@@ -310,12 +317,13 @@ fn weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
             path: index.clone(),
             why: e.to_string(),
         })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            CheckpointError::Corrupt {
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| CheckpointError::Corrupt {
                 path: index.clone(),
                 why: "no `weight_map` object".into(),
-            }
-        })?;
+            })?;
         let mut files: Vec<String> = map
             .values()
             .filter_map(|f| f.as_str().map(str::to_string))
@@ -352,7 +360,10 @@ fn weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
 }
 
 /// Maps a safetensors file and validates its header against the file size.
-fn map_and_parse(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, TensorInfo)>), CheckpointError> {
+fn map_and_parse(
+    path: &Path,
+    file_idx: usize,
+) -> Result<(Mmap, Vec<(String, TensorInfo)>), CheckpointError> {
     let io = |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
@@ -366,7 +377,10 @@ fn map_and_parse(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, Ten
     // being served, and the header is validated against the mapped length below.
     let map = unsafe { Mmap::map(&f) }.map_err(io)?;
     if map.len() < 8 {
-        return Err(corrupt(format!("file is {} bytes, shorter than the 8-byte header length", map.len())));
+        return Err(corrupt(format!(
+            "file is {} bytes, shorter than the 8-byte header length",
+            map.len()
+        )));
     }
     let n = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
     if n > 100 << 20 || 8 + n > map.len() {
@@ -375,8 +389,11 @@ fn map_and_parse(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, Ten
             map.len()
         )));
     }
-    let header: Value = serde_json::from_slice(&map[8..8 + n]).map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
-    let obj = header.as_object().ok_or_else(|| corrupt("header is not a JSON object".into()))?;
+    let header: Value = serde_json::from_slice(&map[8..8 + n])
+        .map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| corrupt("header is not a JSON object".into()))?;
     let base = 8 + n;
     let data_len = map.len() - base;
     let mut out = Vec::new();
@@ -386,7 +403,9 @@ fn map_and_parse(path: &Path, file_idx: usize) -> Result<(Mmap, Vec<(String, Ten
         }
         let dt = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
         let dtype = DType::parse(dt).ok_or_else(|| {
-            corrupt(format!("tensor `{name}` has dtype {dt}; supported: F32, BF16, F16, I8"))
+            corrupt(format!(
+                "tensor `{name}` has dtype {dt}; supported: F32, BF16, F16, I8"
+            ))
         })?;
         let shape: Vec<usize> = v
             .get("shape")
@@ -467,7 +486,10 @@ pub fn write_safetensors(
     w.write_all(&(h.len() as u64).to_le_bytes())?;
     w.write_all(&h)?;
     for (i, t) in tensors.iter().enumerate() {
-        let mut counter = CountingWriter { inner: &mut w, n: 0 };
+        let mut counter = CountingWriter {
+            inner: &mut w,
+            n: 0,
+        };
         produce(i, &mut counter)?;
         if counter.n != t.nbytes() {
             return Err(std::io::Error::other(format!(

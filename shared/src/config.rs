@@ -184,13 +184,13 @@ impl ModelConfig {
                 return Err(ConfigError::Inconsistent(format!("{k} must be positive")));
             }
         }
-        if self.num_q_heads % self.num_kv_heads != 0 {
+        if !self.num_q_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ConfigError::Inconsistent(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_q_heads, self.num_kv_heads
             )));
         }
-        if self.key_size % 2 != 0 {
+        if !self.key_size.is_multiple_of(2) {
             return Err(ConfigError::Inconsistent(format!(
                 "head_dim ({}) must be even for rotary embeddings",
                 self.key_size
@@ -207,7 +207,10 @@ impl ModelConfig {
         }
         for (k, v) in [
             ("attn_output_multiplier", self.attn_output_multiplier),
-            ("embedding_multiplier_scale", self.embedding_multiplier_scale),
+            (
+                "embedding_multiplier_scale",
+                self.embedding_multiplier_scale,
+            ),
             ("output_multiplier_scale", self.output_multiplier_scale),
             ("max_attn_value", self.max_attn_value),
             ("rms_norm_eps", self.rms_norm_eps),
@@ -260,11 +263,7 @@ impl ModelConfig {
             num_kv_heads: opt_usize(v, "num_key_value_heads", &["num_kv_heads"])?.unwrap_or(heads),
             key_size,
             num_experts: req_usize(v, "num_experts", &["num_local_experts"])?,
-            num_selected_experts: req_usize(
-                v,
-                "num_experts_per_tok",
-                &["num_selected_experts"],
-            )?,
+            num_selected_experts: req_usize(v, "num_experts_per_tok", &["num_selected_experts"])?,
             attn_output_multiplier: opt_f64(v, "attn_output_multiplier", &[])?
                 .unwrap_or(1.0 / (key_size as f64).sqrt()),
             embedding_multiplier_scale: opt_f64(v, "embedding_multiplier_scale", &[])?
@@ -317,7 +316,11 @@ impl ModelConfig {
     }
 }
 
-fn lookup<'a>(v: &'a Value, key: &'static str, aliases: &[&'static str]) -> Option<(&'static str, &'a Value)> {
+fn lookup<'a>(
+    v: &'a Value,
+    key: &'static str,
+    aliases: &[&'static str],
+) -> Option<(&'static str, &'a Value)> {
     std::iter::once(key)
         .chain(aliases.iter().copied())
         .find_map(|k| v.get(k).filter(|x| !x.is_null()).map(|x| (k, x)))
@@ -331,21 +334,31 @@ fn unwrap_singleton(x: &Value) -> &Value {
     }
 }
 
-fn opt_f64(v: &Value, key: &'static str, aliases: &[&'static str]) -> Result<Option<f64>, ConfigError> {
+fn opt_f64(
+    v: &Value,
+    key: &'static str,
+    aliases: &[&'static str],
+) -> Result<Option<f64>, ConfigError> {
     match lookup(v, key, aliases) {
         None => Ok(None),
-        Some((k, x)) => unwrap_singleton(x)
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| ConfigError::BadValue {
-                key: static_key(k),
-                value: x.to_string(),
-                why: "expected a number".into(),
-            }),
+        Some((k, x)) => {
+            unwrap_singleton(x)
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| ConfigError::BadValue {
+                    key: static_key(k),
+                    value: x.to_string(),
+                    why: "expected a number".into(),
+                })
+        }
     }
 }
 
-fn opt_usize(v: &Value, key: &'static str, aliases: &[&'static str]) -> Result<Option<usize>, ConfigError> {
+fn opt_usize(
+    v: &Value,
+    key: &'static str,
+    aliases: &[&'static str],
+) -> Result<Option<usize>, ConfigError> {
     match lookup(v, key, aliases) {
         None => Ok(None),
         Some((k, x)) => unwrap_singleton(x)
@@ -396,7 +409,10 @@ mod tests {
         o.insert("num_local_experts".into(), n);
         let cap = o.remove("max_attn_value").unwrap();
         o.insert("attn_logit_softcapping".into(), cap);
-        o.insert("output_multiplier_scale".into(), serde_json::json!([0.5773502691896257]));
+        o.insert(
+            "output_multiplier_scale".into(),
+            serde_json::json!([0.5773502691896257]),
+        );
         assert_eq!(ModelConfig::from_hf_json(&j).unwrap(), ModelConfig::grok1());
     }
 
@@ -408,9 +424,18 @@ mod tests {
         assert!(e.contains("multiple of num_key_value_heads"), "{e}");
         let mut j = ModelConfig::grok1().to_hf_json();
         j.as_object_mut().unwrap().remove("vocab_size");
-        assert!(matches!(ModelConfig::from_hf_json(&j), Err(ConfigError::Missing { key: "vocab_size", .. })));
+        assert!(matches!(
+            ModelConfig::from_hf_json(&j),
+            Err(ConfigError::Missing {
+                key: "vocab_size",
+                ..
+            })
+        ));
         let mut j = ModelConfig::grok1().to_hf_json();
         j["hidden_size"] = "big".into();
-        assert!(matches!(ModelConfig::from_hf_json(&j), Err(ConfigError::BadValue { .. })));
+        assert!(matches!(
+            ModelConfig::from_hf_json(&j),
+            Err(ConfigError::BadValue { .. })
+        ));
     }
 }

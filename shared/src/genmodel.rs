@@ -52,8 +52,12 @@ enum Init {
 enum Store {
     Float(DType),
     /// int8 weights with `nb` scale blocks; the scales tensor follows as its own entry.
-    Int8 { nb: usize },
-    Int8Scales { nb: usize },
+    Int8 {
+        nb: usize,
+    },
+    Int8Scales {
+        nb: usize,
+    },
 }
 
 struct Spec {
@@ -88,7 +92,10 @@ pub fn quantize_row(row: &[f32], nb: usize) -> (Vec<i8>, Vec<f32>) {
         // Scales are stored as bf16 (as in the release); quantize against the rounded scale.
         let s = half::bf16::from_f32(if amax > 0.0 { amax / 127.0 } else { 1.0 }).to_f32();
         scales.push(s);
-        q.extend(blk.iter().map(|v| (v / s).round().clamp(-127.0, 127.0) as i8));
+        q.extend(
+            blk.iter()
+                .map(|v| (v / s).round().clamp(-127.0, 127.0) as i8),
+        );
     }
     (q, scales)
 }
@@ -106,45 +113,160 @@ fn specs(c: &ModelConfig, dtype: GenDType, seed: u64) -> Vec<Spec> {
         GenDType::F32 => DType::F32,
         _ => DType::BF16,
     };
-    let push = |out: &mut Vec<Spec>, name: String, rows, cols, init, nb: Option<usize>, s: u64| {
-        match (dtype, nb) {
+    let push =
+        |out: &mut Vec<Spec>, name: String, rows, cols, init, nb: Option<usize>, s: u64| match (
+            dtype, nb,
+        ) {
             (GenDType::Int8, Some(nb)) => {
                 let base = name.strip_suffix(".weight").unwrap_or(&name).to_string();
-                out.push(Spec { name: name.clone(), rows, cols, init, store: Store::Int8 { nb }, seed: s });
-                out.push(Spec { name: format!("{base}.scales"), rows, cols, init, store: Store::Int8Scales { nb }, seed: s });
+                out.push(Spec {
+                    name: name.clone(),
+                    rows,
+                    cols,
+                    init,
+                    store: Store::Int8 { nb },
+                    seed: s,
+                });
+                out.push(Spec {
+                    name: format!("{base}.scales"),
+                    rows,
+                    cols,
+                    init,
+                    store: Store::Int8Scales { nb },
+                    seed: s,
+                });
             }
-            _ => out.push(Spec { name, rows, cols, init, store: Store::Float(float), seed: s }),
-        }
-    };
+            _ => out.push(Spec {
+                name,
+                rows,
+                cols,
+                init,
+                store: Store::Float(float),
+                seed: s,
+            }),
+        };
     let normal = |std: f32| Init::Normal { mean: 0.0, std };
-    let gain = |mean: f32| Init::Normal { mean, std: 0.1 * mean };
-    push(&mut out, names::embedding()[0].clone(), c.vocab_size, d, normal(1.0 / fd.sqrt()), None, next_seed());
+    let gain = |mean: f32| Init::Normal {
+        mean,
+        std: 0.1 * mean,
+    };
+    push(
+        &mut out,
+        names::embedding()[0].clone(),
+        c.vocab_size,
+        d,
+        normal(1.0 / fd.sqrt()),
+        None,
+        next_seed(),
+    );
     let vec_store = match dtype {
         GenDType::F32 => DType::F32,
         _ => DType::BF16,
     };
     for i in 0..c.num_layers {
-        for (w, g) in [(Norm::PreAttn, 1.0), (Norm::PostAttn, 2.0), (Norm::PreMoe, 1.0), (Norm::PostMoe, 2.0)] {
-            out.push(Spec { name: names::norm(i, w)[0].clone(), rows: 1, cols: d, init: gain(g), store: Store::Float(vec_store), seed: next_seed() });
+        for (w, g) in [
+            (Norm::PreAttn, 1.0),
+            (Norm::PostAttn, 2.0),
+            (Norm::PreMoe, 1.0),
+            (Norm::PostMoe, 2.0),
+        ] {
+            out.push(Spec {
+                name: names::norm(i, w)[0].clone(),
+                rows: 1,
+                cols: d,
+                init: gain(g),
+                store: Store::Float(vec_store),
+                seed: next_seed(),
+            });
         }
         let qk = 2.5 / fd.sqrt();
         let w = |p| format!("{}.weight", names::attn(i, p)[0]);
-        push(&mut out, w(Proj::Q), c.q_size(), d, normal(qk), Some(1), next_seed());
-        push(&mut out, w(Proj::K), c.kv_size(), d, normal(qk), Some(1), next_seed());
-        push(&mut out, w(Proj::V), c.kv_size(), d, normal(1.0 / fd.sqrt()), Some(1), next_seed());
-        let nb_o = if c.q_size() % 8 == 0 { 8 } else { 1 };
-        push(&mut out, w(Proj::O), d, c.q_size(), normal(1.0 / (c.q_size() as f32).sqrt()), Some(nb_o), next_seed());
+        push(
+            &mut out,
+            w(Proj::Q),
+            c.q_size(),
+            d,
+            normal(qk),
+            Some(1),
+            next_seed(),
+        );
+        push(
+            &mut out,
+            w(Proj::K),
+            c.kv_size(),
+            d,
+            normal(qk),
+            Some(1),
+            next_seed(),
+        );
+        push(
+            &mut out,
+            w(Proj::V),
+            c.kv_size(),
+            d,
+            normal(1.0 / fd.sqrt()),
+            Some(1),
+            next_seed(),
+        );
+        let nb_o = if c.q_size().is_multiple_of(8) { 8 } else { 1 };
+        push(
+            &mut out,
+            w(Proj::O),
+            d,
+            c.q_size(),
+            normal(1.0 / (c.q_size() as f32).sqrt()),
+            Some(nb_o),
+            next_seed(),
+        );
         // The router stays f32, as in the release.
-        out.push(Spec { name: names::router(i)[0].clone(), rows: c.num_experts, cols: d, init: normal(2.0 / fd.sqrt()), store: Store::Float(DType::F32), seed: next_seed() });
+        out.push(Spec {
+            name: names::router(i)[0].clone(),
+            rows: c.num_experts,
+            cols: d,
+            init: normal(2.0 / fd.sqrt()),
+            store: Store::Float(DType::F32),
+            seed: next_seed(),
+        });
         for e in 0..c.num_experts {
             let w = |p| format!("{}.weight", names::expert(i, e, p)[0]);
-            push(&mut out, w(ExpertProj::Linear), c.ffn_size, d, normal(1.0 / fd.sqrt()), Some(1), next_seed());
-            push(&mut out, w(ExpertProj::LinearV), c.ffn_size, d, normal(1.0 / fd.sqrt()), Some(1), next_seed());
-            let nb_d = if c.ffn_size % 8 == 0 { 8 } else { 1 };
-            push(&mut out, w(ExpertProj::Linear1), d, c.ffn_size, normal(1.0 / (c.ffn_size as f32).sqrt()), Some(nb_d), next_seed());
+            push(
+                &mut out,
+                w(ExpertProj::Linear),
+                c.ffn_size,
+                d,
+                normal(1.0 / fd.sqrt()),
+                Some(1),
+                next_seed(),
+            );
+            push(
+                &mut out,
+                w(ExpertProj::LinearV),
+                c.ffn_size,
+                d,
+                normal(1.0 / fd.sqrt()),
+                Some(1),
+                next_seed(),
+            );
+            let nb_d = if c.ffn_size.is_multiple_of(8) { 8 } else { 1 };
+            push(
+                &mut out,
+                w(ExpertProj::Linear1),
+                d,
+                c.ffn_size,
+                normal(1.0 / (c.ffn_size as f32).sqrt()),
+                Some(nb_d),
+                next_seed(),
+            );
         }
     }
-    out.push(Spec { name: names::final_norm()[0].clone(), rows: 1, cols: d, init: gain(4.0), store: Store::Float(vec_store), seed: next_seed() });
+    out.push(Spec {
+        name: names::final_norm()[0].clone(),
+        rows: 1,
+        cols: d,
+        init: gain(4.0),
+        store: Store::Float(vec_store),
+        seed: next_seed(),
+    });
     out
 }
 
@@ -156,7 +278,11 @@ impl Spec {
             Store::Int8 { .. } => (DType::I8, vec![self.rows, self.cols]),
             Store::Int8Scales { nb } => (DType::BF16, vec![nb, self.rows]),
         };
-        PendingTensor { name: self.name.clone(), dtype, shape }
+        PendingTensor {
+            name: self.name.clone(),
+            dtype,
+            shape,
+        }
     }
 
     fn write(&self, w: &mut dyn Write) -> std::io::Result<()> {
@@ -173,7 +299,10 @@ impl Spec {
                     match self.store {
                         Store::Float(DType::F32) => (bytemuck::cast_slice(&row).to_vec(), vec![]),
                         Store::Float(_) => {
-                            let b: Vec<u16> = row.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+                            let b: Vec<u16> = row
+                                .iter()
+                                .map(|v| half::bf16::from_f32(*v).to_bits())
+                                .collect();
                             (bytemuck::cast_slice(&b).to_vec(), vec![])
                         }
                         Store::Int8 { nb } => {
@@ -195,7 +324,10 @@ impl Spec {
         if let Store::Int8Scales { nb } = self.store {
             // Stored [nb, out]: block-major.
             for b in 0..nb {
-                let col: Vec<u16> = scale_rows.iter().map(|s| half::bf16::from_f32(s[b]).to_bits()).collect();
+                let col: Vec<u16> = scale_rows
+                    .iter()
+                    .map(|s| half::bf16::from_f32(s[b]).to_bits())
+                    .collect();
                 w.write_all(bytemuck::cast_slice(&col))?;
             }
         }
@@ -252,7 +384,10 @@ pub fn generate(
     }
     if nfiles > 1 {
         let idx = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&idx)?)?;
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_vec_pretty(&idx)?,
+        )?;
     } else {
         let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
     }

@@ -5,7 +5,11 @@ use std::io::Write;
 pub fn write_f32(path: &std::path::Path, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
     assert_eq!(shape.iter().product::<usize>(), data.len());
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_s = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_s = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -31,8 +35,16 @@ pub fn read_f32(path: &std::path::Path) -> std::io::Result<(Vec<usize>, Vec<f32>
     if !header.contains("'<f4'") {
         return Err(bad("not float32"));
     }
-    let s = header.split("'shape': (").nth(1).and_then(|r| r.split(')').next()).ok_or_else(|| bad("shape"))?;
-    let shape: Vec<usize> = s.split(',').filter(|x| !x.trim().is_empty()).map(|x| x.trim().parse().map_err(|_| bad("shape"))).collect::<Result<_, _>>()?;
+    let s = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .ok_or_else(|| bad("shape"))?;
+    let shape: Vec<usize> = s
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse().map_err(|_| bad("shape")))
+        .collect::<Result<_, _>>()?;
     let data: Vec<f32> = bytemuck::pod_collect_to_vec(&b[10 + hl..]);
     Ok((shape, data))
 }

@@ -92,7 +92,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Log-softmax of one logit at temperature 1.
 pub fn logprob_of(logits: &[f32], id: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let lse = logits
+        .iter()
+        .map(|&v| ((v - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
     logits[id as usize] - lse
 }
 
@@ -106,8 +111,16 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> Sampled {
         };
     }
     let t = p.temperature as f64;
-    let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v as f64 / t)).collect();
-    cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+    let mut cand: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v as f64 / t))
+        .collect();
+    cand.sort_by(|a, b| {
+        b.1.partial_cmp(&a.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    });
     if p.top_k > 0 && p.top_k < cand.len() {
         cand.truncate(p.top_k);
     }
@@ -159,27 +172,51 @@ mod tests {
         let logits = vec![0.1, 2.0, 1.9, -1.0, 0.5];
         let g = SamplingParams::default();
         assert_eq!(sample(&logits, &g, &mut Rng::new(1)).id, 1);
-        let p = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
-        let a: Vec<u32> = { let mut r = Rng::new(7); (0..50).map(|_| sample(&logits, &p, &mut r).id).collect() };
-        let b: Vec<u32> = { let mut r = Rng::new(7); (0..50).map(|_| sample(&logits, &p, &mut r).id).collect() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
+        let a: Vec<u32> = {
+            let mut r = Rng::new(7);
+            (0..50).map(|_| sample(&logits, &p, &mut r).id).collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = Rng::new(7);
+            (0..50).map(|_| sample(&logits, &p, &mut r).id).collect()
+        };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&x| x != 1), "temperature 1 should not be greedy");
+        assert!(
+            a.iter().any(|&x| x != 1),
+            "temperature 1 should not be greedy"
+        );
     }
 
     #[test]
     fn top_k_and_top_p_restrict_support() {
         let logits = vec![3.0, 2.9, 0.0, -1.0, -2.0];
         let mut r = Rng::new(3);
-        let k = SamplingParams { temperature: 5.0, top_k: 2, ..Default::default() };
+        let k = SamplingParams {
+            temperature: 5.0,
+            top_k: 2,
+            ..Default::default()
+        };
         for _ in 0..200 {
             assert!(sample(&logits, &k, &mut r).id < 2);
         }
-        let p = SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
         for _ in 0..200 {
             assert!(sample(&logits, &p, &mut r).id < 2);
         }
         let mut counts = [0usize; 5];
-        let f = SamplingParams { temperature: 1.0, ..Default::default() };
+        let f = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
         for _ in 0..20000 {
             counts[sample(&logits, &f, &mut r).id as usize] += 1;
         }

@@ -46,7 +46,8 @@ impl Tokenizer {
             path: PathBuf::new(),
             why,
         };
-        let def = kitoken::Definition::from_sentencepiece_slice(data).map_err(|e| load(format!("{e:?}")))?;
+        let def = kitoken::Definition::from_sentencepiece_slice(data)
+            .map_err(|e| load(format!("{e:?}")))?;
         let max_id = def
             .model
             .vocab()
@@ -97,7 +98,11 @@ impl Tokenizer {
         }
         // Control pieces decode to nothing: drop them first so that the pieces around them
         // join as if they were adjacent (a piece's leading space is kept).
-        let kept: Vec<u32> = ids.iter().copied().filter(|id| self.hidden.get(id) != Some(&"")).collect();
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.hidden.get(id) != Some(&""))
+            .collect();
         let mut out = Vec::new();
         let mut run: Vec<u32> = Vec::new();
         for &id in &kept {

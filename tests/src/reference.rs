@@ -63,17 +63,26 @@ pub fn read_tensors(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
         let bytes = std::fs::read(&f).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         for (name, view) in st.tensors() {
-            raw.insert(name.clone(), (view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+            raw.insert(
+                name.clone(),
+                (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+            );
         }
     }
     let to_f64 = |dt: safetensors::Dtype, b: &[u8]| -> Vec<f64> {
         match dt {
-            safetensors::Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            safetensors::Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
             safetensors::Dtype::BF16 => b
                 .chunks_exact(2)
                 .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64)
                 .collect(),
-            safetensors::Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect(),
+            safetensors::Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+                .collect(),
             safetensors::Dtype::I8 => b.iter().map(|&x| x as i8 as f64).collect(),
             other => panic!("dtype {other:?}"),
         }
@@ -106,7 +115,8 @@ pub fn read_tensors(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
 impl RefModel {
     /// Loads a checkpoint in the §8.1 layout.
     pub fn load(dir: &Path) -> Self {
-        let j: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let j: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         let cfg = RefConfig {
             vocab: num(&j, "vocab_size") as usize,
             d: num(&j, "hidden_size") as usize,
@@ -126,7 +136,11 @@ impl RefModel {
             pad: j["pad_token_id"].as_u64().unwrap_or(0) as u32,
         };
         let mut t = read_tensors(dir);
-        let mut take = |n: String| t.remove(&n).unwrap_or_else(|| panic!("reference: missing {n}")).1;
+        let mut take = |n: String| {
+            t.remove(&n)
+                .unwrap_or_else(|| panic!("reference: missing {n}"))
+                .1
+        };
         let layers = (0..cfg.layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
@@ -253,7 +267,12 @@ impl RefModel {
         for i in 0..t {
             // top-k, ties to the lower index
             let mut idx: Vec<usize> = (0..c.experts).collect();
-            idx.sort_by(|&a, &b| probs[i][b].partial_cmp(&probs[i][a]).unwrap().then(a.cmp(&b)));
+            idx.sort_by(|&a, &b| {
+                probs[i][b]
+                    .partial_cmp(&probs[i][a])
+                    .unwrap()
+                    .then(a.cmp(&b))
+            });
             let xi = &x[i * d..(i + 1) * d];
             for &e in &idx[..c.top_k] {
                 let (w1, wv, w2) = &l.experts[e];
@@ -322,6 +341,9 @@ pub fn rope(x: &mut [f64], t: usize, heads: usize, hd: usize, theta: f64) {
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
     diff / scale
 }

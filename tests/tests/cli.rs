@@ -7,8 +7,16 @@ use std::process::{Command, Output, Stdio};
 
 fn grokctl(args: &[&str]) -> Output {
     let bin = grok_tests::bin("grokctl");
-    assert!(bin.exists(), "{} is missing: build the workspace binaries first (cargo build)", bin.display());
-    Command::new(bin).args(args).env("GROK_THREADS", "2").output().unwrap()
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace binaries first (cargo build)",
+        bin.display()
+    );
+    Command::new(bin)
+        .args(args)
+        .env("GROK_THREADS", "2")
+        .output()
+        .unwrap()
 }
 
 fn ok(o: &Output) -> String {
@@ -20,7 +28,12 @@ fn ok(o: &Output) -> String {
 /// Fails with exit 1, a message containing every `needles`, and no panic.
 fn fails_with(o: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "expected a clean failure, got {:?}: {err}", o.status);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean failure, got {:?}: {err}",
+        o.status
+    );
     assert!(!err.contains("panicked"), "panic: {err}");
     for n in needles {
         assert!(err.contains(n), "stderr lacks `{n}`: {err}");
@@ -28,7 +41,15 @@ fn fails_with(o: &Output, needles: &[&str]) {
 }
 
 fn gen_tiny(dir: &Path) {
-    ok(&grokctl(&["gen-model", "--preset", "tiny", "--seed", "3", "--out", dir.to_str().unwrap()]));
+    ok(&grokctl(&[
+        "gen-model",
+        "--preset",
+        "tiny",
+        "--seed",
+        "3",
+        "--out",
+        dir.to_str().unwrap(),
+    ]));
 }
 
 #[test]
@@ -51,7 +72,12 @@ fn generate_json_and_logits_match_reference() {
         npy.to_str().unwrap(),
     ]));
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    let ids: Vec<u64> = last["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let ids: Vec<u64> = last["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(ids.len(), 6);
     assert!(last.get("text").is_none(), "no tokenizer, so no text");
     let (shape, logits) = grok_shared::npy::read_f32(&npy).unwrap();
@@ -60,7 +86,10 @@ fn generate_json_and_logits_match_reference() {
     let prompt = [5u32, 0, 17, 99, 3, 250];
     let want = r.forward(&prompt);
     for p in 0..6 {
-        let e = rel_err(&logits[p * 256..(p + 1) * 256], &want[p * 256..(p + 1) * 256]);
+        let e = rel_err(
+            &logits[p * 256..(p + 1) * 256],
+            &want[p * 256..(p + 1) * 256],
+        );
         assert!(e < 1e-5, "position {p}: {e}");
     }
     // Greedy: the generated ids follow the reference's argmax step by step.
@@ -68,7 +97,9 @@ fn generate_json_and_logits_match_reference() {
     for &id in &ids {
         let w = r.forward(&seq);
         let row = &w[(seq.len() - 1) * 256..];
-        let best = (0..256).max_by(|&a, &b| row[a].partial_cmp(&row[b]).unwrap()).unwrap();
+        let best = (0..256)
+            .max_by(|&a, &b| row[a].partial_cmp(&row[b]).unwrap())
+            .unwrap();
         assert_eq!(id as usize, best);
         seq.push(id as u32);
     }
@@ -76,7 +107,9 @@ fn generate_json_and_logits_match_reference() {
 
 #[test]
 fn tokenize_and_detokenize_lines() {
-    let tok = grok_tests::shared_dir().expect("../shared beside the project").join("models/grok-1/tokenizer.model");
+    let tok = grok_tests::shared_dir()
+        .expect("../shared beside the project")
+        .join("models/grok-1/tokenizer.model");
     let run = |cmd: &str, input: &str| {
         let mut c = Command::new(grok_tests::bin("grokctl"))
             .args([cmd, "--tokenizer", tok.to_str().unwrap()])
@@ -92,7 +125,10 @@ fn tokenize_and_detokenize_lines() {
     };
     let out = run("tokenize", "{\"text\": \"The answer to life the universe and everything is of course\"}\n{\"text\": \"\"}\n");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], r#"{"ids":[422,3033,356,1180,333,9072,360,2175,391,359,1805]}"#);
+    assert_eq!(
+        lines[0],
+        r#"{"ids":[422,3033,356,1180,333,9072,360,2175,391,359,1805]}"#
+    );
     assert_eq!(lines[1], r#"{"ids":[]}"#);
     let back = run("detokenize", "{\"ids\": [422,3033,356]}\n");
     assert_eq!(back.trim(), r#"{"text":"The answer to"}"#);
@@ -103,19 +139,55 @@ fn generate_with_a_prompt_text_and_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     // The small preset's vocabulary matches the real tokenizer; one layer keeps it quick.
-    ok(&grokctl(&["gen-model", "--preset", "small", "--layers", "1", "--dtype", "bf16", "--out", model.to_str().unwrap()]));
-    let tok = grok_tests::shared_dir().unwrap().join("models/grok-1/tokenizer.model");
+    ok(&grokctl(&[
+        "gen-model",
+        "--preset",
+        "small",
+        "--layers",
+        "1",
+        "--dtype",
+        "bf16",
+        "--out",
+        model.to_str().unwrap(),
+    ]));
+    let tok = grok_tests::shared_dir()
+        .unwrap()
+        .join("models/grok-1/tokenizer.model");
     let out = ok(&grokctl(&[
-        "generate", "--model", model.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(),
-        "--prompt", "The answer to life", "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "7", "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--prompt",
+        "The answer to life",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "7",
+        "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v["ids"].as_array().unwrap().len(), 4);
     assert!(v["text"].is_string());
     // Same seed, same output.
     let again = ok(&grokctl(&[
-        "generate", "--model", model.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(),
-        "--prompt", "The answer to life", "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "7", "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--prompt",
+        "The answer to life",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "7",
+        "--json",
     ]));
     assert_eq!(out.lines().last(), again.lines().last());
 }
@@ -125,18 +197,34 @@ fn rewrite(dir: &Path, edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<u
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut ts: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut ts: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
     edit(&mut ts);
     let views: Vec<(String, safetensors::tensor::TensorView)> = ts
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
 
 fn gen_ids(dir: &Path, ids: &str) -> Output {
-    grokctl(&["generate", "--model", dir.to_str().unwrap(), "--prompt-ids", ids, "--max-new-tokens", "2"])
+    grokctl(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        ids,
+        "--max-new-tokens",
+        "2",
+    ])
 }
 
 #[test]
@@ -149,30 +237,54 @@ fn bad_checkpoints_and_inputs_give_clear_errors() {
     };
     // Missing tensor: named, with the names tried and the directory.
     let d = fresh("missing");
-    rewrite(&d, |ts| ts.retain(|t| t.0 != "model.layers.1.attn.k_proj.weight"));
-    fails_with(&gen_ids(&d, "5,6"), &["model.layers.1.attn.k_proj.weight", "not found", "missing"]);
+    rewrite(&d, |ts| {
+        ts.retain(|t| t.0 != "model.layers.1.attn.k_proj.weight")
+    });
+    fails_with(
+        &gen_ids(&d, "5,6"),
+        &["model.layers.1.attn.k_proj.weight", "not found", "missing"],
+    );
 
     // Wrong shape: expected vs found.
     let d = fresh("shape");
     rewrite(&d, |ts| {
-        let t = ts.iter_mut().find(|t| t.0 == "model.layers.0.attn.v_proj.weight").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "model.layers.0.attn.v_proj.weight")
+            .unwrap();
         t.2 = vec![t.2[1], t.2[0]];
     });
-    fails_with(&gen_ids(&d, "5,6"), &["model.layers.0.attn.v_proj.weight", "expected shape [32, 64]", "found [64, 32]"]);
+    fails_with(
+        &gen_ids(&d, "5,6"),
+        &[
+            "model.layers.0.attn.v_proj.weight",
+            "expected shape [32, 64]",
+            "found [64, 32]",
+        ],
+    );
 
     // Wrong dtype: an int8 norm.
     let d = fresh("dtype");
     rewrite(&d, |ts| {
-        let t = ts.iter_mut().find(|t| t.0 == "model.layers.0.pre_attn_norm.scale").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "model.layers.0.pre_attn_norm.scale")
+            .unwrap();
         t.1 = safetensors::Dtype::I8;
         t.3.truncate(64);
     });
-    fails_with(&gen_ids(&d, "5,6"), &["model.layers.0.pre_attn_norm.scale", "I8"]);
+    fails_with(
+        &gen_ids(&d, "5,6"),
+        &["model.layers.0.pre_attn_norm.scale", "I8"],
+    );
 
     // int8 weight without its scales.
     let d = fresh("noscales");
     rewrite(&d, |ts| {
-        let t = ts.iter_mut().find(|t| t.0 == "model.layers.0.attn.q_proj.weight").unwrap();
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "model.layers.0.attn.q_proj.weight")
+            .unwrap();
         t.1 = safetensors::Dtype::I8;
         t.3.truncate(64 * 64);
     });
@@ -182,7 +294,12 @@ fn bad_checkpoints_and_inputs_give_clear_errors() {
     let d = fresh("trunc");
     let f = d.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 1000).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 1000)
+        .unwrap();
     fails_with(&gen_ids(&d, "5,6"), &["model.safetensors", "truncated"]);
 
     // Corrupt header.
@@ -196,23 +313,47 @@ fn bad_checkpoints_and_inputs_give_clear_errors() {
     // Inconsistent config.
     let d = fresh("config");
     let cfg_path = d.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
     cfg["num_key_value_heads"] = 3.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    fails_with(&gen_ids(&d, "5,6"), &["num_attention_heads (4) must be a multiple of num_key_value_heads (3)"]);
+    fails_with(
+        &gen_ids(&d, "5,6"),
+        &["num_attention_heads (4) must be a multiple of num_key_value_heads (3)"],
+    );
 
     // Token ids outside the vocabulary, a prompt longer than the context, a bad id list.
     let d = fresh("inputs");
-    fails_with(&gen_ids(&d, "5,256"), &["token id 256", "vocabulary (size 256)"]);
+    fails_with(
+        &gen_ids(&d, "5,256"),
+        &["token id 256", "vocabulary (size 256)"],
+    );
     let long: Vec<String> = (0..513).map(|i| (1 + i % 200).to_string()).collect();
-    fails_with(&gen_ids(&d, &long.join(",")), &["513 tokens exceeds the context length 512"]);
+    fails_with(
+        &gen_ids(&d, &long.join(",")),
+        &["513 tokens exceeds the context length 512"],
+    );
     fails_with(&gen_ids(&d, "5,x"), &["`x` is not a token id"]);
     fails_with(
-        &grokctl(&["generate", "--model", d.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "2"]),
+        &grokctl(&[
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ]),
         &["--prompt needs a tokenizer"],
     );
     fails_with(
-        &grokctl(&["generate", "--model", tmp.path().join("nowhere").to_str().unwrap(), "--prompt-ids", "1"]),
+        &grokctl(&[
+            "generate",
+            "--model",
+            tmp.path().join("nowhere").to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+        ]),
         &["config.json"],
     );
 }

@@ -28,13 +28,20 @@ fn full_logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
     let nb = tokens.len().div_ceil(bs);
     let mut kv = KvCache::new(m, nb + 3, bs);
     // A scrambled block table: paging must not depend on contiguous blocks.
-    let table: Vec<u32> = (0..nb as u32).map(|b| (b * 7 + 3) % (nb as u32 + 3)).collect();
+    let table: Vec<u32> = (0..nb as u32)
+        .map(|b| (b * 7 + 3) % (nb as u32 + 3))
+        .collect();
     let mut uniq = table.clone();
     uniq.sort();
     uniq.dedup();
     assert_eq!(uniq.len(), table.len());
     m.forward(
-        &[SeqInput { tokens, start_pos: 0, block_table: &table, want: WantLogits::All }],
+        &[SeqInput {
+            tokens,
+            start_pos: 0,
+            block_table: &table,
+            want: WantLogits::All,
+        }],
         &mut kv,
         &SingleRank,
     )
@@ -43,7 +50,9 @@ fn full_logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
 
 fn prompt(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
     let mut r = grok_shared::sampling::Rng::new(seed);
-    (0..n).map(|_| 1 + (r.next_u64() % (vocab as u64 - 1)) as u32).collect()
+    (0..n)
+        .map(|_| 1 + (r.next_u64() % (vocab as u64 - 1)) as u32)
+        .collect()
 }
 
 fn check_rows(got: &[f32], want: &[f64], vocab: usize, tol: f64, what: &str) {
@@ -51,7 +60,10 @@ fn check_rows(got: &[f32], want: &[f64], vocab: usize, tol: f64, what: &str) {
     for (i, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
         let e = rel_err(g, w);
         worst = worst.max(e);
-        assert!(e <= tol, "{what}: position {i}: rel err {e:.3e} > {tol:.0e}");
+        assert!(
+            e <= tol,
+            "{what}: position {i}: rel err {e:.3e} > {tol:.0e}"
+        );
     }
     eprintln!("{what}: worst rel err {worst:.2e}");
 }
@@ -69,7 +81,9 @@ fn f32_matches_reference_on_two_configs() {
         // The reference agrees on the argmax at every position.
         for (g, w) in got.chunks(v).zip(want.chunks(v)) {
             let ga = grok_shared::sampling::argmax(g) as usize;
-            let wa = (0..v).max_by(|&a, &b| w[a].partial_cmp(&w[b]).unwrap()).unwrap();
+            let wa = (0..v)
+                .max_by(|&a, &b| w[a].partial_cmp(&w[b]).unwrap())
+                .unwrap();
             assert!(ga == wa || (w[ga] - w[wa]).abs() < 1e-6 * w[wa].abs().max(1.0));
         }
     }
@@ -82,7 +96,13 @@ fn bf16_and_int8_match_reference_on_same_weights() {
         let (m, r) = make("tiny8", dtype, 5, dir.path());
         let v = m.config.vocab_size;
         let toks = prompt(v, 33, 9);
-        check_rows(&full_logits(&m, &toks), &r.forward(&toks), v, TOL, &format!("{dtype:?}"));
+        check_rows(
+            &full_logits(&m, &toks),
+            &r.forward(&toks),
+            v,
+            TOL,
+            &format!("{dtype:?}"),
+        );
     }
 }
 
@@ -125,7 +145,12 @@ fn kv_cache_decoding_matches_full_forward() {
     for (s, e) in chunks {
         let out = m
             .forward(
-                &[SeqInput { tokens: &toks[s..e], start_pos: s, block_table: &table, want: WantLogits::All }],
+                &[SeqInput {
+                    tokens: &toks[s..e],
+                    start_pos: s,
+                    block_table: &table,
+                    want: WantLogits::All,
+                }],
                 &mut kv,
                 &SingleRank,
             )
@@ -135,7 +160,12 @@ fn kv_cache_decoding_matches_full_forward() {
     for p in 11..toks.len() {
         let out = m
             .forward(
-                &[SeqInput { tokens: &toks[p..p + 1], start_pos: p, block_table: &table, want: WantLogits::Last }],
+                &[SeqInput {
+                    tokens: &toks[p..p + 1],
+                    start_pos: p,
+                    block_table: &table,
+                    want: WantLogits::Last,
+                }],
                 &mut kv,
                 &SingleRank,
             )
@@ -163,16 +193,35 @@ fn batched_sequences_equal_separate_runs() {
     let out = m
         .forward(
             &[
-                SeqInput { tokens: &a, start_pos: 0, block_table: &ta, want: WantLogits::All },
-                SeqInput { tokens: &b, start_pos: 0, block_table: &tb, want: WantLogits::Last },
+                SeqInput {
+                    tokens: &a,
+                    start_pos: 0,
+                    block_table: &ta,
+                    want: WantLogits::All,
+                },
+                SeqInput {
+                    tokens: &b,
+                    start_pos: 0,
+                    block_table: &tb,
+                    want: WantLogits::Last,
+                },
             ],
             &mut kv2,
             &SingleRank,
         )
         .unwrap();
     assert_eq!(out.len(), (13 + 1) * v);
-    let d1 = rel_err(&out[..13 * v], &alone_a.iter().map(|&x| x as f64).collect::<Vec<_>>());
-    let d2 = rel_err(&out[13 * v..], &alone_b[20 * v..].iter().map(|&x| x as f64).collect::<Vec<_>>());
+    let d1 = rel_err(
+        &out[..13 * v],
+        &alone_a.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+    );
+    let d2 = rel_err(
+        &out[13 * v..],
+        &alone_b[20 * v..]
+            .iter()
+            .map(|&x| x as f64)
+            .collect::<Vec<_>>(),
+    );
     assert!(d1 < 1e-5 && d2 < 1e-5, "{d1} {d2}");
 }
 
@@ -197,32 +246,53 @@ fn random_model_behaves_like_a_trained_one() {
     let mut max_logit: f64 = 0.0;
     for i in 0..toks.len() {
         for u in 0..toks.len() {
-            let dot: f64 = (0..c.head_dim).map(|e| q[i * c.q_heads * c.head_dim + e] * k[u * c.kv_heads * c.head_dim + e]).sum();
+            let dot: f64 = (0..c.head_dim)
+                .map(|e| q[i * c.q_heads * c.head_dim + e] * k[u * c.kv_heads * c.head_dim + e])
+                .sum();
             max_logit = max_logit.max((dot * c.attn_mult).abs());
         }
     }
     assert!(max_logit > 20.0, "attention logits too small: {max_logit}");
     // Different tokens pick different experts.
-    let probs = r.router_probs(l0, &grok_tests::reference::rms(&h, &l0.norms[2], c.eps, c.d), toks.len());
+    let probs = r.router_probs(
+        l0,
+        &grok_tests::reference::rms(&h, &l0.norms[2], c.eps, c.d),
+        toks.len(),
+    );
     let mut firsts: Vec<usize> = probs
         .iter()
-        .map(|p| (0..c.experts).max_by(|&a, &b| p[a].partial_cmp(&p[b]).unwrap()).unwrap())
+        .map(|p| {
+            (0..c.experts)
+                .max_by(|&a, &b| p[a].partial_cmp(&p[b]).unwrap())
+                .unwrap()
+        })
         .collect();
     firsts.sort();
     firsts.dedup();
-    assert!(firsts.len() >= 4, "router picks too few experts: {firsts:?}");
+    assert!(
+        firsts.len() >= 4,
+        "router picks too few experts: {firsts:?}"
+    );
     // Greedy generation is not constant and activations stay finite.
     let out = grok_shared::generate::generate(
         &m,
         &toks[..5],
-        &grok_shared::generate::GenerateOptions { max_new_tokens: 24, stop_at_eos: false, ..Default::default() },
+        &grok_shared::generate::GenerateOptions {
+            max_new_tokens: 24,
+            stop_at_eos: false,
+            ..Default::default()
+        },
         |_| {},
     )
     .unwrap();
     let mut ids = out.ids.clone();
     ids.sort();
     ids.dedup();
-    assert!(ids.len() >= 3, "greedy output too repetitive: {:?}", out.ids);
+    assert!(
+        ids.len() >= 3,
+        "greedy output too repetitive: {:?}",
+        out.ids
+    );
     let logits = full_logits(&m, &toks);
     assert!(logits.iter().all(|x| x.is_finite()));
     let spread = logits.iter().fold(0f32, |a, b| a.max(b.abs()));

@@ -2,7 +2,9 @@
 
 use grok_shared::tokenizer::{StreamDecoder, Tokenizer};
 
-fn load() -> Option<(Tokenizer, Vec<(String, Vec<u32>)>)> {
+type Vectors = Vec<(String, Vec<u32>)>;
+
+fn load() -> Option<(Tokenizer, Vectors)> {
     let Some(shared) = grok_tests::shared_dir() else {
         panic!("../shared (with models/grok-1) must sit beside the project root for this test");
     };
@@ -13,7 +15,12 @@ fn load() -> Option<(Tokenizer, Vec<(String, Vec<u32>)>)> {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let ids = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let ids = v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
             (v["text"].as_str().unwrap().to_string(), ids)
         })
         .collect();
@@ -32,7 +39,12 @@ fn encodes_every_reference_vector_exactly() {
             bad.push(format!("{text:?}: want {ids:?} got {got:?}"));
         }
     }
-    assert!(bad.is_empty(), "{} mismatches, first: {}", bad.len(), bad[0]);
+    assert!(
+        bad.is_empty(),
+        "{} mismatches, first: {}",
+        bad.len(),
+        bad[0]
+    );
 }
 
 #[test]
@@ -62,7 +74,11 @@ fn decode_inverts_encode() {
 #[test]
 fn special_ids_and_bad_ids() {
     let (t, _) = load().unwrap();
-    assert_eq!(t.encode("The answer to life the universe and everything is of course").unwrap(), vec![422, 3033, 356, 1180, 333, 9072, 360, 2175, 391, 359, 1805]);
+    assert_eq!(
+        t.encode("The answer to life the universe and everything is of course")
+            .unwrap(),
+        vec![422, 3033, 356, 1180, 333, 9072, 360, 2175, 391, 359, 1805]
+    );
     // Control ids decode to nothing, as in sentencepiece.
     assert_eq!(t.decode(&[422, 2, 3033]).unwrap(), "The answer");
     assert_eq!(t.decode(&[0, 1, 422]).unwrap(), "The");

@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "grok-worker", version, about = "grok-cluster worker: one shard of one replica")]
+#[command(
+    name = "grok-worker",
+    version,
+    about = "grok-cluster worker: one shard of one replica"
+)]
 struct Args {}
 
 fn main() {

@@ -28,7 +28,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Write a checkpoint with random weights and Grok-1's architecture (§8.1 layout).
-    #[command(after_help = "Examples:\n  grokctl gen-model --preset tiny --out /tmp/tiny\n  grokctl gen-model --preset small --dtype int8 --out /tmp/small-int8\n  grokctl gen-model --preset grok-1 --layers 2 --dtype bf16 --out /data/grok1-2l")]
+    #[command(
+        after_help = "Examples:\n  grokctl gen-model --preset tiny --out /tmp/tiny\n  grokctl gen-model --preset small --dtype int8 --out /tmp/small-int8\n  grokctl gen-model --preset grok-1 --layers 2 --dtype bf16 --out /data/grok1-2l"
+    )]
     GenModel {
         /// tiny (tests), tiny8 (tests, 8 experts), small (~0.75B, CPU benchmarks), grok-1 (real widths).
         #[arg(long, default_value = "tiny")]
@@ -49,7 +51,9 @@ enum Cmd {
         max_file_mb: usize,
     },
     /// Generate tokens from a prompt in this process (CPU).
-    #[command(after_help = "Examples:\n  grokctl generate --model /tmp/tiny --prompt-ids 5,17,99 --max-new-tokens 8 --json\n  grokctl generate --model /tmp/small --tokenizer tokenizer.model --prompt 'The answer is' --temperature 0.8 --top-p 0.95 --seed 1\n  grokctl generate --model /tmp/tiny --prompt-ids 5,0,9 --max-new-tokens 1 --logits-out logits.npy")]
+    #[command(
+        after_help = "Examples:\n  grokctl generate --model /tmp/tiny --prompt-ids 5,17,99 --max-new-tokens 8 --json\n  grokctl generate --model /tmp/small --tokenizer tokenizer.model --prompt 'The answer is' --temperature 0.8 --top-p 0.95 --seed 1\n  grokctl generate --model /tmp/tiny --prompt-ids 5,0,9 --max-new-tokens 1 --logits-out logits.npy"
+    )]
     Generate {
         /// Model directory (config.json + safetensors).
         #[arg(long)]
@@ -86,19 +90,25 @@ enum Cmd {
         logits_out: Option<PathBuf>,
     },
     /// Encode JSON lines {"text": ...} from stdin into {"ids": [...]} lines.
-    #[command(after_help = "Example:\n  echo '{\"text\": \"hello world\"}' | grokctl tokenize --tokenizer tokenizer.model")]
+    #[command(
+        after_help = "Example:\n  echo '{\"text\": \"hello world\"}' | grokctl tokenize --tokenizer tokenizer.model"
+    )]
     Tokenize {
         #[arg(long)]
         tokenizer: PathBuf,
     },
     /// Decode JSON lines {"ids": [...]} from stdin into {"text": ...} lines.
-    #[command(after_help = "Example:\n  echo '{\"ids\": [21560, 1990]}' | grokctl detokenize --tokenizer tokenizer.model")]
+    #[command(
+        after_help = "Example:\n  echo '{\"ids\": [21560, 1990]}' | grokctl detokenize --tokenizer tokenizer.model"
+    )]
     Detokenize {
         #[arg(long)]
         tokenizer: PathBuf,
     },
     /// Measure prefill and decode speed against the machine's memory-bandwidth roofline.
-    #[command(after_help = "Examples:\n  grokctl bench --model /tmp/small --threads 1\n  grokctl bench --model /tmp/small --prompt-len 128 --gen-len 64 --threads 2 --json")]
+    #[command(
+        after_help = "Examples:\n  grokctl bench --model /tmp/small --threads 1\n  grokctl bench --model /tmp/small --prompt-len 128 --gen-len 64 --threads 2 --json"
+    )]
     Bench {
         #[arg(long)]
         model: PathBuf,

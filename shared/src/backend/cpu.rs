@@ -57,7 +57,7 @@ impl Linear {
             Weights::Bf16(b) => assert_eq!(b.len(), n),
             Weights::I8 { w, scales, nb } => {
                 assert_eq!(w.len(), n);
-                assert!(*nb > 0 && in_features % nb == 0);
+                assert!(*nb > 0 && in_features.is_multiple_of(*nb));
                 assert_eq!(scales.len(), nb * out_features);
             }
         }
@@ -143,8 +143,26 @@ impl Linear {
     #[inline]
     fn row_dots(&self, j: usize, x: &[f32], m: usize, k: usize, out: &mut [f32]) {
         match &self.w {
-            Weights::F32(b) => dots_m(&b.as_slice()[j * k..(j + 1) * k], x, m, k, 0, out, 1.0, false),
-            Weights::Bf16(b) => dots_m(&b.as_slice()[j * k..(j + 1) * k], x, m, k, 0, out, 1.0, false),
+            Weights::F32(b) => dots_m(
+                &b.as_slice()[j * k..(j + 1) * k],
+                x,
+                m,
+                k,
+                0,
+                out,
+                1.0,
+                false,
+            ),
+            Weights::Bf16(b) => dots_m(
+                &b.as_slice()[j * k..(j + 1) * k],
+                x,
+                m,
+                k,
+                0,
+                out,
+                1.0,
+                false,
+            ),
             Weights::I8 { w, scales, nb } => {
                 let bs = k / nb;
                 let row = &w.as_slice()[j * k..(j + 1) * k];
@@ -160,42 +178,44 @@ impl Linear {
         let (k, n) = (self.in_features, self.out_features);
         let yp = SendPtr(y.as_mut_ptr());
         let blocks = n.div_ceil(GEMM_TILE_ROWS);
-        (0..blocks).into_par_iter().for_each_init(Vec::new, |tile: &mut Vec<f32>, bi| {
-            let j0 = bi * GEMM_TILE_ROWS;
-            let nb = GEMM_TILE_ROWS.min(n - j0);
-            let wt: &[f32] = match &self.w {
-                Weights::F32(b) => &b.as_slice()[j0 * k..(j0 + nb) * k],
-                _ => {
-                    tile.resize(nb * k, 0.0);
-                    for jj in 0..nb {
-                        self.row_f32(j0 + jj, &mut tile[jj * k..(jj + 1) * k]);
+        (0..blocks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |tile: &mut Vec<f32>, bi| {
+                let j0 = bi * GEMM_TILE_ROWS;
+                let nb = GEMM_TILE_ROWS.min(n - j0);
+                let wt: &[f32] = match &self.w {
+                    Weights::F32(b) => &b.as_slice()[j0 * k..(j0 + nb) * k],
+                    _ => {
+                        tile.resize(nb * k, 0.0);
+                        for jj in 0..nb {
+                            self.row_f32(j0 + jj, &mut tile[jj * k..(jj + 1) * k]);
+                        }
+                        &tile[..]
                     }
-                    &tile[..]
+                };
+                let yp = &yp;
+                // SAFETY: A is x [m, k] row-major, B is the tile read as [k, nb] (column stride k),
+                // C is the column block j0..j0+nb of y [m, n]; blocks are disjoint across tasks and
+                // every index stays inside the slices checked in `matmul`.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        nb,
+                        1.0,
+                        x.as_ptr(),
+                        k as isize,
+                        1,
+                        wt.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        yp.0.add(j0),
+                        n as isize,
+                        1,
+                    );
                 }
-            };
-            let yp = &yp;
-            // SAFETY: A is x [m, k] row-major, B is the tile read as [k, nb] (column stride k),
-            // C is the column block j0..j0+nb of y [m, n]; blocks are disjoint across tasks and
-            // every index stays inside the slices checked in `matmul`.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    nb,
-                    1.0,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    wt.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    yp.0.add(j0),
-                    n as isize,
-                    1,
-                );
-            }
-        });
+            });
     }
 }
 
@@ -206,7 +226,16 @@ unsafe impl Send for SendPtr {}
 
 /// `out[r] (+)= scale * Σ_i w[i] x[r, off + i]` for every row `r < m`, in groups of up to four.
 #[inline]
-fn dots_m<T: WeightElem>(w: &[T], x: &[f32], m: usize, k: usize, off: usize, out: &mut [f32], scale: f32, add: bool) {
+fn dots_m<T: WeightElem>(
+    w: &[T],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    off: usize,
+    out: &mut [f32],
+    scale: f32,
+    add: bool,
+) {
     let len = w.len();
     let row = |r: usize| &x[r * k + off..r * k + off + len];
     let mut r0 = 0;
@@ -338,25 +367,52 @@ mod tests {
     #[test]
     fn matmul_paths_agree_with_f64() {
         let (n, k) = (70, 96);
-        let wf: Vec<f32> = (0..n * k).map(|i| (((i * 2654435761) % 1000) as f32 / 500.0) - 1.0).collect();
-        let wb: Vec<u16> = wf.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+        let wf: Vec<f32> = (0..n * k)
+            .map(|i| (((i * 2654435761) % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        let wb: Vec<u16> = wf
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
         let wq: Vec<i8> = (0..n * k).map(|i| ((i * 97) % 251) as u8 as i8).collect();
         let scales: Vec<f32> = (0..8 * n).map(|i| 0.001 + (i % 13) as f32 * 1e-3).collect();
         let lins = [
             Linear::new(n, k, Weights::F32(Buf::owned(wf))),
             Linear::new(n, k, Weights::Bf16(Buf::owned(wb))),
-            Linear::new(n, k, Weights::I8 { w: Buf::owned(wq.clone()), scales: Arc::new(scales[..n].to_vec()), nb: 1 }),
-            Linear::new(n, k, Weights::I8 { w: Buf::owned(wq), scales: Arc::new(scales), nb: 8 }),
+            Linear::new(
+                n,
+                k,
+                Weights::I8 {
+                    w: Buf::owned(wq.clone()),
+                    scales: Arc::new(scales[..n].to_vec()),
+                    nb: 1,
+                },
+            ),
+            Linear::new(
+                n,
+                k,
+                Weights::I8 {
+                    w: Buf::owned(wq),
+                    scales: Arc::new(scales),
+                    nb: 8,
+                },
+            ),
         ];
         for m in [1, 3, 4, 5, 8, 9, 33] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+                .collect();
             for lin in &lins {
                 let mut y = vec![0f32; m * n];
                 lin.matmul(&x, m, &mut y);
                 let want = ref_matmul(&x, m, lin);
                 let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
                 for i in 0..m * n {
-                    assert!((y[i] as f64 - want[i]).abs() <= 1e-5 * scale, "m={m} {} i={i}", lin.w.dtype_name());
+                    assert!(
+                        (y[i] as f64 - want[i]).abs() <= 1e-5 * scale,
+                        "m={m} {} i={i}",
+                        lin.w.dtype_name()
+                    );
                 }
             }
         }

@@ -239,7 +239,11 @@ mod tests {
     fn check<T: WeightElem>(w: &[T]) {
         let n = w.len();
         let xs: Vec<Vec<f32>> = (0..4)
-            .map(|r| (0..n).map(|i| ((i * 7 + r * 13) % 17) as f32 / 17.0 - 0.4).collect())
+            .map(|r| {
+                (0..n)
+                    .map(|i| ((i * 7 + r * 13) % 17) as f32 / 17.0 - 0.4)
+                    .collect()
+            })
             .collect();
         let want: Vec<f64> = (0..4)
             .map(|r| (0..n).map(|i| w[i].to_f32() as f64 * xs[r][i] as f64).sum())
@@ -248,7 +252,10 @@ mod tests {
         let got1 = dot_rows::<T, 1>(w, [&xs[2]]);
         let port = dot_portable::<T, 3>(w, [&xs[0], &xs[1], &xs[2]]);
         for r in 0..4 {
-            assert!((got4[r] as f64 - want[r]).abs() < 1e-4 * (1.0 + want[r].abs()), "{n} {r}");
+            assert!(
+                (got4[r] as f64 - want[r]).abs() < 1e-4 * (1.0 + want[r].abs()),
+                "{n} {r}"
+            );
         }
         assert!((got1[0] as f64 - want[2]).abs() < 1e-4 * (1.0 + want[2].abs()));
         for r in 0..3 {
@@ -260,7 +267,10 @@ mod tests {
     fn kernels_match_f64_for_odd_lengths() {
         for n in [1usize, 15, 16, 17, 31, 32, 33, 63, 100, 257] {
             let f: Vec<f32> = (0..n).map(|i| ((i * 31) % 11) as f32 - 5.3).collect();
-            let b: Vec<u16> = f.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            let b: Vec<u16> = f
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
             let q: Vec<i8> = (0..n).map(|i| ((i * 37) % 255) as i32 as i8).collect();
             check(&f);
             check(&b);

@@ -20,7 +20,15 @@ impl Model {
         shard.check(c)?;
         let d = c.emb_size;
         let embed = if shard.embed || shard.logits {
-            Some(load_linear(ckpt, &names::embedding(), true, c.vocab_size, d, 0..c.vocab_size, 0..d)?)
+            Some(load_linear(
+                ckpt,
+                &names::embedding(),
+                true,
+                c.vocab_size,
+                d,
+                0..c.vocab_size,
+                0..d,
+            )?)
         } else {
             None
         };
@@ -92,7 +100,12 @@ fn load_vec(ckpt: &Checkpoint, names: &[String], d: usize) -> Result<Vec<f32>, C
     ckpt.f32_vec(name, info)
 }
 
-fn load_matrix_f32(ckpt: &Checkpoint, names: &[String], rows: usize, cols: usize) -> Result<Vec<f32>, CheckpointError> {
+fn load_matrix_f32(
+    ckpt: &Checkpoint,
+    names: &[String],
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>, CheckpointError> {
     let (name, info) = ckpt.find(names)?;
     ckpt.expect_shape(name, info, &[rows, cols])?;
     check_float(ckpt, name, info)?;
@@ -101,7 +114,13 @@ fn load_matrix_f32(ckpt: &Checkpoint, names: &[String], rows: usize, cols: usize
 
 /// Elements `[rows] x [cols]` of a row-major `[_, in_dim]` tensor: mapped when the rows are
 /// whole, copied otherwise.
-fn slice2d<T: bytemuck::Pod>(ckpt: &Checkpoint, info: &TensorInfo, in_dim: usize, rows: &Range<usize>, cols: &Range<usize>) -> Buf<T> {
+fn slice2d<T: bytemuck::Pod>(
+    ckpt: &Checkpoint,
+    info: &TensorInfo,
+    in_dim: usize,
+    rows: &Range<usize>,
+    cols: &Range<usize>,
+) -> Buf<T> {
     let size = std::mem::size_of::<T>();
     if cols.start == 0 && cols.end == in_dim {
         let sub = TensorInfo {
@@ -121,9 +140,18 @@ fn slice2d<T: bytemuck::Pod>(ckpt: &Checkpoint, info: &TensorInfo, in_dim: usize
     Buf::owned(out)
 }
 
-fn to_f32_owned(ckpt: &Checkpoint, info: &TensorInfo, in_dim: usize, rows: &Range<usize>, cols: &Range<usize>) -> Vec<f32> {
+fn to_f32_owned(
+    ckpt: &Checkpoint,
+    info: &TensorInfo,
+    in_dim: usize,
+    rows: &Range<usize>,
+    cols: &Range<usize>,
+) -> Vec<f32> {
     let h: Buf<u16> = slice2d(ckpt, info, in_dim, rows, cols);
-    h.as_slice().iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
+    h.as_slice()
+        .iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect()
 }
 
 /// Loads `[rows, cols]` of a weight stored `[out, in]` under one of `bases` (`.weight` appended
@@ -171,15 +199,17 @@ fn load_linear(
                 file: ckpt.file_path(sinfo).to_path_buf(),
                 why,
             };
-            if nb == 0 || inp % nb != 0 {
-                return Err(bad(format!("{nb} scale blocks do not divide the input dimension {inp}")));
+            if nb == 0 || !inp.is_multiple_of(nb) {
+                return Err(bad(format!(
+                    "{nb} scale blocks do not divide the input dimension {inp}"
+                )));
             }
             if all.iter().any(|s| !s.is_finite()) {
                 return Err(bad("scales contain a non-finite value".into()));
             }
             let bs = inp / nb;
             // Blocks covered by the column slice: whole blocks, or a part of one block.
-            let (b0, new_nb) = if cols.start % bs == 0 && n_in % bs == 0 {
+            let (b0, new_nb) = if cols.start.is_multiple_of(bs) && n_in % bs == 0 {
                 (cols.start / bs, n_in / bs)
             } else if cols.start / bs == (cols.end - 1) / bs {
                 (cols.start / bs, 1)

@@ -75,14 +75,23 @@ impl ShardSpec {
     pub fn check(&self, c: &ModelConfig) -> Result<(), ModelError> {
         let bad = |s: String| Err(ModelError::Shard(s));
         if self.layers.end > c.num_layers || self.layers.is_empty() {
-            return bad(format!("layers {:?} not inside 0..{}", self.layers, c.num_layers));
+            return bad(format!(
+                "layers {:?} not inside 0..{}",
+                self.layers, c.num_layers
+            ));
         }
         if self.q_heads.end > c.num_q_heads || self.q_heads.is_empty() {
-            return bad(format!("query heads {:?} not inside 0..{}", self.q_heads, c.num_q_heads));
+            return bad(format!(
+                "query heads {:?} not inside 0..{}",
+                self.q_heads, c.num_q_heads
+            ));
         }
         let g = c.group_size();
         let need = self.q_heads.start / g..(self.q_heads.end - 1) / g + 1;
-        if self.kv_heads.start > need.start || self.kv_heads.end < need.end || self.kv_heads.end > c.num_kv_heads {
+        if self.kv_heads.start > need.start
+            || self.kv_heads.end < need.end
+            || self.kv_heads.end > c.num_kv_heads
+        {
             return bad(format!(
                 "kv heads {:?} do not cover the kv heads {need:?} of query heads {:?}",
                 self.kv_heads, self.q_heads
@@ -196,7 +205,9 @@ struct Pass {
 
 impl Model {
     pub fn embed_layer(&self) -> Result<&Linear, ModelError> {
-        self.embed.as_ref().ok_or(ModelError::NotInShard("embedding"))
+        self.embed
+            .as_ref()
+            .ok_or(ModelError::NotInShard("embedding"))
     }
 
     /// Validates a batch against the vocabulary, the context length and the cache.
@@ -229,7 +240,10 @@ impl Model {
                 )));
             }
             if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks) {
-                return Err(ModelError::Kv(format!("block {b} outside the cache of {} blocks", kv.num_blocks)));
+                return Err(ModelError::Kv(format!(
+                    "block {b} outside the cache of {} blocks",
+                    kv.num_blocks
+                )));
             }
         }
         Ok(())
@@ -242,12 +256,14 @@ impl Model {
         let toks: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let mut h = vec![0f32; toks.len() * d];
         let mult = self.config.embedding_multiplier_scale as f32;
-        h.par_chunks_mut(d).zip(toks.par_iter()).for_each(|(row, &t)| {
-            e.row_f32(t as usize, row);
-            for v in row.iter_mut() {
-                *v *= mult;
-            }
-        });
+        h.par_chunks_mut(d)
+            .zip(toks.par_iter())
+            .for_each(|(row, &t)| {
+                e.row_f32(t as usize, row);
+                for v in row.iter_mut() {
+                    *v *= mult;
+                }
+            });
         Ok(h)
     }
 
@@ -354,7 +370,11 @@ impl Model {
                         continue;
                     }
                     let kvec = &kc[(slot * nkv + kvh) * ks..(slot * nkv + kvh + 1) * ks];
-                    let dot: f64 = kvec.iter().zip(qv).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let dot: f64 = kvec
+                        .iter()
+                        .zip(qv)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum();
                     let z = dot * mult;
                     let capped = cap * (z / cap).tanh();
                     scores[u] = capped;
@@ -423,7 +443,11 @@ impl Model {
                 let probs: Vec<f32> = ex.iter().map(|v| (v / sum) as f32).collect();
                 let mut idx: Vec<usize> = (0..ne).collect();
                 // Stable sort: ties keep the lower index first, like jax.lax.top_k.
-                idx.sort_by(|&a, &b| probs[b].partial_cmp(&probs[a]).unwrap_or(std::cmp::Ordering::Equal));
+                idx.sort_by(|&a, &b| {
+                    probs[b]
+                        .partial_cmp(&probs[a])
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                });
                 idx[..k].iter().map(|&e| (e, probs[e])).collect()
             })
             .collect()
@@ -441,7 +465,11 @@ impl Model {
             let picked: Vec<(usize, f32)> = routes
                 .iter()
                 .enumerate()
-                .filter_map(|(r, sel)| sel.iter().find(|(e, _)| *e == ex.index).map(|(_, g)| (r, *g)))
+                .filter_map(|(r, sel)| {
+                    sel.iter()
+                        .find(|(e, _)| *e == ex.index)
+                        .map(|(_, g)| (r, *g))
+                })
                 .collect();
             if picked.is_empty() {
                 continue;
@@ -495,7 +523,10 @@ impl Model {
         let c = &self.config;
         let d = c.emb_size;
         let e = self.embed_layer()?;
-        let g = self.final_norm.as_ref().ok_or(ModelError::NotInShard("final norm"))?;
+        let g = self
+            .final_norm
+            .as_ref()
+            .ok_or(ModelError::NotInShard("final norm"))?;
         let mut sel = Vec::with_capacity(rows.len() * d);
         for &r in rows {
             sel.extend_from_slice(&h[r * d..(r + 1) * d]);
@@ -510,7 +541,12 @@ impl Model {
     }
 
     /// A whole forward pass on a model that holds every layer: embed, layers, logits.
-    pub fn forward(&self, seqs: &[SeqInput], kv: &mut KvCache, tp: &dyn Communicator) -> Result<Vec<f32>, ModelError> {
+    pub fn forward(
+        &self,
+        seqs: &[SeqInput],
+        kv: &mut KvCache,
+        tp: &dyn Communicator,
+    ) -> Result<Vec<f32>, ModelError> {
         self.check_batch(seqs, kv)?;
         let mut h = self.embed_tokens(seqs)?;
         self.forward_layers(&mut h, seqs, kv, tp)?;
@@ -524,8 +560,13 @@ impl Model {
         let c = &self.config;
         let mut b = 0f64;
         for l in &self.layers {
-            b += (l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.router.len() * 4) as f64;
-            let ex: usize = l.experts.iter().map(|e| e.linear.bytes() + e.linear_v.bytes() + e.linear_1.bytes()).sum();
+            b +=
+                (l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.router.len() * 4) as f64;
+            let ex: usize = l
+                .experts
+                .iter()
+                .map(|e| e.linear.bytes() + e.linear_v.bytes() + e.linear_1.bytes())
+                .sum();
             b += ex as f64 * c.num_selected_experts as f64 / c.num_experts as f64;
             b += 16.0 * c.emb_size as f64;
         }
@@ -542,7 +583,11 @@ impl Model {
         let mut b = self.embed.as_ref().map_or(0, |e| e.bytes());
         for l in &self.layers {
             b += l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.router.len() * 4;
-            b += l.experts.iter().map(|e| e.linear.bytes() + e.linear_v.bytes() + e.linear_1.bytes()).sum::<usize>();
+            b += l
+                .experts
+                .iter()
+                .map(|e| e.linear.bytes() + e.linear_v.bytes() + e.linear_1.bytes())
+                .sum::<usize>();
         }
         b
     }
@@ -560,7 +605,12 @@ impl BlockAllocator {
         }
     }
     /// Grows `table` to cover `len` positions.
-    pub fn ensure(&mut self, table: &mut Vec<u32>, len: usize, block_size: usize) -> Result<(), ModelError> {
+    pub fn ensure(
+        &mut self,
+        table: &mut Vec<u32>,
+        len: usize,
+        block_size: usize,
+    ) -> Result<(), ModelError> {
         while table.len() * block_size < len {
             let b = self
                 .free

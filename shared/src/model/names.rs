@@ -5,13 +5,19 @@
 fn expand(patterns: &[&str], layer: usize, expert: usize) -> Vec<String> {
     patterns
         .iter()
-        .map(|p| p.replace("{i}", &layer.to_string()).replace("{e}", &expert.to_string()))
+        .map(|p| {
+            p.replace("{i}", &layer.to_string())
+                .replace("{e}", &expert.to_string())
+        })
         .collect()
 }
 
 pub fn embedding() -> Vec<String> {
     expand(
-        &["model.embed_tokens.weight", "transformer.in_out_embed.weight"],
+        &[
+            "model.embed_tokens.weight",
+            "transformer.in_out_embed.weight",
+        ],
         0,
         0,
     )
@@ -19,7 +25,11 @@ pub fn embedding() -> Vec<String> {
 
 pub fn final_norm() -> Vec<String> {
     expand(
-        &["model.norm.scale", "model.norm.weight", "transformer.rms_norm.weight"],
+        &[
+            "model.norm.scale",
+            "model.norm.weight",
+            "transformer.rms_norm.weight",
+        ],
         0,
         0,
     )

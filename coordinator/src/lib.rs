@@ -1,8 +1,26 @@
 //! grok-coordinator: the cluster coordinator and the operator CLI (`grokctl`).
 //!
+//! - [`server`]: membership, the `Cluster`, `Admin` and `Inference` gRPC services.
+//! - [`engine`]: loading the replica and its step loop.
+//! - [`client`]: `grokctl` commands that talk to a running cluster (status, generate, bench).
+//! - [`up`]: `grokctl up`, a whole cluster of local processes in the foreground.
 //! - [`local`]: the single-process commands of `grokctl` (gen-model, generate, tokenize,
 //!   detokenize, bench) on the CPU backend.
 //! - [`logging`]: tracing set-up shared by the binaries.
 
+pub mod client;
+pub mod engine;
 pub mod local;
 pub mod logging;
+pub mod server;
+pub mod up;
+
+/// Shuts down on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

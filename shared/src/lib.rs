@@ -5,6 +5,7 @@
 //! - [`backend`]: the CPU backend (weights in f32/bf16/int8, SIMD kernels, multi-threaded).
 //! - [`model`]: the Grok-1 forward pass with the official semantics, sharded or whole.
 //! - [`collective`]: the `Communicator` trait the model uses between ranks.
+//! - [`sharding`]: layouts (tp, ep, pp), their validation and the shard of each rank.
 //! - [`generate`]: single-process prefill + decode loop.
 //! - [`tokenizer`], [`sampling`], [`genmodel`] (synthetic checkpoints), [`npy`].
 //!
@@ -19,4 +20,6 @@ pub mod genmodel;
 pub mod model;
 pub mod npy;
 pub mod sampling;
+pub mod sharding;
+pub mod threads;
 pub mod tokenizer;

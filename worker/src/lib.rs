@@ -1,1 +1,296 @@
 //! grok-worker: a process that owns one shard of one model replica.
+//!
+//! Start-up: bind the gRPC listener and two collective listeners (all ranks of the replica;
+//! the tensor-parallel group), register with the coordinator, then serve the `Worker` service:
+//! `Load` connects the collectives and loads the shard, `Step` runs the coordinator's step plans
+//! in order on one compute thread ([`engine::Engine`]).
+
+pub mod engine;
+
+use anyhow::{bail, Context, Result};
+use engine::{Engine, LoadSpec};
+use grok_proto::v1 as pb;
+use grok_shared::sharding::Layout;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct WorkerArgs {
+    pub coordinator: String,
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub worker_id: String,
+    pub rank: Option<u32>,
+    pub register_timeout: Duration,
+}
+
+enum Slot {
+    /// Listeners waiting for `Load`.
+    Idle {
+        world: TcpListener,
+        tp: TcpListener,
+    },
+    Loading,
+    Ready(Box<Engine>),
+    /// Taken by the step thread.
+    Stepping,
+    Failed(String),
+}
+
+#[derive(Clone)]
+struct Svc {
+    slot: Arc<Mutex<Slot>>,
+    rank: Arc<Mutex<Option<u32>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn parse_addrs(v: &[String]) -> Result<Vec<SocketAddr>, Status> {
+    v.iter()
+        .map(|a| {
+            a.parse()
+                .map_err(|_| Status::invalid_argument(format!("bad peer address `{a}`")))
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for Svc {
+    type LoadStream = ReceiverStream<Result<pb::LoadProgress, Status>>;
+    type StepStream = ReceiverStream<Result<pb::StepResult, Status>>;
+
+    async fn load(
+        &self,
+        req: Request<pb::LoadRequest>,
+    ) -> Result<Response<Self::LoadStream>, Status> {
+        let r = req.into_inner();
+        let layout = r
+            .layout
+            .ok_or_else(|| Status::invalid_argument("layout missing"))?;
+        let layout = Layout {
+            tp: layout.tp as usize,
+            ep: layout.ep as usize,
+            pp: layout.pp as usize,
+            replicas: layout.replicas.max(1) as usize,
+        };
+        let world_peers = parse_addrs(&r.world_peers)?;
+        let tp_peers = parse_addrs(&r.tp_peers)?;
+        let (world, tp) = {
+            let mut s = lock(&self.slot);
+            match std::mem::replace(&mut *s, Slot::Loading) {
+                Slot::Idle { world, tp } => (world, tp),
+                other => {
+                    *s = other;
+                    return Err(Status::failed_precondition(
+                        "this worker has already been asked to load",
+                    ));
+                }
+            }
+        };
+        *lock(&self.rank) = Some(r.rank);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let slot = self.slot.clone();
+        std::thread::spawn(move || {
+            let dir = PathBuf::from(&r.model_dir);
+            let spec = LoadSpec {
+                model_dir: &dir,
+                layout,
+                rank: r.rank as usize,
+                world_peers,
+                tp_peers,
+                kv_blocks: r.kv_blocks.max(1) as usize,
+                block_size: r.block_size.max(1) as usize,
+                comm_timeout: Duration::from_millis(if r.comm_timeout_ms == 0 {
+                    30_000
+                } else {
+                    r.comm_timeout_ms as u64
+                }),
+            };
+            let txp = tx.clone();
+            let res = Engine::load(spec, world, tp, |stage, fraction, detail| {
+                let _ = txp.blocking_send(Ok(pb::LoadProgress {
+                    stage: stage.into(),
+                    fraction,
+                    detail,
+                    weight_bytes: 0,
+                    resident_bytes: engine::resident_bytes(),
+                }));
+            });
+            match res {
+                Ok((engine, bytes)) => {
+                    tracing::info!(rank = engine.rank(), weight_bytes = bytes, "shard loaded");
+                    *lock(&slot) = Slot::Ready(Box::new(engine));
+                    let _ = tx.blocking_send(Ok(pb::LoadProgress {
+                        stage: "ready".into(),
+                        fraction: 1.0,
+                        detail: String::new(),
+                        weight_bytes: bytes,
+                        resident_bytes: engine::resident_bytes(),
+                    }));
+                }
+                Err(e) => {
+                    tracing::error!("load failed: {e}");
+                    *lock(&slot) = Slot::Failed(e.to_string());
+                    let _ = tx.blocking_send(Err(Status::failed_precondition(e.to_string())));
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn step(
+        &self,
+        req: Request<Streaming<pb::StepPlan>>,
+    ) -> Result<Response<Self::StepStream>, Status> {
+        let mut engine = {
+            let mut s = lock(&self.slot);
+            match std::mem::replace(&mut *s, Slot::Stepping) {
+                Slot::Ready(e) => e,
+                other => {
+                    let msg = match &other {
+                        Slot::Failed(why) => format!("shard failed to load: {why}"),
+                        Slot::Stepping => "a step stream is already open".into(),
+                        _ => "shard not loaded".into(),
+                    };
+                    *s = other;
+                    return Err(Status::failed_precondition(msg));
+                }
+            }
+        };
+        let mut inbound = req.into_inner();
+        let (plan_tx, plan_rx) = std::sync::mpsc::channel::<pb::StepPlan>();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let slot = self.slot.clone();
+        std::thread::spawn(move || {
+            while let Ok(plan) = plan_rx.recv() {
+                let res = engine.step(plan);
+                if tx.blocking_send(Ok(res)).is_err() {
+                    break;
+                }
+            }
+            // The coordinator closed the stream: keep the shard for the next stream.
+            *lock(&slot) = Slot::Ready(engine);
+        });
+        tokio::spawn(async move {
+            while let Some(m) = inbound.next().await {
+                match m {
+                    Ok(plan) => {
+                        if plan_tx.send(plan).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("step stream from the coordinator broke: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn health(
+        &self,
+        _req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let state = match &*lock(&self.slot) {
+            Slot::Idle { .. } => "waiting",
+            Slot::Loading => "loading",
+            Slot::Ready(_) | Slot::Stepping => "ready",
+            Slot::Failed(_) => "failed",
+        };
+        Ok(Response::new(pb::HealthResponse {
+            state: state.into(),
+            rank: lock(&self.rank).unwrap_or(0),
+        }))
+    }
+}
+
+/// Runs a worker until the coordinator goes away for good or the process is signalled.
+pub async fn run(args: WorkerArgs) -> Result<()> {
+    let grpc = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = grpc.local_addr()?;
+    let ip = local.ip();
+    let world = TcpListener::bind((ip, 0)).context("binding the collective listener")?;
+    let tp = TcpListener::bind((ip, 0)).context("binding the collective listener")?;
+    let world_addr = world.local_addr()?;
+    let tp_addr = tp.local_addr()?;
+    let svc = Svc {
+        slot: Arc::new(Mutex::new(Slot::Idle { world, tp })),
+        rank: Arc::new(Mutex::new(None)),
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::worker_server::WorkerServer::new(svc.clone()))
+            .serve_with_incoming(incoming),
+    );
+    let advertise = args.advertise.clone().unwrap_or_else(|| local.to_string());
+    // Peers reach the collective listeners at the advertised host.
+    let host: SocketAddr = advertise
+        .parse()
+        .with_context(|| format!("--advertise `{advertise}` must be IP:PORT"))?;
+    let world_addr = SocketAddr::new(host.ip(), world_addr.port());
+    let tp_addr = SocketAddr::new(host.ip(), tp_addr.port());
+    let endpoint = if args.coordinator.starts_with("http") {
+        args.coordinator.clone()
+    } else {
+        format!("http://{}", args.coordinator)
+    };
+    let deadline = tokio::time::Instant::now() + args.register_timeout;
+    let mut client = loop {
+        match pb::cluster_client::ClusterClient::connect(endpoint.clone()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("cannot reach the coordinator at {}: {e}", args.coordinator);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let reg = client
+        .register(pb::RegisterRequest {
+            worker_id: args.worker_id.clone(),
+            address: advertise.clone(),
+            world_comm_address: world_addr.to_string(),
+            tp_comm_address: tp_addr.to_string(),
+            rank: args.rank.map_or(-1, |r| r as i32),
+            device: "cpu".into(),
+        })
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "the coordinator at {} refused registration: {}",
+                args.coordinator,
+                s.message()
+            )
+        })?
+        .into_inner();
+    eprintln!(
+        "worker {} registered as rank {} of {} (grpc {advertise})",
+        args.worker_id, reg.rank, reg.world_size
+    );
+    tokio::select! {
+        r = server => { r??; }
+        _ = shutdown_signal() => { eprintln!("worker {}: shutting down", args.worker_id); }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

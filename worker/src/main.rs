@@ -1,17 +1,96 @@
 //! `grok-worker`: owns one shard of one model replica.
 
 use clap::Parser;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
     name = "grok-worker",
     version,
-    about = "grok-cluster worker: one shard of one replica"
+    about = "grok-cluster worker: one shard of one model replica, driven by the coordinator",
+    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3"
 )]
-struct Args {}
+struct Args {
+    /// Coordinator address (HOST:PORT).
+    #[arg(long, env = "GROK_COORDINATOR")]
+    coordinator: String,
+    /// Address of this worker's gRPC service (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0", env = "GROK_WORKER_LISTEN")]
+    listen: SocketAddr,
+    /// Address the coordinator and peers use to reach this worker (default: the bound address).
+    #[arg(long, env = "GROK_WORKER_ADVERTISE")]
+    advertise: Option<String>,
+    /// Worker id (default: host name and process id).
+    #[arg(long)]
+    id: Option<String>,
+    /// Ask for this rank (default: the next free one).
+    #[arg(long)]
+    rank: Option<u32>,
+    /// Compute threads (0 = one per core).
+    #[arg(long, default_value_t = 0, env = "GROK_THREADS")]
+    threads: usize,
+    /// Give up when the coordinator cannot be reached for this long.
+    #[arg(long, default_value_t = 60)]
+    register_timeout_s: u64,
+    /// Select the compute device: cpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
 
 fn main() {
-    let _ = Args::parse();
-    eprintln!("grok-worker: distributed serving is not available in this build; use `grokctl generate` for single-process generation");
-    std::process::exit(2);
+    let a = Args::parse();
+    grok_coordinator_logging();
+    if a.device != "cpu" {
+        eprintln!(
+            "error: device `{}` is not available in this build (supported: cpu)",
+            a.device
+        );
+        std::process::exit(2);
+    }
+    if a.threads > 0 {
+        if let Err(e) = rayon_threads(a.threads) {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+    let id =
+        a.id.clone()
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let res = rt.block_on(grok_worker::run(grok_worker::WorkerArgs {
+        coordinator: a.coordinator,
+        listen: a.listen,
+        advertise: a.advertise,
+        worker_id: id,
+        rank: a.rank,
+        register_timeout: Duration::from_secs(a.register_timeout_s),
+    }));
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn rayon_threads(n: usize) -> Result<(), String> {
+    grok_shared::threads::init(n).map_err(|e| e.to_string())
+}
+
+fn grok_coordinator_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "worker".into())
 }

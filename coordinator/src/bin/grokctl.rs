@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use grok_coordinator::local;
+use grok_coordinator::{client, local, up};
 use grok_shared::genmodel::GenDType;
 use grok_shared::sampling::SamplingParams;
 use std::path::PathBuf;
@@ -55,9 +55,16 @@ enum Cmd {
         after_help = "Examples:\n  grokctl generate --model /tmp/tiny --prompt-ids 5,17,99 --max-new-tokens 8 --json\n  grokctl generate --model /tmp/small --tokenizer tokenizer.model --prompt 'The answer is' --temperature 0.8 --top-p 0.95 --seed 1\n  grokctl generate --model /tmp/tiny --prompt-ids 5,0,9 --max-new-tokens 1 --logits-out logits.npy"
     )]
     Generate {
-        /// Model directory (config.json + safetensors).
-        #[arg(long)]
-        model: PathBuf,
+        /// Model directory (config.json + safetensors): run in this process.
+        #[arg(
+            long,
+            required_unless_present = "endpoint",
+            conflicts_with = "endpoint"
+        )]
+        model: Option<PathBuf>,
+        /// A running cluster's coordinator (HOST:PORT or URL).
+        #[arg(long, env = "GROK_ENDPOINT")]
+        endpoint: Option<String>,
         /// Prompt text (needs a tokenizer).
         #[arg(long, conflicts_with = "prompt_ids")]
         prompt: Option<String>,
@@ -105,13 +112,59 @@ enum Cmd {
         #[arg(long)]
         tokenizer: PathBuf,
     },
+    /// Start a coordinator and tp*pp workers on this machine, in the foreground (Ctrl-C stops all).
+    #[command(
+        after_help = "Examples:\n  grokctl up --model /tmp/tiny --tp 2 --pp 2\n  grokctl up --model /tmp/small --tp 2 --ep 2 --listen 127.0.0.1:50051\n\nWorkers on other hosts join a coordinator with:\n  grok-worker --coordinator HOST:PORT --listen 0.0.0.0:50061 --advertise MYIP:50061"
+    )]
+    Up {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        #[arg(long, default_value_t = 1)]
+        ep: usize,
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
+        /// Coordinator address (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: String,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// KV cache blocks per worker (16 tokens each).
+        #[arg(long, default_value_t = 512)]
+        kv_blocks: usize,
+        /// Give up when the cluster is not ready after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        ready_timeout_s: u64,
+    },
+    /// Show a running cluster: layout, workers and the state of each shard.
+    #[command(
+        after_help = "Examples:\n  grokctl status --endpoint 127.0.0.1:50051\n  grokctl status --endpoint 127.0.0.1:50051 --wait-ready 120"
+    )]
+    Status {
+        #[arg(long, env = "GROK_ENDPOINT")]
+        endpoint: String,
+        /// Wait until the cluster serves; exit non-zero if it fails or after SECONDS.
+        #[arg(long, value_name = "SECONDS")]
+        wait_ready: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure prefill and decode speed against the machine's memory-bandwidth roofline.
     #[command(
         after_help = "Examples:\n  grokctl bench --model /tmp/small --threads 1\n  grokctl bench --model /tmp/small --prompt-len 128 --gen-len 64 --threads 2 --json"
     )]
     Bench {
+        /// Model directory: benchmark in this process.
+        #[arg(
+            long,
+            required_unless_present = "endpoint",
+            conflicts_with = "endpoint"
+        )]
+        model: Option<PathBuf>,
+        /// A running cluster's coordinator: benchmark the cluster.
         #[arg(long)]
-        model: PathBuf,
+        endpoint: Option<String>,
         #[arg(long, default_value_t = 128)]
         prompt_len: usize,
         #[arg(long, default_value_t = 64)]
@@ -135,7 +188,87 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     local::init_threads(cli.threads)?;
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
     match cli.cmd {
+        Cmd::Up {
+            model,
+            tp,
+            ep,
+            pp,
+            listen,
+            tokenizer,
+            kv_blocks,
+            ready_timeout_s,
+        } => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads_per_worker = if cli.threads > 0 {
+                cli.threads
+            } else {
+                (cores / (tp * pp).max(1)).max(1)
+            };
+            rt()?.block_on(up::up(&up::UpArgs {
+                model,
+                tp,
+                ep,
+                pp,
+                listen,
+                tokenizer,
+                threads_per_worker,
+                kv_blocks,
+                ready_timeout_s,
+            }))
+        }
+        Cmd::Status {
+            endpoint,
+            wait_ready,
+            json,
+        } => rt()?.block_on(client::status(&endpoint, wait_ready, json)),
+        Cmd::Generate {
+            model: None,
+            endpoint: Some(endpoint),
+            prompt,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            ignore_eos,
+            json,
+            logits_out,
+            tokenizer,
+        } => {
+            if tokenizer.is_some() {
+                anyhow::bail!("--tokenizer applies to single-process generation (--model); the cluster uses its own tokenizer");
+            }
+            let prompt_ids = prompt_ids.as_deref().map(local::parse_ids).transpose()?;
+            rt()?.block_on(client::generate(&client::RemoteGenerate {
+                endpoint,
+                prompt,
+                prompt_ids,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                ignore_eos,
+                json,
+                logits_out,
+            }))
+        }
+        Cmd::Bench {
+            model: None,
+            endpoint: Some(endpoint),
+            prompt_len,
+            gen_len,
+            json,
+            ..
+        } => rt()?.block_on(client::bench(&endpoint, prompt_len, gen_len, json)),
         Cmd::GenModel {
             preset,
             layers,
@@ -152,7 +285,7 @@ fn run(cli: Cli) -> Result<()> {
             max_file_mb,
         }),
         Cmd::Generate {
-            model,
+            model: Some(model),
             prompt,
             prompt_ids,
             tokenizer,
@@ -164,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             ignore_eos,
             json,
             logits_out,
+            ..
         } => local::run_generate(&local::GenerateArgs {
             model,
             prompt,
@@ -183,11 +317,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tokenize { tokenizer } => local::run_tokenize(&tokenizer),
         Cmd::Detokenize { tokenizer } => local::run_detokenize(&tokenizer),
         Cmd::Bench {
-            model,
+            model: Some(model),
             prompt_len,
             gen_len,
             bandwidth_mb,
             json,
+            ..
         } => local::run_bench(&local::BenchArgs {
             model,
             prompt_len,
@@ -195,5 +330,8 @@ fn run(cli: Cli) -> Result<()> {
             json,
             bandwidth_mb,
         }),
+        Cmd::Generate { .. } | Cmd::Bench { .. } => {
+            anyhow::bail!("give exactly one of --model or --endpoint")
+        }
     }
 }

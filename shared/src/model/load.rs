@@ -16,6 +16,15 @@ impl Model {
 
     /// Loads the part of the model described by `shard`.
     pub fn load_shard(ckpt: &Checkpoint, shard: &ShardSpec) -> Result<Self, ModelError> {
+        Self::load_shard_with_progress(ckpt, shard, |_, _| {})
+    }
+
+    /// As [`Model::load_shard`], calling `progress(layers_done, layers_total)` after each layer.
+    pub fn load_shard_with_progress(
+        ckpt: &Checkpoint,
+        shard: &ShardSpec,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
         let c = &ckpt.config;
         shard.check(c)?;
         let d = c.emb_size;
@@ -70,6 +79,7 @@ impl Model {
                 router: load_matrix_f32(ckpt, &names::router(i), c.num_experts, d)?,
                 experts,
             });
+            progress(layers.len(), shard.layers.len());
         }
         Ok(Model {
             config: c.clone(),

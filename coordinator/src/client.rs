@@ -1,0 +1,333 @@
+//! `grokctl` commands that talk to a running cluster over gRPC.
+
+use anyhow::{bail, Context, Result};
+use grok_proto::v1 as pb;
+use std::io::Write;
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+pub fn endpoint_url(e: &str) -> String {
+    if e.starts_with("http://") || e.starts_with("https://") {
+        e.to_string()
+    } else {
+        format!("http://{e}")
+    }
+}
+
+async fn channel(endpoint: &str) -> Result<tonic::transport::Channel> {
+    let url = endpoint_url(endpoint);
+    tonic::transport::Endpoint::from_shared(url.clone())
+        .with_context(|| format!("bad endpoint `{endpoint}`"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}"))
+}
+
+pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
+    let mut c = pb::admin_client::AdminClient::new(channel(endpoint).await?);
+    Ok(c.cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner())
+}
+
+pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
+    let l = s.layout.unwrap_or_default();
+    let mut out = format!(
+        "model   {}\nlayout  tp={} ep={} pp={}\nstate   {}{}\ntokens  {} generated\n\n",
+        s.model,
+        l.tp,
+        l.ep,
+        l.pp,
+        s.state,
+        if s.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.detail)
+        },
+        s.generated_tokens
+    );
+    out += &format!(
+        "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10}  {}\n",
+        "RANK", "STAGE", "TP", "STATE", "LAYERS", "HEADS", "WORKER", "WEIGHTS", "EXPERTS"
+    );
+    for sh in &s.shards {
+        let state = if sh.state == "loading" {
+            format!("loading {:.0}%", sh.load_fraction * 100.0)
+        } else {
+            sh.state.clone()
+        };
+        out += &format!(
+            "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>8.1}MB  {}\n",
+            sh.rank,
+            sh.stage,
+            sh.tp_rank,
+            state,
+            sh.layers,
+            sh.heads,
+            if sh.worker_id.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{} {}", sh.worker_id, sh.address)
+            },
+            sh.weight_bytes as f64 / 1e6,
+            sh.experts
+        );
+        if !sh.detail.is_empty() && (sh.state == "failed" || sh.state == "lost") {
+            out += &format!("      {}\n", sh.detail);
+        }
+    }
+    out
+}
+
+/// Prints the cluster; with `wait_ready`, polls until it serves (exit 0) or fails/times out.
+pub async fn status(endpoint: &str, wait_ready: Option<u64>, json: bool) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let s = match fetch_status(endpoint).await {
+            Ok(s) => s,
+            Err(e) => {
+                if wait_ready.is_some_and(|w| start.elapsed() < Duration::from_secs(w)) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        let done = wait_ready.is_none() || s.state == "ready" || s.state == "failed";
+        let timed_out = wait_ready.is_some_and(|w| start.elapsed() >= Duration::from_secs(w));
+        if done || timed_out {
+            if json {
+                println!("{}", status_json(&s));
+            } else {
+                print!("{}", format_status(&s));
+            }
+            if wait_ready.is_some() && s.state != "ready" {
+                if s.state == "failed" {
+                    bail!("the cluster failed: {}", s.detail);
+                }
+                bail!(
+                    "the cluster is not ready after {} s (state {})",
+                    wait_ready.unwrap_or(0),
+                    s.state
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
+    let l = s.layout.unwrap_or_default();
+    serde_json::json!({
+        "model": s.model, "state": s.state, "detail": s.detail,
+        "layout": {"tp": l.tp, "ep": l.ep, "pp": l.pp},
+        "generated_tokens": s.generated_tokens,
+        "shards": s.shards.iter().map(|x| serde_json::json!({
+            "rank": x.rank, "stage": x.stage, "tp_rank": x.tp_rank, "state": x.state, "detail": x.detail,
+            "worker_id": x.worker_id, "address": x.address, "layers": x.layers, "heads": x.heads,
+            "experts": x.experts, "weight_bytes": x.weight_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub struct RemoteGenerate {
+    pub endpoint: String,
+    pub prompt: Option<String>,
+    pub prompt_ids: Option<Vec<u32>>,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+    pub ignore_eos: bool,
+    pub json: bool,
+    pub logits_out: Option<std::path::PathBuf>,
+}
+
+/// Result of a remote generation.
+pub struct Generated {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub finish: String,
+    pub first_token_s: f64,
+    pub total_s: f64,
+    pub prompt_logits: Vec<f32>,
+    pub prompt_len: usize,
+}
+
+pub async fn generate_stream(
+    a: &RemoteGenerate,
+    mut on_delta: impl FnMut(&[u32], &str),
+) -> Result<Generated> {
+    let mut c = pb::inference_client::InferenceClient::new(channel(&a.endpoint).await?);
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(t), None) => pb::generate_request::Prompt::Text(t.clone()),
+        (None, Some(ids)) => pb::generate_request::Prompt::Ids(pb::TokenIds { ids: ids.clone() }),
+        _ => bail!("give exactly one of --prompt or --prompt-ids"),
+    };
+    let t0 = Instant::now();
+    let mut s = c
+        .generate(pb::GenerateRequest {
+            prompt: Some(prompt),
+            max_tokens: a.max_new_tokens as u32,
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k as u32,
+            seed: a.seed,
+            ignore_eos: a.ignore_eos,
+            prompt_logits: a.logits_out.is_some(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    let mut out = Generated {
+        ids: vec![],
+        text: String::new(),
+        finish: String::new(),
+        first_token_s: 0.0,
+        total_s: 0.0,
+        prompt_logits: vec![],
+        prompt_len: 0,
+    };
+    while let Some(m) = s.next().await {
+        let m = m.map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?;
+        if out.ids.is_empty() {
+            out.first_token_s = t0.elapsed().as_secs_f64();
+        }
+        on_delta(&m.ids, &m.text);
+        out.ids.extend_from_slice(&m.ids);
+        if !m.prompt_logits.is_empty() {
+            out.prompt_logits = m.prompt_logits;
+        }
+        if let Some(u) = &m.usage {
+            out.prompt_len = u.prompt_tokens as usize;
+        }
+        out.text.push_str(&m.text);
+        if !m.finish_reason.is_empty() {
+            out.finish = m.finish_reason;
+        }
+    }
+    out.total_s = t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+pub async fn generate(a: &RemoteGenerate) -> Result<()> {
+    let json = a.json;
+    let out = generate_stream(a, |ids, text| {
+        if json {
+            return;
+        }
+        let mut o = std::io::stdout().lock();
+        if text.is_empty() {
+            for id in ids {
+                let _ = write!(o, "{id} ");
+            }
+        } else {
+            let _ = write!(o, "{text}");
+        }
+        let _ = o.flush();
+    })
+    .await?;
+    if let Some(path) = &a.logits_out {
+        if out.prompt_len == 0 || out.prompt_logits.len() % out.prompt_len != 0 {
+            bail!("the cluster returned no prompt logits");
+        }
+        let vocab = out.prompt_logits.len() / out.prompt_len;
+        grok_shared::npy::write_f32(path, &[out.prompt_len, vocab], &out.prompt_logits)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        let mut j = serde_json::json!({"ids": out.ids});
+        if !out.text.is_empty() {
+            j["text"] = out.text.clone().into();
+        }
+        println!("{j}");
+    } else {
+        println!();
+    }
+    eprintln!(
+        "{} tokens in {:.3} s (first after {:.3} s); finish: {}",
+        out.ids.len(),
+        out.total_s,
+        out.first_token_s,
+        out.finish
+    );
+    Ok(())
+}
+
+/// Decode speed of a running cluster at batch 1.
+pub async fn bench(endpoint: &str, prompt_len: usize, gen_len: usize, json: bool) -> Result<()> {
+    let st = fetch_status(endpoint).await?;
+    if st.state != "ready" {
+        bail!("the cluster is not ready (state {})", st.state);
+    }
+    let mut rng = grok_shared::sampling::Rng::new(42);
+    let ids: Vec<u32> = (0..prompt_len)
+        .map(|_| 3 + (rng.next_u64() % 250) as u32)
+        .collect();
+    let a = RemoteGenerate {
+        endpoint: endpoint.to_string(),
+        prompt: None,
+        prompt_ids: Some(ids),
+        max_new_tokens: gen_len + 1,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+        ignore_eos: true,
+        json: false,
+        logits_out: None,
+    };
+    // Warm-up.
+    generate_stream(
+        &RemoteGenerate {
+            max_new_tokens: 2,
+            ..clone_gen(&a)
+        },
+        |_, _| {},
+    )
+    .await?;
+    let out = generate_stream(&a, |_, _| {}).await?;
+    let decode_s = out.total_s - out.first_token_s;
+    let decode_tps = gen_len as f64 / decode_s;
+    let l = st.layout.unwrap_or_default();
+    let j = serde_json::json!({
+        "endpoint": endpoint, "tp": l.tp, "ep": l.ep, "pp": l.pp,
+        "prompt_len": prompt_len, "gen_len": gen_len,
+        "time_to_first_token_s": out.first_token_s,
+        "prompt_tokens_per_s": prompt_len as f64 / out.first_token_s,
+        "decode_tokens_per_s": decode_tps,
+    });
+    if json {
+        println!("{j}");
+    } else {
+        println!("layout  tp={} ep={} pp={}", l.tp, l.ep, l.pp);
+        println!(
+            "prefill {:.1} tokens/s (time to first token {:.3} s, {prompt_len} tokens)",
+            prompt_len as f64 / out.first_token_s,
+            out.first_token_s
+        );
+        println!("decode  {decode_tps:.2} tokens/s ({gen_len} tokens, batch 1)");
+    }
+    Ok(())
+}
+
+fn clone_gen(a: &RemoteGenerate) -> RemoteGenerate {
+    RemoteGenerate {
+        endpoint: a.endpoint.clone(),
+        prompt: a.prompt.clone(),
+        prompt_ids: a.prompt_ids.clone(),
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        ignore_eos: a.ignore_eos,
+        json: a.json,
+        logits_out: None,
+    }
+}

@@ -1,0 +1,252 @@
+//! Layout math: how one replica of the model is split over `pp` pipeline stages of `tp` ranks,
+//! with the `tp` ranks of a stage forming `ep` expert groups (DESIGN.md "Parallelism").
+//!
+//! Rank numbering inside a replica: `rank = stage * tp + tp_rank`.
+//! - Attention: query heads split evenly over the tp ranks; KV heads split too when `tp` divides
+//!   them, replicated (each rank keeps the one its query heads use) when `tp` is a multiple of them.
+//! - Experts: expert group `g = tp_rank / (tp / ep)` owns experts `[g·E/ep, (g+1)·E/ep)`, each
+//!   sliced over the `tp/ep` ranks of the group along the FFN width.
+//! - Layers: contiguous ranges, the first `L mod pp` stages one layer longer.
+//!
+//! [`Layout::validate`] runs before any weight is read, and its error names the broken rule and
+//! lists layouts that would work for this model and worker count.
+
+use crate::config::ModelConfig;
+use crate::model::ShardSpec;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub tp: usize,
+    pub ep: usize,
+    pub pp: usize,
+    pub replicas: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("layout tp={tp} ep={ep} pp={pp} is not valid for this model: {rule}{}", suggestions_text(*.tp * *.pp, .suggestions))]
+pub struct LayoutError {
+    pub tp: usize,
+    pub ep: usize,
+    pub pp: usize,
+    pub rule: String,
+    pub suggestions: Vec<Layout>,
+}
+
+fn suggestions_text(workers: usize, s: &[Layout]) -> String {
+    if s.is_empty() {
+        format!("; no layout of this model uses exactly {workers} workers")
+    } else {
+        let v: Vec<String> = s
+            .iter()
+            .map(|l| format!("tp={} ep={} pp={}", l.tp, l.ep, l.pp))
+            .collect();
+        format!(
+            "; layouts that work with {workers} workers: {}",
+            v.join(", ")
+        )
+    }
+}
+
+/// Where one rank sits in the replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankPlace {
+    pub rank: usize,
+    pub stage: usize,
+    pub tp_rank: usize,
+}
+
+impl Layout {
+    pub fn new(tp: usize, ep: usize, pp: usize) -> Self {
+        Self {
+            tp,
+            ep,
+            pp,
+            replicas: 1,
+        }
+    }
+
+    /// Workers per replica.
+    pub fn world_size(&self) -> usize {
+        self.tp * self.pp
+    }
+
+    pub fn place(&self, rank: usize) -> RankPlace {
+        RankPlace {
+            rank,
+            stage: rank / self.tp,
+            tp_rank: rank % self.tp,
+        }
+    }
+
+    fn rule(&self, c: &ModelConfig) -> Option<String> {
+        let (tp, ep, pp) = (self.tp, self.ep, self.pp);
+        if tp == 0 || ep == 0 || pp == 0 || self.replicas == 0 {
+            return Some("tp, ep, pp and replicas must be at least 1".into());
+        }
+        if pp > c.num_layers {
+            return Some(format!(
+                "pp ({pp}) exceeds the number of layers ({})",
+                c.num_layers
+            ));
+        }
+        if !c.num_q_heads.is_multiple_of(tp) {
+            return Some(format!(
+                "tp ({tp}) must divide the {} query heads",
+                c.num_q_heads
+            ));
+        }
+        if !(c.num_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(c.num_kv_heads)) {
+            return Some(format!(
+                "tp ({tp}) must divide the {} KV heads or be a multiple of them (KV heads are then replicated)",
+                c.num_kv_heads
+            ));
+        }
+        if !tp.is_multiple_of(ep) {
+            return Some(format!(
+                "ep ({ep}) must divide tp ({tp}): the tp ranks of a stage form the expert groups"
+            ));
+        }
+        if !c.num_experts.is_multiple_of(ep) {
+            return Some(format!(
+                "ep ({ep}) must divide the {} experts",
+                c.num_experts
+            ));
+        }
+        let slices = tp / ep;
+        if !c.ffn_size.is_multiple_of(slices) {
+            return Some(format!(
+                "tp/ep ({slices}) must divide the expert FFN width ({}): each expert is sliced over its group",
+                c.ffn_size
+            ));
+        }
+        None
+    }
+
+    /// All valid layouts with `workers` ranks per replica.
+    pub fn candidates(c: &ModelConfig, workers: usize) -> Vec<Layout> {
+        let mut out = Vec::new();
+        for pp in 1..=workers {
+            if !workers.is_multiple_of(pp) {
+                continue;
+            }
+            let tp = workers / pp;
+            for ep in 1..=tp {
+                let l = Layout::new(tp, ep, pp);
+                if tp.is_multiple_of(ep) && l.rule(c).is_none() {
+                    out.push(l);
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks every divisibility rule of DESIGN.md against the model.
+    pub fn validate(&self, c: &ModelConfig) -> Result<(), LayoutError> {
+        match self.rule(c) {
+            None => Ok(()),
+            Some(rule) => Err(LayoutError {
+                tp: self.tp,
+                ep: self.ep,
+                pp: self.pp,
+                rule,
+                suggestions: Self::candidates(c, self.world_size().max(1)),
+            }),
+        }
+    }
+
+    /// Layers of a pipeline stage.
+    pub fn stage_layers(&self, c: &ModelConfig, stage: usize) -> std::ops::Range<usize> {
+        let (l, pp) = (c.num_layers, self.pp);
+        let base = l / pp;
+        let extra = l % pp;
+        let start = stage * base + stage.min(extra);
+        let len = base + usize::from(stage < extra);
+        start..start + len
+    }
+
+    /// The shard of `rank` (validate first).
+    pub fn shard(&self, c: &ModelConfig, rank: usize) -> ShardSpec {
+        let p = self.place(rank);
+        let (tp, ep) = (self.tp, self.ep);
+        let qh = c.num_q_heads / tp;
+        let q_heads = p.tp_rank * qh..(p.tp_rank + 1) * qh;
+        let kv_heads = if c.num_kv_heads.is_multiple_of(tp) {
+            let k = c.num_kv_heads / tp;
+            p.tp_rank * k..(p.tp_rank + 1) * k
+        } else {
+            let g = c.group_size();
+            q_heads.start / g..(q_heads.end - 1) / g + 1
+        };
+        let slices = tp / ep;
+        let group = p.tp_rank / slices;
+        let slice = p.tp_rank % slices;
+        let per = c.num_experts / ep;
+        let f = c.ffn_size / slices;
+        let experts = (group * per..(group + 1) * per)
+            .map(|e| (e, slice * f..(slice + 1) * f))
+            .collect();
+        ShardSpec {
+            layers: self.stage_layers(c, p.stage),
+            q_heads,
+            kv_heads,
+            experts,
+            embed: p.stage == 0,
+            logits: p.stage == self.pp - 1 && p.tp_rank == 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grok1_layouts() {
+        let c = ModelConfig::grok1();
+        Layout::new(8, 8, 1).validate(&c).unwrap();
+        Layout::new(8, 1, 2).validate(&c).unwrap();
+        Layout::new(16, 8, 1).validate(&c).unwrap();
+        let e = Layout::new(5, 1, 1).validate(&c).unwrap_err().to_string();
+        assert!(e.contains("tp (5) must divide the 48 query heads"), "{e}");
+        assert!(
+            e.contains("layouts that work with 5 workers: tp=1 ep=1 pp=5"),
+            "{e}"
+        );
+        let e = Layout::new(8, 3, 1).validate(&c).unwrap_err().to_string();
+        assert!(e.contains("ep (3) must divide tp (8)"), "{e}");
+        let e = Layout::new(1, 1, 65).validate(&c).unwrap_err().to_string();
+        assert!(e.contains("exceeds the number of layers"), "{e}");
+    }
+
+    #[test]
+    fn shards_cover_the_model_exactly_once() {
+        let c = ModelConfig::grok1();
+        for l in [
+            Layout::new(8, 8, 1),
+            Layout::new(16, 4, 1),
+            Layout::new(4, 2, 3),
+            Layout::new(2, 1, 64),
+        ] {
+            l.validate(&c).unwrap();
+            let mut layer_owner = vec![0usize; c.num_layers];
+            let mut expert_cover = vec![0usize; c.num_experts];
+            for r in 0..l.world_size() {
+                let s = l.shard(&c, r);
+                s.check(&c).unwrap();
+                let p = l.place(r);
+                if p.tp_rank == 0 {
+                    for i in s.layers.clone() {
+                        layer_owner[i] += 1;
+                    }
+                }
+                if p.stage == 0 {
+                    for (e, f) in &s.experts {
+                        expert_cover[*e] += f.len();
+                    }
+                }
+            }
+            assert!(layer_owner.iter().all(|&n| n == 1), "{l:?}");
+            assert!(expert_cover.iter().all(|&n| n == c.ffn_size), "{l:?}");
+        }
+    }
+}

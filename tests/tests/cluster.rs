@@ -1,0 +1,399 @@
+//! Distributed execution with real processes on loopback: every layout gives the single-process
+//! greedy ids and logits; a killed worker ends the request with UNAVAILABLE naming it; bad
+//! layouts, extra workers, duplicate ranks and unreadable models are clear errors.
+
+use grok_shared::checkpoint::Checkpoint;
+use grok_shared::config::ModelConfig;
+use grok_shared::generate::{generate, GenerateOptions};
+use grok_shared::genmodel::{self, GenDType};
+use grok_shared::model::Model;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin(name: &str) -> Command {
+    let p = grok_tests::bin(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first",
+        p.display()
+    );
+    let mut c = Command::new(p);
+    c.env("GROK_THREADS", "1");
+    c
+}
+
+/// Lines of a child's stdout, delivered through a channel.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.starts_with(prefix) => return l[prefix.len()..].to_string(),
+            Ok(_) => continue,
+            Err(e) => panic!("no `{prefix}` line within {secs} s: {e}"),
+        }
+    }
+}
+
+/// `grokctl up` in the background; returns it and the endpoint once ready.
+fn up(model: &Path, tp: usize, ep: usize, pp: usize) -> (Proc, String) {
+    let log = model.with_file_name(format!("up-{tp}-{ep}-{pp}.log"));
+    let mut c = bin("grokctl")
+        .args([
+            "up",
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-blocks",
+            "64",
+        ])
+        .args([
+            "--tp",
+            &tp.to_string(),
+            "--ep",
+            &ep.to_string(),
+            "--pp",
+            &pp.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut c);
+    let ep_url = std::panic::catch_unwind(|| wait_line(&rx, "ready: ", 90)).unwrap_or_else(|_| {
+        panic!(
+            "grokctl up tp={tp} ep={ep} pp={pp} did not come up:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    (Proc(c), ep_url)
+}
+
+fn gen_model(dir: &Path, layers: usize) -> ModelConfig {
+    let c = ModelConfig::preset("tiny", Some(layers)).unwrap();
+    genmodel::generate(&c, GenDType::F32, 13, dir, 1 << 30, |_, _| {}).unwrap();
+    c
+}
+
+#[test]
+fn every_layout_matches_the_single_process_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let cfg = gen_model(&model, 3);
+    let v = cfg.vocab_size;
+    let prompt = [7u32, 0, 33, 101, 5, 250, 19, 64];
+    let m = Model::load(&Checkpoint::open(&model).unwrap()).unwrap();
+    let want = generate(
+        &m,
+        &prompt,
+        &GenerateOptions {
+            max_new_tokens: 8,
+            stop_at_eos: false,
+            prompt_logits: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
+    let want_logits = want.prompt_logits.unwrap();
+    let layouts = [
+        (1, 1, 1),
+        (2, 1, 1),
+        (2, 2, 1),
+        (4, 1, 1),
+        (4, 2, 1),
+        (4, 4, 1),
+        (1, 1, 2),
+        (2, 1, 2),
+        (2, 2, 2),
+        (1, 1, 3),
+    ];
+    for (tp, ep, pp) in layouts {
+        let (_cluster, url) = up(&model, tp, ep, pp);
+        let npy = tmp.path().join(format!("l{tp}{ep}{pp}.npy"));
+        let ids_s: Vec<String> = prompt.iter().map(|x| x.to_string()).collect();
+        let out = bin("grokctl")
+            .args([
+                "generate",
+                "--endpoint",
+                &url,
+                "--prompt-ids",
+                &ids_s.join(","),
+                "--max-new-tokens",
+                "8",
+            ])
+            .args([
+                "--ignore-eos",
+                "--json",
+                "--logits-out",
+                npy.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tp={tp} ep={ep} pp={pp}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let ids: Vec<u32> = j["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, want.ids, "tp={tp} ep={ep} pp={pp}: greedy ids differ");
+        let (shape, logits) = grok_shared::npy::read_f32(&npy).unwrap();
+        assert_eq!(shape, vec![prompt.len(), v]);
+        for p in 0..prompt.len() {
+            let w: Vec<f64> = want_logits[p * v..(p + 1) * v]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let e = grok_tests::reference::rel_err(&logits[p * v..(p + 1) * v], &w);
+            assert!(
+                e <= 1e-5,
+                "tp={tp} ep={ep} pp={pp} position {p}: rel err {e:.2e}"
+            );
+        }
+        // The status command shows the layout and every shard ready.
+        let st = bin("grokctl")
+            .args(["status", "--endpoint", &url, "--json"])
+            .output()
+            .unwrap();
+        let sj: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        assert_eq!(sj["state"], "ready");
+        assert_eq!(sj["shards"].as_array().unwrap().len(), tp * pp);
+        assert_eq!(sj["layout"]["tp"], tp);
+    }
+}
+
+/// Starts a coordinator by hand (so workers can be killed individually).
+fn coordinator(model: &Path, tp: usize, pp: usize) -> (Proc, String, mpsc::Receiver<String>) {
+    let mut c = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-blocks",
+            "64",
+        ])
+        .args([
+            "--tp",
+            &tp.to_string(),
+            "--pp",
+            &pp.to_string(),
+            "--comm-timeout-ms",
+            "5000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut c);
+    let addr = wait_line(&rx, "listening on ", 30);
+    (Proc(c), addr, rx)
+}
+
+fn worker(addr: &str, id: &str, rank: Option<usize>) -> Child {
+    let mut c = bin("grok-worker");
+    c.args(["--coordinator", addr, "--id", id])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(r) = rank {
+        c.args(["--rank", &r.to_string()]);
+    }
+    c.spawn().unwrap()
+}
+
+fn wait_ready(addr: &str) {
+    let st = bin("grokctl")
+        .args(["status", "--endpoint", addr, "--wait-ready", "60"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+#[test]
+fn killing_a_worker_ends_the_request_with_unavailable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    gen_model(&model, 2);
+    let (_coord, addr, _rx) = coordinator(&model, 2, 1);
+    let _w0 = Proc(worker(&addr, "w0", Some(0)));
+    let mut w1 = worker(&addr, "w1", Some(1));
+    wait_ready(&addr);
+    let mut g = bin("grokctl")
+        .args([
+            "generate",
+            "--endpoint",
+            &addr,
+            "--prompt-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "500",
+            "--ignore-eos",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first streamed ids, then kill rank 1.
+    let mut buf = [0u8; 16];
+    let mut out = g.stdout.take().unwrap();
+    out.read_exact(&mut buf).unwrap();
+    let killed = Instant::now();
+    w1.kill().unwrap();
+    let _ = w1.wait();
+    let res = g.wait_with_output().unwrap();
+    let elapsed = killed.elapsed();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "generation should fail");
+    assert!(err.contains("Unavailable") && err.contains("w1"), "{err}");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    // The coordinator stays up and reports the lost worker.
+    let st = bin("grokctl")
+        .args(["status", "--endpoint", &addr, "--json"])
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let sj: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(sj["state"], "failed");
+    assert!(sj["detail"].as_str().unwrap().contains("w1"));
+    // New requests are refused clearly.
+    let again = bin("grokctl")
+        .args([
+            "generate",
+            "--endpoint",
+            &addr,
+            "--prompt-ids",
+            "5",
+            "--max-new-tokens",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not serving"));
+}
+
+#[test]
+fn bad_layouts_workers_and_models_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    gen_model(&model, 2);
+    // A layout that does not divide: tiny has 4 query heads.
+    let o = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--tp",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("tp (3) must divide the 4 query heads")
+            && e.contains("no layout of this model uses exactly 3 workers"),
+        "{e}"
+    );
+    let o = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--tp",
+            "4",
+            "--ep",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("ep (3) must divide tp (4)") && e.contains("layouts that work with 4 workers: tp=4 ep=1 pp=1, tp=4 ep=2 pp=1, tp=4 ep=4 pp=1, tp=2 ep=1 pp=2"), "{e}");
+
+    // A second worker claiming the same rank, and a worker the layout does not need.
+    let (_coord, addr, _rx) = coordinator(&model, 1, 1);
+    let _w0 = Proc(worker(&addr, "w0", Some(0)));
+    wait_ready(&addr);
+    let dup = worker(&addr, "w-dup", Some(0)).wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&dup.stderr);
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(e.contains("rank 0 is already held by worker `w0`"), "{e}");
+    let extra = worker(&addr, "w-extra", None).wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&extra.stderr);
+    assert_eq!(extra.status.code(), Some(1));
+    assert!(e.contains("all 1 ranks of the layout are taken"), "{e}");
+
+    // A model the workers cannot read: the load fails, naming the worker and the file.
+    let broken = tmp.path().join("broken");
+    gen_model(&broken, 2);
+    let f = broken.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (_c2, addr2, _rx2) = coordinator(&broken, 1, 1);
+    let _w = Proc(worker(&addr2, "wb", None));
+    let st = bin("grokctl")
+        .args(["status", "--endpoint", &addr2, "--wait-ready", "30"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success());
+    assert!(
+        e.contains("wb") && e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+}

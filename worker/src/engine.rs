@@ -1,0 +1,301 @@
+//! The worker's compute engine: one thread owns the model shard, its KV cache and its
+//! communicators, and runs the steps the coordinator plans, in order.
+
+use grok_proto::v1 as pb;
+use grok_shared::backend::cpu::{Linear, Weights};
+use grok_shared::checkpoint::Checkpoint;
+use grok_shared::collective::Communicator;
+use grok_shared::collective::{TcpComm, TcpConfig};
+use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
+use grok_shared::sampling::{sample, Rng, SamplingParams};
+use grok_shared::sharding::{Layout, RankPlace};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read the model directory {dir}: {why}")]
+    Model { dir: String, why: String },
+    #[error("collective: {0}")]
+    Comm(#[from] grok_shared::collective::CommError),
+    #[error(transparent)]
+    Forward(#[from] grok_shared::model::ModelError),
+}
+
+struct SeqState {
+    table: Vec<u32>,
+    rng: Rng,
+    sampling: SamplingParams,
+}
+
+pub struct Engine {
+    model: Model,
+    kv: KvCache,
+    layout: Layout,
+    place: RankPlace,
+    world: TcpComm,
+    tp: TcpComm,
+    seqs: HashMap<u64, SeqState>,
+}
+
+/// Resident set size of this process, from /proc (0 where unavailable).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Reads one byte per page of every weight, so the shard is resident before the first step
+/// (and only the shard: other ranks' bytes are never touched).
+fn touch(model: &Model) -> u64 {
+    fn lin(l: &Linear) -> u64 {
+        let mut s = 0u64;
+        let mut bytes = |b: &[u8]| {
+            for i in (0..b.len()).step_by(4096) {
+                s = s.wrapping_add(b[i] as u64);
+            }
+        };
+        match &l.w {
+            Weights::F32(b) => bytes(bytemuck_bytes(b.as_slice())),
+            Weights::Bf16(b) => bytes(bytemuck_bytes(b.as_slice())),
+            Weights::I8 { w, .. } => bytes(bytemuck_bytes(w.as_slice())),
+        }
+        s
+    }
+    let mut s = model.embed.as_ref().map_or(0, lin);
+    for l in &model.layers {
+        s = s.wrapping_add(lin(&l.q) + lin(&l.k) + lin(&l.v) + lin(&l.o));
+        for e in &l.experts {
+            s = s.wrapping_add(lin(&e.linear) + lin(&e.linear_v) + lin(&e.linear_1));
+        }
+    }
+    s
+}
+
+fn bytemuck_bytes<T: Copy>(s: &[T]) -> &[u8] {
+    // SAFETY: any initialised slice of plain numbers can be viewed as bytes.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+}
+
+pub struct LoadSpec<'a> {
+    pub model_dir: &'a Path,
+    pub layout: Layout,
+    pub rank: usize,
+    pub world_peers: Vec<SocketAddr>,
+    pub tp_peers: Vec<SocketAddr>,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    pub comm_timeout: Duration,
+}
+
+impl Engine {
+    /// Connects the collectives, then loads the shard of `spec.rank`.
+    pub fn load(
+        spec: LoadSpec,
+        world_listener: TcpListener,
+        tp_listener: TcpListener,
+        mut progress: impl FnMut(&str, f32, String),
+    ) -> Result<(Engine, u64), EngineError> {
+        let dir = spec.model_dir;
+        let ck = Checkpoint::open(dir).map_err(|e| EngineError::Model {
+            dir: dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let layout = spec.layout;
+        layout
+            .validate(&ck.config)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if spec.world_peers.len() != layout.world_size() || spec.rank >= layout.world_size() {
+            return Err(EngineError::Invalid(format!(
+                "rank {} with {} peers does not match the layout's {} ranks",
+                spec.rank,
+                spec.world_peers.len(),
+                layout.world_size()
+            )));
+        }
+        let place = layout.place(spec.rank);
+        if spec.tp_peers.len() != layout.tp {
+            return Err(EngineError::Invalid(format!(
+                "{} tensor-parallel peers for tp={}",
+                spec.tp_peers.len(),
+                layout.tp
+            )));
+        }
+        progress(
+            "connecting",
+            0.0,
+            format!("{} peers", spec.world_peers.len() - 1),
+        );
+        let cfg = || TcpConfig {
+            timeout: spec.comm_timeout,
+            connect_timeout: Duration::from_secs(60),
+        };
+        let world = TcpComm::connect(spec.rank, &spec.world_peers, world_listener, cfg())?;
+        let tp = TcpComm::connect(place.tp_rank, &spec.tp_peers, tp_listener, cfg())?;
+        let shard = layout.shard(&ck.config, spec.rank);
+        progress("loading", 0.0, format!("layers {:?}", shard.layers));
+        let model = Model::load_shard_with_progress(&ck, &shard, |done, total| {
+            progress(
+                "loading",
+                done as f32 / total as f32,
+                format!("layer {done}/{total}"),
+            );
+        })?;
+        std::hint::black_box(touch(&model));
+        let kv = KvCache::new(&model, spec.kv_blocks, spec.block_size);
+        let bytes = model.weight_bytes() as u64;
+        Ok((
+            Engine {
+                model,
+                kv,
+                layout,
+                place,
+                world,
+                tp,
+                seqs: HashMap::new(),
+            },
+            bytes,
+        ))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.place.rank
+    }
+
+    fn is_last_stage(&self) -> bool {
+        self.place.stage == self.layout.pp - 1
+    }
+
+    fn samples(&self) -> bool {
+        self.is_last_stage() && self.place.tp_rank == 0
+    }
+
+    /// Runs one step; errors are returned in the result, not raised.
+    pub fn step(&mut self, plan: pb::StepPlan) -> pb::StepResult {
+        let t = Instant::now();
+        let c0 = self.world.comm_seconds() + self.tp.comm_seconds();
+        let mut res = match self.step_inner(&plan) {
+            Ok(r) => r,
+            Err(e) => pb::StepResult {
+                error: format!("rank {}: {e}", self.place.rank),
+                ..Default::default()
+            },
+        };
+        res.step_id = plan.step_id;
+        res.compute_seconds = t.elapsed().as_secs_f64();
+        res.comm_seconds = self.world.comm_seconds() + self.tp.comm_seconds() - c0;
+        res
+    }
+
+    fn step_inner(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
+        for id in &plan.free_seqs {
+            self.seqs.remove(id);
+        }
+        let mut res = pb::StepResult::default();
+        if plan.seqs.is_empty() {
+            return Ok(res);
+        }
+        for s in &plan.seqs {
+            let st = match self.seqs.get_mut(&s.seq_id) {
+                Some(st) => st,
+                None => {
+                    let sp = s.sampling.ok_or_else(|| {
+                        EngineError::Invalid(format!(
+                            "sequence {} starts without sampling parameters",
+                            s.seq_id
+                        ))
+                    })?;
+                    let sampling = SamplingParams {
+                        temperature: sp.temperature,
+                        top_p: if sp.top_p <= 0.0 { 1.0 } else { sp.top_p },
+                        top_k: sp.top_k as usize,
+                        seed: sp.seed,
+                    };
+                    self.seqs.entry(s.seq_id).or_insert(SeqState {
+                        table: Vec::new(),
+                        rng: Rng::new(sp.seed),
+                        sampling,
+                    })
+                }
+            };
+            st.table.extend_from_slice(&s.new_blocks);
+        }
+        let want = |s: &pb::SeqStep| {
+            if s.return_logits {
+                WantLogits::All
+            } else if s.sample {
+                WantLogits::Last
+            } else {
+                WantLogits::None
+            }
+        };
+        let inputs: Vec<SeqInput> = plan
+            .seqs
+            .iter()
+            .map(|s| SeqInput {
+                tokens: &s.tokens,
+                start_pos: s.start_pos as usize,
+                block_table: &self.seqs[&s.seq_id].table,
+                want: want(s),
+            })
+            .collect();
+        self.model.check_batch(&inputs, &self.kv)?;
+        let d = self.model.config.emb_size;
+        let rows: usize = inputs.iter().map(|s| s.tokens.len()).sum();
+        let tp = self.layout.tp;
+        let mut h = if self.place.stage == 0 {
+            self.model.embed_tokens(&inputs)?
+        } else {
+            let mut h = vec![0f32; rows * d];
+            self.world.recv(&mut h, self.place.rank - tp)?;
+            h
+        };
+        self.model
+            .forward_layers(&mut h, &inputs, &mut self.kv, &self.tp)?;
+        if !self.is_last_stage() {
+            self.world.send(&h, self.place.rank + tp)?;
+            return Ok(res);
+        }
+        if !self.samples() {
+            return Ok(res);
+        }
+        let lrows = Model::logit_rows(&inputs);
+        let logits = self.model.logits(&h, &lrows)?;
+        let v = self.model.config.vocab_size;
+        let mut off = 0;
+        for s in &plan.seqs {
+            let n = match want(s) {
+                WantLogits::All => s.tokens.len(),
+                WantLogits::Last => 1,
+                WantLogits::None => 0,
+            };
+            if s.return_logits {
+                res.logits
+                    .extend_from_slice(&logits[off * v..(off + n) * v]);
+            }
+            if s.sample {
+                let row = &logits[(off + n - 1) * v..(off + n) * v];
+                let st = self.seqs.get_mut(&s.seq_id).expect("registered above");
+                let out = sample(row, &st.sampling, &mut st.rng);
+                res.tokens.push(pb::SampledToken {
+                    seq_id: s.seq_id,
+                    token: out.id,
+                    logprob: out.logprob,
+                });
+            }
+            off += n;
+        }
+        Ok(res)
+    }
+}

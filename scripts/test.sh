@@ -10,5 +10,10 @@ if [ ! -f ../shared/models/grok-1/tokenizer.model ]; then
   echo "note: ../shared/models/grok-1 is missing; the tokenizer tests need it beside the project" >&2
 fi
 
+# The multi-host test puts workers in network namespaces: it needs iproute2 (and root).
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null 2>&1 || echo "note: could not install iproute2" >&2
+fi
+
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

@@ -49,8 +49,8 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
         s.generated_tokens
     );
     out += &format!(
-        "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10}  {}\n",
-        "RANK", "STAGE", "TP", "STATE", "LAYERS", "HEADS", "WORKER", "WEIGHTS", "EXPERTS"
+        "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10} {:>10}  {}\n",
+        "RANK", "STAGE", "TP", "STATE", "LAYERS", "HEADS", "WORKER", "WEIGHTS", "RSS", "EXPERTS"
     );
     for sh in &s.shards {
         let state = if sh.state == "loading" {
@@ -59,7 +59,7 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
             sh.state.clone()
         };
         out += &format!(
-            "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>8.1}MB  {}\n",
+            "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>8.1}MB {:>8.1}MB  {}\n",
             sh.rank,
             sh.stage,
             sh.tp_rank,
@@ -72,6 +72,7 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
                 format!("{} {}", sh.worker_id, sh.address)
             },
             sh.weight_bytes as f64 / 1e6,
+            sh.resident_bytes as f64 / 1e6,
             sh.experts
         );
         if !sh.detail.is_empty() && (sh.state == "failed" || sh.state == "lost") {
@@ -128,7 +129,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
         "shards": s.shards.iter().map(|x| serde_json::json!({
             "rank": x.rank, "stage": x.stage, "tp_rank": x.tp_rank, "state": x.state, "detail": x.detail,
             "worker_id": x.worker_id, "address": x.address, "layers": x.layers, "heads": x.heads,
-            "experts": x.experts, "weight_bytes": x.weight_bytes,
+            "experts": x.experts, "weight_bytes": x.weight_bytes, "resident_bytes": x.resident_bytes,
         })).collect::<Vec<_>>(),
     })
 }
@@ -291,8 +292,21 @@ pub async fn bench(endpoint: &str, prompt_len: usize, gen_len: usize, json: bool
         |_, _| {},
     )
     .await?;
+    let before = fetch_status(endpoint).await?;
     let out = generate_stream(&a, |_, _| {}).await?;
+    let after = fetch_status(endpoint).await?;
     let decode_s = out.total_s - out.first_token_s;
+    let per_worker: Vec<serde_json::Value> = after
+        .shards
+        .iter()
+        .zip(&before.shards)
+        .map(|(x, y)| {
+            let steps = (x.steps - y.steps).max(1) as f64;
+            let step = (x.step_seconds - y.step_seconds) / steps;
+            let comm = (x.comm_seconds - y.comm_seconds) / steps;
+            serde_json::json!({"rank": x.rank, "step_ms": step * 1e3, "comm_ms": comm * 1e3, "compute_ms": (step - comm) * 1e3})
+        })
+        .collect();
     let decode_tps = gen_len as f64 / decode_s;
     let l = st.layout.unwrap_or_default();
     let j = serde_json::json!({
@@ -301,6 +315,7 @@ pub async fn bench(endpoint: &str, prompt_len: usize, gen_len: usize, json: bool
         "time_to_first_token_s": out.first_token_s,
         "prompt_tokens_per_s": prompt_len as f64 / out.first_token_s,
         "decode_tokens_per_s": decode_tps,
+        "per_step": per_worker,
     });
     if json {
         println!("{j}");
@@ -312,6 +327,13 @@ pub async fn bench(endpoint: &str, prompt_len: usize, gen_len: usize, json: bool
             out.first_token_s
         );
         println!("decode  {decode_tps:.2} tokens/s ({gen_len} tokens, batch 1)");
+        println!("per step (prefill and decode), by rank:");
+        for w in &per_worker {
+            println!(
+                "  rank {}: {:.2} ms in the step = {:.2} ms compute + {:.2} ms collectives (waiting included)",
+                w["rank"], w["step_ms"].as_f64().unwrap_or(0.0), w["compute_ms"].as_f64().unwrap_or(0.0), w["comm_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

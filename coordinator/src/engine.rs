@@ -263,6 +263,11 @@ impl Replica {
                     });
                 }
                 Ok(r) => {
+                    self.shared.set_worker(l.rank, |w| {
+                        w.steps += 1;
+                        w.step_seconds += r.compute_seconds;
+                        w.comm_seconds += r.comm_seconds;
+                    });
                     if !r.error.is_empty() {
                         errors.push(r.error.clone());
                     }

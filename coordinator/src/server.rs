@@ -43,6 +43,9 @@ pub struct WorkerEntry {
     pub fraction: f32,
     pub weight_bytes: u64,
     pub resident_bytes: u64,
+    pub step_seconds: f64,
+    pub comm_seconds: f64,
+    pub steps: u64,
 }
 
 pub struct Shared {
@@ -116,6 +119,10 @@ impl Shared {
                     experts: experts.join(","),
                     weight_bytes: w.weight_bytes,
                     load_fraction: w.fraction,
+                    resident_bytes: w.resident_bytes,
+                    step_seconds: w.step_seconds,
+                    comm_seconds: w.comm_seconds,
+                    steps: w.steps,
                 }
             })
             .collect();

@@ -397,3 +397,240 @@ fn bad_layouts_workers_and_models_are_clear_errors() {
         "{e}"
     );
 }
+
+/// Runs `ip` with arguments; Err(stderr) on failure.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// Network namespaces joined by a bridge in a "switch" namespace; deleted on drop.
+struct Net {
+    names: Vec<String>,
+}
+
+impl Net {
+    fn create(tag: &str, hosts: &[(&str, &str)]) -> Result<Net, String> {
+        let mut net = Net { names: vec![] };
+        let sw = format!("{tag}-sw");
+        ip(&["netns", "add", &sw])?;
+        net.names.push(sw.clone());
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for (i, (host, addr)) in hosts.iter().enumerate() {
+            let ns = format!("{tag}-{host}");
+            ip(&["netns", "add", &ns])?;
+            net.names.push(ns.clone());
+            let (a, b) = (format!("{tag}a{i}"), format!("{tag}b{i}"));
+            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+            ip(&["link", "set", &a, "netns", &ns])?;
+            ip(&["link", "set", &b, "netns", &sw])?;
+            ip(&["-n", &sw, "link", "set", &b, "master", "br0"])?;
+            ip(&["-n", &sw, "link", "set", &b, "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", &a])?;
+            ip(&["-n", &ns, "link", "set", &a, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+fn in_ns(ns: &str, name: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(grok_tests::bin(name))
+        .env("GROK_THREADS", "1");
+    c
+}
+
+#[test]
+fn workers_on_separate_hosts_in_network_namespaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    gen_model(&model, 2);
+    let tag = format!("gc{}", std::process::id() % 100000);
+    let subnet = format!("10.213.{}", std::process::id() % 250 + 1);
+    let (c_ip, w0_ip, w1_ip) = (
+        format!("{subnet}.1"),
+        format!("{subnet}.2"),
+        format!("{subnet}.3"),
+    );
+    let net = match Net::create(&tag, &[("coord", &c_ip), ("w0", &w0_ip), ("w1", &w1_ip)]) {
+        Ok(n) => n,
+        Err(why) => {
+            eprintln!("SKIPPED: network namespaces cannot be created here ({why})");
+            return;
+        }
+    };
+    let listen = format!("{c_ip}:50051");
+    let mut coord = in_ns(&format!("{tag}-coord"), "grok-coordinator");
+    coord
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--tp",
+            "2",
+            "--listen",
+            &listen,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut coord = coord.spawn().unwrap();
+    let rx = lines_of(&mut coord);
+    let _coord = Proc(coord);
+    wait_line(&rx, "listening on ", 30);
+    let mut workers = vec![];
+    for (i, wip) in [(0, &w0_ip), (1, &w1_ip)] {
+        let mut w = in_ns(&format!("{tag}-w{i}"), "grok-worker");
+        w.args([
+            "--coordinator",
+            &listen,
+            "--listen",
+            &format!("{wip}:0"),
+            "--id",
+            &format!("host{i}"),
+            "--rank",
+            &i.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        workers.push(Proc(w.spawn().unwrap()));
+    }
+    let st = in_ns(&format!("{tag}-coord"), "grokctl")
+        .args([
+            "status",
+            "--endpoint",
+            &listen,
+            "--wait-ready",
+            "60",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let sj: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let addrs: Vec<&str> = sj["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["address"].as_str().unwrap())
+        .collect();
+    assert!(
+        addrs[0].starts_with(&w0_ip) && addrs[1].starts_with(&w1_ip),
+        "{addrs:?}"
+    );
+    let out = in_ns(&format!("{tag}-coord"), "grokctl")
+        .args([
+            "generate",
+            "--endpoint",
+            &listen,
+            "--prompt-ids",
+            "9,8,7,6",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = j["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let m = Model::load(&Checkpoint::open(&model).unwrap()).unwrap();
+    let want = generate(
+        &m,
+        &[9, 8, 7, 6],
+        &GenerateOptions {
+            max_new_tokens: 6,
+            stop_at_eos: false,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(ids, want.ids);
+    drop(workers);
+    drop(_coord);
+    drop(net);
+}
+
+#[test]
+fn each_worker_holds_only_its_share_of_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("wide");
+    // Experts dominate: 2 layers x 8 experts x 3 x 256 x 8192 f32 = 403 MB of the 404 MB.
+    let mut c = ModelConfig::preset("tiny8", Some(2)).unwrap();
+    c.emb_size = 256;
+    c.ffn_size = 8192;
+    c.num_q_heads = 4;
+    c.num_kv_heads = 2;
+    c.key_size = 64;
+    genmodel::generate(&c, GenDType::F32, 1, &model, 1 << 30, |_, _| {}).unwrap();
+    let total: u64 = std::fs::metadata(model.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let (_cluster, url) = up(&model, 2, 2, 1);
+    let st = bin("grokctl")
+        .args(["status", "--endpoint", &url, "--json"])
+        .output()
+        .unwrap();
+    let sj: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    eprintln!("model file: {:.1} MB", total as f64 / 1e6);
+    for s in sj["shards"].as_array().unwrap() {
+        let share = s["weight_bytes"].as_u64().unwrap();
+        let rss = s["resident_bytes"].as_u64().unwrap();
+        eprintln!(
+            "rank {}: experts {} share {:.1} MB, resident {:.1} MB",
+            s["rank"],
+            s["experts"],
+            share as f64 / 1e6,
+            rss as f64 / 1e6
+        );
+        // Half the experts each; the shard is resident, the other half of the file is not.
+        assert!(share < total * 55 / 100, "share {share} of {total}");
+        assert!(rss >= share * 9 / 10, "shard not resident: {rss} < {share}");
+        assert!(
+            rss < share + 64_000_000,
+            "worker holds more than its share: {rss} vs {share}"
+        );
+    }
+}

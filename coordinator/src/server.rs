@@ -160,7 +160,7 @@ impl pb::cluster_server::Cluster for Svc {
         for_addr(&r.address)?;
         for_addr(&r.world_comm_address)?;
         for_addr(&r.tp_comm_address)?;
-        let rank = {
+        let (rank, complete) = {
             let mut ws = lock(&self.0.workers);
             if let Some(i) = ws
                 .iter()
@@ -201,11 +201,11 @@ impl pb::cluster_server::Cluster for Svc {
                 state: "registered".into(),
                 ..Default::default()
             });
-            rank
+            // Only the registration that fills the last rank starts the load.
+            (rank, ws.iter().all(|w| w.is_some()))
         };
         tracing::info!(worker = %r.worker_id, rank, address = %r.address, "worker registered");
-        let all = lock(&self.0.workers).iter().all(|w| w.is_some());
-        if all {
+        if complete {
             let shared = self.0.clone();
             tokio::spawn(async move { engine::load_and_serve(shared).await });
         }

@@ -634,3 +634,57 @@ fn each_worker_holds_only_its_share_of_the_weights() {
         );
     }
 }
+
+#[test]
+fn a_worker_that_cannot_reach_a_peer_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    gen_model(&model, 2);
+    let mut c = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--tp",
+            "2",
+            "--comm-timeout-ms",
+            "2000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut c);
+    let _coord = Proc(c);
+    let addr = wait_line(&rx, "listening on ", 30);
+    let _w0 = Proc(worker(&addr, "w0", Some(0)));
+    // Rank 1 advertises an address where nothing listens: rank 0 cannot connect to it.
+    let mut w1 = bin("grok-worker");
+    w1.args([
+        "--coordinator",
+        &addr,
+        "--id",
+        "w1",
+        "--rank",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--advertise",
+        "127.0.0.2:4",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _w1 = Proc(w1.spawn().unwrap());
+    let st = bin("grokctl")
+        .args(["status", "--endpoint", &addr, "--wait-ready", "30"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success());
+    assert!(
+        e.contains("worker `w0` (rank 0)")
+            && e.contains("cannot connect with rank 1 at 127.0.0.2:"),
+        "{e}"
+    );
+}

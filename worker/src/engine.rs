@@ -139,7 +139,7 @@ impl Engine {
         );
         let cfg = || TcpConfig {
             timeout: spec.comm_timeout,
-            connect_timeout: Duration::from_secs(60),
+            connect_timeout: spec.comm_timeout,
         };
         let world = TcpComm::connect(spec.rank, &spec.world_peers, world_listener, cfg())?;
         let tp = TcpComm::connect(place.tp_rank, &spec.tp_peers, tp_listener, cfg())?;

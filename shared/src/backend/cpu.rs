@@ -3,9 +3,9 @@
 //!
 //! Activations are f32. `Linear::matmul` computes `y[m, out] = x[m, in] · Wᵀ` for a weight
 //! stored `[out, in]` (the Hugging Face orientation): small `m` (decode) streams each weight row
-//! once against all activation rows; larger `m` (prefill) converts a block of weight rows to f32
-//! in a per-thread tile and runs a packed GEMM on it, so no dequantized copy of a whole matrix
-//! ever exists.
+//! once against all activation rows; larger `m` (prefill) runs blocks of weight rows against
+//! groups of activation rows with the same row-dot kernel. Weights are never dequantized into a
+//! copy, and every output element is computed by the same arithmetic whatever the batch.
 
 use super::simd::{dot_rows, WeightElem};
 use crate::checkpoint::Buf;
@@ -46,8 +46,10 @@ pub struct Linear {
 
 /// Activation rows at or below this count take the streaming (GEMV) path.
 const GEMV_MAX_ROWS: usize = 8;
-/// Weight rows per GEMM tile.
-const GEMM_TILE_ROWS: usize = 32;
+/// Weight rows per GEMM task.
+const GEMM_TILE_ROWS: usize = 16;
+/// Activation rows dotted against one weight row at a time (kept in L1/L2).
+const GEMM_X_ROWS: usize = 4;
 
 impl Linear {
     pub fn new(out_features: usize, in_features: usize, w: Weights) -> Self {
@@ -174,46 +176,34 @@ impl Linear {
         }
     }
 
+    /// Many activation rows: blocks of weight rows in parallel, each row dotted against groups
+    /// of activation rows with the same kernel as the GEMV path, so every output element is
+    /// computed by the same arithmetic whatever `m` is (batch invariance: a sequence's logits do
+    /// not depend on what else is in the batch).
     fn gemm(&self, x: &[f32], m: usize, y: &mut [f32]) {
         let (k, n) = (self.in_features, self.out_features);
         let yp = SendPtr(y.as_mut_ptr());
         let blocks = n.div_ceil(GEMM_TILE_ROWS);
         (0..blocks)
             .into_par_iter()
-            .for_each_init(Vec::new, |tile: &mut Vec<f32>, bi| {
+            .for_each_init(Vec::new, |tmp: &mut Vec<f32>, bi| {
                 let j0 = bi * GEMM_TILE_ROWS;
                 let nb = GEMM_TILE_ROWS.min(n - j0);
-                let wt: &[f32] = match &self.w {
-                    Weights::F32(b) => &b.as_slice()[j0 * k..(j0 + nb) * k],
-                    _ => {
-                        tile.resize(nb * k, 0.0);
-                        for jj in 0..nb {
-                            self.row_f32(j0 + jj, &mut tile[jj * k..(jj + 1) * k]);
-                        }
-                        &tile[..]
-                    }
-                };
                 let yp = &yp;
-                // SAFETY: A is x [m, k] row-major, B is the tile read as [k, nb] (column stride k),
-                // C is the column block j0..j0+nb of y [m, n]; blocks are disjoint across tasks and
-                // every index stays inside the slices checked in `matmul`.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        nb,
-                        1.0,
-                        x.as_ptr(),
-                        k as isize,
-                        1,
-                        wt.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        yp.0.add(j0),
-                        n as isize,
-                        1,
-                    );
+                let mut r0 = 0;
+                while r0 < m {
+                    let mc = GEMM_X_ROWS.min(m - r0);
+                    tmp.resize(mc, 0.0);
+                    let xs = &x[r0 * k..(r0 + mc) * k];
+                    for j in j0..j0 + nb {
+                        self.row_dots(j, xs, mc, k, tmp);
+                        for (r, v) in tmp.iter().enumerate() {
+                            // SAFETY: (r0 + r, j) lies inside y [m, n]; each task owns columns
+                            // j0..j0+nb, so no two tasks write the same element.
+                            unsafe { *yp.0.add((r0 + r) * n + j) = *v };
+                        }
+                    }
+                    r0 += mc;
                 }
             });
     }

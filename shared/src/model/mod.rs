@@ -417,7 +417,7 @@ impl Model {
         );
         let mut a = vec![0f32; t * d];
         l.o.matmul(&o, t, &mut a);
-        tp.all_reduce_sum(&mut a)?;
+        all_reduce_rows(tp, &mut a, d)?;
         rms_norm(&a.clone(), &l.post_attn_norm, c.rms_norm_eps, &mut a);
         for (x, y) in h.iter_mut().zip(&a) {
             *x += y;
@@ -495,7 +495,7 @@ impl Model {
                 }
             }
         }
-        tp.all_reduce_sum(&mut m)?;
+        all_reduce_rows(tp, &mut m, d)?;
         rms_norm(&m.clone(), &l.post_moe_norm, c.rms_norm_eps, &mut m);
         for (x, y) in h.iter_mut().zip(&m) {
             *x += y;
@@ -591,6 +591,36 @@ impl Model {
         }
         b
     }
+}
+
+/// Sums `[rows, d]` over the tensor-parallel group so that each element's summation order
+/// depends only on its column, not on the number of rows: the buffer is laid out column-chunk
+/// major, so the ring's chunk `c` (`[c·len/w, (c+1)·len/w)`) is exactly columns
+/// `[c·d/w, (c+1)·d/w)` of every row. This keeps a sequence's logits independent of the batch
+/// for any tp (for tp <= 2 any order is exact anyway).
+fn all_reduce_rows(tp: &dyn Communicator, buf: &mut [f32], d: usize) -> Result<(), ModelError> {
+    let w = tp.world_size();
+    if w <= 2 || !d.is_multiple_of(w) {
+        tp.all_reduce_sum(buf)?;
+        return Ok(());
+    }
+    let rows = buf.len() / d;
+    let cw = d / w;
+    let mut t = vec![0f32; buf.len()];
+    for r in 0..rows {
+        for c in 0..w {
+            let src = &buf[r * d + c * cw..r * d + (c + 1) * cw];
+            t[(c * rows + r) * cw..(c * rows + r + 1) * cw].copy_from_slice(src);
+        }
+    }
+    tp.all_reduce_sum(&mut t)?;
+    for r in 0..rows {
+        for c in 0..w {
+            buf[r * d + c * cw..r * d + (c + 1) * cw]
+                .copy_from_slice(&t[(c * rows + r) * cw..(c * rows + r + 1) * cw]);
+        }
+    }
+    Ok(())
 }
 
 /// A free list of KV blocks (the single-process generator's block manager).

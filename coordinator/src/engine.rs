@@ -1,49 +1,123 @@
-//! The replica's step loop: requests are queued (bounded), each step plan goes to every worker
-//! over its long-lived `Step` stream, and every worker answers before the next step. A broken
-//! stream means a lost worker: the request in flight ends with UNAVAILABLE naming it, and the
-//! replica stops serving (the coordinator itself stays up and answers status).
+//! The replica's engine loop, the way continuous-batching servers run it: every iteration
+//! schedules a batch (running sequences' decode tokens first, then prefill chunks of waiting
+//! ones, under a per-step token budget and a cap on running sequences), sends one StepPlan to
+//! every worker over its long-lived `Step` stream, and applies the sampled tokens.
+//!
+//! The KV cache is paged: the block manager here owns the free list; a sequence gets blocks as it
+//! grows, and the plan carries only the blocks appended since the previous step. A sequence is
+//! admitted only when blocks for its first chunk are free; when a running sequence needs a block
+//! and none is free, the most recently admitted one is preempted (its blocks freed, its tokens
+//! kept) and recomputed later. Requests wait in a bounded queue; a full queue refuses at once.
+//!
+//! Sampling is stateless per position (`Rng::for_token`), so a seeded request gives the same
+//! tokens alone, in any batch, and after preemption. A broken step stream means a lost worker:
+//! every request on the replica ends with UNAVAILABLE naming it, and the replica stops serving
+//! (the coordinator stays up and answers status).
 
 use crate::server::{follow_load, lock, Shared};
 use grok_proto::v1 as pb;
 use grok_shared::sampling::SamplingParams;
 use grok_shared::tokenizer::StreamDecoder;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+/// What a request asks for besides its prompt.
+#[derive(Clone, Debug)]
+pub struct RequestParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    pub ignore_eos: bool,
+    /// Return this many most likely tokens with each sampled token.
+    pub top_logprobs: u32,
+    /// Return the logits of every prompt position with the first token (tests).
+    pub prompt_logits: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    ContextLength,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContextLength => "context_length",
+        }
+    }
+}
+
+/// One sampled token as the client sees it.
+#[derive(Clone, Debug, Default)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text released by this token (held back while it may be the start of a stop string).
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+    pub prompt_logits: Vec<f32>,
+}
+
+#[derive(Clone, Debug)]
+pub enum GenEvent {
+    Token(TokenEvent),
+    /// The last event of a successful request; `text` is any text still held back.
+    Done {
+        reason: FinishReason,
+        text: String,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(Status),
+}
+
 /// One generation request.
 pub struct Job {
     pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub ignore_eos: bool,
-    pub stop_ids: Vec<u32>,
-    pub return_logits: bool,
-    pub tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    pub params: RequestParams,
+    pub tx: mpsc::Sender<GenEvent>,
+    pub arrived: Instant,
 }
 
 /// Submits jobs to a serving replica.
 #[derive(Clone)]
 pub struct ReplicaHandle {
     tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
 }
 
-/// Jobs waiting for the replica beyond this are refused with RESOURCE_EXHAUSTED.
-const QUEUE_DEPTH: usize = 256;
-
 impl ReplicaHandle {
-    pub async fn submit(&self, job: Job) -> Result<(), Status> {
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Status::resource_exhausted(format!(
-                "the request queue is full ({QUEUE_DEPTH} waiting); retry later"
-            )),
-            mpsc::error::TrySendError::Closed(_) => {
-                Status::unavailable("the replica stopped serving")
+    /// Queues a job; a full queue is refused at once with RESOURCE_EXHAUSTED.
+    pub fn submit(&self, job: Job) -> Result<(), Status> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.shared
+                    .metrics
+                    .queue_depth
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
-        })
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.metrics.request_done("rejected");
+                Err(Status::resource_exhausted(format!(
+                    "the request queue is full ({} waiting); retry later",
+                    self.shared.cfg.max_queue
+                )))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(Status::unavailable("the replica stopped serving"))
+            }
+        }
     }
 }
 
@@ -53,23 +127,6 @@ struct WorkerLink {
     address: String,
     plans: mpsc::Sender<pb::StepPlan>,
     results: tonic::Streaming<pb::StepResult>,
-}
-
-struct Replica {
-    shared: Arc<Shared>,
-    links: Vec<WorkerLink>,
-    sampler: usize,
-    free_blocks: Vec<u32>,
-    next_step: u64,
-    next_seq: u64,
-    step_timeout: Duration,
-}
-
-enum StepFailure {
-    /// A worker's stream broke: the replica is gone.
-    Lost(String),
-    /// A worker reported an error for this step.
-    Failed(String),
 }
 
 fn endpoint(addr: &str) -> String {
@@ -183,7 +240,7 @@ pub async fn load_and_serve(shared: Arc<Shared>) {
     for r in 0..world {
         shared.set_worker(r, |w| w.state = "ready".into());
     }
-    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (tx, rx) = mpsc::channel(shared.cfg.max_queue.max(1));
     let sampler = (l.pp - 1) * l.tp;
     let replica = Replica {
         shared: shared.clone(),
@@ -191,28 +248,443 @@ pub async fn load_and_serve(shared: Arc<Shared>) {
         sampler,
         free_blocks: (0..shared.cfg.kv_blocks as u32).rev().collect(),
         next_step: 0,
-        next_seq: 1,
+        next_wid: 1,
         step_timeout: Duration::from_millis(shared.cfg.comm_timeout_ms as u64 + 10_000),
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        pending_free: Vec::new(),
     };
-    *lock(&shared.replica) = Some(ReplicaHandle { tx });
+    *lock(&shared.replica) = Some(ReplicaHandle {
+        tx,
+        shared: shared.clone(),
+    });
     shared.set_state("ready", format!("serving with {world} workers"));
     tokio::spawn(replica.run(rx));
 }
 
+struct Replica {
+    shared: Arc<Shared>,
+    links: Vec<WorkerLink>,
+    sampler: usize,
+    free_blocks: Vec<u32>,
+    next_step: u64,
+    next_wid: u64,
+    step_timeout: Duration,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    /// Worker-side sequence ids to free in the next plan.
+    pending_free: Vec<u64>,
+}
+
+enum StepFailure {
+    /// A worker's stream broke: the replica is gone.
+    Lost(String),
+    /// A worker reported an error for this step.
+    Failed(String),
+}
+
+/// A request inside the engine.
+struct Seq {
+    job: Job,
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    /// Blocks already announced to the workers.
+    sent_blocks: usize,
+    /// Id of this sequence on the workers (new after each preemption), 0 = not started.
+    wid: u64,
+    generated: usize,
+    decoder: StreamDecoder,
+    /// Decoded text not yet released (a stop string may be forming).
+    held: String,
+    last_token: Option<Instant>,
+    /// Prompt logits gathered chunk by chunk until the first token is sent.
+    logits_buf: Vec<f32>,
+    prompt_logits_sent: bool,
+}
+
+impl Seq {
+    fn new(job: Job) -> Self {
+        let tokens = job.prompt.clone();
+        Seq {
+            prompt_len: tokens.len(),
+            tokens,
+            job,
+            computed: 0,
+            blocks: Vec::new(),
+            sent_blocks: 0,
+            wid: 0,
+            generated: 0,
+            decoder: StreamDecoder::default(),
+            held: String::new(),
+            last_token: None,
+            logits_buf: Vec::new(),
+            prompt_logits_sent: false,
+        }
+    }
+}
+
 impl Replica {
+    fn block_size(&self) -> usize {
+        self.shared.cfg.block_size
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.shared.metrics;
+        let free = self.free_blocks.len() as u64;
+        m.kv_free.store(free, Ordering::Relaxed);
+        m.kv_used
+            .store(self.shared.cfg.kv_blocks as u64 - free, Ordering::Relaxed);
+        m.running
+            .store(self.running.len() as u64, Ordering::Relaxed);
+    }
+
+    fn release(&mut self, seq: &mut Seq) {
+        self.free_blocks.append(&mut seq.blocks);
+        seq.sent_blocks = 0;
+        seq.computed = 0;
+        if seq.wid != 0 {
+            self.pending_free.push(seq.wid);
+            seq.wid = 0;
+        }
+    }
+
+    async fn finish(&mut self, mut seq: Seq, ev: GenEvent, outcome: &str) {
+        self.release(&mut seq);
+        self.shared.metrics.request_done(outcome);
+        let _ = seq.job.tx.send(ev).await;
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.recv().await {
-            if let Err(StepFailure::Lost(why)) = self.serve(job).await {
-                *lock(&self.shared.replica) = None;
-                self.shared.set_state("failed", why.clone());
-                // Refuse whatever is still queued.
-                rx.close();
-                while let Some(j) = rx.recv().await {
-                    let _ = j.tx.send(Err(Status::unavailable(why.clone()))).await;
+        loop {
+            let cap = self.shared.cfg.max_seqs;
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.update_gauges();
+                match rx.recv().await {
+                    Some(job) => self.take(job),
+                    None => return,
                 }
-                return;
+            }
+            while self.waiting.len() < cap {
+                match rx.try_recv() {
+                    Ok(job) => self.take(job),
+                    Err(_) => break,
+                }
+            }
+            self.reap_cancelled().await;
+            match self.iteration().await {
+                Ok(()) => {}
+                Err(StepFailure::Lost(why)) => {
+                    *lock(&self.shared.replica) = None;
+                    self.shared.set_state("failed", why.clone());
+                    let all: Vec<Seq> = self
+                        .running
+                        .drain(..)
+                        .chain(self.waiting.drain(..))
+                        .collect();
+                    for s in all {
+                        self.shared.metrics.request_done("error");
+                        let _ = s
+                            .job
+                            .tx
+                            .send(GenEvent::Error(Status::unavailable(why.clone())))
+                            .await;
+                    }
+                    rx.close();
+                    while let Some(j) = rx.recv().await {
+                        let _ =
+                            j.tx.send(GenEvent::Error(Status::unavailable(why.clone())))
+                                .await;
+                    }
+                    return;
+                }
+                Err(StepFailure::Failed(e)) => {
+                    // Every sequence of the failed step ends; the replica keeps serving.
+                    let st = Status::internal(format!("the step failed: {e}"));
+                    let seqs: Vec<Seq> = self.running.drain(..).collect();
+                    for s in seqs {
+                        self.finish(s, GenEvent::Error(st.clone()), "error").await;
+                    }
+                }
+            }
+            self.update_gauges();
+        }
+    }
+
+    fn take(&mut self, job: Job) {
+        self.shared
+            .metrics
+            .queue_depth
+            .fetch_sub(1, Ordering::Relaxed);
+        self.waiting.push_back(Seq::new(job));
+    }
+
+    /// Ends requests whose client went away, freeing their blocks at once.
+    async fn reap_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].job.tx.is_closed() {
+                let s = self.running.remove(i);
+                self.finish(
+                    s,
+                    GenEvent::Error(Status::cancelled("cancelled")),
+                    "cancelled",
+                )
+                .await;
+            } else {
+                i += 1;
             }
         }
+        let mut keep = VecDeque::new();
+        while let Some(s) = self.waiting.pop_front() {
+            if s.job.tx.is_closed() {
+                self.finish(
+                    s,
+                    GenEvent::Error(Status::cancelled("cancelled")),
+                    "cancelled",
+                )
+                .await;
+            } else {
+                keep.push_back(s);
+            }
+        }
+        self.waiting = keep;
+    }
+
+    /// Gives `running[i]` blocks for `positions`, preempting later sequences when needed.
+    /// Returns false when even preemption cannot make room.
+    fn grow(&mut self, i: usize, positions: usize) -> bool {
+        let bs = self.block_size();
+        while self.running[i].blocks.len() * bs < positions {
+            if let Some(b) = self.free_blocks.pop() {
+                self.running[i].blocks.push(b);
+                continue;
+            }
+            // Preempt the most recently admitted sequence after `i`.
+            if self.running.len() > i + 1 {
+                let mut victim = self.running.pop().expect("len > i + 1");
+                self.release(&mut victim);
+                self.shared
+                    .metrics
+                    .preemptions
+                    .fetch_add(1, Ordering::Relaxed);
+                self.waiting.push_front(victim);
+                continue;
+            }
+            return false;
+        }
+        true
+    }
+
+    /// One engine iteration: schedule, run the step on every worker, apply the results.
+    async fn iteration(&mut self) -> Result<(), StepFailure> {
+        let cfg = self.shared.cfg.clone();
+        let (budget0, cap, bs) = (
+            cfg.max_batch_tokens.max(1),
+            cfg.max_seqs.max(1),
+            cfg.block_size,
+        );
+        let mut budget = budget0;
+        // (index in running, tokens this step)
+        let mut sched: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let need = self.running[i].tokens.len() - self.running[i].computed;
+            let n = need.min(budget);
+            let end = self.running[i].computed + n;
+            if !self.grow(i, end) {
+                // Alone and still out of blocks: the cache cannot hold this sequence.
+                let s = self.running.remove(i);
+                let st = Status::resource_exhausted(format!(
+                    "the sequence needs more than the {} KV blocks of {bs} tokens the cache holds",
+                    cfg.kv_blocks
+                ));
+                self.finish(s, GenEvent::Error(st), "error").await;
+                continue;
+            }
+            sched.push((i, n));
+            budget -= n;
+            i += 1;
+        }
+        // Admit waiting sequences while blocks for their first chunk are free.
+        while budget > 0 && self.running.len() < cap {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let n = (front.tokens.len() - front.computed).min(budget);
+            let blocks = n.div_ceil(bs);
+            if blocks > self.free_blocks.len() {
+                break;
+            }
+            let mut s = self.waiting.pop_front().expect("front exists");
+            for _ in 0..blocks {
+                s.blocks.push(self.free_blocks.pop().expect("checked"));
+            }
+            self.shared
+                .metrics
+                .prompt_tokens
+                .fetch_add(s.tokens.len() as u64, Ordering::Relaxed);
+            self.running.push(s);
+            sched.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        if sched.is_empty() {
+            // Nothing fits now (every block is held by sequences that cannot run): wait a
+            // little for cancellations rather than spin.
+            if !self.pending_free.is_empty() {
+                let free = std::mem::take(&mut self.pending_free);
+                self.step(vec![], free).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            return Ok(());
+        }
+        let mut seqs = Vec::with_capacity(sched.len());
+        for &(i, n) in &sched {
+            let first = self.running[i].wid == 0;
+            if first {
+                self.running[i].wid = self.next_wid;
+                self.next_wid += 1;
+            }
+            let s = &mut self.running[i];
+            let p = &s.job.params;
+            let start = s.computed;
+            seqs.push(pb::SeqStep {
+                seq_id: s.wid,
+                tokens: s.tokens[start..start + n].to_vec(),
+                start_pos: start as u32,
+                new_blocks: s.blocks[s.sent_blocks..].to_vec(),
+                sampling: first.then_some(pb::SamplingParams {
+                    temperature: p.sampling.temperature,
+                    top_p: p.sampling.top_p,
+                    top_k: p.sampling.top_k as u32,
+                    seed: p.sampling.seed,
+                }),
+                sample: start + n == s.tokens.len(),
+                return_logits: p.prompt_logits && !s.prompt_logits_sent && start < s.prompt_len,
+                top_logprobs: p.top_logprobs,
+            });
+            s.sent_blocks = s.blocks.len();
+        }
+        let free = std::mem::take(&mut self.pending_free);
+        let r = self.step(seqs, free).await?;
+        // Apply: advance every scheduled sequence, then handle sampled tokens.
+        let mut logits = r.logits;
+        let vocab = self.shared.model.vocab_size;
+        let mut done: Vec<(usize, GenEvent, &'static str)> = Vec::new();
+        for &(i, n) in &sched {
+            let s = &mut self.running[i];
+            if s.job.params.prompt_logits && !s.prompt_logits_sent && s.computed < s.prompt_len {
+                let take = (n * vocab).min(logits.len());
+                s.logits_buf.extend(logits.drain(..take));
+            }
+            s.computed += n;
+            if s.computed < s.tokens.len() {
+                continue;
+            }
+            let Some(t) = r.tokens.iter().find(|t| t.seq_id == s.wid) else {
+                return Err(StepFailure::Failed(format!(
+                    "the sampling rank returned no token for sequence {}",
+                    s.wid
+                )));
+            };
+            let mut ev = TokenEvent {
+                id: t.token,
+                logprob: t.logprob,
+                top: t.top.iter().map(|x| (x.token, x.logprob)).collect(),
+                ..Default::default()
+            };
+            if s.job.params.prompt_logits && !s.prompt_logits_sent {
+                ev.prompt_logits = std::mem::take(&mut s.logits_buf);
+                s.prompt_logits_sent = true;
+            }
+            let now = Instant::now();
+            match s.last_token {
+                None => self
+                    .shared
+                    .metrics
+                    .ttft
+                    .observe((now - s.job.arrived).as_secs_f64()),
+                Some(prev) => self.shared.metrics.itl.observe((now - prev).as_secs_f64()),
+            }
+            s.last_token = Some(now);
+            s.tokens.push(t.token);
+            s.generated += 1;
+            self.shared
+                .metrics
+                .generated_tokens
+                .fetch_add(1, Ordering::Relaxed);
+            self.shared.generated.fetch_add(1, Ordering::Relaxed);
+            let p = &s.job.params;
+            let eos = self.shared.model.eos_token_id;
+            let mut reason = if (!p.ignore_eos && t.token == eos) || p.stop_ids.contains(&t.token) {
+                Some(FinishReason::Stop)
+            } else if s.generated >= p.max_tokens {
+                Some(FinishReason::Length)
+            } else if s.tokens.len() >= self.shared.model.max_position_embeddings {
+                Some(FinishReason::ContextLength)
+            } else {
+                None
+            };
+            // Text: decode, then hold back what could be the start of a stop string.
+            if let Some(tok) = &self.shared.tokenizer {
+                // A stop token's own text is not part of the output.
+                if reason != Some(FinishReason::Stop) {
+                    s.held
+                        .push_str(&s.decoder.push(tok, t.token).unwrap_or_default());
+                }
+                if let Some((pos, _)) = p
+                    .stop_strings
+                    .iter()
+                    .filter_map(|st| s.held.find(st.as_str()).map(|p| (p, st)))
+                    .min()
+                {
+                    s.held.truncate(pos);
+                    reason = Some(FinishReason::Stop);
+                }
+                if reason.is_none() {
+                    let keep = p
+                        .stop_strings
+                        .iter()
+                        .map(|x| x.len())
+                        .max()
+                        .unwrap_or(1)
+                        .saturating_sub(1);
+                    let mut cut = s.held.len().saturating_sub(keep);
+                    while !s.held.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    ev.text = s.held[..cut].to_string();
+                    s.held.drain(..cut);
+                }
+            }
+            let send_ok = s.job.tx.send(GenEvent::Token(ev)).await.is_ok();
+            if let Some(reason) = reason {
+                let text = std::mem::take(&mut s.held);
+                let ev = GenEvent::Done {
+                    reason,
+                    text,
+                    prompt_tokens: s.prompt_len,
+                    completion_tokens: s.generated,
+                };
+                done.push((i, ev, reason.as_str()));
+            } else if !send_ok {
+                done.push((
+                    i,
+                    GenEvent::Error(Status::cancelled("cancelled")),
+                    "cancelled",
+                ));
+            }
+        }
+        // Remove finished sequences (highest index first keeps the others' indices valid).
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        for (i, ev, outcome) in done {
+            let s = self.running.remove(i);
+            self.finish(s, ev, outcome).await;
+        }
+        Ok(())
     }
 
     /// Sends one plan to every worker and waits for every answer.
@@ -227,15 +699,12 @@ impl Replica {
             seqs,
             free_seqs: free,
         };
-        let lost = |l: &WorkerLink, why: String| {
-            StepFailure::Lost(format!(
-                "worker `{}` (rank {}, {}) was lost: {why}",
-                l.id, l.rank, l.address
-            ))
-        };
         for l in &self.links {
             if l.plans.send(plan.clone()).await.is_err() {
-                return Err(lost(l, "its step stream is closed".into()));
+                return Err(StepFailure::Lost(format!(
+                    "worker `{}` (rank {}, {}) was lost: its step stream is closed",
+                    l.id, l.rank, l.address
+                )));
             }
         }
         let mut out = None;
@@ -268,6 +737,11 @@ impl Replica {
                         w.step_seconds += r.compute_seconds;
                         w.comm_seconds += r.comm_seconds;
                     });
+                    if !r.expert_counts.is_empty() {
+                        self.shared
+                            .metrics
+                            .add_expert_counts(r.first_layer as usize, &r.expert_counts);
+                    }
                     if !r.error.is_empty() {
                         errors.push(r.error.clone());
                     }
@@ -284,143 +758,5 @@ impl Replica {
             return Err(StepFailure::Failed(errors.join("; ")));
         }
         Ok(out.unwrap_or_default())
-    }
-
-    fn take_blocks(&mut self, table_len: &mut usize, positions: usize) -> Option<Vec<u32>> {
-        let bs = self.shared.cfg.block_size;
-        let mut new = Vec::new();
-        while (*table_len + new.len()) * bs < positions {
-            match self.free_blocks.pop() {
-                Some(b) => new.push(b),
-                None => {
-                    self.free_blocks.extend(new);
-                    return None;
-                }
-            }
-        }
-        *table_len += new.len();
-        Some(new)
-    }
-
-    async fn serve(&mut self, job: Job) -> Result<(), StepFailure> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let mut blocks: Vec<u32> = Vec::new();
-        let res = self.generate(seq, &job, &mut blocks).await;
-        self.free_blocks.append(&mut blocks);
-        // Free the sequence on the workers (also after a failed step, unless the replica is gone).
-        if !matches!(res, Err(StepFailure::Lost(_))) {
-            if let Err(StepFailure::Lost(w)) = self.step(vec![], vec![seq]).await {
-                let _ = job.tx.send(Err(Status::unavailable(w.clone()))).await;
-                return Err(StepFailure::Lost(w));
-            }
-        }
-        match res {
-            Ok(()) => Ok(()),
-            Err(StepFailure::Lost(w)) => {
-                let _ = job.tx.send(Err(Status::unavailable(w.clone()))).await;
-                Err(StepFailure::Lost(w))
-            }
-            Err(StepFailure::Failed(e)) => {
-                let _ = job
-                    .tx
-                    .send(Err(Status::internal(format!("the step failed: {e}"))))
-                    .await;
-                Ok(())
-            }
-        }
-    }
-
-    async fn generate(
-        &mut self,
-        seq: u64,
-        job: &Job,
-        blocks: &mut Vec<u32>,
-    ) -> Result<(), StepFailure> {
-        let c = &self.shared.model;
-        let ctx = c.max_position_embeddings;
-        let eos = c.eos_token_id;
-        let mut table_len = 0usize;
-        let mut tokens = job.prompt.clone();
-        let mut start = 0usize;
-        let mut generated = 0usize;
-        let mut decoder = StreamDecoder::default();
-        let mut first = true;
-        loop {
-            let end = tokens.len();
-            let Some(new) = self.take_blocks(&mut table_len, end) else {
-                let _ = job
-                    .tx
-                    .send(Err(Status::resource_exhausted(
-                        "the KV cache is full; retry later or lower max_tokens",
-                    )))
-                    .await;
-                return Ok(());
-            };
-            blocks.extend_from_slice(&new);
-            let s = &job.sampling;
-            let step = pb::SeqStep {
-                seq_id: seq,
-                tokens: tokens[start..end].to_vec(),
-                start_pos: start as u32,
-                new_blocks: new,
-                sampling: first.then_some(pb::SamplingParams {
-                    temperature: s.temperature,
-                    top_p: s.top_p,
-                    top_k: s.top_k as u32,
-                    seed: s.seed,
-                }),
-                sample: true,
-                return_logits: job.return_logits && start == 0,
-            };
-            first = false;
-            let r = self.step(vec![step], vec![]).await?;
-            let Some(t) = r.tokens.iter().find(|t| t.seq_id == seq) else {
-                return Err(StepFailure::Failed(
-                    "the sampling rank returned no token".into(),
-                ));
-            };
-            let id = t.token;
-            generated += 1;
-            self.shared.generated.fetch_add(1, Ordering::Relaxed);
-            start = end;
-            tokens.push(id);
-            let stop = (!job.ignore_eos && id == eos) || job.stop_ids.contains(&id);
-            let finish = if stop {
-                Some("stop")
-            } else if generated >= job.max_tokens {
-                Some("length")
-            } else if tokens.len() >= ctx {
-                Some("context_length")
-            } else {
-                None
-            };
-            let text = match &self.shared.tokenizer {
-                Some(tok) => decoder.push(tok, id).unwrap_or_default(),
-                None => String::new(),
-            };
-            let msg = pb::GenerateResponse {
-                ids: vec![id],
-                text,
-                finish_reason: finish.unwrap_or_default().to_string(),
-                usage: finish.map(|_| pb::Usage {
-                    prompt_tokens: job.prompt.len() as u32,
-                    completion_tokens: generated as u32,
-                }),
-                logprobs: vec![t.logprob],
-                prompt_logits: if start == job.prompt.len() {
-                    r.logits.clone()
-                } else {
-                    vec![]
-                },
-            };
-            if job.tx.send(Ok(msg)).await.is_err() {
-                // The client went away: stop and free the sequence.
-                return Ok(());
-            }
-            if finish.is_some() {
-                return Ok(());
-            }
-        }
     }
 }

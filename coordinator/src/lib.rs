@@ -10,8 +10,10 @@
 
 pub mod client;
 pub mod engine;
+pub mod http;
 pub mod local;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod up;
 

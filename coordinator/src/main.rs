@@ -37,6 +37,21 @@ struct Args {
     /// Deadline of every collective operation between workers.
     #[arg(long, default_value_t = 30_000)]
     comm_timeout_ms: u32,
+    /// Requests waiting for admission beyond this are refused at once (RESOURCE_EXHAUSTED / 429).
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Sequences in the running batch.
+    #[arg(long, default_value_t = 64)]
+    max_seqs: usize,
+    /// Tokens per step: decode tokens plus prefill chunks (chunked prefill budget).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// The model name of the API (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics on this address.
+    #[arg(long, env = "GROK_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     #[arg(long, value_parser = ["text", "json"], default_value = "text", env = "GROK_LOG_FORMAT")]
     log_format: String,
 }
@@ -45,13 +60,23 @@ fn main() {
     let a = Args::parse();
     grok_coordinator::logging::init(a.log_format == "json", "info");
     let cfg = CoordinatorConfig {
-        model_dir: a.model,
+        model_dir: a.model.clone(),
         layout: Layout::new(a.tp, a.ep, a.pp),
         listen: a.listen,
         tokenizer: a.tokenizer,
         kv_blocks: a.kv_blocks.max(1),
         block_size: a.block_size.max(1),
         comm_timeout_ms: a.comm_timeout_ms,
+        max_queue: a.max_queue.max(1),
+        max_seqs: a.max_seqs.max(1),
+        max_batch_tokens: a.max_batch_tokens.max(1),
+        served_model_name: a.served_model_name.unwrap_or_else(|| {
+            a.model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "grok-1".into())
+        }),
+        http_listen: a.http_listen,
     };
     let shared = match server::prepare(cfg) {
         Ok(s) => s,

@@ -5,7 +5,7 @@
 //! The coordinator never holds model tensors: it plans steps (new tokens, KV block changes,
 //! sampling parameters), and the sampling rank returns token ids.
 
-use crate::engine::{self, Job, ReplicaHandle};
+use crate::engine::{self, GenEvent, Job, ReplicaHandle, RequestParams};
 use anyhow::{Context, Result};
 use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
@@ -30,6 +30,16 @@ pub struct CoordinatorConfig {
     pub kv_blocks: usize,
     pub block_size: usize,
     pub comm_timeout_ms: u32,
+    /// Requests waiting beyond this are refused at once.
+    pub max_queue: usize,
+    /// Sequences in the running batch.
+    pub max_seqs: usize,
+    /// Tokens per step (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// The model name clients use (`/v1/models`, the `model` field).
+    pub served_model_name: String,
+    /// HTTP (OpenAI-compatible API, health, metrics) listen address.
+    pub http_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -57,6 +67,7 @@ pub struct Shared {
     pub state: Mutex<(String, String)>,
     pub replica: Mutex<Option<ReplicaHandle>>,
     pub generated: AtomicU64,
+    pub metrics: crate::metrics::Metrics,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -226,101 +237,237 @@ impl pb::admin_server::Admin for Svc {
     }
 }
 
-/// Converts a client request into a job, checking everything a caller can get wrong.
-fn job_from_request(
+/// A request rejected before it reaches the engine: the field at fault and why.
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: tonic::Code,
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code: tonic::Code::InvalidArgument,
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+    pub fn status(&self) -> Status {
+        Status::new(self.code, self.message.clone())
+    }
+}
+
+/// The prompt of a request, as text or token ids.
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Checks everything a caller can get wrong and builds the engine job.
+pub fn build_job(
     s: &Shared,
-    r: pb::GenerateRequest,
-) -> Result<
-    (
-        Job,
-        tokio::sync::mpsc::Receiver<Result<pb::GenerateResponse, Status>>,
-    ),
-    Status,
-> {
+    prompt: PromptInput,
+    p: RequestParams,
+) -> Result<(Job, tokio::sync::mpsc::Receiver<GenEvent>), ApiError> {
     let c = &s.model;
-    let prompt = match r.prompt {
-        Some(pb::generate_request::Prompt::Text(t)) => {
-            let tok = s.tokenizer.as_ref().ok_or_else(|| {
-                Status::failed_precondition(
-                    "this cluster has no tokenizer: send token ids, or start it with --tokenizer",
-                )
+    let prompt = match prompt {
+        PromptInput::Text(t) => {
+            let tok = s.tokenizer.as_ref().ok_or_else(|| ApiError {
+                code: tonic::Code::FailedPrecondition,
+                field: Some("prompt"),
+                message:
+                    "this cluster has no tokenizer: send token ids, or start it with --tokenizer"
+                        .into(),
             })?;
             tok.encode(&t)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
+                .map_err(|e| ApiError::invalid("prompt", e.to_string()))?
         }
-        Some(pb::generate_request::Prompt::Ids(ids)) => ids.ids,
-        None => {
-            return Err(Status::invalid_argument(
-                "the request has no prompt (text or ids)",
-            ))
-        }
+        PromptInput::Ids(ids) => ids,
     };
     if prompt.is_empty() {
-        return Err(Status::invalid_argument("the prompt is empty"));
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
     if let Some((pos, id)) = prompt
         .iter()
         .enumerate()
         .find(|(_, &t)| t as usize >= c.vocab_size)
     {
-        return Err(Status::invalid_argument(format!(
-            "token id {id} at position {pos} is outside the vocabulary (size {})",
-            c.vocab_size
-        )));
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "token id {id} at position {pos} is outside the vocabulary (size {})",
+                c.vocab_size
+            ),
+        ));
     }
-    if prompt.len() > c.max_position_embeddings {
-        return Err(Status::invalid_argument(format!(
-            "the prompt has {} tokens, more than the context length {}",
-            prompt.len(),
-            c.max_position_embeddings
-        )));
+    let ctx = c.max_position_embeddings;
+    if prompt.len() >= ctx {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("the prompt has {} tokens; the context length is {ctx} (room is needed for at least one new token)", prompt.len()),
+        ));
     }
-    if r.max_tokens == 0 {
-        return Err(Status::invalid_argument("max_tokens must be at least 1"));
+    if p.max_tokens == 0 {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
     }
-    let sampling = SamplingParams {
-        temperature: r.temperature,
-        top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
-        top_k: r.top_k as usize,
-        seed: r.seed,
-    };
-    sampling
-        .validate()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    if prompt.len() + p.max_tokens > ctx {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the context length {ctx}",
+                prompt.len(),
+                p.max_tokens
+            ),
+        ));
+    }
+    let cache = s.cfg.kv_blocks * s.cfg.block_size;
+    if prompt.len() + 1 > cache {
+        return Err(ApiError {
+            code: tonic::Code::InvalidArgument,
+            field: Some("prompt"),
+            message: format!("the prompt needs more than the {cache} tokens the KV cache holds"),
+        });
+    }
+    if !(p.sampling.temperature.is_finite() && p.sampling.temperature >= 0.0) {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be >= 0, got {}", p.sampling.temperature),
+        ));
+    }
+    if !(p.sampling.top_p > 0.0 && p.sampling.top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("top_p must be in (0, 1], got {}", p.sampling.top_p),
+        ));
+    }
+    if p.top_logprobs > 20 {
+        return Err(ApiError::invalid(
+            "logprobs",
+            format!("at most 20 top logprobs, got {}", p.top_logprobs),
+        ));
+    }
+    if !p.stop_strings.is_empty() && s.tokenizer.is_none() {
+        return Err(ApiError {
+            code: tonic::Code::FailedPrecondition,
+            field: Some("stop"),
+            message: "stop strings need a tokenizer; this cluster has none (use stop token ids)"
+                .into(),
+        });
+    }
+    if p.stop_strings.iter().any(|x| x.is_empty()) {
+        return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
     Ok((
         Job {
             prompt,
-            max_tokens: r.max_tokens as usize,
-            sampling,
-            ignore_eos: r.ignore_eos,
-            stop_ids: r.stop_token_ids,
-            return_logits: r.prompt_logits,
+            params: p,
             tx,
+            arrived: std::time::Instant::now(),
         },
         rx,
     ))
 }
 
+/// Queues a job on the serving replica.
+pub fn submit(s: &Shared, job: Job) -> Result<(), Status> {
+    let handle = lock(&s.replica).clone();
+    let Some(h) = handle else {
+        let (state, detail) = lock(&s.state).clone();
+        return Err(Status::unavailable(format!(
+            "the cluster is not serving (state {state}{}{detail})",
+            if detail.is_empty() { "" } else { ": " }
+        )));
+    };
+    h.submit(job)
+}
+
+fn to_pb(ev: GenEvent) -> Result<pb::GenerateResponse, Status> {
+    match ev {
+        GenEvent::Token(t) => Ok(pb::GenerateResponse {
+            ids: vec![t.id],
+            text: t.text,
+            logprobs: vec![t.logprob],
+            top_logprobs: if t.top.is_empty() {
+                vec![]
+            } else {
+                vec![pb::TopLogprobs {
+                    top: t
+                        .top
+                        .into_iter()
+                        .map(|(token, logprob)| pb::TopLogprob { token, logprob })
+                        .collect(),
+                }]
+            },
+            prompt_logits: t.prompt_logits,
+            ..Default::default()
+        }),
+        GenEvent::Done {
+            reason,
+            text,
+            prompt_tokens,
+            completion_tokens,
+        } => Ok(pb::GenerateResponse {
+            text,
+            finish_reason: reason.as_str().into(),
+            usage: Some(pb::Usage {
+                prompt_tokens: prompt_tokens as u32,
+                completion_tokens: completion_tokens as u32,
+            }),
+            ..Default::default()
+        }),
+        GenEvent::Error(s) => Err(s),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::inference_server::Inference for Svc {
-    type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
+    type GenerateStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateResponse, Status>> + Send>,
+    >;
 
     async fn generate(
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let (job, rx) = job_from_request(&self.0, req.into_inner())?;
-        let handle = lock(&self.0.replica).clone();
-        let Some(h) = handle else {
-            let (state, detail) = lock(&self.0.state).clone();
-            return Err(Status::unavailable(format!(
-                "the cluster is not serving (state {state}{}{detail})",
-                if detail.is_empty() { "" } else { ": " }
-            )));
+        let r = req.into_inner();
+        let prompt = match r.prompt {
+            Some(pb::generate_request::Prompt::Text(t)) => PromptInput::Text(t),
+            Some(pb::generate_request::Prompt::Ids(ids)) => PromptInput::Ids(ids.ids),
+            None => {
+                return Err(Status::invalid_argument(
+                    "prompt: the request has no prompt (text or ids)",
+                ))
+            }
         };
-        h.submit(job).await?;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let params = RequestParams {
+            max_tokens: r.max_tokens as usize,
+            sampling: SamplingParams {
+                temperature: r.temperature,
+                top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
+                top_k: r.top_k as usize,
+                seed: r.seed,
+            },
+            stop_ids: r.stop_token_ids,
+            stop_strings: r.stop,
+            ignore_eos: r.ignore_eos,
+            top_logprobs: r.logprobs,
+            prompt_logits: r.prompt_logits,
+        };
+        let (job, rx) = build_job(&self.0, prompt, params).map_err(|e| {
+            self.0.metrics.request_done("rejected");
+            Status::new(
+                e.code,
+                format!("{}: {}", e.field.unwrap_or("request"), e.message),
+            )
+        })?;
+        submit(&self.0, job)?;
+        let stream = ReceiverStream::new(rx).map(to_pb);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn tokenize(
@@ -370,9 +517,9 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
         None => None,
     };
     let world = cfg.layout.world_size();
+    let kv_blocks = cfg.kv_blocks;
     Ok(Arc::new(Shared {
         cfg,
-        model,
         tokenizer,
         workers: Mutex::new(vec![None; world]),
         state: Mutex::new((
@@ -381,6 +528,8 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
         )),
         replica: Mutex::new(None),
         generated: AtomicU64::new(0),
+        metrics: crate::metrics::Metrics::new(model.num_layers, model.num_experts, kv_blocks),
+        model,
     }))
 }
 
@@ -396,6 +545,19 @@ pub async fn serve(
     println!("listening on {addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    if let Some(h) = shared.cfg.http_listen {
+        let l = tokio::net::TcpListener::bind(h)
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {h}"))?;
+        println!("http listening on {}", l.local_addr()?);
+        let _ = std::io::stdout().flush();
+        let app = crate::http::router(shared.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!("http server stopped: {e}");
+            }
+        });
+    }
     let svc = Svc(shared.clone());
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))

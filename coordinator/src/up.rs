@@ -18,6 +18,8 @@ pub struct UpArgs {
     pub threads_per_worker: usize,
     pub kv_blocks: usize,
     pub ready_timeout_s: u64,
+    /// Extra arguments for the coordinator (e.g. `--http-listen ADDR`).
+    pub coordinator_args: Vec<String>,
 }
 
 fn sibling(name: &str) -> Result<PathBuf> {
@@ -115,6 +117,7 @@ pub async fn up(a: &UpArgs) -> Result<()> {
     if let Some(t) = &a.tokenizer {
         cmd.arg("--tokenizer").arg(t);
     }
+    cmd.args(&a.coordinator_args);
     die_with_parent(&mut cmd);
     let mut coord = cmd
         .spawn()

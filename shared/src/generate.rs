@@ -93,7 +93,6 @@ pub fn generate(
     let mut alloc = BlockAllocator::new(nblocks);
     let mut table = Vec::new();
     alloc.ensure(&mut table, prompt.len(), bs)?;
-    let mut rng = Rng::new(opts.sampling.seed);
     let t0 = Instant::now();
     let want = if opts.prompt_logits {
         WantLogits::All
@@ -121,6 +120,7 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     let mut pos = prompt.len();
     while ids.len() < opts.max_new_tokens {
+        let mut rng = Rng::for_token(opts.sampling.seed, pos);
         let s = sample(&row, &opts.sampling, &mut rng);
         ids.push(s.id);
         logprobs.push(s.logprob);

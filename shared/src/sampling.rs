@@ -16,6 +16,15 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+    /// The generator for the token sampled at `position` of a sequence seeded with `seed`:
+    /// stateless, so a sequence samples the same tokens whether it runs alone, in a batch, or is
+    /// preempted and recomputed.
+    pub fn for_token(seed: u64, position: usize) -> Self {
+        let mut r = Rng::new(seed ^ (position as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        r.next_u64();
+        r
+    }
+
     /// Uniform in [0, 1).
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
@@ -99,6 +108,39 @@ pub fn logprob_of(logits: &[f32], id: u32) -> f32 {
         .ln() as f32
         + max;
     logits[id as usize] - lse
+}
+
+/// The `n` most likely tokens and their log-probabilities under the model's distribution
+/// (temperature 1, no filtering), most likely first, ties to the lower id.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return vec![];
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits
+        .iter()
+        .map(|&v| ((v - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    idx.select_nth_unstable_by(n - 1, |&a, &b| {
+        logits[b as usize]
+            .partial_cmp(&logits[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    let mut top: Vec<u32> = idx[..n].to_vec();
+    top.sort_by(|&a, &b| {
+        logits[b as usize]
+            .partial_cmp(&logits[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    top.into_iter()
+        .map(|i| (i, logits[i as usize] - lse))
+        .collect()
 }
 
 /// Samples one token from `logits` (one row).

@@ -7,7 +7,7 @@ use grok_shared::checkpoint::Checkpoint;
 use grok_shared::collective::Communicator;
 use grok_shared::collective::{TcpComm, TcpConfig};
 use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
-use grok_shared::sampling::{sample, Rng, SamplingParams};
+use grok_shared::sampling::{logprob_of, sample, top_logprobs, Rng, SamplingParams};
 use grok_shared::sharding::{Layout, RankPlace};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -28,7 +28,6 @@ pub enum EngineError {
 
 struct SeqState {
     table: Vec<u32>,
-    rng: Rng,
     sampling: SamplingParams,
 }
 
@@ -224,7 +223,6 @@ impl Engine {
                     };
                     self.seqs.entry(s.seq_id).or_insert(SeqState {
                         table: Vec::new(),
-                        rng: Rng::new(sp.seed),
                         sampling,
                     })
                 }
@@ -286,12 +284,23 @@ impl Engine {
             }
             if s.sample {
                 let row = &logits[(off + n - 1) * v..(off + n) * v];
-                let st = self.seqs.get_mut(&s.seq_id).expect("registered above");
-                let out = sample(row, &st.sampling, &mut st.rng);
+                let st = &self.seqs[&s.seq_id];
+                // The token sampled here goes to position start_pos + len.
+                let pos = s.start_pos as usize + s.tokens.len();
+                let out = sample(
+                    row,
+                    &st.sampling,
+                    &mut Rng::for_token(st.sampling.seed, pos),
+                );
+                let top = top_logprobs(row, s.top_logprobs as usize)
+                    .into_iter()
+                    .map(|(token, logprob)| pb::TopLogprob { token, logprob })
+                    .collect();
                 res.tokens.push(pb::SampledToken {
                     seq_id: s.seq_id,
                     token: out.id,
-                    logprob: out.logprob,
+                    logprob: logprob_of(row, out.id),
+                    top,
                 });
             }
             off += n;

@@ -136,6 +136,18 @@ enum Cmd {
         /// Give up when the cluster is not ready after this many seconds.
         #[arg(long, default_value_t = 600)]
         ready_timeout_s: u64,
+        /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics on this address.
+        #[arg(long)]
+        http_listen: Option<String>,
+        /// Requests waiting beyond this are refused at once.
+        #[arg(long)]
+        max_queue: Option<usize>,
+        /// Sequences in the running batch.
+        #[arg(long)]
+        max_seqs: Option<usize>,
+        /// Tokens per step (chunked-prefill budget).
+        #[arg(long)]
+        max_batch_tokens: Option<usize>,
     },
     /// Show a running cluster: layout, workers and the state of each shard.
     #[command(
@@ -204,7 +216,26 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             kv_blocks,
             ready_timeout_s,
+            http_listen,
+            max_queue,
+            max_seqs,
+            max_batch_tokens,
         } => {
+            let mut coordinator_args = Vec::new();
+            for (flag, v) in [
+                ("--http-listen", http_listen),
+                ("--max-queue", max_queue.map(|x| x.to_string())),
+                ("--max-seqs", max_seqs.map(|x| x.to_string())),
+                (
+                    "--max-batch-tokens",
+                    max_batch_tokens.map(|x| x.to_string()),
+                ),
+            ] {
+                if let Some(v) = v {
+                    coordinator_args.push(flag.to_string());
+                    coordinator_args.push(v);
+                }
+            }
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let threads_per_worker = if cli.threads > 0 {
                 cli.threads
@@ -221,6 +252,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads_per_worker,
                 kv_blocks,
                 ready_timeout_s,
+                coordinator_args,
             }))
         }
         Cmd::Status {

@@ -86,6 +86,7 @@ impl Model {
             shard: shard.clone(),
             embed,
             final_norm,
+            expert_counts: std::sync::Mutex::new(vec![0; layers.len() * c.num_experts]),
             layers,
         })
     }

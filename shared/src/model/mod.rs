@@ -136,6 +136,9 @@ pub struct Model {
     pub embed: Option<Linear>,
     pub final_norm: Option<Vec<f32>>,
     pub layers: Vec<Layer>,
+    /// Tokens routed to each expert since the last [`Model::take_expert_counts`],
+    /// `[local layer, expert]`.
+    pub expert_counts: std::sync::Mutex<Vec<u64>>,
 }
 
 /// Which logits a sequence wants from a forward pass.
@@ -460,6 +463,16 @@ impl Model {
         let mut xn = vec![0f32; t * d];
         rms_norm(h, &l.pre_moe_norm, c.rms_norm_eps, &mut xn);
         let routes = self.route(l, &xn);
+        {
+            let li = l.index - self.shard.layers.start;
+            let ne = c.num_experts;
+            let mut counts = self.expert_counts.lock().unwrap_or_else(|p| p.into_inner());
+            for sel in &routes {
+                for (e, _) in sel {
+                    counts[li * ne + e] += 1;
+                }
+            }
+        }
         let mut m = vec![0f32; t * d];
         for ex in &l.experts {
             let picked: Vec<(usize, f32)> = routes
@@ -501,6 +514,14 @@ impl Model {
             *x += y;
         }
         Ok(())
+    }
+
+    /// Returns and resets the routed-token counts, `[local layer, expert]`.
+    pub fn take_expert_counts(&self) -> Vec<u64> {
+        let mut c = self.expert_counts.lock().unwrap_or_else(|p| p.into_inner());
+        let out = c.clone();
+        c.iter_mut().for_each(|v| *v = 0);
+        out
     }
 
     /// Rows of `h` whose logits the batch asked for, in batch order.

@@ -1,0 +1,196 @@
+//! Prometheus metrics of the coordinator, rendered in the text exposition format at `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A histogram with fixed upper bounds (seconds).
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            if seconds <= *b {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let n = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {n}");
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+pub struct Metrics {
+    /// Finished requests by outcome: stop, length, context_length, cancelled, error, rejected.
+    pub requests: Mutex<BTreeMap<String, u64>>,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub queue_depth: AtomicU64,
+    pub running: AtomicU64,
+    pub kv_used: AtomicU64,
+    pub kv_free: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    /// Routed tokens per (layer, expert).
+    pub expert_tokens: Mutex<Vec<u64>>,
+    pub num_experts: usize,
+}
+
+impl Metrics {
+    pub fn new(num_layers: usize, num_experts: usize, kv_blocks: usize) -> Self {
+        Self {
+            requests: Mutex::new(BTreeMap::new()),
+            ttft: Histogram::new(LATENCY_BOUNDS),
+            itl: Histogram::new(LATENCY_BOUNDS),
+            queue_depth: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            kv_used: AtomicU64::new(0),
+            kv_free: AtomicU64::new(kv_blocks as u64),
+            generated_tokens: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
+            expert_tokens: Mutex::new(vec![0; num_layers * num_experts]),
+            num_experts,
+        }
+    }
+
+    pub fn request_done(&self, outcome: &str) {
+        *crate::server::lock(&self.requests)
+            .entry(outcome.to_string())
+            .or_default() += 1;
+    }
+
+    pub fn add_expert_counts(&self, first_layer: usize, counts: &[u64]) {
+        let mut e = crate::server::lock(&self.expert_tokens);
+        let off = first_layer * self.num_experts;
+        for (i, c) in counts.iter().enumerate() {
+            if let Some(slot) = e.get_mut(off + i) {
+                *slot += c;
+            }
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "# HELP grok_requests_total Finished requests by outcome.\n# TYPE grok_requests_total counter");
+        for (k, v) in crate::server::lock(&self.requests).iter() {
+            let _ = writeln!(o, "grok_requests_total{{outcome=\"{k}\"}} {v}");
+        }
+        self.ttft.render(
+            "grok_time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            &mut o,
+        );
+        self.itl.render(
+            "grok_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            &mut o,
+        );
+        let gauges = [
+            (
+                "grok_queue_depth",
+                "Requests waiting for admission.",
+                &self.queue_depth,
+            ),
+            (
+                "grok_running_sequences",
+                "Sequences in the running batch.",
+                &self.running,
+            ),
+            (
+                "grok_kv_blocks_used",
+                "KV cache blocks in use (per worker).",
+                &self.kv_used,
+            ),
+            (
+                "grok_kv_blocks_free",
+                "KV cache blocks free (per worker).",
+                &self.kv_free,
+            ),
+        ];
+        for (n, h, v) in gauges {
+            let _ = writeln!(
+                o,
+                "# HELP {n} {h}\n# TYPE {n} gauge\n{n} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let counters = [
+            (
+                "grok_generated_tokens_total",
+                "Tokens generated.",
+                &self.generated_tokens,
+            ),
+            (
+                "grok_prompt_tokens_total",
+                "Prompt tokens admitted.",
+                &self.prompt_tokens,
+            ),
+            (
+                "grok_preemptions_total",
+                "Sequences preempted (recomputed later) for lack of KV blocks.",
+                &self.preemptions,
+            ),
+        ];
+        for (n, h, v) in counters {
+            let _ = writeln!(
+                o,
+                "# HELP {n} {h}\n# TYPE {n} counter\n{n} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP grok_expert_routed_tokens_total Tokens routed to each expert of each layer.\n# TYPE grok_expert_routed_tokens_total counter"
+        );
+        let e = crate::server::lock(&self.expert_tokens);
+        for (i, v) in e.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "grok_expert_routed_tokens_total{{layer=\"{}\",expert=\"{}\"}} {v}",
+                i / self.num_experts,
+                i % self.num_experts
+            );
+        }
+        o
+    }
+}

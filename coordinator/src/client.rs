@@ -35,7 +35,7 @@ pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
 pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
     let l = s.layout.unwrap_or_default();
     let mut out = format!(
-        "model   {}\nlayout  tp={} ep={} pp={}\nstate   {}{}\ntokens  {} generated\n\n",
+        "model   {}\nlayout  tp={} ep={} pp={}\nstate   {}{}\ntokens  {} generated\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\n\n",
         s.model,
         l.tp,
         l.ep,
@@ -46,7 +46,11 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
         } else {
             format!(" ({})", s.detail)
         },
-        s.generated_tokens
+        s.generated_tokens,
+        s.running_sequences,
+        s.queued_requests,
+        s.kv_blocks_used,
+        s.kv_blocks_free
     );
     out += &format!(
         "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10} {:>10}  {}\n",
@@ -126,6 +130,8 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
         "model": s.model, "state": s.state, "detail": s.detail,
         "layout": {"tp": l.tp, "ep": l.ep, "pp": l.pp},
         "generated_tokens": s.generated_tokens,
+        "kv_blocks_used": s.kv_blocks_used, "kv_blocks_free": s.kv_blocks_free,
+        "running_sequences": s.running_sequences, "queued_requests": s.queued_requests,
         "shards": s.shards.iter().map(|x| serde_json::json!({
             "rank": x.rank, "stage": x.stage, "tp_rank": x.tp_rank, "state": x.state, "detail": x.detail,
             "worker_id": x.worker_id, "address": x.address, "layers": x.layers, "heads": x.heads,

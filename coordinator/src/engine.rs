@@ -276,6 +276,14 @@ struct Replica {
     pending_free: Vec<u64>,
 }
 
+enum Grow {
+    Ok,
+    /// The sequence itself was the most recent one and went back to the queue.
+    SelfPreempted,
+    /// Alone and still out of blocks.
+    Impossible,
+}
+
 enum StepFailure {
     /// A worker's stream broke: the replica is gone.
     Lost(String),
@@ -368,7 +376,9 @@ impl Replica {
                     None => return,
                 }
             }
-            while self.waiting.len() < cap {
+            // Take from the bounded queue only what the batch can admit, so that the queue
+            // bound is what callers see.
+            while self.waiting.len() + self.running.len() < cap {
                 match rx.try_recv() {
                     Ok(job) => self.take(job),
                     Err(_) => break,
@@ -454,29 +464,30 @@ impl Replica {
         self.waiting = keep;
     }
 
-    /// Gives `running[i]` blocks for `positions`, preempting later sequences when needed.
-    /// Returns false when even preemption cannot make room.
-    fn grow(&mut self, i: usize, positions: usize) -> bool {
+    /// Gives `running[i]` blocks for `positions`, preempting the most recently admitted
+    /// sequences when none are free (sequence `i` itself when it is the most recent).
+    fn grow(&mut self, i: usize, positions: usize) -> Grow {
         let bs = self.block_size();
         while self.running[i].blocks.len() * bs < positions {
             if let Some(b) = self.free_blocks.pop() {
                 self.running[i].blocks.push(b);
                 continue;
             }
-            // Preempt the most recently admitted sequence after `i`.
-            if self.running.len() > i + 1 {
-                let mut victim = self.running.pop().expect("len > i + 1");
-                self.release(&mut victim);
-                self.shared
-                    .metrics
-                    .preemptions
-                    .fetch_add(1, Ordering::Relaxed);
-                self.waiting.push_front(victim);
-                continue;
+            if self.running.len() == 1 {
+                return Grow::Impossible;
             }
-            return false;
+            let mut victim = self.running.pop().expect("len > 1");
+            self.release(&mut victim);
+            self.shared
+                .metrics
+                .preemptions
+                .fetch_add(1, Ordering::Relaxed);
+            self.waiting.push_front(victim);
+            if self.running.len() == i {
+                return Grow::SelfPreempted;
+            }
         }
-        true
+        Grow::Ok
     }
 
     /// One engine iteration: schedule, run the step on every worker, apply the results.
@@ -495,15 +506,19 @@ impl Replica {
             let need = self.running[i].tokens.len() - self.running[i].computed;
             let n = need.min(budget);
             let end = self.running[i].computed + n;
-            if !self.grow(i, end) {
-                // Alone and still out of blocks: the cache cannot hold this sequence.
-                let s = self.running.remove(i);
-                let st = Status::resource_exhausted(format!(
+            match self.grow(i, end) {
+                Grow::Ok => {}
+                Grow::SelfPreempted => break,
+                Grow::Impossible => {
+                    // Alone and still out of blocks: the cache cannot hold this sequence.
+                    let s = self.running.remove(i);
+                    let st = Status::resource_exhausted(format!(
                     "the sequence needs more than the {} KV blocks of {bs} tokens the cache holds",
                     cfg.kv_blocks
                 ));
-                self.finish(s, GenEvent::Error(st), "error").await;
-                continue;
+                    self.finish(s, GenEvent::Error(st), "error").await;
+                    continue;
+                }
             }
             sched.push((i, n));
             budget -= n;

@@ -149,6 +149,10 @@ impl Shared {
             detail,
             shards,
             generated_tokens: self.generated.load(Ordering::Relaxed),
+            kv_blocks_used: self.metrics.kv_used.load(Ordering::Relaxed),
+            kv_blocks_free: self.metrics.kv_free.load(Ordering::Relaxed),
+            running_sequences: self.metrics.running.load(Ordering::Relaxed),
+            queued_requests: self.metrics.queue_depth.load(Ordering::Relaxed),
         }
     }
 }
@@ -559,8 +563,38 @@ pub async fn serve(
         });
     }
     let svc = Svc(shared.clone());
+    // Standard gRPC health: "" is liveness (always SERVING while the process runs);
+    // "grok.v1.Inference" is readiness (SERVING once every shard is loaded).
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let watched = shared.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let ready = lock(&watched.state).0 == "ready";
+            if last != Some(ready) {
+                let st = if ready {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status("grok.v1.Inference", st).await;
+                last = Some(ready);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(grok_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .add_service(health)
+        .add_service(reflection)
         .add_service(pb::cluster_server::ClusterServer::new(svc.clone()))
         .add_service(pb::admin_server::AdminServer::new(svc.clone()))
         .add_service(pb::inference_server::InferenceServer::new(svc))

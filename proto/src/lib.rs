@@ -4,3 +4,7 @@
 pub mod v1 {
     tonic::include_proto!("grok.v1");
 }
+
+/// The encoded `FileDescriptorSet` of `grok.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/grok_descriptor.bin"));

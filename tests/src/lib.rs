@@ -20,3 +20,5 @@ pub fn bin(name: &str) -> PathBuf {
     }
     p.join(name)
 }
+
+pub mod cluster;

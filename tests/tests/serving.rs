@@ -1,0 +1,362 @@
+//! The serving engine over gRPC on a real tp=2 cluster: 64 concurrent streaming clients get
+//! exactly their solo outputs, seeded sampling is batch-invariant, preemption keeps outputs,
+//! cancellation frees KV blocks at once, a full queue refuses at once, bad requests are
+//! INVALID_ARGUMENT naming the field, and health and reflection answer.
+
+use grok_proto::v1 as pb;
+use grok_shared::config::ModelConfig;
+use grok_shared::genmodel::{self, GenDType};
+use grok_tests::cluster::{up, Cluster};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+fn model(dir: &Path) {
+    let c = ModelConfig::preset("tiny", None).unwrap();
+    genmodel::generate(&c, GenDType::F32, 17, dir, 1 << 30, |_, _| {}).unwrap();
+}
+
+type Client = pb::inference_client::InferenceClient<tonic::transport::Channel>;
+
+async fn client(c: &Cluster) -> Client {
+    pb::inference_client::InferenceClient::connect(c.endpoint.clone())
+        .await
+        .unwrap()
+}
+
+async fn status(c: &Cluster) -> pb::ClusterStatusResponse {
+    let mut a = pb::admin_client::AdminClient::connect(c.endpoint.clone())
+        .await
+        .unwrap();
+    a.cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn req(prompt: &[u32], max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Ids(pb::TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Runs one request to the end: (ids, finish reason, completion tokens).
+async fn run(
+    mut cl: Client,
+    r: pb::GenerateRequest,
+) -> Result<(Vec<u32>, String, u32), tonic::Status> {
+    let mut s = cl.generate(r).await?.into_inner();
+    let mut ids = vec![];
+    let mut finish = String::new();
+    let mut usage = 0;
+    while let Some(m) = s.next().await {
+        let m = m?;
+        ids.extend(m.ids);
+        if !m.finish_reason.is_empty() {
+            finish = m.finish_reason;
+            usage = m.usage.map_or(0, |u| u.completion_tokens);
+        }
+    }
+    Ok((ids, finish, usage))
+}
+
+fn prompts() -> Vec<(Vec<u32>, u32)> {
+    let mut r = grok_shared::sampling::Rng::new(3);
+    (0..8)
+        .map(|i| {
+            let len = 3 + (r.next_u64() % 40) as usize;
+            let p: Vec<u32> = (0..len).map(|_| 1 + (r.next_u64() % 255) as u32).collect();
+            (p, 4 + 5 * i as u32)
+        })
+        .collect()
+}
+
+async fn wait_kv_free(c: &Cluster) -> pb::ClusterStatusResponse {
+    let t = Instant::now();
+    loop {
+        let s = status(c).await;
+        if s.kv_blocks_used == 0 && s.running_sequences == 0 || t.elapsed() > Duration::from_secs(5)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_get_their_solo_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    // A small cache (40 blocks of 16 tokens) so that 64 sequences of up to 80 tokens must
+    // wait for blocks and get preempted; a token budget that chunks the longer prompts.
+    let c = up(
+        &m,
+        &[
+            "--tp",
+            "2",
+            "--kv-blocks",
+            "40",
+            "--max-batch-tokens",
+            "32",
+            "--max-seqs",
+            "64",
+        ],
+    );
+    let cl = client(&c).await;
+    let ps = prompts();
+    let mut solo = vec![];
+    for (p, n) in &ps {
+        solo.push(run(cl.clone(), req(p, *n)).await.unwrap());
+        let mut seeded = req(p, *n);
+        seeded.temperature = 0.9;
+        seeded.top_p = 0.95;
+        seeded.seed = 11;
+        solo.push(run(cl.clone(), seeded).await.unwrap());
+    }
+    // 64 clients at once: each of the 16 requests (8 greedy, 8 seeded) 4 times.
+    let mut tasks = vec![];
+    for k in 0..64 {
+        let (p, n) = ps[(k / 2) % 8].clone();
+        let mut r = req(&p, n);
+        if k % 2 == 1 {
+            r.temperature = 0.9;
+            r.top_p = 0.95;
+            r.seed = 11;
+        }
+        let cl = cl.clone();
+        tasks.push(tokio::spawn(async move { (k, run(cl, r).await) }));
+    }
+    for t in tasks {
+        let (k, res) = t.await.unwrap();
+        let (ids, finish, usage) = res.unwrap();
+        let want = &solo[((k / 2) % 8) * 2 + k % 2];
+        assert_eq!(
+            &ids, &want.0,
+            "client {k}: output differs from the request run alone"
+        );
+        assert_eq!(finish, "length");
+        assert_eq!(usage as usize, ids.len());
+    }
+    let s = wait_kv_free(&c).await;
+    assert_eq!(
+        s.kv_blocks_used, 0,
+        "blocks still used after every request finished"
+    );
+    assert_eq!(s.kv_blocks_free, 40);
+    // The small cache forced preemptions, and outputs still matched.
+    let http = std::process::Command::new(grok_tests::bin("grokctl"))
+        .args(["status", "--endpoint", &c.endpoint])
+        .output()
+        .unwrap();
+    assert!(http.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_frees_blocks_and_full_queue_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let c = up(
+        &m,
+        &[
+            "--tp",
+            "2",
+            "--kv-blocks",
+            "64",
+            "--max-seqs",
+            "1",
+            "--max-queue",
+            "1",
+        ],
+    );
+    let mut cl = client(&c).await;
+    // A long request: read a few tokens, then drop the stream.
+    let mut s = cl
+        .generate(req(&[5, 6, 7], 400))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        s.next().await.unwrap().unwrap();
+    }
+    assert!(status(&c).await.kv_blocks_used > 0);
+    drop(s);
+    let st = wait_kv_free(&c).await;
+    assert_eq!(st.kv_blocks_used, 0, "cancelled request kept its blocks");
+    assert_eq!(st.running_sequences, 0);
+
+    // One running, one queued: the next is refused at once, and the running one is unharmed.
+    let long = tokio::spawn(run(cl.clone(), req(&[9, 9, 9], 300)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = tokio::spawn(run(cl.clone(), req(&[8, 8], 5)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    let refused = run(cl.clone(), req(&[7, 7], 5)).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let (ids, finish, _) = long.await.unwrap().unwrap();
+    assert_eq!((ids.len(), finish.as_str()), (300, "length"));
+    assert_eq!(queued.await.unwrap().unwrap().0.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field_and_health_and_reflection_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let c = up(&m, &["--tp", "2"]);
+    let cl = client(&c).await;
+    // A request running meanwhile is not disturbed.
+    let running = tokio::spawn(run(cl.clone(), req(&[4, 5, 6], 200)));
+    let ctx = 512;
+    let cases: Vec<(pb::GenerateRequest, &str)> = vec![
+        (
+            pb::GenerateRequest {
+                temperature: -0.5,
+                ..req(&[1, 2], 4)
+            },
+            "temperature",
+        ),
+        (
+            pb::GenerateRequest {
+                top_p: 1.5,
+                ..req(&[1, 2], 4)
+            },
+            "top_p",
+        ),
+        (
+            pb::GenerateRequest {
+                top_p: -0.1,
+                ..req(&[1, 2], 4)
+            },
+            "top_p",
+        ),
+        (req(&[1, 2], 0), "max_tokens"),
+        (req(&[1, 2], ctx), "max_tokens"),
+        (req(&vec![3; ctx as usize + 1], 1), "prompt"),
+        (req(&[1, 256], 4), "prompt"),
+        (req(&[], 4), "prompt"),
+        (
+            pb::GenerateRequest {
+                prompt: None,
+                ..req(&[1], 4)
+            },
+            "prompt",
+        ),
+        (
+            pb::GenerateRequest {
+                logprobs: 50,
+                ..req(&[1], 4)
+            },
+            "logprobs",
+        ),
+    ];
+    for (r, field) in cases {
+        let e = run(cl.clone(), r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    // Text without a tokenizer, stop strings without a tokenizer.
+    let mut r = req(&[1], 4);
+    r.prompt = Some(pb::generate_request::Prompt::Text("hi".into()));
+    assert_eq!(
+        run(cl.clone(), r).await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let (ids, finish, _) = running.await.unwrap().unwrap();
+    assert_eq!((ids.len(), finish.as_str()), (200, "length"));
+
+    // Logprobs: the sampled token's and the top 3, most likely first; greedy picks the top one.
+    let mut cl2 = cl.clone();
+    let mut s = cl2
+        .generate(pb::GenerateRequest {
+            logprobs: 3,
+            ..req(&[5, 6], 3)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = 0;
+    while let Some(m) = s.next().await {
+        let m = m.unwrap();
+        if m.ids.is_empty() {
+            continue;
+        }
+        let top = &m.top_logprobs[0].top;
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0].token, m.ids[0]);
+        assert!((top[0].logprob - m.logprobs[0]).abs() < 1e-6);
+        assert!(
+            top[0].logprob >= top[1].logprob
+                && top[1].logprob >= top[2].logprob
+                && top[0].logprob <= 0.0
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 3);
+
+    // Standard health: liveness and readiness.
+    let ch = tonic::transport::Channel::from_shared(c.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    for svc in ["", "grok.v1.Inference"] {
+        let r = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: svc.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, 1, "{svc} not SERVING");
+    }
+    // Server reflection lists the services.
+    let mut refl =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(ch);
+    let list = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut rs = refl
+        .server_reflection_info(tokio_stream::iter(vec![list]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = rs.next().await.unwrap().unwrap();
+    let listed = format!("{:?}", resp.message_response);
+    assert!(
+        listed.contains("grok.v1.Inference") && listed.contains("grpc.health.v1.Health"),
+        "{listed}"
+    );
+    // Stop strings and stop ids: a stop id ends the request with "stop" and is not counted past it.
+    let (ids, _, _) = run(cl.clone(), req(&[5, 6], 6)).await.unwrap();
+    let stop_at = ids[2];
+    let (ids2, finish2, _) = run(
+        cl.clone(),
+        pb::GenerateRequest {
+            stop_token_ids: vec![stop_at],
+            ..req(&[5, 6], 6)
+        },
+    )
+    .await
+    .unwrap();
+    let first = ids.iter().position(|&x| x == stop_at).unwrap();
+    assert_eq!(ids2, ids[..=first].to_vec());
+    assert_eq!(finish2, "stop");
+}

@@ -15,5 +15,8 @@ if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null 2>&1 || echo "note: could not install iproute2" >&2
 fi
 
+# The HTTP API test drives the official `openai` Python client.
+python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai
+
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

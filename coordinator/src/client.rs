@@ -359,3 +359,172 @@ fn clone_gen(a: &RemoteGenerate) -> RemoteGenerate {
         logits_out: None,
     }
 }
+
+/// One concurrency level of `grokctl bench serve`.
+pub struct ServeBenchResult {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub seconds: f64,
+    pub output_tokens: usize,
+    pub ttft: Vec<f64>,
+    pub itl: Vec<f64>,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+impl ServeBenchResult {
+    pub fn json(&mut self) -> serde_json::Value {
+        serde_json::json!({
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "duration_s": self.seconds,
+            "request_throughput_per_s": self.requests as f64 / self.seconds,
+            "output_tokens_per_s": self.output_tokens as f64 / self.seconds,
+            "ttft_p50_ms": percentile(&mut self.ttft, 50.0) * 1e3,
+            "ttft_p99_ms": percentile(&mut self.ttft, 99.0) * 1e3,
+            "itl_p50_ms": percentile(&mut self.itl, 50.0) * 1e3,
+            "itl_p99_ms": percentile(&mut self.itl, 99.0) * 1e3,
+        })
+    }
+}
+
+/// Sends `requests` generations with `concurrency` in flight at a time, like vLLM's serving
+/// benchmark: random token-id prompts of `prompt_len`, exactly `gen_len` tokens each.
+pub async fn bench_serve_level(
+    endpoint: &str,
+    concurrency: usize,
+    requests: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    vocab: u32,
+) -> Result<ServeBenchResult> {
+    let ch = channel(endpoint).await?;
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..requests {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        let mut c = pb::inference_client::InferenceClient::new(ch.clone());
+        let mut rng = grok_shared::sampling::Rng::new(1000 + i as u64);
+        let ids: Vec<u32> = (0..prompt_len)
+            .map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32)
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let start = Instant::now();
+            let mut s = c
+                .generate(pb::GenerateRequest {
+                    prompt: Some(pb::generate_request::Prompt::Ids(pb::TokenIds { ids })),
+                    max_tokens: gen_len as u32,
+                    ignore_eos: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+                .into_inner();
+            let mut ttft = None;
+            let mut last = start;
+            let mut itl = Vec::new();
+            let mut n = 0usize;
+            while let Some(m) = s.next().await {
+                let m = m.map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?;
+                if m.ids.is_empty() {
+                    continue;
+                }
+                let now = Instant::now();
+                match ttft {
+                    None => ttft = Some((now - start).as_secs_f64()),
+                    Some(_) => itl.push((now - last).as_secs_f64()),
+                }
+                last = now;
+                n += m.ids.len();
+            }
+            anyhow::Ok((ttft.unwrap_or(0.0), itl, n))
+        }));
+    }
+    let mut r = ServeBenchResult {
+        concurrency,
+        requests,
+        seconds: 0.0,
+        output_tokens: 0,
+        ttft: vec![],
+        itl: vec![],
+    };
+    for t in tasks {
+        let (ttft, itl, n) = t.await.context("benchmark task")??;
+        r.ttft.push(ttft);
+        r.itl.extend(itl);
+        r.output_tokens += n;
+    }
+    r.seconds = t0.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+pub async fn bench_serve(
+    endpoint: &str,
+    levels: &[usize],
+    requests: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    json: bool,
+) -> Result<()> {
+    let st = fetch_status(endpoint).await?;
+    if st.state != "ready" {
+        bail!("the cluster is not ready (state {})", st.state);
+    }
+    let mut info = pb::inference_client::InferenceClient::new(channel(endpoint).await?);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &info
+            .model_info(pb::ModelInfoRequest {})
+            .await?
+            .into_inner()
+            .config_json,
+    )?;
+    let vocab = cfg["vocab_size"].as_u64().unwrap_or(256) as u32;
+    if !json {
+        println!(
+            "{:>11} {:>9} {:>10} {:>13} {:>10} {:>10} {:>10} {:>10}",
+            "concurrency",
+            "requests",
+            "req/s",
+            "output tok/s",
+            "TTFT p50",
+            "TTFT p99",
+            "ITL p50",
+            "ITL p99"
+        );
+    }
+    let mut all = Vec::new();
+    for &c in levels {
+        let mut r = bench_serve_level(endpoint, c, requests, prompt_len, gen_len, vocab).await?;
+        let j = r.json();
+        if !json {
+            println!(
+                "{:>11} {:>9} {:>10.2} {:>13.1} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms",
+                c,
+                requests,
+                j["request_throughput_per_s"].as_f64().unwrap_or(0.0),
+                j["output_tokens_per_s"].as_f64().unwrap_or(0.0),
+                j["ttft_p50_ms"].as_f64().unwrap_or(0.0),
+                j["ttft_p99_ms"].as_f64().unwrap_or(0.0),
+                j["itl_p50_ms"].as_f64().unwrap_or(0.0),
+                j["itl_p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        all.push(j);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"endpoint": endpoint, "prompt_len": prompt_len, "gen_len": gen_len, "levels": all})
+        );
+    }
+    Ok(())
+}

@@ -164,15 +164,14 @@ enum Cmd {
     },
     /// Measure prefill and decode speed against the machine's memory-bandwidth roofline.
     #[command(
-        after_help = "Examples:\n  grokctl bench --model /tmp/small --threads 1\n  grokctl bench --model /tmp/small --prompt-len 128 --gen-len 64 --threads 2 --json"
+        after_help = "Examples:\n  grokctl bench --model /tmp/small --threads 1\n  grokctl bench --model /tmp/small --prompt-len 128 --gen-len 64 --threads 2 --json\n  grokctl bench --endpoint 127.0.0.1:50051\n  grokctl bench serve --endpoint 127.0.0.1:50051 --concurrency 1,8,32",
+        args_conflicts_with_subcommands = true
     )]
     Bench {
+        #[command(subcommand)]
+        serve: Option<BenchCmd>,
         /// Model directory: benchmark in this process.
-        #[arg(
-            long,
-            required_unless_present = "endpoint",
-            conflicts_with = "endpoint"
-        )]
+        #[arg(long, conflicts_with = "endpoint")]
         model: Option<PathBuf>,
         /// A running cluster's coordinator: benchmark the cluster.
         #[arg(long)]
@@ -184,6 +183,31 @@ enum Cmd {
         /// Size of the buffer used to measure memory bandwidth (MiB; keep well above L3).
         #[arg(long, default_value_t = 1024)]
         bandwidth_mb: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Serving benchmark against a running cluster: request throughput, output tokens/s,
+    /// TTFT and inter-token latency (p50, p99) at several concurrency levels.
+    #[command(
+        after_help = "Example:\n  grokctl bench serve --endpoint 127.0.0.1:50051 --concurrency 1,8,32 --requests 64 --prompt-len 64 --gen-len 32"
+    )]
+    Serve {
+        #[arg(long, env = "GROK_ENDPOINT")]
+        endpoint: String,
+        /// Requests in flight, comma-separated levels.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        concurrency: Vec<usize>,
+        /// Requests per level.
+        #[arg(long, default_value_t = 64)]
+        requests: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_len: usize,
         #[arg(long)]
         json: bool,
     },
@@ -292,6 +316,30 @@ fn run(cli: Cli) -> Result<()> {
                 json,
                 logits_out,
             }))
+        }
+        Cmd::Bench {
+            serve:
+                Some(BenchCmd::Serve {
+                    endpoint,
+                    concurrency,
+                    requests,
+                    prompt_len,
+                    gen_len,
+                    json,
+                }),
+            ..
+        } => {
+            if requests == 0 || prompt_len == 0 || gen_len == 0 || concurrency.contains(&0) {
+                anyhow::bail!("--requests, --prompt-len, --gen-len and every --concurrency level must be positive");
+            }
+            rt()?.block_on(client::bench_serve(
+                &endpoint,
+                &concurrency,
+                requests,
+                prompt_len,
+                gen_len,
+                json,
+            ))
         }
         Cmd::Bench {
             model: None,

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""The official `openai` client against grok-cluster's HTTP API.
+
+Usage: test_openai.py BASE_URL MODEL   (e.g. http://127.0.0.1:8000/v1 grok-1)
+
+Run by tests/tests/http.rs against a cluster with a tokenizer: a completion, a streaming
+completion and a streaming chat completion (plus the model list and a refused request).
+Exits non-zero when an assertion fails.
+"""
+
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def main() -> int:
+    base_url, model = sys.argv[1], sys.argv[2]
+    client = OpenAI(base_url=base_url, api_key="none", timeout=60, max_retries=0)
+
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [model], ids
+
+    # A completion (greedy, fixed length).
+    prompt = "The quick brown fox"
+    c = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert c.id.startswith("cmpl-"), c.id
+    assert c.object == "text_completion", c.object
+    assert c.model == model, c.model
+    assert len(c.choices) == 1
+    choice = c.choices[0]
+    assert choice.finish_reason == "length", choice.finish_reason
+    assert isinstance(choice.text, str) and choice.text, choice
+    assert c.usage.completion_tokens == 6, c.usage
+    assert c.usage.prompt_tokens > 0, c.usage
+    assert c.usage.total_tokens == c.usage.prompt_tokens + 6, c.usage
+    assert len(choice.logprobs.tokens) == 6, choice.logprobs
+    assert len(choice.logprobs.token_logprobs) == 6, choice.logprobs
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs), choice.logprobs
+    assert all(len(t) == 2 for t in choice.logprobs.top_logprobs), choice.logprobs
+
+    # The same completion, streamed: the same text, usage in the last chunk.
+    stream = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == choice.text, (text, choice.text)
+    reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert reasons == ["length"], reasons
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6, chunks[-1]
+
+    # A streaming chat completion: the role first, then content, then one finish reason.
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "What colour is the sky?"},
+    ]
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks, "no chunks"
+    assert chunks[0].choices[0].delta.role == "assistant", chunks[0]
+    content = ""
+    finish = []
+    for ch in chunks:
+        assert ch.object == "chat.completion.chunk", ch.object
+        assert ch.id.startswith("chatcmpl-"), ch.id
+        if ch.choices:
+            content += ch.choices[0].delta.content or ""
+            if ch.choices[0].finish_reason:
+                finish.append(ch.choices[0].finish_reason)
+    assert len(finish) == 1 and finish[0] in ("stop", "length"), finish
+    usage = chunks[-1].usage
+    assert usage is not None and 1 <= usage.completion_tokens <= 8, usage
+
+    # The non-streaming chat answer is the same.
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion", r.object
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == content, (r.choices[0].message.content, content)
+    assert r.choices[0].finish_reason == finish[0]
+    assert r.usage.completion_tokens == usage.completion_tokens, (r.usage, usage)
+
+    # A refused request raises BadRequestError naming the field.
+    try:
+        client.completions.create(model=model, prompt="x", max_tokens=2, temperature=-1)
+    except openai.BadRequestError as e:
+        assert e.status_code == 400, e.status_code
+        assert e.param == "temperature", e.body
+    else:
+        raise AssertionError("temperature -1 was accepted")
+
+    print("openai client: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

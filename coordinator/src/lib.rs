@@ -14,6 +14,7 @@ pub mod http;
 pub mod local;
 pub mod logging;
 pub mod metrics;
+pub mod plan;
 pub mod server;
 pub mod up;
 

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod genmodel;
 pub mod model;
 pub mod npy;
+pub mod planner;
 pub mod sampling;
 pub mod sharding;
 pub mod threads;

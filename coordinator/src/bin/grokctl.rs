@@ -149,6 +149,54 @@ enum Cmd {
         #[arg(long)]
         max_batch_tokens: Option<usize>,
     },
+    /// Plan capacity: every layout of a cluster with memory, KV capacity, latency, throughput and cost.
+    #[command(
+        after_help = "Examples:\n  grokctl plan --model grok-1 --gpu h100-sxm --gpus-per-node 8 --nodes 2 --dtype int8 --prompt-len 1000 --gen-len 200 --concurrency 64 --explain\n  grokctl plan --model grok-1 --gpu h200 --dtype bf16 --itl-ms 50 --json\n  grokctl plan --model /models/small --gpu cpu-host --gpus-per-node 2 --dtype bf16 --context 1024 --prompt-len 64 --gen-len 32\n\nDevices: a100-40gb a100-80gb h100-sxm h100-pcie h200 b200 l40s cpu-host (extend with --catalog FILE)"
+    )]
+    #[command(args_conflicts_with_subcommands = true)]
+    Plan {
+        #[command(subcommand)]
+        sub: Option<PlanCmd>,
+        /// `grok-1`, or a model directory / config.json.
+        #[arg(long, default_value = "grok-1")]
+        model: String,
+        #[arg(long, default_value = "h100-sxm")]
+        gpu: String,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// bf16, int8, fp8 (or f32).
+        #[arg(long, default_value = "int8")]
+        dtype: String,
+        /// Context length (default: the model's).
+        #[arg(long)]
+        context: Option<usize>,
+        #[arg(long, default_value_t = 1000)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 200)]
+        gen_len: usize,
+        /// Sequences in flight across the cluster.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Time-to-first-token objective.
+        #[arg(long)]
+        ttft_ms: Option<f64>,
+        /// Inter-token latency objective.
+        #[arg(long)]
+        itl_ms: Option<f64>,
+        /// A TOML file of extra or replacement devices (same fields as the built-in catalog).
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        /// Say why the top layout wins and what limits it.
+        #[arg(long)]
+        explain: bool,
+        /// Rows of the table.
+        #[arg(long, default_value_t = 15)]
+        top: usize,
+    },
     /// Show a running cluster: layout, workers and the state of each shard.
     #[command(
         after_help = "Examples:\n  grokctl status --endpoint 127.0.0.1:50051\n  grokctl status --endpoint 127.0.0.1:50051 --wait-ready 120"
@@ -183,6 +231,50 @@ enum Cmd {
         /// Size of the buffer used to measure memory bandwidth (MiB; keep well above L3).
         #[arg(long, default_value_t = 1024)]
         bandwidth_mb: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    /// Simulate a Poisson request trace through the engine's policy on a planned cluster:
+    /// TTFT and ITL p50/p99, goodput under the SLO, and the fewest replicas that meet it.
+    #[command(after_help = "Example:\n  grokctl plan simulate --model grok-1 --gpu h100-sxm --nodes 4 --dtype int8 --rate 5 --requests 500 --prompt-len 200:2000 --gen-len 50:400 --ttft-ms 2000 --itl-ms 60")]
+    Simulate {
+        #[arg(long, default_value = "grok-1")]
+        model: String,
+        #[arg(long, default_value = "h100-sxm")]
+        gpu: String,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value = "int8")]
+        dtype: String,
+        /// Layout of one replica as TP,EP,PP (default: the smallest fitting one).
+        #[arg(long, value_delimiter = ',', num_args = 3)]
+        layout: Option<Vec<usize>>,
+        /// Poisson arrival rate, requests per second.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 500)]
+        requests: usize,
+        /// N or MIN:MAX (uniform).
+        #[arg(long, default_value = "200:2000", value_parser = grok_coordinator::plan::parse_range)]
+        prompt_len: (usize, usize),
+        #[arg(long, default_value = "50:400", value_parser = grok_coordinator::plan::parse_range)]
+        gen_len: (usize, usize),
+        #[arg(long, default_value_t = 2000.0)]
+        ttft_ms: f64,
+        #[arg(long, default_value_t = 100.0)]
+        itl_ms: f64,
+        #[arg(long, default_value_t = 64)]
+        max_seqs: usize,
+        #[arg(long, default_value_t = 2048)]
+        max_batch_tokens: usize,
+        #[arg(long)]
+        catalog: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -279,6 +371,79 @@ fn run(cli: Cli) -> Result<()> {
                 coordinator_args,
             }))
         }
+        Cmd::Plan {
+            sub:
+                Some(PlanCmd::Simulate {
+                    model,
+                    gpu,
+                    gpus_per_node,
+                    nodes,
+                    dtype,
+                    layout,
+                    rate,
+                    requests,
+                    prompt_len,
+                    gen_len,
+                    ttft_ms,
+                    itl_ms,
+                    max_seqs,
+                    max_batch_tokens,
+                    catalog,
+                    json,
+                }),
+            ..
+        } => grok_coordinator::plan::simulate(&grok_coordinator::plan::SimArgs {
+            model,
+            gpu,
+            gpus_per_node,
+            nodes,
+            dtype,
+            layout: layout.map(|v| (v[0], v[1], v[2])),
+            rate,
+            requests,
+            prompt_len,
+            gen_len,
+            ttft_ms,
+            itl_ms,
+            max_seqs,
+            max_batch_tokens,
+            catalog,
+            json,
+        }),
+        Cmd::Plan {
+            sub: None,
+            model,
+            gpu,
+            gpus_per_node,
+            nodes,
+            dtype,
+            context,
+            prompt_len,
+            gen_len,
+            concurrency,
+            ttft_ms,
+            itl_ms,
+            catalog,
+            json,
+            explain,
+            top,
+        } => grok_coordinator::plan::run(&grok_coordinator::plan::PlanArgs {
+            model,
+            gpu,
+            gpus_per_node,
+            nodes,
+            dtype,
+            context,
+            prompt_len,
+            gen_len,
+            concurrency,
+            ttft_ms,
+            itl_ms,
+            catalog,
+            json,
+            explain,
+            top,
+        }),
         Cmd::Status {
             endpoint,
             wait_ready,

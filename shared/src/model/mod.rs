@@ -599,10 +599,17 @@ impl Model {
         b
     }
 
-    /// Bytes of all weights this shard holds.
+    /// Bytes of all weights this shard holds in memory (embedding, norms, router, matrices with
+    /// their int8 scales as f32): what the capacity planner's accounting must reproduce.
     pub fn weight_bytes(&self) -> usize {
         let mut b = self.embed.as_ref().map_or(0, |e| e.bytes());
+        b += self.final_norm.as_ref().map_or(0, |n| 4 * n.len());
         for l in &self.layers {
+            b += 4
+                * (l.pre_attn_norm.len()
+                    + l.post_attn_norm.len()
+                    + l.pre_moe_norm.len()
+                    + l.post_moe_norm.len());
             b += l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.router.len() * 4;
             b += l
                 .experts

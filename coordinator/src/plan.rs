@@ -150,14 +150,33 @@ pub struct SimArgs {
     pub json: bool,
 }
 
+/// `TP,EP,PP`.
+pub fn parse_layout(s: &str) -> Result<(usize, usize, usize), String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("`{s}` is not TP,EP,PP"))?;
+    match v.as_slice() {
+        [t, e, p] if *t > 0 && *e > 0 && *p > 0 => Ok((*t, *e, *p)),
+        _ => Err(format!("`{s}` is not TP,EP,PP (three positive numbers)")),
+    }
+}
+
 /// `MIN:MAX` or `N`.
 pub fn parse_range(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = match s.split_once(':') {
         Some((a, b)) => (a, b),
         None => (s, s),
     };
-    let a: usize = a.trim().parse().map_err(|_| format!("`{s}` is not N or MIN:MAX"))?;
-    let b: usize = b.trim().parse().map_err(|_| format!("`{s}` is not N or MIN:MAX"))?;
+    let a: usize = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not N or MIN:MAX"))?;
+    let b: usize = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not N or MIN:MAX"))?;
     if a == 0 || b < a {
         return Err(format!("`{s}`: need 1 <= MIN <= MAX"));
     }
@@ -168,7 +187,8 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
     let c = model_config(&a.model)?;
     let mut cat = Catalog::builtin();
     if let Some(f) = &a.catalog {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading catalog {}", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading catalog {}", f.display()))?;
         cat.extend(Catalog::parse(&text, &f.display().to_string())?);
     }
     if !(a.rate > 0.0) || a.requests == 0 {
@@ -183,7 +203,11 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
         dtype,
         context: c.max_position_embeddings,
         prompt_len: a.prompt_len.1,
-        gen_len: a.gen_len.1.min(c.max_position_embeddings.saturating_sub(a.prompt_len.1)).max(1),
+        gen_len: a
+            .gen_len
+            .1
+            .min(c.max_position_embeddings.saturating_sub(a.prompt_len.1))
+            .max(1),
         concurrency: a.max_seqs,
         ttft_slo_ms: None,
         itl_slo_ms: None,
@@ -192,15 +216,32 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
     let plans = planner::plan(&c, &input)?;
     // The layout of one replica: the one asked for, else the best fitting single-replica layout.
     let chosen = match a.layout {
-        Some((tp, ep, pp)) => plans.iter().find(|p| p.tp == tp && p.ep == ep && p.pp == pp && p.replicas == a.gpus_per_node * a.nodes / (tp * pp)),
+        Some((tp, ep, pp)) => plans.iter().find(|p| {
+            p.tp == tp
+                && p.ep == ep
+                && p.pp == pp
+                && p.replicas == a.gpus_per_node * a.nodes / (tp * pp)
+        }),
         None => plans.iter().filter(|p| p.fits).min_by_key(|p| p.tp * p.pp),
     }
     .with_context(|| "no fitting layout for this cluster (see `grokctl plan`)")?;
     if !chosen.fits {
-        anyhow::bail!("layout tp={} ep={} pp={} does not fit on {}", chosen.tp, chosen.ep, chosen.pp, a.gpu);
+        anyhow::bail!(
+            "layout tp={} ep={} pp={} does not fit on {}",
+            chosen.tp,
+            chosen.ep,
+            chosen.pp,
+            a.gpu
+        );
     }
     let layout = grok_shared::sharding::Layout::new(chosen.tp, chosen.ep, chosen.pp);
-    let m = planner::StepModel { model: &c, dtype, device: &dev, layout, gpus_per_node: a.gpus_per_node };
+    let m = planner::StepModel {
+        model: &c,
+        dtype,
+        device: &dev,
+        layout,
+        gpus_per_node: a.gpus_per_node,
+    };
     let max_replicas = (a.gpus_per_node * a.nodes) / layout.world_size();
     let sim = planner::SimInput {
         rate: a.rate,
@@ -236,16 +277,340 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
         "{} replica layout tp={} ep={} pp={} on {}; {} requests at {} req/s, prompt {:?}, output {:?}; SLO TTFT {} ms, ITL {} ms",
         a.model, layout.tp, layout.ep, layout.pp, a.gpu, a.requests, a.rate, a.prompt_len, a.gen_len, a.ttft_ms, a.itl_ms
     );
-    println!("{:>8} {:>10} {:>10} {:>9} {:>9} {:>12} {:>9} {:>11}", "replicas", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "goodput r/s", "in SLO", "out tok/s");
+    println!(
+        "{:>8} {:>10} {:>10} {:>9} {:>9} {:>12} {:>9} {:>11}",
+        "replicas",
+        "TTFT p50",
+        "TTFT p99",
+        "ITL p50",
+        "ITL p99",
+        "goodput r/s",
+        "in SLO",
+        "out tok/s"
+    );
     for r in &results {
         println!(
             "{:>8} {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>7.1}ms {:>12.2} {:>8.1}% {:>11.0}",
-            r.replicas, r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms, r.goodput_rps, r.slo_attainment * 100.0, r.output_tokens_per_s
+            r.replicas,
+            r.ttft_p50_ms,
+            r.ttft_p99_ms,
+            r.itl_p50_ms,
+            r.itl_p99_ms,
+            r.goodput_rps,
+            r.slo_attainment * 100.0,
+            r.output_tokens_per_s
         );
     }
     match fewest {
-        Some(r) => println!("fewest replicas meeting the SLO for 99% of requests: {r} ({} devices)", r * layout.world_size()),
-        None => println!("even {max_replicas} replicas (all {} devices) miss the SLO; add nodes or relax it", max_replicas * layout.world_size()),
+        Some(r) => println!(
+            "fewest replicas meeting the SLO for 99% of requests: {r} ({} devices)",
+            r * layout.world_size()
+        ),
+        None => println!(
+            "even {max_replicas} replicas (all {} devices) miss the SLO; add nodes or relax it",
+            max_replicas * layout.world_size()
+        ),
+    }
+    Ok(())
+}
+
+/// What this host's kernels and links achieve, as a catalog entry.
+#[derive(Clone, Debug)]
+pub struct HostCalibration {
+    pub threads: usize,
+    /// Weight bytes per second a batch-1 matmul streams (bf16 weights, well above the caches).
+    pub gemv_bytes_per_s: f64,
+    /// FLOP/s of a 32-row matmul on bf16 weights larger than the caches.
+    pub gemm_flops: f64,
+    pub allreduce_latency_s: f64,
+    pub allreduce_bytes_per_s: f64,
+    /// Time of a tiny matmul call (the fixed cost of one call).
+    pub call_overhead_s: f64,
+}
+
+fn bf16_linear(out: usize, inp: usize) -> grok_shared::backend::cpu::Linear {
+    use grok_shared::backend::cpu::{Linear, Weights};
+    use grok_shared::checkpoint::Buf;
+    let mut r = grok_shared::sampling::Rng::new(9);
+    let w: Vec<u16> = (0..out * inp)
+        .map(|_| half::bf16::from_f32(r.next_f64() as f32 - 0.5).to_bits())
+        .collect();
+    Linear::new(out, inp, Weights::Bf16(Buf::owned(w)))
+}
+
+/// Measures the kernels with `threads` threads and the TCP collective between two local ranks.
+pub fn calibrate_host(threads: usize) -> Result<HostCalibration> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let (gemv, gemm, call) = pool.install(|| {
+        let big = bf16_linear(16384, 8192); // 268 MB of weights
+        let x = vec![0.5f32; 8192];
+        let mut y = vec![0f32; 16384];
+        big.matmul(&x, 1, &mut y);
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            big.matmul(&x, 1, &mut y);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let gemv = big.bytes() as f64 / best;
+        // Larger than the last-level cache, with a row count like a prefill chunk's per expert.
+        let sq = bf16_linear(8192, 4096);
+        let m = 32;
+        let xs = vec![0.25f32; m * 4096];
+        let mut ys = vec![0f32; m * 8192];
+        sq.matmul(&xs, m, &mut ys);
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            sq.matmul(&xs, m, &mut ys);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let tiny = bf16_linear(64, 64);
+        let xt = vec![0.5f32; 64];
+        let mut yt = vec![0f32; 64];
+        let t = std::time::Instant::now();
+        for _ in 0..2000 {
+            tiny.matmul(&xt, 1, &mut yt);
+        }
+        let call = t.elapsed().as_secs_f64() / 2000.0;
+        (gemv, 2.0 * m as f64 * 8192.0 * 4096.0 / best, call)
+    });
+    // Two ranks on loopback: small all-reduces for latency, 4 MB ones for bandwidth.
+    let l0 = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let l1 = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let peers = vec![l0.local_addr()?, l1.local_addr()?];
+    let p2 = peers.clone();
+    let cfg = grok_shared::collective::TcpConfig {
+        timeout: std::time::Duration::from_secs(30),
+        connect_timeout: std::time::Duration::from_secs(10),
+    };
+    let other = std::thread::spawn(move || -> Result<(), grok_shared::collective::CommError> {
+        use grok_shared::collective::Communicator;
+        let c = grok_shared::collective::TcpComm::connect(1, &p2, l1, cfg)?;
+        let mut small = vec![1f32; 1];
+        for _ in 0..200 {
+            c.all_reduce_sum(&mut small)?;
+        }
+        let mut big = vec![1f32; 1 << 20];
+        for _ in 0..10 {
+            c.all_reduce_sum(&mut big)?;
+        }
+        Ok(())
+    });
+    use grok_shared::collective::Communicator;
+    let c = grok_shared::collective::TcpComm::connect(0, &peers, l0, cfg)?;
+    let mut small = vec![1f32; 1];
+    let t = std::time::Instant::now();
+    for _ in 0..200 {
+        c.all_reduce_sum(&mut small)?;
+    }
+    let lat = t.elapsed().as_secs_f64() / 200.0;
+    let mut big = vec![1f32; 1 << 20];
+    let t = std::time::Instant::now();
+    for _ in 0..10 {
+        c.all_reduce_sum(&mut big)?;
+    }
+    let per = t.elapsed().as_secs_f64() / 10.0;
+    other
+        .join()
+        .map_err(|_| anyhow::anyhow!("calibration peer panicked"))??;
+    // A ring all-reduce of B bytes moves 2(w-1)/w x B per rank: B at w = 2.
+    let bw = (4 << 20) as f64 / (per - 2.0 * lat).max(1e-6);
+    Ok(HostCalibration {
+        threads,
+        gemv_bytes_per_s: gemv,
+        gemm_flops: gemm,
+        allreduce_latency_s: lat,
+        allreduce_bytes_per_s: bw,
+        call_overhead_s: call,
+    })
+}
+
+impl HostCalibration {
+    /// The catalog entry of one worker with this many threads.
+    pub fn device(
+        &self,
+        name: &str,
+        memory_gb: f64,
+        workers_per_host: usize,
+    ) -> grok_shared::planner::Device {
+        grok_shared::planner::Device {
+            name: name.into(),
+            memory_gb,
+            mem_bw_gbs: self.gemv_bytes_per_s / 1e9,
+            bf16_tflops: self.gemm_flops / 1e12,
+            fp8_tflops: 0.0,
+            int8_tops: self.gemm_flops / 1e12,
+            intra_node_gbs: self.allreduce_bytes_per_s / 1e9,
+            // One all-reduce step of the ring is one message; a 2-rank ring has 2 per all-reduce.
+            intra_node_latency_us: self.allreduce_latency_s * 1e6 / 2.0,
+            inter_node_gbs: self.allreduce_bytes_per_s / 1e9,
+            inter_node_latency_us: self.allreduce_latency_s * 1e6 / 2.0,
+            price_per_hour: 0.1,
+            max_per_node: workers_per_host,
+            launch_overhead_us: self.call_overhead_s * 1e6,
+        }
+    }
+
+    pub fn toml(&self, d: &grok_shared::planner::Device) -> String {
+        format!(
+            "# measured by `grokctl plan calibrate` with {} thread(s) per worker\n[[device]]\nname = \"{}\"\nmemory_gb = {:.1}\nmem_bw_gbs = {:.2}\nbf16_tflops = {:.4}\nfp8_tflops = 0\nint8_tops = {:.4}\nintra_node_gbs = {:.3}\nintra_node_latency_us = {:.1}\ninter_node_gbs = {:.3}\ninter_node_latency_us = {:.1}\nprice_per_hour = {}\nmax_per_node = {}\nlaunch_overhead_us = {:.1}\n",
+            self.threads, d.name, d.memory_gb, d.mem_bw_gbs, d.bf16_tflops, d.int8_tops, d.intra_node_gbs, d.intra_node_latency_us, d.inter_node_gbs, d.inter_node_latency_us, d.price_per_hour, d.max_per_node, d.launch_overhead_us
+        )
+    }
+}
+
+pub struct ValidateArgs {
+    pub model: PathBuf,
+    pub layouts: Vec<(usize, usize, usize)>,
+    pub concurrency: Vec<usize>,
+    pub requests: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+}
+
+struct UpProc(std::process::Child);
+impl Drop for UpProc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn start_cluster(model: &Path, tp: usize, ep: usize, pp: usize) -> Result<(UpProc, String)> {
+    use std::io::BufRead;
+    let me = std::env::current_exe()?;
+    let mut c = std::process::Command::new(me)
+        .args(["up", "--model"])
+        .arg(model)
+        .args([
+            "--tp",
+            &tp.to_string(),
+            "--ep",
+            &ep.to_string(),
+            "--pp",
+            &pp.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let out = c.stdout.take().context("stdout")?;
+    let p = UpProc(c);
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        if let Some(e) = line.strip_prefix("ready: ") {
+            return Ok((p, e.to_string()));
+        }
+    }
+    anyhow::bail!("the cluster tp={tp} ep={ep} pp={pp} did not start")
+}
+
+/// Runs real CPU clusters of this project and compares measured TTFT, ITL and throughput with
+/// the planner's predictions for a device calibrated on this host.
+pub async fn validate(a: &ValidateArgs) -> Result<()> {
+    let c = model_config(&a.model.display().to_string())?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cal: std::collections::HashMap<usize, HostCalibration> = Default::default();
+    println!(
+        "{:>9} {:>5} | {:>10} {:>10} {:>6} | {:>9} {:>9} {:>6} | {:>10} {:>10} {:>6}",
+        "layout",
+        "conc",
+        "TTFT meas",
+        "TTFT pred",
+        "err",
+        "ITL meas",
+        "ITL pred",
+        "err",
+        "tok/s meas",
+        "tok/s pred",
+        "err"
+    );
+    let mut errors = Vec::new();
+    for &(tp, ep, pp) in &a.layouts {
+        let world = tp * pp;
+        let threads = (cores / world).max(1);
+        if let std::collections::hash_map::Entry::Vacant(e) = cal.entry(threads) {
+            e.insert(calibrate_host(threads)?);
+        }
+        let dev = cal[&threads].device("calibrated", 24.0 / world as f64, world);
+        let layout = grok_shared::sharding::Layout::new(tp, ep, pp);
+        layout.validate(&c)?;
+        let m = planner::StepModel {
+            model: &c,
+            dtype: PlanDType::Bf16,
+            device: &dev,
+            layout,
+            gpus_per_node: world,
+        };
+        let (_cluster, endpoint) = start_cluster(&a.model, tp, ep, pp)?;
+        for &conc in &a.concurrency {
+            let mut r = crate::client::bench_serve_level(
+                &endpoint,
+                conc,
+                a.requests,
+                a.prompt_len,
+                a.gen_len,
+                c.vocab_size as u32,
+            )
+            .await?;
+            let j = r.json();
+            let (l, g) = (a.prompt_len as f64, a.gen_len as f64);
+            let cf = conc as f64;
+            let itl_p = m.time(cf, cf, l + g / 2.0);
+            let ttft_p = m.time(cf, cf * l, l / 2.0);
+            let tps_p = cf * g / (ttft_p + (g - 1.0) * itl_p);
+            let meas = (
+                j["ttft_p50_ms"].as_f64().unwrap_or(0.0),
+                j["itl_p50_ms"].as_f64().unwrap_or(0.0),
+                j["output_tokens_per_s"].as_f64().unwrap_or(0.0),
+            );
+            let pred = (ttft_p * 1e3, itl_p * 1e3, tps_p);
+            let err = |m: f64, p: f64| (p - m) / m.max(1e-9);
+            let e = (
+                err(meas.0, pred.0),
+                err(meas.1, pred.1),
+                err(meas.2, pred.2),
+            );
+            errors.extend([e.0.abs(), e.1.abs(), e.2.abs()]);
+            println!(
+                "{:>9} {:>5} | {:>8.1}ms {:>8.1}ms {:>5.0}% | {:>7.1}ms {:>7.1}ms {:>5.0}% | {:>10.1} {:>10.1} {:>5.0}%",
+                format!("{tp},{ep},{pp}"),
+                conc,
+                meas.0,
+                pred.0,
+                e.0 * 100.0,
+                meas.1,
+                pred.1,
+                e.1 * 100.0,
+                meas.2,
+                pred.2,
+                e.2 * 100.0
+            );
+        }
+    }
+    errors.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let med = errors.get(errors.len() / 2).copied().unwrap_or(0.0);
+    println!(
+        "median absolute error: {:.1}% over {} predictions",
+        med * 100.0,
+        errors.len()
+    );
+    for (t, h) in &cal {
+        println!(
+            "calibration, {t} thread(s): matmul streams {:.1} GB/s at batch 1, {:.1} GFLOP/s at 32 rows; all-reduce {:.0} us + {:.2} GB/s; {:.0} us per matmul call",
+            h.gemv_bytes_per_s / 1e9,
+            h.gemm_flops / 1e9,
+            h.allreduce_latency_s * 1e6,
+            h.allreduce_bytes_per_s / 1e9,
+            h.call_overhead_s * 1e6
+        );
     }
     Ok(())
 }

@@ -39,6 +39,9 @@ pub struct Device {
     pub inter_node_latency_us: f64,
     pub price_per_hour: f64,
     pub max_per_node: usize,
+    /// Fixed cost of one kernel launch / matmul call (optional; 0 when absent).
+    #[serde(default)]
+    pub launch_overhead_us: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -326,7 +329,10 @@ fn step_time(
         (dev.inter_node_gbs * 1e9, dev.inter_node_latency_us * 1e-6)
     };
     let t_p2p = (pp - 1.0) * (ar_bytes / plink + plat);
-    let t_compute = pp * t_mem.max(t_cmp) + t_out;
+    // Fixed cost per matmul call: q, k, v, o, router, and three per touched expert.
+    let calls = layers_per_stage * (5.0 + 3.0 * touched_experts) + 1.0;
+    let t_calls = calls * dev.launch_overhead_us * 1e-6;
+    let t_compute = pp * (t_mem.max(t_cmp) + t_calls) + t_out;
     let total = t_compute + t_coll + t_p2p;
     let bound = if t_coll + t_p2p > t_compute {
         "links"
@@ -653,7 +659,17 @@ impl StepModel<'_> {
     /// hold about `ctx` positions each.
     pub fn time(&self, seqs: f64, tokens: f64, ctx: f64) -> f64 {
         let seqs = seqs.max(1.0);
-        step_time(self.model, self.dtype, self.device, &self.layout, self.gpus_per_node, seqs, tokens / seqs, ctx).0
+        step_time(
+            self.model,
+            self.dtype,
+            self.device,
+            &self.layout,
+            self.gpus_per_node,
+            seqs,
+            tokens / seqs,
+            ctx,
+        )
+        .0
     }
 }
 
@@ -711,13 +727,25 @@ pub fn simulate(m: &StepModel, s: &SimInput, replicas: usize) -> SimResult {
         itls: Vec<f64>,
     }
     let mut rng = crate::sampling::Rng::new(s.seed);
-    let uni = |rng: &mut crate::sampling::Rng, (a, b): (usize, usize)| a + (rng.next_u64() % ((b - a + 1) as u64)) as usize;
+    let uni = |rng: &mut crate::sampling::Rng, (a, b): (usize, usize)| {
+        a + (rng.next_u64() % ((b - a + 1) as u64)) as usize
+    };
     let mut t = 0.0;
     let mut per_replica: Vec<Vec<Req>> = (0..replicas).map(|_| Vec::new()).collect();
     for i in 0..s.requests {
         t += -(1.0 - rng.next_f64()).ln() / s.rate;
         let (p, g) = (uni(&mut rng, s.prompt_len), uni(&mut rng, s.gen_len));
-        per_replica[i % replicas].push(Req { arrive: t, prompt: p, gen: g, done_prompt: 0, out: 0, first: None, last: 0.0, itl_max: 0.0, itls: vec![] });
+        per_replica[i % replicas].push(Req {
+            arrive: t,
+            prompt: p,
+            gen: g,
+            done_prompt: 0,
+            out: 0,
+            first: None,
+            last: 0.0,
+            itl_max: 0.0,
+            itls: vec![],
+        });
     }
     let mut all: Vec<Req> = Vec::new();
     let mut end_time: f64 = 0.0;
@@ -736,13 +764,21 @@ pub fn simulate(m: &StepModel, s: &SimInput, replicas: usize) -> SimResult {
             let mut budget = s.max_batch_tokens;
             let mut tokens = 0usize;
             for r in running.iter() {
-                let n = if r.done_prompt < r.prompt { (r.prompt - r.done_prompt).min(budget) } else { 1.min(budget) };
+                let n = if r.done_prompt < r.prompt {
+                    (r.prompt - r.done_prompt).min(budget)
+                } else {
+                    1.min(budget)
+                };
                 budget -= n;
                 tokens += n;
             }
             let mut used = used;
             while let Some(r) = queue.front() {
-                if r.arrive > now || running.len() >= s.max_seqs || budget == 0 || used + (r.prompt + r.gen) as u64 > s.kv_capacity_tokens {
+                if r.arrive > now
+                    || running.len() >= s.max_seqs
+                    || budget == 0
+                    || used + (r.prompt + r.gen) as u64 > s.kv_capacity_tokens
+                {
                     break;
                 }
                 let r = queue.pop_front().expect("front");
@@ -759,7 +795,11 @@ pub fn simulate(m: &StepModel, s: &SimInput, replicas: usize) -> SimResult {
                 }
                 continue;
             }
-            let ctx = running.iter().map(|r| (r.done_prompt + r.out) as f64).sum::<f64>() / running.len() as f64;
+            let ctx = running
+                .iter()
+                .map(|r| (r.done_prompt + r.out) as f64)
+                .sum::<f64>()
+                / running.len() as f64;
             let dt = m.time(running.len() as f64, tokens.max(1) as f64, ctx.max(1.0));
             now += dt;
             // Apply: same order and budget as above.
@@ -800,11 +840,17 @@ pub fn simulate(m: &StepModel, s: &SimInput, replicas: usize) -> SimResult {
         }
         end_time = end_time.max(now);
     }
-    let mut ttft: Vec<f64> = all.iter().map(|r| r.first.unwrap_or(r.last) - r.arrive).collect();
+    let mut ttft: Vec<f64> = all
+        .iter()
+        .map(|r| r.first.unwrap_or(r.last) - r.arrive)
+        .collect();
     let mut itl: Vec<f64> = all.iter().flat_map(|r| r.itls.iter().copied()).collect();
     let good = all
         .iter()
-        .filter(|r| (r.first.unwrap_or(r.last) - r.arrive) * 1e3 <= s.ttft_slo_ms && r.itl_max * 1e3 <= s.itl_slo_ms)
+        .filter(|r| {
+            (r.first.unwrap_or(r.last) - r.arrive) * 1e3 <= s.ttft_slo_ms
+                && r.itl_max * 1e3 <= s.itl_slo_ms
+        })
         .count();
     let out_tokens: usize = all.iter().map(|r| r.out).sum();
     SimResult {
@@ -827,7 +873,13 @@ mod sim_tests {
     fn more_load_means_more_latency_and_replicas_help() {
         let c = ModelConfig::grok1();
         let dev = Catalog::builtin().get("h100-sxm").unwrap().clone();
-        let m = StepModel { model: &c, dtype: PlanDType::Int8, device: &dev, layout: Layout::new(8, 8, 1), gpus_per_node: 8 };
+        let m = StepModel {
+            model: &c,
+            dtype: PlanDType::Int8,
+            device: &dev,
+            layout: Layout::new(8, 8, 1),
+            gpus_per_node: 8,
+        };
         let base = SimInput {
             rate: 2.0,
             requests: 300,
@@ -841,13 +893,30 @@ mod sim_tests {
             seed: 1,
         };
         let light = simulate(&m, &base, 1);
-        let heavy = simulate(&m, &SimInput { rate: 40.0, ..base.clone() }, 1);
+        let heavy = simulate(
+            &m,
+            &SimInput {
+                rate: 40.0,
+                ..base.clone()
+            },
+            1,
+        );
         assert!(heavy.ttft_p99_ms > light.ttft_p99_ms, "{heavy:?} {light:?}");
         assert!(heavy.itl_p50_ms >= light.itl_p50_ms);
-        let two = simulate(&m, &SimInput { rate: 40.0, ..base.clone() }, 2);
+        let two = simulate(
+            &m,
+            &SimInput {
+                rate: 40.0,
+                ..base.clone()
+            },
+            2,
+        );
         assert!(two.ttft_p99_ms < heavy.ttft_p99_ms);
         assert!(light.slo_attainment > 0.9, "{light:?}");
         // Deterministic for a seed.
-        assert_eq!(format!("{:?}", simulate(&m, &base, 1)), format!("{light:?}"));
+        assert_eq!(
+            format!("{:?}", simulate(&m, &base, 1)),
+            format!("{light:?}")
+        );
     }
 }

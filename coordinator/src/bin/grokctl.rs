@@ -238,9 +238,44 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PlanCmd {
+    /// Measure this host (matmul bandwidth and throughput, TCP all-reduce latency and
+    /// bandwidth between local workers) into a catalog entry (TOML on stdout).
+    #[command(
+        after_help = "Example:\n  grokctl plan calibrate --workers 2 > host.toml\n  grokctl plan --catalog host.toml --gpu calibrated --gpus-per-node 2 --model models/small-bf16 --dtype bf16 --context 1024 --prompt-len 64 --gen-len 32"
+    )]
+    Calibrate {
+        /// Workers that will share this host (each gets cores / workers threads).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Memory of the host in GB (default: 24).
+        #[arg(long, default_value_t = 24.0)]
+        memory_gb: f64,
+    },
+    /// Run real CPU clusters of a model and compare measured TTFT, ITL and throughput with the
+    /// planner's predictions (calibrated on this host).
+    #[command(
+        after_help = "Example:\n  grokctl plan validate --model models/small-bf16 --layouts 1,1,1 --layouts 2,1,1 --layouts 1,1,2 --concurrency 1,4"
+    )]
+    Validate {
+        #[arg(long)]
+        model: PathBuf,
+        /// TP,EP,PP; repeat for several layouts.
+        #[arg(long, value_parser = grok_coordinator::plan::parse_layout, default_value = "1,1,1")]
+        layouts: Vec<(usize, usize, usize)>,
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        concurrency: Vec<usize>,
+        #[arg(long, default_value_t = 8)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        gen_len: usize,
+    },
     /// Simulate a Poisson request trace through the engine's policy on a planned cluster:
     /// TTFT and ITL p50/p99, goodput under the SLO, and the fewest replicas that meet it.
-    #[command(after_help = "Example:\n  grokctl plan simulate --model grok-1 --gpu h100-sxm --nodes 4 --dtype int8 --rate 5 --requests 500 --prompt-len 200:2000 --gen-len 50:400 --ttft-ms 2000 --itl-ms 60")]
+    #[command(
+        after_help = "Example:\n  grokctl plan simulate --model grok-1 --gpu h100-sxm --nodes 4 --dtype int8 --rate 5 --requests 500 --prompt-len 200:2000 --gen-len 50:400 --ttft-ms 2000 --itl-ms 60"
+    )]
     Simulate {
         #[arg(long, default_value = "grok-1")]
         model: String,
@@ -253,8 +288,8 @@ enum PlanCmd {
         #[arg(long, default_value = "int8")]
         dtype: String,
         /// Layout of one replica as TP,EP,PP (default: the smallest fitting one).
-        #[arg(long, value_delimiter = ',', num_args = 3)]
-        layout: Option<Vec<usize>>,
+        #[arg(long, value_parser = grok_coordinator::plan::parse_layout)]
+        layout: Option<(usize, usize, usize)>,
         /// Poisson arrival rate, requests per second.
         #[arg(long, default_value_t = 2.0)]
         rate: f64,
@@ -398,7 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             gpus_per_node,
             nodes,
             dtype,
-            layout: layout.map(|v| (v[0], v[1], v[2])),
+            layout,
             rate,
             requests,
             prompt_len,
@@ -410,6 +445,42 @@ fn run(cli: Cli) -> Result<()> {
             catalog,
             json,
         }),
+        Cmd::Plan {
+            sub: Some(PlanCmd::Calibrate { workers, memory_gb }),
+            ..
+        } => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = (cores / workers.max(1)).max(1);
+            let h = grok_coordinator::plan::calibrate_host(threads)?;
+            let d = h.device(
+                "calibrated",
+                memory_gb / workers.max(1) as f64,
+                workers.max(1),
+            );
+            print!("{}", h.toml(&d));
+            Ok(())
+        }
+        Cmd::Plan {
+            sub:
+                Some(PlanCmd::Validate {
+                    model,
+                    layouts,
+                    concurrency,
+                    requests,
+                    prompt_len,
+                    gen_len,
+                }),
+            ..
+        } => rt()?.block_on(grok_coordinator::plan::validate(
+            &grok_coordinator::plan::ValidateArgs {
+                model,
+                layouts,
+                concurrency,
+                requests,
+                prompt_len,
+                gen_len,
+            },
+        )),
         Cmd::Plan {
             sub: None,
             model,

@@ -9,6 +9,7 @@
 //! - [`logging`]: tracing set-up shared by the binaries.
 
 pub mod client;
+pub mod config;
 pub mod engine;
 pub mod http;
 pub mod local;

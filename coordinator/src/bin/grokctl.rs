@@ -117,38 +117,52 @@ enum Cmd {
         after_help = "Examples:\n  grokctl up --model /tmp/tiny --tp 2 --pp 2\n  grokctl up --model /tmp/small --tp 2 --ep 2 --listen 127.0.0.1:50051\n\nWorkers on other hosts join a coordinator with:\n  grok-worker --coordinator HOST:PORT --listen 0.0.0.0:50061 --advertise MYIP:50061"
     )]
     Up {
+        /// Cluster config file (TOML; see deploy/cluster.example.toml). Flags override it and
+        /// environment variables (GROK_MODEL, GROK_TP, ...) override both.
         #[arg(long)]
-        model: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        #[arg(long, default_value_t = 1)]
-        ep: usize,
-        #[arg(long, default_value_t = 1)]
-        pp: usize,
-        /// Coordinator address (port 0 picks a free one).
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        listen: String,
+        config: Option<PathBuf>,
+        /// Model directory [env: GROK_MODEL]
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Tensor-parallel ranks per stage [default: 1] [env: GROK_TP]
+        #[arg(long)]
+        tp: Option<usize>,
+        /// Expert groups per stage [default: 1] [env: GROK_EP]
+        #[arg(long)]
+        ep: Option<usize>,
+        /// Pipeline stages [default: 1] [env: GROK_PP]
+        #[arg(long)]
+        pp: Option<usize>,
+        /// Coordinator address; port 0 picks a free one [default: 127.0.0.1:50051] [env: GROK_LISTEN]
+        #[arg(long)]
+        listen: Option<String>,
+        /// SentencePiece tokenizer.model [env: GROK_TOKENIZER]
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// KV cache blocks per worker (16 tokens each).
-        #[arg(long, default_value_t = 512)]
-        kv_blocks: usize,
+        /// KV cache blocks per worker, 16 tokens each [default: 512] [env: GROK_KV_BLOCKS]
+        #[arg(long)]
+        kv_blocks: Option<usize>,
         /// Give up when the cluster is not ready after this many seconds.
         #[arg(long, default_value_t = 600)]
         ready_timeout_s: u64,
-        /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics on this address.
+        /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics here [env: GROK_HTTP_LISTEN]
         #[arg(long)]
         http_listen: Option<String>,
-        /// Requests waiting beyond this are refused at once.
+        /// Requests waiting beyond this are refused at once [env: GROK_MAX_QUEUE]
         #[arg(long)]
         max_queue: Option<usize>,
-        /// Sequences in the running batch.
+        /// Sequences in the running batch [env: GROK_MAX_SEQS]
         #[arg(long)]
         max_seqs: Option<usize>,
-        /// Tokens per step (chunked-prefill budget).
+        /// Tokens per step, the chunked-prefill budget [env: GROK_MAX_BATCH_TOKENS]
         #[arg(long)]
         max_batch_tokens: Option<usize>,
     },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  grokctl completions bash > /etc/bash_completion.d/grokctl\n  grokctl completions zsh > ~/.zfunc/_grokctl\n  grokctl completions fish > ~/.config/fish/completions/grokctl.fish"
+    )]
+    Completions { shell: clap_complete::Shell },
     /// Plan capacity: every layout of a cluster with memory, KV capacity, latency, throughput and cost.
     #[command(
         after_help = "Examples:\n  grokctl plan --model grok-1 --gpu h100-sxm --gpus-per-node 8 --nodes 2 --dtype int8 --prompt-len 1000 --gen-len 200 --concurrency 64 --explain\n  grokctl plan --model grok-1 --gpu h200 --dtype bf16 --itl-ms 50 --json\n  grokctl plan --model /models/small --gpu cpu-host --gpus-per-node 2 --dtype bf16 --context 1024 --prompt-len 64 --gen-len 32\n\nDevices: a100-40gb a100-80gb h100-sxm h100-pcie h200 b200 l40s cpu-host (extend with --catalog FILE)"
@@ -358,7 +372,18 @@ fn run(cli: Cli) -> Result<()> {
             .build()
     };
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "grokctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Cmd::Up {
+            config,
             model,
             tp,
             ep,
@@ -372,6 +397,38 @@ fn run(cli: Cli) -> Result<()> {
             max_seqs,
             max_batch_tokens,
         } => {
+            use grok_coordinator::config as cf;
+            let file = match &config {
+                Some(p) => cf::ClusterFile::load(p)?,
+                None => cf::ClusterFile::default(),
+            };
+            let flags = cf::UpFlags {
+                model,
+                tokenizer,
+                tp,
+                ep,
+                pp,
+                listen,
+                http_listen,
+                kv_blocks,
+                max_seqs,
+                max_queue,
+                max_batch_tokens,
+            };
+            let s = cf::resolve_up(&file, &flags, &|k| std::env::var(k).ok())?;
+            let cf::UpSettings {
+                model,
+                tokenizer,
+                tp,
+                ep,
+                pp,
+                listen,
+                http_listen,
+                kv_blocks,
+                max_seqs,
+                max_queue,
+                max_batch_tokens,
+            } = s;
             let mut coordinator_args = Vec::new();
             for (flag, v) in [
                 ("--http-listen", http_listen),

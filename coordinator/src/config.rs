@@ -1,0 +1,355 @@
+//! The cluster config file (TOML) and its precedence: file < command-line flags < environment.
+//!
+//! ```toml
+//! [model]
+//! path = "/models/grok-1"            # GROK_MODEL
+//! tokenizer = "/models/grok-1/tokenizer.model"   # GROK_TOKENIZER (optional)
+//!
+//! [layout]
+//! tp = 8                              # GROK_TP
+//! ep = 8                              # GROK_EP
+//! pp = 1                              # GROK_PP
+//!
+//! [coordinator]
+//! listen = "0.0.0.0:50051"            # GROK_LISTEN
+//! http_listen = "0.0.0.0:8000"        # GROK_HTTP_LISTEN (optional)
+//!
+//! [limits]
+//! kv_blocks = 512                     # GROK_KV_BLOCKS
+//! max_seqs = 64                       # GROK_MAX_SEQS
+//! max_queue = 256                     # GROK_MAX_QUEUE
+//! max_batch_tokens = 512              # GROK_MAX_BATCH_TOKENS
+//!
+//! [[hosts]]                           # for multi-host launch
+//! name = "node1"
+//! address = "10.0.0.2"
+//! devices = ["cuda:0", "cuda:1"]
+//! ```
+//! `deploy/cluster.example.toml` is a commented example. Unknown keys are errors.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub layout: LayoutSection,
+    #[serde(default)]
+    pub coordinator: CoordinatorSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub hosts: Vec<HostSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayoutSection {
+    pub tp: Option<usize>,
+    pub ep: Option<usize>,
+    pub pp: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSection {
+    pub listen: Option<String>,
+    pub http_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub kv_blocks: Option<usize>,
+    pub max_seqs: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    pub name: String,
+    pub address: String,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    pub ssh: Option<String>,
+    pub bin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read config {path}: {why}")]
+    Read { path: PathBuf, why: String },
+    #[error("config {path}: {why}")]
+    Parse { path: PathBuf, why: String },
+    #[error("{key}: {why}")]
+    Invalid { key: String, why: String },
+}
+
+impl ClusterFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigFileError::Read {
+            path: path.into(),
+            why: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigFileError> {
+        toml::from_str(text).map_err(|e| ConfigFileError::Parse {
+            path: path.into(),
+            why: e.to_string().trim().replace('\n', " "),
+        })
+    }
+}
+
+/// Values given on the command line (None = not given).
+#[derive(Debug, Default, Clone)]
+pub struct UpFlags {
+    pub model: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub tp: Option<usize>,
+    pub ep: Option<usize>,
+    pub pp: Option<usize>,
+    pub listen: Option<String>,
+    pub http_listen: Option<String>,
+    pub kv_blocks: Option<usize>,
+    pub max_seqs: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
+}
+
+/// The resolved settings of `grokctl up`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpSettings {
+    pub model: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub tp: usize,
+    pub ep: usize,
+    pub pp: usize,
+    pub listen: String,
+    pub http_listen: Option<String>,
+    pub kv_blocks: usize,
+    pub max_seqs: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
+}
+
+fn env_usize(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<usize>, ConfigFileError> {
+    match env(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigFileError::Invalid {
+                key: name.into(),
+                why: format!("`{v}` is not a non-negative integer"),
+            }),
+    }
+}
+
+fn check_addr(key: &str, v: &str) -> Result<(), ConfigFileError> {
+    v.parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| ConfigFileError::Invalid {
+            key: key.into(),
+            why: format!("`{v}` is not an IP:PORT address"),
+        })
+}
+
+/// Resolves file < flags < environment (`env` looks variables up, e.g. `std::env::var`).
+pub fn resolve_up(
+    file: &ClusterFile,
+    flags: &UpFlags,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<UpSettings, ConfigFileError> {
+    let pick_u = |e: Option<usize>, f: Option<usize>, c: Option<usize>| e.or(f).or(c);
+    let model = env("GROK_MODEL")
+        .map(PathBuf::from)
+        .or(flags.model.clone())
+        .or(file.model.path.clone())
+        .ok_or_else(|| ConfigFileError::Invalid {
+            key: "model.path".into(),
+            why: "no model: set model.path in the config, --model, or GROK_MODEL".into(),
+        })?;
+    let listen = env("GROK_LISTEN")
+        .or(flags.listen.clone())
+        .or(file.coordinator.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:50051".into());
+    let listen_key = if env("GROK_LISTEN").is_some() {
+        "GROK_LISTEN"
+    } else if flags.listen.is_some() {
+        "--listen"
+    } else {
+        "coordinator.listen"
+    };
+    check_addr(listen_key, &listen)?;
+    let http_listen = env("GROK_HTTP_LISTEN")
+        .or(flags.http_listen.clone())
+        .or(file.coordinator.http_listen.clone());
+    if let Some(h) = &http_listen {
+        check_addr("coordinator.http_listen", h)?;
+    }
+    let s = UpSettings {
+        model,
+        tokenizer: env("GROK_TOKENIZER")
+            .map(PathBuf::from)
+            .or(flags.tokenizer.clone())
+            .or(file.model.tokenizer.clone()),
+        tp: pick_u(env_usize(env, "GROK_TP")?, flags.tp, file.layout.tp).unwrap_or(1),
+        ep: pick_u(env_usize(env, "GROK_EP")?, flags.ep, file.layout.ep).unwrap_or(1),
+        pp: pick_u(env_usize(env, "GROK_PP")?, flags.pp, file.layout.pp).unwrap_or(1),
+        listen,
+        http_listen,
+        kv_blocks: pick_u(
+            env_usize(env, "GROK_KV_BLOCKS")?,
+            flags.kv_blocks,
+            file.limits.kv_blocks,
+        )
+        .unwrap_or(512),
+        max_seqs: pick_u(
+            env_usize(env, "GROK_MAX_SEQS")?,
+            flags.max_seqs,
+            file.limits.max_seqs,
+        ),
+        max_queue: pick_u(
+            env_usize(env, "GROK_MAX_QUEUE")?,
+            flags.max_queue,
+            file.limits.max_queue,
+        ),
+        max_batch_tokens: pick_u(
+            env_usize(env, "GROK_MAX_BATCH_TOKENS")?,
+            flags.max_batch_tokens,
+            file.limits.max_batch_tokens,
+        ),
+    };
+    for (k, v) in [
+        ("layout.tp", s.tp),
+        ("layout.ep", s.ep),
+        ("layout.pp", s.pp),
+        ("limits.kv_blocks", s.kv_blocks),
+    ] {
+        if v == 0 {
+            return Err(ConfigFileError::Invalid {
+                key: k.into(),
+                why: "must be at least 1".into(),
+            });
+        }
+    }
+    for (i, h) in file.hosts.iter().enumerate() {
+        if h.address.parse::<std::net::IpAddr>().is_err() && h.address.is_empty() {
+            return Err(ConfigFileError::Invalid {
+                key: format!("hosts[{i}].address"),
+                why: "empty address".into(),
+            });
+        }
+        for d in &h.devices {
+            if !(d == "cpu"
+                || d.strip_prefix("cuda:")
+                    .is_some_and(|n| n.parse::<u32>().is_ok()))
+            {
+                return Err(ConfigFileError::Invalid {
+                    key: format!("hosts[{i}].devices"),
+                    why: format!("`{d}` is not `cpu` or `cuda:N`"),
+                });
+            }
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "[model]\npath = \"/m/file\"\n[layout]\ntp = 2\npp = 2\n[coordinator]\nlisten = \"127.0.0.1:7000\"\n[limits]\nkv_blocks = 100\n";
+
+    #[test]
+    fn precedence_is_file_then_flags_then_environment() {
+        let f = ClusterFile::parse(FILE, Path::new("c.toml")).unwrap();
+        let none = |_: &str| None;
+        let s = resolve_up(&f, &UpFlags::default(), &none).unwrap();
+        assert_eq!(
+            (
+                s.model.to_str().unwrap(),
+                s.tp,
+                s.pp,
+                s.kv_blocks,
+                s.listen.as_str()
+            ),
+            ("/m/file", 2, 2, 100, "127.0.0.1:7000")
+        );
+        let flags = UpFlags {
+            tp: Some(4),
+            model: Some("/m/flag".into()),
+            ..Default::default()
+        };
+        let s = resolve_up(&f, &flags, &none).unwrap();
+        assert_eq!((s.model.to_str().unwrap(), s.tp, s.pp), ("/m/flag", 4, 2));
+        let env = |k: &str| match k {
+            "GROK_TP" => Some("1".to_string()),
+            "GROK_MODEL" => Some("/m/env".to_string()),
+            _ => None,
+        };
+        let s = resolve_up(&f, &flags, &env).unwrap();
+        assert_eq!((s.model.to_str().unwrap(), s.tp, s.pp), ("/m/env", 1, 2));
+    }
+
+    #[test]
+    fn invalid_files_name_the_key() {
+        let e = ClusterFile::parse("[layout]\ntpp = 2\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `tpp`"), "{e}");
+        let e = ClusterFile::parse("[modle]\npath = \"x\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `modle`"), "{e}");
+        let f = ClusterFile::parse(
+            "[coordinator]\nlisten = \"nowhere\"\n[model]\npath = \"/m\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let e = resolve_up(&f, &UpFlags::default(), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("coordinator.listen") && e.contains("nowhere"),
+            "{e}"
+        );
+        let f = ClusterFile::parse("[layout]\ntp = 2\n", Path::new("c.toml")).unwrap();
+        let e = resolve_up(&f, &UpFlags::default(), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.path"), "{e}");
+        let e = resolve_up(
+            &ClusterFile::parse(FILE, Path::new("c")).unwrap(),
+            &UpFlags::default(),
+            &|k| (k == "GROK_TP").then(|| "two".to_string()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("GROK_TP") && e.contains("two"), "{e}");
+        let f = ClusterFile::parse("[model]\npath = \"/m\"\n[[hosts]]\nname = \"a\"\naddress = \"10.0.0.2\"\ndevices = [\"gpu0\"]\n", Path::new("c")).unwrap();
+        let e = resolve_up(&f, &UpFlags::default(), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hosts[0].devices"), "{e}");
+    }
+}

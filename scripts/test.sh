@@ -20,5 +20,6 @@ python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai
 # The deploy/ tests parse the Kubernetes manifests with PyYAML.
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 
+cargo build --workspace --bins --features grok-worker/cuda --locked
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

@@ -84,7 +84,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         a.concurrency
     );
     println!(
-        "{:>3} {:>3} {:>3} {:>4} {:>5} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>9} {:>4}  {}",
+        "{:>3} {:>3} {:>3} {:>4} {:>5} {:>9} {:>8} {:>10} {:>9} {:>9} {:>10} {:>9} {:>4}  bound",
         "tp",
         "ep",
         "pp",
@@ -97,8 +97,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         "ITL",
         "out tok/s",
         "$/M tok",
-        "SLO",
-        "bound"
+        "SLO"
     );
     for p in plans.iter().take(a.top) {
         println!(
@@ -191,7 +190,7 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
             .with_context(|| format!("reading catalog {}", f.display()))?;
         cat.extend(Catalog::parse(&text, &f.display().to_string())?);
     }
-    if !(a.rate > 0.0) || a.requests == 0 {
+    if a.rate.is_nan() || a.rate <= 0.0 || a.requests == 0 {
         anyhow::bail!("--rate and --requests must be positive");
     }
     let dtype: PlanDType = a.dtype.parse()?;

@@ -361,23 +361,77 @@ fn bad_checkpoints_and_inputs_give_clear_errors() {
 #[test]
 fn plan_command_ranks_layouts_and_refuses_bad_input() {
     let out = ok(&grokctl(&[
-        "plan", "--model", "grok-1", "--gpu", "h100-sxm", "--gpus-per-node", "8", "--nodes", "1", "--dtype", "int8",
-        "--prompt-len", "1000", "--gen-len", "200", "--concurrency", "64", "--json",
+        "plan",
+        "--model",
+        "grok-1",
+        "--gpu",
+        "h100-sxm",
+        "--gpus-per-node",
+        "8",
+        "--nodes",
+        "1",
+        "--dtype",
+        "int8",
+        "--prompt-len",
+        "1000",
+        "--gen-len",
+        "200",
+        "--concurrency",
+        "64",
+        "--json",
     ]));
     let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let layouts = j["layouts"].as_array().unwrap();
     assert!(!layouts.is_empty());
     let best = &layouts[0];
-    for k in ["tp", "ep", "pp", "replicas", "fits", "weight_bytes_per_gpu", "kv_bytes_per_token_per_gpu", "kv_capacity_tokens", "ttft_ms", "itl_ms", "output_tokens_per_s", "cost_per_million_output_tokens"] {
+    for k in [
+        "tp",
+        "ep",
+        "pp",
+        "replicas",
+        "fits",
+        "weight_bytes_per_gpu",
+        "kv_bytes_per_token_per_gpu",
+        "kv_capacity_tokens",
+        "ttft_ms",
+        "itl_ms",
+        "output_tokens_per_s",
+        "cost_per_million_output_tokens",
+    ] {
         assert!(best.get(k).is_some(), "missing {k}");
     }
     assert_eq!(best["fits"], true);
-    let costs: Vec<f64> = layouts.iter().filter(|l| l["fits"] == true).map(|l| l["cost_per_million_output_tokens"].as_f64().unwrap()).collect();
-    assert!(costs.windows(2).all(|w| w[0] <= w[1]), "fitting layouts ranked by cost");
+    let costs: Vec<f64> = layouts
+        .iter()
+        .filter(|l| l["fits"] == true)
+        .map(|l| l["cost_per_million_output_tokens"].as_f64().unwrap())
+        .collect();
+    assert!(
+        costs.windows(2).all(|w| w[0] <= w[1]),
+        "fitting layouts ranked by cost"
+    );
     // bf16 on 8 x 80 GB: nothing fits, and the explanation says what would.
-    let out = ok(&grokctl(&["plan", "--model", "grok-1", "--gpu", "h100-sxm", "--dtype", "bf16", "--explain"]));
-    assert!(out.contains("Nothing fits") && out.contains("int8"), "{out}");
-    fails_with(&grokctl(&["plan", "--gpu", "tpu-v9"]), &["unknown device `tpu-v9`", "h100-sxm"]);
+    let out = ok(&grokctl(&[
+        "plan",
+        "--model",
+        "grok-1",
+        "--gpu",
+        "h100-sxm",
+        "--dtype",
+        "bf16",
+        "--explain",
+    ]));
+    assert!(
+        out.contains("Nothing fits") && out.contains("int8"),
+        "{out}"
+    );
+    fails_with(
+        &grokctl(&["plan", "--gpu", "tpu-v9"]),
+        &["unknown device `tpu-v9`", "h100-sxm"],
+    );
     fails_with(&grokctl(&["plan", "--nodes", "0"]), &["at least 1"]);
-    fails_with(&grokctl(&["plan", "--context", "10000"]), &["context 10000"]);
+    fails_with(
+        &grokctl(&["plan", "--context", "10000"]),
+        &["context 10000"],
+    );
 }

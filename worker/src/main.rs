@@ -33,7 +33,8 @@ struct Args {
     /// Give up when the coordinator cannot be reached for this long.
     #[arg(long, default_value_t = 60)]
     register_timeout_s: u64,
-    /// Select the compute device: cpu.
+    /// Select the compute device: cpu, or cuda:N (needs a build with --features cuda; the CUDA
+    /// model path is not available yet: the device is only opened and checked).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -41,12 +42,13 @@ struct Args {
 fn main() {
     let a = Args::parse();
     grok_coordinator_logging();
-    if a.device != "cpu" {
-        eprintln!(
-            "error: device `{}` is not available in this build (supported: cpu)",
-            a.device
-        );
-        std::process::exit(2);
+    match parse_device(&a.device) {
+        Ok(Device::Cpu) => {}
+        Ok(Device::Cuda(ordinal)) => open_cuda(ordinal),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
     }
     if a.threads > 0 {
         if let Err(e) = rayon_threads(a.threads) {
@@ -74,6 +76,59 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = s.strip_prefix("cuda:") {
+        return n
+            .parse::<usize>()
+            .map(Device::Cuda)
+            .map_err(|_| format!("device `{s}`: expected cuda:N with N a device number"));
+    }
+    if s == "cuda" {
+        return Ok(Device::Cuda(0));
+    }
+    Err(format!("unknown device `{s}` (supported: cpu, cuda:N)"))
+}
+
+/// `--device cuda:N`: opens the device (libraries, device, kernel compilation) and reports;
+/// running the model on CUDA is not implemented yet, so this always exits.
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> ! {
+    use grok_shared::backend::cuda::CudaBackend;
+    match CudaBackend::open(ordinal) {
+        Ok(be) => {
+            let i = be.info();
+            eprintln!(
+                "cuda:{ordinal}: {} (compute {}.{}, {} MiB) opened, kernels compiled for {}; \
+                 the CUDA model path is not available yet (use --device cpu)",
+                i.name,
+                i.compute_capability.0,
+                i.compute_capability.1,
+                i.total_mem_bytes >> 20,
+                be.compiled().arch
+            );
+            std::process::exit(2);
+        }
+        Err(e) => {
+            eprintln!("error: cuda:{ordinal}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> ! {
+    eprintln!("error: cuda:{ordinal}: this build has no CUDA support (build with --features cuda)");
+    std::process::exit(1);
 }
 
 fn rayon_threads(n: usize) -> Result<(), String> {

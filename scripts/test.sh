@@ -19,6 +19,8 @@ fi
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai
 # The deploy/ tests parse the Kubernetes manifests with PyYAML.
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
+# The ckpt-0 tests write official-format pickles with numpy and ml_dtypes (bfloat16).
+python3 -c 'import numpy, ml_dtypes' 2>/dev/null || python3 -m pip install --quiet numpy ml_dtypes
 
 cargo build --workspace --bins --features grok-worker/cuda --locked
 cargo build --workspace --bins --locked

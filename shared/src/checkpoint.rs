@@ -208,6 +208,27 @@ impl Checkpoint {
         })
     }
 
+    /// Maps the given files of `dir` without a config (headers only).
+    pub fn open_files(dir: &Path, names: &[String]) -> Result<Self, CheckpointError> {
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for name in names {
+            let path = dir.join(name);
+            let (map, infos) = map_and_parse(&path, files.len())?;
+            tensors.extend(infos);
+            files.push(MappedFile {
+                path,
+                map: Arc::new(map),
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config: ModelConfig::grok1(),
+            files,
+            tensors,
+        })
+    }
+
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|s| s.as_str())
     }

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod ckpt0;
 pub mod collective;
 pub mod config;
 pub mod generate;

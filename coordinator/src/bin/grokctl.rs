@@ -158,6 +158,21 @@ enum Cmd {
         #[arg(long)]
         max_batch_tokens: Option<usize>,
     },
+    /// Convert the official release (ckpt-0 pickles) into the safetensors layout the workers load.
+    #[command(
+        after_help = "Examples:\n  grokctl convert --from /data/grok-1/ckpt-0 --to /data/grok-1-hf\n  grokctl convert --from ckpt-0 --to out --config small/config.json   (a non-Grok-1 size)\n\nInt8 weights stay int8 with their scales (<name>.weight + <name>.scales). An interrupted run resumes: finished layer files are kept."
+    )]
+    Convert {
+        /// The official `ckpt-0` directory (tensor00000_000 ...).
+        #[arg(long)]
+        from: PathBuf,
+        /// Output directory (config.json + safetensors + index).
+        #[arg(long)]
+        to: PathBuf,
+        /// config.json describing the model (default: Grok-1).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  grokctl completions bash > /etc/bash_completion.d/grokctl\n  grokctl completions zsh > ~/.zfunc/_grokctl\n  grokctl completions fish > ~/.config/fish/completions/grokctl.fish"
@@ -372,6 +387,23 @@ fn run(cli: Cli) -> Result<()> {
             .build()
     };
     match cli.cmd {
+        Cmd::Convert { from, to, config } => {
+            let cfg = match &config {
+                Some(p) => grok_shared::config::ModelConfig::from_file(p)?,
+                None => grok_shared::config::ModelConfig::grok1(),
+            };
+            let t = std::time::Instant::now();
+            grok_shared::ckpt0::convert_to_hf(&from, &to, &cfg, |done, total| {
+                eprintln!("  {done}/{total} groups written");
+            })?;
+            eprintln!(
+                "converted {} to {} in {:.1} s",
+                from.display(),
+                to.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -174,6 +174,8 @@ pub struct Checkpoint {
     pub config: ModelConfig,
     files: Vec<MappedFile>,
     tensors: HashMap<String, TensorInfo>,
+    /// The tensors are one rank's slices already (a pre-sharded directory).
+    pub presharded: bool,
 }
 
 impl Checkpoint {
@@ -205,6 +207,7 @@ impl Checkpoint {
             config,
             files,
             tensors,
+            presharded: false,
         })
     }
 
@@ -226,6 +229,7 @@ impl Checkpoint {
             config: ModelConfig::grok1(),
             files,
             tensors,
+            presharded: false,
         })
     }
 

@@ -21,6 +21,7 @@ pub mod genmodel;
 pub mod model;
 pub mod npy;
 pub mod planner;
+pub mod presharded;
 pub mod sampling;
 pub mod sharding;
 pub mod threads;

@@ -178,5 +178,5 @@ fn official_pickles_convert_to_identical_logits_and_bad_pickles_are_refused() {
     );
     // Not a checkpoint at all.
     let o = grokctl(&["convert", "--from", &p("hf"), "--to", &p("conv5")]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("2 + 12 per layer"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an official ckpt-0 directory"));
 }

@@ -688,3 +688,102 @@ fn a_worker_that_cannot_reach_a_peer_names_it() {
         "{e}"
     );
 }
+
+#[test]
+fn presharded_directories_load_per_rank_and_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    gen_model(&model, 2);
+    let shards = tmp.path().join("tp2pp2");
+    let o = bin("grokctl")
+        .args([
+            "convert",
+            "--from",
+            model.to_str().unwrap(),
+            "--to",
+            shards.to_str().unwrap(),
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(bin("grokctl")
+        .args(["verify", shards.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    // Same layout: the pre-sharded cluster generates what the full directory does.
+    let ids = |m: &Path| {
+        let (_c, url) = up(m, 2, 1, 2);
+        let out = bin("grokctl")
+            .args([
+                "generate",
+                "--endpoint",
+                &url,
+                "--prompt-ids",
+                "9,8,7,6,5",
+                "--max-new-tokens",
+                "6",
+                "--ignore-eos",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(ids(&model), ids(&shards));
+    // Another layout is refused, naming the one the directory was made for.
+    let (_c, addr, _rx) = coordinator(&shards, 2, 1);
+    let _w0 = Proc(worker(&addr, "a", Some(0)));
+    let _w1 = Proc(worker(&addr, "b", Some(1)));
+    let st = bin("grokctl")
+        .args(["status", "--endpoint", &addr, "--wait-ready", "30"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        !st.status.success() && e.contains("sharded for tp=2 ep=1 pp=2"),
+        "{e}"
+    );
+    // A flipped byte: caught by verify and at load, naming the tensor and the file.
+    let f = shards.join("rank-00001.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    let n = b.len();
+    b[n - 10] ^= 0x40;
+    std::fs::write(&f, b).unwrap();
+    let v = bin("grokctl")
+        .args(["verify", shards.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&v.stderr);
+    assert!(
+        !v.status.success() && e.contains("rank-00001.safetensors") && e.contains("sha256"),
+        "{e}"
+    );
+    let (_c2, addr2, _rx2) = coordinator(&shards, 2, 2);
+    let _ws: Vec<Proc> = (0..4)
+        .map(|r| Proc(worker(&addr2, &format!("w{r}"), Some(r))))
+        .collect();
+    let st = bin("grokctl")
+        .args(["status", "--endpoint", &addr2, "--wait-ready", "30"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        !st.status.success() && e.contains("rank-00001.safetensors") && e.contains("sha256"),
+        "{e}"
+    );
+}

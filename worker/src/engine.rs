@@ -107,11 +107,21 @@ impl Engine {
         mut progress: impl FnMut(&str, f32, String),
     ) -> Result<(Engine, u64), EngineError> {
         let dir = spec.model_dir;
-        let ck = Checkpoint::open(dir).map_err(|e| EngineError::Model {
-            dir: dir.display().to_string(),
-            why: e.to_string(),
-        })?;
         let layout = spec.layout;
+        // A pre-sharded directory: open only this rank's file, checked against the manifest.
+        let ck = if grok_shared::presharded::is_presharded(dir) {
+            grok_shared::presharded::open_rank(dir, layout, spec.rank, true).map_err(|e| {
+                EngineError::Model {
+                    dir: dir.display().to_string(),
+                    why: e.to_string(),
+                }
+            })?
+        } else {
+            Checkpoint::open(dir).map_err(|e| EngineError::Model {
+                dir: dir.display().to_string(),
+                why: e.to_string(),
+            })?
+        };
         layout
             .validate(&ck.config)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;

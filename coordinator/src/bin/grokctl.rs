@@ -169,10 +169,20 @@ enum Cmd {
         /// Output directory (config.json + safetensors + index).
         #[arg(long)]
         to: PathBuf,
-        /// config.json describing the model (default: Grok-1).
+        /// config.json describing the model (ckpt-0 input; default: Grok-1).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Pre-shard for this layout: one file per rank plus manifest.json (with --ep, --pp).
+        #[arg(long)]
+        tp: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        ep: usize,
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
     },
+    /// Check every file of a pre-sharded directory against its manifest (sizes, dtypes, sha256).
+    #[command(after_help = "Example:\n  grokctl verify /data/grok-1-tp8")]
+    Verify { dir: PathBuf },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  grokctl completions bash > /etc/bash_completion.d/grokctl\n  grokctl completions zsh > ~/.zfunc/_grokctl\n  grokctl completions fish > ~/.config/fish/completions/grokctl.fish"
@@ -387,20 +397,68 @@ fn run(cli: Cli) -> Result<()> {
             .build()
     };
     match cli.cmd {
-        Cmd::Convert { from, to, config } => {
-            let cfg = match &config {
-                Some(p) => grok_shared::config::ModelConfig::from_file(p)?,
-                None => grok_shared::config::ModelConfig::grok1(),
-            };
+        Cmd::Convert {
+            from,
+            to,
+            config,
+            tp,
+            ep,
+            pp,
+        } => {
             let t = std::time::Instant::now();
-            grok_shared::ckpt0::convert_to_hf(&from, &to, &cfg, |done, total| {
-                eprintln!("  {done}/{total} groups written");
-            })?;
+            let official = from.join("tensor00000_000").exists();
+            // From ckpt-0: convert to the safetensors layout first (into TO, or TO/full when
+            // pre-sharding follows).
+            let hf = if official {
+                let cfg = match &config {
+                    Some(p) => grok_shared::config::ModelConfig::from_file(p)?,
+                    None => grok_shared::config::ModelConfig::grok1(),
+                };
+                let out = if tp.is_some() {
+                    to.join("full")
+                } else {
+                    to.clone()
+                };
+                grok_shared::ckpt0::convert_to_hf(&from, &out, &cfg, |done, total| {
+                    eprintln!("  converting ckpt-0: {done}/{total} groups written");
+                })?;
+                out
+            } else {
+                if tp.is_none() {
+                    anyhow::bail!("{} is not an official ckpt-0 directory (no tensor00000_000); to pre-shard a safetensors model give --tp (and --ep, --pp)", from.display());
+                }
+                from.clone()
+            };
+            if let Some(tp) = tp {
+                let src = grok_shared::checkpoint::Checkpoint::open(&hf)?;
+                let layout = grok_shared::sharding::Layout::new(tp, ep, pp);
+                let man = grok_shared::presharded::write(&src, &to, layout, |done, total| {
+                    eprintln!("  pre-sharding: rank {done}/{total} written");
+                })?;
+                if official {
+                    std::fs::remove_dir_all(&hf).ok();
+                }
+                let bytes: u64 = man.ranks.iter().map(|r| r.bytes).sum();
+                eprintln!(
+                    "{} ranks, {:.1} MB in all",
+                    man.ranks.len(),
+                    bytes as f64 / 1e6
+                );
+            }
             eprintln!(
                 "converted {} to {} in {:.1} s",
                 from.display(),
                 to.display(),
                 t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Cmd::Verify { dir } => {
+            let bytes = grok_shared::presharded::verify(&dir)?;
+            println!(
+                "{}: every tensor matches the manifest ({:.1} MB checked)",
+                dir.display(),
+                bytes as f64 / 1e6
             );
             Ok(())
         }

@@ -182,8 +182,44 @@ fn load_linear(
         names::with_suffix(bases, ".weight")
     };
     let (name, info) = ckpt.find(&wnames)?;
-    ckpt.expect_shape(name, info, &[out, inp])?;
     let (n_out, n_in) = (rows.len(), cols.len());
+    if ckpt.presharded {
+        // The file holds exactly this rank's slice.
+        ckpt.expect_shape(name, info, &[n_out, n_in])?;
+        let all_rows = 0..n_out;
+        let all_cols = 0..n_in;
+        let w = match info.dtype {
+            DType::F32 => Weights::F32(slice2d(ckpt, info, n_in, &all_rows, &all_cols)),
+            DType::BF16 => Weights::Bf16(slice2d(ckpt, info, n_in, &all_rows, &all_cols)),
+            DType::F16 => Weights::F32(Buf::owned(to_f32_owned(
+                ckpt, info, n_in, &all_rows, &all_cols,
+            ))),
+            DType::I8 => {
+                let base = name.strip_suffix(".weight").unwrap_or(name);
+                let (sname, sinfo) = ckpt.find(&[format!("{base}.scales")])?;
+                let nb = sinfo.shape.first().copied().unwrap_or(0);
+                if sinfo.shape.len() != 2
+                    || sinfo.shape[1] != n_out
+                    || nb == 0
+                    || !n_in.is_multiple_of(nb)
+                {
+                    return Err(CheckpointError::Shape {
+                        name: sname.to_string(),
+                        file: ckpt.file_path(sinfo).to_path_buf(),
+                        expected: vec![nb.max(1), n_out],
+                        found: sinfo.shape.clone(),
+                    });
+                }
+                Weights::I8 {
+                    w: slice2d(ckpt, info, n_in, &all_rows, &all_cols),
+                    scales: Arc::new(ckpt.f32_vec(sname, sinfo)?),
+                    nb,
+                }
+            }
+        };
+        return Ok(Linear::new(n_out, n_in, w));
+    }
+    ckpt.expect_shape(name, info, &[out, inp])?;
     let w = match info.dtype {
         DType::F32 => Weights::F32(slice2d(ckpt, info, inp, &rows, &cols)),
         DType::BF16 => Weights::Bf16(slice2d(ckpt, info, inp, &rows, &cols)),

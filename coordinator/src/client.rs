@@ -26,10 +26,12 @@ async fn channel(endpoint: &str) -> Result<tonic::transport::Channel> {
 
 pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
     let mut c = pb::admin_client::AdminClient::new(channel(endpoint).await?);
-    Ok(c.cluster_status(pb::ClusterStatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner())
+    Ok(
+        c.cluster_status(crate::auth::request(pb::ClusterStatusRequest {}))
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner(),
+    )
 }
 
 pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
@@ -177,7 +179,7 @@ pub async fn generate_stream(
     };
     let t0 = Instant::now();
     let mut s = c
-        .generate(pb::GenerateRequest {
+        .generate(crate::auth::request(pb::GenerateRequest {
             prompt: Some(prompt),
             max_tokens: a.max_new_tokens as u32,
             temperature: a.temperature,
@@ -187,7 +189,7 @@ pub async fn generate_stream(
             ignore_eos: a.ignore_eos,
             prompt_logits: a.logits_out.is_some(),
             ..Default::default()
-        })
+        }))
         .await
         .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
         .into_inner();
@@ -420,12 +422,12 @@ pub async fn bench_serve_level(
             let _permit = permit;
             let start = Instant::now();
             let mut s = c
-                .generate(pb::GenerateRequest {
+                .generate(crate::auth::request(pb::GenerateRequest {
                     prompt: Some(pb::generate_request::Prompt::Ids(pb::TokenIds { ids })),
                     max_tokens: gen_len as u32,
                     ignore_eos: true,
                     ..Default::default()
-                })
+                }))
                 .await
                 .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
                 .into_inner();

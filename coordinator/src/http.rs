@@ -80,14 +80,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
         shared,
         created: now(),
     });
-    Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+    // The API needs the bearer token when one is configured; the probes and metrics stay open.
+    let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .fallback(|| async {
             HttpError::new(
                 StatusCode::NOT_FOUND,
@@ -96,6 +103,28 @@ pub fn router(shared: Arc<Shared>) -> Router {
             )
         })
         .with_state(app)
+}
+
+async fn require_token(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(t) = &app.shared.cfg.api_token {
+        let h = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !crate::auth::bearer_matches(t, h) {
+            return HttpError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: send `Authorization: Bearer <token>`",
+                None,
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 fn now() -> u64 {

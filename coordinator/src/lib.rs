@@ -8,6 +8,7 @@
 //!   detokenize, bench) on the CPU backend.
 //! - [`logging`]: tracing set-up shared by the binaries.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod engine;

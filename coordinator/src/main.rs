@@ -49,6 +49,11 @@ struct Args {
     /// The model name of the API (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// File whose first line is the bearer token the client APIs require (default: the
+    /// GROK_API_TOKEN environment variable; none = open). /health, /ready, /metrics and the
+    /// standard gRPC health service stay open.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
     /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics on this address.
     #[arg(long, env = "GROK_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
@@ -77,6 +82,13 @@ fn main() {
                 .unwrap_or_else(|| "grok-1".into())
         }),
         http_listen: a.http_listen,
+        api_token: match grok_coordinator::auth::load_token(a.api_token_file.as_deref()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        },
     };
     let shared = match server::prepare(cfg) {
         Ok(s) => s,

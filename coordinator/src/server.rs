@@ -40,6 +40,8 @@ pub struct CoordinatorConfig {
     pub served_model_name: String,
     /// HTTP (OpenAI-compatible API, health, metrics) listen address.
     pub http_listen: Option<SocketAddr>,
+    /// Bearer token the client APIs require (None: open).
+    pub api_token: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -596,14 +598,42 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(pb::cluster_server::ClusterServer::new(svc.clone()))
-        .add_service(pb::admin_server::AdminServer::new(svc.clone()))
-        .add_service(pb::inference_server::InferenceServer::new(svc))
+        .add_service(pb::admin_server::AdminServer::with_interceptor(
+            svc.clone(),
+            auth_check(&shared),
+        ))
+        .add_service(pb::inference_server::InferenceServer::with_interceptor(
+            svc,
+            auth_check(&shared),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
         )
         .await?;
     Ok(())
+}
+
+/// The client APIs' bearer-token check (a no-op when no token is configured).
+#[allow(clippy::result_large_err)]
+fn auth_check(shared: &Shared) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let token = shared.cfg.api_token.clone();
+    move |req: Request<()>| match &token {
+        None => Ok(req),
+        Some(t) => {
+            let h = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            if crate::auth::bearer_matches(t, h) {
+                Ok(req)
+            } else {
+                Err(Status::unauthenticated(
+                    "missing or wrong bearer token: send `authorization: Bearer <token>`",
+                ))
+            }
+        }
+    }
 }
 
 /// Drains a load-progress stream into the worker's entry.

@@ -360,3 +360,118 @@ async fn bad_requests_name_the_field_and_health_and_reflection_answer() {
     assert_eq!(ids2, ids[..=first].to_vec());
     assert_eq!(finish2, "stop");
 }
+
+fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_guards_the_client_apis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let secret = "tok-8c1f0b6a";
+    let log = tmp.path().join("up.log");
+    let mut c = grok_tests::cluster::bin("grokctl");
+    c.args([
+        "up",
+        "--model",
+        m.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .env("GROK_API_TOKEN", secret)
+    .env("RUST_LOG", "debug")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = c.spawn().unwrap();
+    let rx = grok_tests::cluster::lines_of(&mut child);
+    let _p = grok_tests::cluster::Proc(child);
+    let mut http = None;
+    let endpoint = loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("cluster did not come up");
+        if let Some(a) = l.strip_prefix("http listening on ") {
+            http = Some(a.to_string());
+        }
+        if let Some(e) = l.strip_prefix("ready: ") {
+            break e.to_string();
+        }
+    };
+    let http = http.unwrap();
+    // gRPC: no token, a wrong token, the right one.
+    let ch = tonic::transport::Channel::from_shared(endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut cl = pb::inference_client::InferenceClient::new(ch.clone());
+    let e = cl.generate(req(&[5, 6], 2)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(req(&[5, 6], 2));
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(
+        cl.generate(wrong).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut right = tonic::Request::new(req(&[5, 6], 2));
+    right
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    let mut s = cl.generate(right).await.unwrap().into_inner();
+    let mut n = 0;
+    while let Some(m) = s.next().await {
+        n += m.unwrap().ids.len();
+    }
+    assert_eq!(n, 2);
+    let mut admin = pb::admin_client::AdminClient::new(ch);
+    assert_eq!(
+        admin
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+    // HTTP: the API needs it, the probes do not.
+    let (code, body) = http_get(&http, "/v1/models", None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"error\""));
+    assert_eq!(http_get(&http, "/v1/models", Some("nope")).0, 401);
+    assert_eq!(http_get(&http, "/v1/models", Some(secret)).0, 200);
+    assert_eq!(http_get(&http, "/health", None).0, 200);
+    assert_eq!(http_get(&http, "/ready", None).0, 200);
+    // grokctl passes the token from the environment.
+    let st = std::process::Command::new(grok_tests::bin("grokctl"))
+        .args(["status", "--endpoint", &endpoint])
+        .env("GROK_API_TOKEN", secret)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    // The secret never reaches the logs.
+    drop(_p);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(!logs.contains(secret), "the token appears in the logs");
+}

@@ -21,6 +21,9 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text", env = "GROK_LOG_FORMAT")]
     log_format: String,
+    /// File holding the bearer token of a cluster's client APIs (default: GROK_API_TOKEN).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -390,6 +393,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     local::init_threads(cli.threads)?;
+    grok_coordinator::auth::set_client_token(grok_coordinator::auth::load_token(
+        cli.token_file.as_deref(),
+    )?);
     let rt = || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -110,7 +110,9 @@ if [ ! -x "$BIN" ]; then
   echo "missing $BIN (build: cargo build --release --features grok-worker/cuda --bin grok-gpu-check)"
   FAILED+=("grok-gpu-check: binary missing")
 else
-  timeout 270 "$BIN" --out "$OUT" ${QUICK[@]+"${QUICK[@]}"}
+  ONLY=()
+  if [ -n "${GPU_CHECK_ONLY:-}" ]; then ONLY=(--only "$GPU_CHECK_ONLY"); fi
+  timeout 330 "$BIN" --out "$OUT" ${QUICK[@]+"${QUICK[@]}"} ${ONLY[@]+"${ONLY[@]}"}
   rc=$?
   echo "grok-gpu-check exit status $rc"
   n=0
@@ -121,7 +123,7 @@ else
 import json, os, sys
 out, n = sys.argv[1], int(sys.argv[2])
 groups = ["bandwidth", "gemv_simt", "gemv_mma", "rms_norm", "rope", "gelu", "router",
-          "attention", "bench_gemv", "cublas"]
+          "attention", "bench_gemv", "cublas", "model", "model-perf"]
 done = set()
 for i in range(n):
     p = os.path.join(out, "gpu_check.json") if i == 0 else os.path.join(out, f"rerun{i}", "gpu_check.json")
@@ -131,6 +133,9 @@ for i in range(n):
                 done.add(g["group"])
     except Exception:
         pass
+only = [g for g in os.environ.get("GPU_CHECK_ONLY", "").split(",") if g]
+if only:
+    groups = [g for g in groups if g in only]
 print(",".join(g for g in groups if g not in done))
 EOF
 )
@@ -142,6 +147,15 @@ EOF
     [ "$rc2" = 3 ] || break
   done
   [ "$rc" = 0 ] || FAILED+=("grok-gpu-check (exit $rc)")
+fi
+
+# GPU_CHECK_ONLY=groups runs only those groups of grok-gpu-check and skips steps 4-5.
+if [ -n "${GPU_CHECK_ONLY:-}" ]; then
+  step "done (GPU_CHECK_ONLY=$GPU_CHECK_ONLY)"
+  ls -l "$OUT"
+  [ ${#FAILED[@]} -eq 0 ] && exit 0
+  printf '  - %s\n' "${FAILED[@]}"
+  exit 1
 fi
 
 # ---- 4. PyTorch baseline --------------------------------------------------------------------

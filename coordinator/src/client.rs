@@ -530,3 +530,45 @@ pub async fn bench_serve(
     }
     Ok(())
 }
+
+/// `grokctl drain`: stop admitting, wait until in-flight requests finish, report drained.
+pub async fn drain(
+    endpoint: &str,
+    worker: Option<String>,
+    resume: bool,
+    timeout_s: u64,
+) -> Result<()> {
+    let mut c = pb::admin_client::AdminClient::new(channel(endpoint).await?);
+    let r = c
+        .drain(crate::auth::request(pb::DrainRequest {
+            worker_id: worker.unwrap_or_default(),
+            resume,
+        }))
+        .await
+        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    if resume {
+        println!("{}: {}", endpoint, r.state);
+        return Ok(());
+    }
+    let start = Instant::now();
+    loop {
+        let s = fetch_status(endpoint).await?;
+        if s.running_sequences == 0 && s.queued_requests == 0 {
+            println!("drained: no request running or waiting (state {})", s.state);
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(timeout_s) {
+            bail!(
+                "not drained after {timeout_s} s: {} running, {} waiting",
+                s.running_sequences,
+                s.queued_requests
+            );
+        }
+        eprintln!(
+            "draining: {} running, {} waiting",
+            s.running_sequences, s.queued_requests
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -241,6 +241,44 @@ impl pb::admin_server::Admin for Svc {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         Ok(Response::new(self.0.status()))
     }
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let r = req.into_inner();
+        if !r.worker_id.is_empty()
+            && !lock(&self.0.workers)
+                .iter()
+                .flatten()
+                .any(|w| w.id == r.worker_id)
+        {
+            return Err(Status::not_found(format!(
+                "no worker `{}` in this cluster",
+                r.worker_id
+            )));
+        }
+        let state = lock(&self.0.state).0.clone();
+        match (r.resume, state.as_str()) {
+            (false, "ready") => self
+                .0
+                .set_state("draining", "no new requests; in-flight ones finish"),
+            (false, "draining") => {}
+            (true, "draining") => self.0.set_state("ready", "serving again after a drain"),
+            (true, "ready") => {}
+            (_, other) => {
+                return Err(Status::failed_precondition(format!(
+                    "the cluster is {other}, not serving"
+                )));
+            }
+        }
+        let st = self.0.status();
+        Ok(Response::new(pb::DrainResponse {
+            state: st.state,
+            running_sequences: st.running_sequences,
+            queued_requests: st.queued_requests,
+        }))
+    }
 }
 
 /// A request rejected before it reaches the engine: the field at fault and why.
@@ -381,6 +419,12 @@ pub fn build_job(
 
 /// Queues a job on the serving replica.
 pub fn submit(s: &Shared, job: Job) -> Result<(), Status> {
+    if lock(&s.state).0 == "draining" {
+        s.metrics.request_done("rejected");
+        return Err(Status::unavailable(
+            "the cluster is draining: it finishes in-flight requests and admits no new ones",
+        ));
+    }
     let handle = lock(&s.replica).clone();
     let Some(h) = handle else {
         let (state, detail) = lock(&s.state).clone();

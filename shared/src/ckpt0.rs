@@ -283,7 +283,7 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
                 st.push(V::Global(module, name));
             }
             b')' => st.push(V::Tuple(vec![])),
-            0x85 | 0x86 | 0x87 => {
+            0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 if st.len() < n {
                     return Err(err("stack underflow in TUPLEn".into()));
@@ -568,28 +568,6 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>, Ckpt0Error> {
         )));
     }
     Ok(files)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refuses_unknown_globals_and_truncation() {
-        // pickle.dumps(os.system) style: GLOBAL 'posix' 'system'.
-        let evil = b"\x80\x04\x95\x12\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94.";
-        let e = parse(evil, Path::new("t")).unwrap_err().to_string();
-        assert!(e.contains("refusing pickle global `posix.system`"), "{e}");
-        let e = parse(b"\x80\x04\x8c\x05ab", Path::new("t"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("truncated"), "{e}");
-        assert_eq!(leaf_names(64).len(), 770);
-        assert_eq!(
-            leaf_names(11)[2 + 12 * 2],
-            "transformer/decoder_layer_10/moe/linear/w"
-        );
-    }
 }
 
 /// `[rows, cols]` row-major -> `[cols, rows]` for elements of `size` bytes.
@@ -878,7 +856,7 @@ pub fn convert_to_hf(
             write_group(dst, &fname, ts).map_err(io)?;
         } else {
             // Resumed: list the names of the finished file from its header.
-            let ck = crate::checkpoint::Checkpoint::open_files(dst, &[fname.clone()])
+            let ck = crate::checkpoint::Checkpoint::open_files(dst, std::slice::from_ref(&fname))
                 .map_err(|e| Ckpt0Error::Layout(e.to_string()))?;
             for n in ck.tensor_names() {
                 weight_map.insert(n.to_string(), fname.clone().into());
@@ -896,4 +874,26 @@ pub fn convert_to_hf(
     cj.write_all(&serde_json::to_vec_pretty(&cfg.to_hf_json()).expect("json"))
         .map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_unknown_globals_and_truncation() {
+        // pickle.dumps(os.system) style: GLOBAL 'posix' 'system'.
+        let evil = b"\x80\x04\x95\x12\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94.";
+        let e = parse(evil, Path::new("t")).unwrap_err().to_string();
+        assert!(e.contains("refusing pickle global `posix.system`"), "{e}");
+        let e = parse(b"\x80\x04\x8c\x05ab", Path::new("t"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+        assert_eq!(leaf_names(64).len(), 770);
+        assert_eq!(
+            leaf_names(11)[2 + 12 * 2],
+            "transformer/decoder_layer_10/moe/linear/w"
+        );
+    }
 }

@@ -475,3 +475,76 @@ async fn a_bearer_token_guards_the_client_apis() {
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(!logs.contains(secret), "the token appears in the logs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_work_and_refuses_new_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let c = up(&m, &["--tp", "2"]);
+    let cl = client(&c).await;
+    let long = tokio::spawn(run(cl.clone(), req(&[3, 4, 5], 300)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let drain = tokio::task::spawn_blocking({
+        let ep = c.endpoint.clone();
+        move || {
+            std::process::Command::new(grok_tests::bin("grokctl"))
+                .args(["drain", "--endpoint", &ep, "--timeout-s", "60"])
+                .output()
+                .unwrap()
+        }
+    });
+    // Readiness turns false while draining; new requests are refused.
+    let ch = tonic::transport::Channel::from_shared(c.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    let t = Instant::now();
+    loop {
+        let r = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "grok.v1.Inference".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.status == 2 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "readiness did not turn false"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = run(cl.clone(), req(&[7], 2)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(e.message().contains("draining"));
+    let live = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(live.status, 1, "liveness stays SERVING while draining");
+    // The in-flight request finishes, then the drain reports.
+    let (ids, finish, _) = long.await.unwrap().unwrap();
+    assert_eq!((ids.len(), finish.as_str()), (300, "length"));
+    let out = drain.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("drained"));
+    // Resume: serving again.
+    let r = std::process::Command::new(grok_tests::bin("grokctl"))
+        .args(["drain", "--endpoint", &c.endpoint, "--resume"])
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    assert_eq!(run(cl.clone(), req(&[7], 2)).await.unwrap().0.len(), 2);
+}

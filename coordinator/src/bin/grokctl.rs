@@ -239,6 +239,23 @@ enum Cmd {
         #[arg(long, default_value_t = 15)]
         top: usize,
     },
+    /// Stop admitting requests, let in-flight ones finish, and report when drained.
+    #[command(
+        after_help = "Examples:\n  grokctl drain --endpoint 127.0.0.1:50051\n  grokctl drain --endpoint 127.0.0.1:50051 --worker worker-3\n  grokctl drain --endpoint 127.0.0.1:50051 --resume"
+    )]
+    Drain {
+        #[arg(long, env = "GROK_ENDPOINT")]
+        endpoint: String,
+        /// Drain the replica of this worker.
+        #[arg(long)]
+        worker: Option<String>,
+        /// Return a drained cluster to service.
+        #[arg(long)]
+        resume: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
     /// Show a running cluster: layout, workers and the state of each shard.
     #[command(
         after_help = "Examples:\n  grokctl status --endpoint 127.0.0.1:50051\n  grokctl status --endpoint 127.0.0.1:50051 --wait-ready 120"
@@ -459,6 +476,12 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Drain {
+            endpoint,
+            worker,
+            resume,
+            timeout_s,
+        } => rt()?.block_on(client::drain(&endpoint, worker, resume, timeout_s)),
         Cmd::Verify { dir } => {
             let bytes = grok_shared::presharded::verify(&dir)?;
             println!(

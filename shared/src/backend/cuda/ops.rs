@@ -413,3 +413,189 @@ impl CudaBackend {
         })
     }
 }
+
+/// Blocks of 128 threads for the row kernels of the model pass.
+const ROW_THREADS: u32 = 128;
+
+fn rows_shape(op: &str, rows: usize) -> Result<LaunchShape, CudaError> {
+    if rows == 0 || rows > i32::MAX as usize {
+        return Err(CudaError::invalid(op, format!("{rows} rows")));
+    }
+    Ok(LaunchShape {
+        grid: (rows as u32, 1, 1),
+        block: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Helpers of the model pass ([`super::model`]).
+impl CudaBackend {
+    /// As [`CudaBackend::linear`] with the tensor-core kernel, for any number of rows: passes
+    /// of at most 64 rows (each pass reads the weights once).
+    pub fn linear_rows(
+        &self,
+        lin: &DeviceLinear,
+        x: &CudaSlice<f32>,
+        m: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let (out, k) = (lin.out_features, lin.in_features);
+        let kind = lin.kind();
+        let op = "linear_rows";
+        need_len(op, "x", x.len(), m * k)?;
+        need_len(op, "y", y.len(), m * out)?;
+        let (out_i, k_i) = (i32_of(op, "out", out)?, i32_of(op, "in", k)?);
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(shapes::GEMV_MAX_ROWS);
+            let name = shapes::gemv_kernel_name(GemvKernel::Mma, kind, rows);
+            shapes::check_gemv(out, k, rows, kind).map_err(|e| CudaError::invalid(&name, e.0))?;
+            let shape = shapes::gemv_mma_shape(out, k, rows, kind)
+                .map_err(|e| CudaError::invalid(&name, e.0))?;
+            let f = self.func(&name)?;
+            let xs = x.slice(r0 * k..(r0 + rows) * k);
+            let mut ys = y.slice_mut(r0 * out..(r0 + rows) * out);
+            self.launch_gemv_view(&name, f, lin, xs, &mut ys, rows as i32, out_i, k_i, shape)?;
+            r0 += rows;
+        }
+        Ok(())
+    }
+
+    /// `h[i] += a[i]` for `i < n`.
+    pub fn add_assign(
+        &self,
+        h: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let op = "add_f32";
+        let shape = shapes::elementwise_shape(n).map_err(|e| CudaError::invalid(op, e.0))?;
+        need_len(op, "h", h.len(), n)?;
+        need_len(op, "a", a.len(), n)?;
+        let n_i = n as i64;
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(h).arg(a).arg(&n_i);
+        launch(op, b, shape)
+    }
+
+    /// `x[i] *= s` for `i < n`.
+    pub fn scale(&self, x: &mut CudaSlice<f32>, s: f32, n: usize) -> Result<(), CudaError> {
+        let op = "scale_f32";
+        let shape = shapes::elementwise_shape(n).map_err(|e| CudaError::invalid(op, e.0))?;
+        need_len(op, "x", x.len(), n)?;
+        let n_i = n as i64;
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(x).arg(&s).arg(&n_i);
+        launch(op, b, shape)
+    }
+
+    /// `dst[j, :] = src[idx[j], :]` for `j < n`, rows of width `d`.
+    pub fn gather_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        idx: &CudaSlice<i32>,
+        n: usize,
+        d: usize,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let op = "gather_rows_f32";
+        let shape = rows_shape(op, n)?;
+        need_len(op, "idx", idx.len(), n)?;
+        need_len(op, "dst", dst.len(), n * d)?;
+        let d_i = i32_of(op, "d", d)?;
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(src).arg(idx).arg(dst).arg(&d_i);
+        launch(op, b, shape)
+    }
+
+    /// `dst[idx[j], :] += gate[j] * src[j, :]` for `j < n` (indices distinct).
+    pub fn scatter_add_rows(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        idx: &CudaSlice<i32>,
+        gate: &CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        n: usize,
+        d: usize,
+    ) -> Result<(), CudaError> {
+        let op = "scatter_add_rows_f32";
+        let shape = rows_shape(op, n)?;
+        need_len(op, "idx", idx.len(), n)?;
+        need_len(op, "gate", gate.len(), n)?;
+        need_len(op, "src", src.len(), n * d)?;
+        let d_i = i32_of(op, "d", d)?;
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(dst).arg(idx).arg(gate).arg(src).arg(&d_i);
+        launch(op, b, shape)
+    }
+
+    /// Attention of `t` query rows `q: [t, nq, hd]` at positions `start..start + t` over the
+    /// contiguous caches `[>= end, nkv, hd]` with per-position visibility flags `vis`
+    /// (official semantics: masked keys invisible, an all-masked row uniform over `0..end`).
+    pub fn attention_masked(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<f32>,
+        v_cache: &CudaSlice<f32>,
+        vis: &CudaSlice<i32>,
+        dims: (usize, usize, usize, usize, usize),
+        mult: f64,
+        cap: f64,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let (start, t, nq, nkv, hd) = dims;
+        let end = start + t;
+        let op = "attn_masked_f32";
+        let mut shape =
+            shapes::attention_shape(end, nq, nkv, hd).map_err(|e| CudaError::invalid(op, e.0))?;
+        let warps = (shape.block.0 / 32) as usize;
+        let smem = end * 8 + warps * hd * 4;
+        shape.grid = (nq as u32, t as u32, 1);
+        shape.shared_mem_bytes = smem as u32;
+        need_len(op, "q", q.len(), t * nq * hd)?;
+        need_len(op, "k cache", k_cache.len(), end * nkv * hd)?;
+        need_len(op, "v cache", v_cache.len(), end * nkv * hd)?;
+        need_len(op, "vis", vis.len(), end)?;
+        need_len(op, "out", out.len(), t * nq * hd)?;
+        if cap <= 0.0 {
+            return Err(CudaError::invalid(op, "the soft-cap must be positive"));
+        }
+        let f = self.func(op)?;
+        if smem > shapes::DEFAULT_MAX_DYNAMIC_SMEM {
+            let max = self.info().max_shared_mem_per_block_optin.max(0) as usize;
+            if smem + 512 > max {
+                return Err(CudaError::invalid(
+                    op,
+                    format!(
+                        "{end} keys need {smem} bytes of shared memory; the device allows {max}"
+                    ),
+                ));
+            }
+            guarded(op, || {
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(drv(format!(
+                    "{op}: opt in to {smem} bytes of shared memory"
+                )))
+            })?;
+        }
+        let (s_i, e_i) = (i32_of(op, "start", start)?, i32_of(op, "end", end)?);
+        let (nq_i, nkv_i, hd_i) = (nq as i32, nkv as i32, hd as i32);
+        let mut b = self.stream().launch_builder(f);
+        b.arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(vis)
+            .arg(out)
+            .arg(&s_i)
+            .arg(&e_i)
+            .arg(&nq_i)
+            .arg(&nkv_i)
+            .arg(&hd_i)
+            .arg(&mult)
+            .arg(&cap);
+        launch(op, b, shape)
+    }
+}

@@ -317,6 +317,11 @@ pub fn kernel_names() -> Vec<String> {
         "gelu_gate_f32",
         "router_topk_f32",
         "attn_decode_f32",
+        "attn_masked_f32",
+        "add_f32",
+        "scale_f32",
+        "gather_rows_f32",
+        "scatter_add_rows_f32",
     ] {
         v.push(k.to_string());
     }
@@ -334,7 +339,7 @@ mod tests {
     fn sources_define_every_entry_point() {
         assert!(KERNELS_SRC.len() > 1000);
         let names = kernel_names();
-        assert_eq!(names.len(), 37);
+        assert_eq!(names.len(), 42);
         for n in &names {
             let decl = format!(" {n}(");
             assert!(

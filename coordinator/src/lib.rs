@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod launch;
 pub mod local;
 pub mod logging;
 pub mod metrics;

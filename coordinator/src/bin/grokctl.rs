@@ -239,6 +239,22 @@ enum Cmd {
         #[arg(long, default_value_t = 15)]
         top: usize,
     },
+    /// Start the cluster of a config file on its hosts over ssh (or stop it with --stop).
+    #[command(
+        after_help = "Examples:\n  grokctl launch --config cluster.toml\n  grokctl launch --config cluster.toml --stop\n\nEvery [[hosts]] entry needs the grok binaries in its bin_dir (default /usr/local/bin) and the model at model.path; ssh must log in without a password (BatchMode). The processes started are recorded in CONFIG.launch.json."
+    )]
+    Launch {
+        #[arg(long)]
+        config: PathBuf,
+        /// Stop the processes a previous launch started.
+        #[arg(long)]
+        stop: bool,
+        /// The ssh client to use.
+        #[arg(long, env = "GROK_SSH", default_value = "ssh")]
+        ssh: String,
+        #[arg(long, default_value_t = 600)]
+        ready_timeout_s: u64,
+    },
     /// Stop admitting requests, let in-flight ones finish, and report when drained.
     #[command(
         after_help = "Examples:\n  grokctl drain --endpoint 127.0.0.1:50051\n  grokctl drain --endpoint 127.0.0.1:50051 --worker worker-3\n  grokctl drain --endpoint 127.0.0.1:50051 --resume"
@@ -476,6 +492,19 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Launch {
+            config,
+            stop,
+            ssh,
+            ready_timeout_s,
+        } => rt()?.block_on(grok_coordinator::launch::launch(
+            &grok_coordinator::launch::LaunchArgs {
+                config,
+                stop,
+                ssh,
+                ready_timeout_s,
+            },
+        )),
         Cmd::Drain {
             endpoint,
             worker,

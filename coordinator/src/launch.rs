@@ -1,0 +1,244 @@
+//! `grokctl launch`: start a cluster described by a config file on its hosts over ssh (the
+//! system OpenSSH client), and `grokctl launch --stop` to stop it.
+//!
+//! The coordinator runs on the first host; every device of every `[[hosts]]` entry gets one
+//! worker (port 50061 + device index), ranks in file order. The processes started are
+//! recorded in a state file next to the config, which `--stop` reads.
+
+use crate::config::{ClusterFile, HostSection};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct LaunchArgs {
+    pub config: PathBuf,
+    pub stop: bool,
+    /// The ssh program (default `ssh`, or GROK_SSH).
+    pub ssh: String,
+    pub ready_timeout_s: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Started {
+    role: String,
+    host: String,
+    target: String,
+    pid: u32,
+}
+
+fn state_path(config: &Path) -> PathBuf {
+    config.with_extension("launch.json")
+}
+
+/// Runs `cmd` on `target` through ssh; stdout on success, an error naming the host otherwise.
+fn remote(ssh: &str, host: &str, target: &str, cmd: &str) -> Result<String> {
+    let o = Command::new(ssh)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            target,
+            "--",
+            cmd,
+        ])
+        .output()
+        .with_context(|| format!("cannot run `{ssh}`"))?;
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+        if o.status.code() == Some(255) {
+            bail!("host `{host}` ({target}) is unreachable over ssh: {err}");
+        }
+        bail!("host `{host}` ({target}): `{cmd}` failed: {err}");
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn target_of(h: &HostSection) -> String {
+    h.ssh.clone().unwrap_or_else(|| h.address.clone())
+}
+
+fn bin_dir(h: &HostSection) -> String {
+    h.bin_dir
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "/usr/local/bin".into())
+}
+
+/// Quotes a word for the remote shell.
+fn q(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+pub async fn launch(a: &LaunchArgs) -> Result<()> {
+    if a.stop {
+        return stop(a);
+    }
+    let file = ClusterFile::load(&a.config)?;
+    let s = crate::config::resolve_up(&file, &Default::default(), &|k| std::env::var(k).ok())?;
+    let world = s.tp * s.pp;
+    let devices: usize = file.hosts.iter().map(|h| h.devices.len().max(1)).sum();
+    if file.hosts.is_empty() {
+        bail!("{}: no [[hosts]] to launch workers on", a.config.display());
+    }
+    if devices != world {
+        bail!(
+            "{}: the hosts list {devices} devices but the layout tp={} x pp={} needs {world} workers",
+            a.config.display(),
+            s.tp,
+            s.pp
+        );
+    }
+    let listen: std::net::SocketAddr = s.listen.parse().context("coordinator.listen")?;
+    if listen.ip().is_unspecified() || listen.port() == 0 {
+        bail!("coordinator.listen must be the address workers reach (IP:PORT, not 0.0.0.0 or port 0), got {listen}");
+    }
+    let state = state_path(&a.config);
+    if state.exists() {
+        bail!("{} exists: a launched cluster may still run; stop it first (grokctl launch --config {} --stop)", state.display(), a.config.display());
+    }
+    let mut started: Vec<Started> = Vec::new();
+    let save =
+        |st: &Vec<Started>| std::fs::write(&state, serde_json::to_vec_pretty(st).expect("json"));
+    // Check every host first: reachable, binaries present.
+    for h in &file.hosts {
+        let t = target_of(h);
+        let bin = format!("{}/grok-worker", bin_dir(h));
+        remote(
+            &a.ssh,
+            &h.name,
+            &t,
+            &format!(
+                "test -x {} || {{ echo missing {} >&2; exit 3; }}",
+                q(&bin),
+                q(&bin)
+            ),
+        )
+        .with_context(|| format!("checking host `{}`", h.name))?;
+        eprintln!("host {:<16} reachable, {} present", h.name, bin);
+    }
+    // The coordinator, on the first host's machine when the config names none.
+    let coord_host = file.hosts[0].name.clone();
+    let coord_target = target_of(&file.hosts[0]);
+    let coord_bin = format!("{}/grok-coordinator", bin_dir(&file.hosts[0]));
+    let mut cmd = format!(
+        "{} --model {} --tp {} --ep {} --pp {} --listen {} --kv-blocks {}",
+        q(&coord_bin),
+        q(&s.model.display().to_string()),
+        s.tp,
+        s.ep,
+        s.pp,
+        q(&s.listen),
+        s.kv_blocks
+    );
+    if let Some(h) = &s.http_listen {
+        cmd += &format!(" --http-listen {}", q(h));
+    }
+    let pid = remote(
+        &a.ssh,
+        &coord_host,
+        &coord_target,
+        &format!("nohup {cmd} > /tmp/grok-coordinator.log 2>&1 < /dev/null & echo $!"),
+    )?;
+    started.push(Started {
+        role: "coordinator".into(),
+        host: coord_host.clone(),
+        target: coord_target,
+        pid: pid.parse().context("coordinator pid")?,
+    });
+    save(&started)?;
+    eprintln!(
+        "host {:<16} coordinator started (pid {pid}), listening on {}",
+        coord_host, s.listen
+    );
+    let mut rank = 0;
+    for h in &file.hosts {
+        let t = target_of(h);
+        let devs: Vec<String> = if h.devices.is_empty() {
+            vec!["cpu".into()]
+        } else {
+            h.devices.clone()
+        };
+        for (i, dev) in devs.iter().enumerate() {
+            let port = 50061 + i;
+            let wcmd = format!(
+                "{}/grok-worker --coordinator {} --listen {}:{port} --advertise {}:{port} --rank {rank} --id {}-{i} --device {}",
+                bin_dir(h),
+                q(&s.listen),
+                h.address,
+                h.address,
+                q(&h.name),
+                q(dev)
+            );
+            let pid = remote(
+                &a.ssh,
+                &h.name,
+                &t,
+                &format!("nohup {wcmd} > /tmp/grok-worker-{rank}.log 2>&1 < /dev/null & echo $!"),
+            )?;
+            started.push(Started {
+                role: format!("worker rank {rank}"),
+                host: h.name.clone(),
+                target: t.clone(),
+                pid: pid.parse().context("worker pid")?,
+            });
+            save(&started)?;
+            eprintln!(
+                "host {:<16} worker rank {rank} on {dev} started (pid {pid})",
+                h.name
+            );
+            rank += 1;
+        }
+    }
+    let start = Instant::now();
+    loop {
+        if let Ok(st) = crate::client::fetch_status(&s.listen).await {
+            if st.state == "ready" {
+                println!("ready: http://{}", s.listen);
+                return Ok(());
+            }
+            if st.state == "failed" {
+                bail!(
+                    "the cluster failed to load: {} (stop it with --stop)",
+                    st.detail
+                );
+            }
+        }
+        if start.elapsed() > Duration::from_secs(a.ready_timeout_s) {
+            bail!("the cluster is not ready after {} s (logs: /tmp/grok-*.log on the hosts; stop it with --stop)", a.ready_timeout_s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn stop(a: &LaunchArgs) -> Result<()> {
+    let state = state_path(&a.config);
+    let text = std::fs::read_to_string(&state)
+        .with_context(|| format!("no launched cluster recorded in {}", state.display()))?;
+    let started: Vec<Started> = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a launch record", state.display()))?;
+    let mut failed = Vec::new();
+    // Workers first, the coordinator last.
+    for s in started.iter().rev() {
+        let cmd = format!("kill {pid} 2>/dev/null; for i in 1 2 3 4 5 6 7 8 9 10; do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.5; done; kill -9 {pid} 2>/dev/null; exit 0", pid = s.pid);
+        match remote(&a.ssh, &s.host, &s.target, &cmd) {
+            Ok(_) => eprintln!("host {:<16} {} (pid {}) stopped", s.host, s.role, s.pid),
+            Err(e) => {
+                eprintln!("host {:<16} {} (pid {}): {e:#}", s.host, s.role, s.pid);
+                failed.push(s.host.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "could not stop everything on: {}; {} is kept",
+            failed.join(", "),
+            state.display()
+        );
+    }
+    std::fs::remove_file(&state).ok();
+    println!("stopped");
+    Ok(())
+}

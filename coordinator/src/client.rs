@@ -37,7 +37,7 @@ pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
 pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
     let l = s.layout.unwrap_or_default();
     let mut out = format!(
-        "model   {}\nlayout  tp={} ep={} pp={}\nstate   {}{}\ntokens  {} generated\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\n\n",
+        "model   {}\nlayout  tp={} ep={} pp={}\nstate   {}{}\ntokens  {} generated, {:.1} tokens/s\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\n\n",
         s.model,
         l.tp,
         l.ep,
@@ -49,6 +49,7 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
             format!(" ({})", s.detail)
         },
         s.generated_tokens,
+        s.tokens_per_s,
         s.running_sequences,
         s.queued_requests,
         s.kv_blocks_used,
@@ -131,7 +132,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
     serde_json::json!({
         "model": s.model, "state": s.state, "detail": s.detail,
         "layout": {"tp": l.tp, "ep": l.ep, "pp": l.pp},
-        "generated_tokens": s.generated_tokens,
+        "generated_tokens": s.generated_tokens, "tokens_per_s": s.tokens_per_s,
         "kv_blocks_used": s.kv_blocks_used, "kv_blocks_free": s.kv_blocks_free,
         "running_sequences": s.running_sequences, "queued_requests": s.queued_requests,
         "shards": s.shards.iter().map(|x| serde_json::json!({

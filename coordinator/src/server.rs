@@ -70,6 +70,8 @@ pub struct Shared {
     pub replica: Mutex<Option<ReplicaHandle>>,
     pub generated: AtomicU64,
     pub metrics: crate::metrics::Metrics,
+    /// (time, generated tokens, rate) of the last throughput sample.
+    pub rate_sample: Mutex<(std::time::Instant, u64, f64)>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -91,6 +93,19 @@ impl Shared {
         if let Some(Some(w)) = lock(&self.workers).get_mut(rank) {
             f(w);
         }
+    }
+
+    /// Generated tokens per second since the previous sample (taken at most once a second).
+    fn tokens_per_s(&self) -> f64 {
+        let now = std::time::Instant::now();
+        let total = self.generated.load(Ordering::Relaxed);
+        let mut s = lock(&self.rate_sample);
+        let dt = (now - s.0).as_secs_f64();
+        if dt >= 1.0 {
+            s.2 = (total - s.1) as f64 / dt;
+            *s = (now, total, s.2);
+        }
+        s.2
     }
 
     fn status(&self) -> pb::ClusterStatusResponse {
@@ -155,6 +170,7 @@ impl Shared {
             kv_blocks_free: self.metrics.kv_free.load(Ordering::Relaxed),
             running_sequences: self.metrics.running.load(Ordering::Relaxed),
             queued_requests: self.metrics.queue_depth.load(Ordering::Relaxed),
+            tokens_per_s: self.tokens_per_s(),
         }
     }
 }
@@ -579,6 +595,7 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
         replica: Mutex::new(None),
         generated: AtomicU64::new(0),
         metrics: crate::metrics::Metrics::new(model.num_layers, model.num_experts, kv_blocks),
+        rate_sample: Mutex::new((std::time::Instant::now(), 0, 0.0)),
         model,
     }))
 }

@@ -39,6 +39,15 @@ pub struct Engine {
     world: TcpComm,
     tp: TcpComm,
     seqs: HashMap<u64, SeqState>,
+    #[cfg(feature = "cuda")]
+    cuda: Option<CudaState>,
+}
+
+/// The model on a GPU (one device, tp = pp = 1) and one KV cache per sequence.
+#[cfg(feature = "cuda")]
+struct CudaState {
+    model: grok_shared::backend::cuda::CudaModel<'static>,
+    caches: HashMap<u64, grok_shared::backend::cuda::model::CudaSequence>,
 }
 
 /// Resident set size of this process, from /proc (0 where unavailable).
@@ -96,6 +105,8 @@ pub struct LoadSpec<'a> {
     pub kv_blocks: usize,
     pub block_size: usize,
     pub comm_timeout: Duration,
+    /// CUDA device ordinal (None: CPU).
+    pub cuda_device: Option<usize>,
 }
 
 impl Engine {
@@ -161,6 +172,43 @@ impl Engine {
                 format!("layer {done}/{total}"),
             );
         })?;
+        #[cfg(feature = "cuda")]
+        let cuda = match spec.cuda_device {
+            None => None,
+            Some(n) => {
+                if layout.tp != 1 || layout.pp != 1 {
+                    return Err(EngineError::Invalid(format!(
+                        "CUDA workers run the whole model on one GPU in this version (tp=1 pp=1), not tp={} pp={}",
+                        layout.tp, layout.pp
+                    )));
+                }
+                progress("loading", 0.5, format!("uploading to cuda:{n}"));
+                // The worker owns its device for its whole life.
+                let be: &'static grok_shared::backend::cuda::CudaBackend = Box::leak(Box::new(
+                    grok_shared::backend::cuda::CudaBackend::open(n)
+                        .map_err(|e| EngineError::Invalid(e.to_string()))?,
+                ));
+                let max_len =
+                    (spec.kv_blocks * spec.block_size).min(ck.config.max_position_embeddings);
+                let m = grok_shared::backend::cuda::CudaModel::load(
+                    be,
+                    &ck,
+                    &layout.shard(&ck.config, spec.rank),
+                    max_len,
+                )
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                Some(CudaState {
+                    model: m,
+                    caches: HashMap::new(),
+                })
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        if let Some(n) = spec.cuda_device {
+            return Err(EngineError::Invalid(format!(
+                "cuda:{n}: this build has no CUDA support (build with --features cuda)"
+            )));
+        }
         std::hint::black_box(touch(&model));
         let kv = KvCache::new(&model, spec.kv_blocks, spec.block_size);
         let bytes = model.weight_bytes() as u64;
@@ -173,6 +221,8 @@ impl Engine {
                 world,
                 tp,
                 seqs: HashMap::new(),
+                #[cfg(feature = "cuda")]
+                cuda,
             },
             bytes,
         ))
@@ -207,9 +257,59 @@ impl Engine {
         res
     }
 
+    /// One step on the GPU: each sequence runs with its own KV cache swapped into the model.
+    #[cfg(feature = "cuda")]
+    fn cuda_step(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
+        let mut res = pb::StepResult::default();
+        let v = self.model.config.vocab_size;
+        let cuda = self.cuda.as_mut().expect("checked by the caller");
+        let err = |e: grok_shared::backend::cuda::CudaError| EngineError::Invalid(e.to_string());
+        for s in &plan.seqs {
+            let mut seq = match cuda.caches.remove(&s.seq_id) {
+                Some(c) => c,
+                None => cuda.model.new_sequence().map_err(err)?,
+            };
+            cuda.model.swap_sequence(&mut seq);
+            let out = cuda
+                .model
+                .forward(&s.tokens, s.start_pos as usize, s.return_logits);
+            cuda.model.swap_sequence(&mut seq);
+            cuda.caches.insert(s.seq_id, seq);
+            let logits = out.map_err(err)?;
+            if s.return_logits {
+                res.logits.extend_from_slice(&logits);
+            }
+            if s.sample {
+                let row = &logits[logits.len() - v..];
+                let st = &self.seqs[&s.seq_id];
+                let pos = s.start_pos as usize + s.tokens.len();
+                let o = sample(
+                    row,
+                    &st.sampling,
+                    &mut Rng::for_token(st.sampling.seed, pos),
+                );
+                let top = top_logprobs(row, s.top_logprobs as usize)
+                    .into_iter()
+                    .map(|(token, logprob)| pb::TopLogprob { token, logprob })
+                    .collect();
+                res.tokens.push(pb::SampledToken {
+                    seq_id: s.seq_id,
+                    token: o.id,
+                    logprob: logprob_of(row, o.id),
+                    top,
+                });
+            }
+        }
+        Ok(res)
+    }
+
     fn step_inner(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
         for id in &plan.free_seqs {
             self.seqs.remove(id);
+            #[cfg(feature = "cuda")]
+            if let Some(c) = &mut self.cuda {
+                c.caches.remove(id);
+            }
         }
         let mut res = pb::StepResult::default();
         if plan.seqs.is_empty() {
@@ -238,6 +338,10 @@ impl Engine {
                 }
             };
             st.table.extend_from_slice(&s.new_blocks);
+        }
+        #[cfg(feature = "cuda")]
+        if self.cuda.is_some() {
+            return self.cuda_step(plan);
         }
         let want = |s: &pb::SeqStep| {
             if s.return_logits {

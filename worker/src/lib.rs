@@ -26,6 +26,8 @@ pub struct WorkerArgs {
     pub worker_id: String,
     pub rank: Option<u32>,
     pub register_timeout: Duration,
+    /// CUDA device ordinal (None: CPU).
+    pub cuda_device: Option<usize>,
 }
 
 enum Slot {
@@ -45,6 +47,7 @@ enum Slot {
 struct Svc {
     slot: Arc<Mutex<Slot>>,
     rank: Arc<Mutex<Option<u32>>>,
+    cuda_device: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,6 +99,7 @@ impl pb::worker_server::Worker for Svc {
         *lock(&self.rank) = Some(r.rank);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let slot = self.slot.clone();
+        let cuda_device = self.cuda_device;
         std::thread::spawn(move || {
             let dir = PathBuf::from(&r.model_dir);
             let spec = LoadSpec {
@@ -111,6 +115,7 @@ impl pb::worker_server::Worker for Svc {
                 } else {
                     r.comm_timeout_ms as u64
                 }),
+                cuda_device,
             };
             let txp = tx.clone();
             let res = Engine::load(spec, world, tp, |stage, fraction, detail| {
@@ -226,6 +231,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let svc = Svc {
         slot: Arc::new(Mutex::new(Slot::Idle { world, tp })),
         rank: Arc::new(Mutex::new(None)),
+        cuda_device: args.cuda_device,
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let server = tokio::spawn(
@@ -264,7 +270,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             world_comm_address: world_addr.to_string(),
             tp_comm_address: tp_addr.to_string(),
             rank: args.rank.map_or(-1, |r| r as i32),
-            device: "cpu".into(),
+            device: args
+                .cuda_device
+                .map_or("cpu".into(), |n| format!("cuda:{n}")),
         })
         .await
         .map_err(|s| {

@@ -33,8 +33,8 @@ struct Args {
     /// Give up when the coordinator cannot be reached for this long.
     #[arg(long, default_value_t = 60)]
     register_timeout_s: u64,
-    /// Select the compute device: cpu, or cuda:N (needs a build with --features cuda; the CUDA
-    /// model path is not available yet: the device is only opened and checked).
+    /// Select the compute device: cpu, or cuda:N (a build with --features cuda; on CUDA the
+    /// worker holds the whole model on one GPU, layouts tp=1 pp=1).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -42,14 +42,17 @@ struct Args {
 fn main() {
     let a = Args::parse();
     grok_coordinator_logging();
-    match parse_device(&a.device) {
-        Ok(Device::Cpu) => {}
-        Ok(Device::Cuda(ordinal)) => open_cuda(ordinal),
+    let cuda_device = match parse_device(&a.device) {
+        Ok(Device::Cpu) => None,
+        Ok(Device::Cuda(ordinal)) => {
+            check_cuda(ordinal);
+            Some(ordinal)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
         }
-    }
+    };
     if a.threads > 0 {
         if let Err(e) = rayon_threads(a.threads) {
             eprintln!("error: {e}");
@@ -71,6 +74,7 @@ fn main() {
         worker_id: id,
         rank: a.rank,
         register_timeout: Duration::from_secs(a.register_timeout_s),
+        cuda_device,
     }));
     if let Err(e) = res {
         eprintln!("error: {e:#}");
@@ -99,24 +103,19 @@ fn parse_device(s: &str) -> Result<Device, String> {
     Err(format!("unknown device `{s}` (supported: cpu, cuda:N)"))
 }
 
-/// `--device cuda:N`: opens the device (libraries, device, kernel compilation) and reports;
-/// running the model on CUDA is not implemented yet, so this always exits.
+/// `--device cuda:N`: checks the CUDA libraries and the device before registering; the model
+/// is uploaded when the coordinator asks the worker to load.
 #[cfg(feature = "cuda")]
-fn open_cuda(ordinal: usize) -> ! {
-    use grok_shared::backend::cuda::CudaBackend;
-    match CudaBackend::open(ordinal) {
-        Ok(be) => {
-            let i = be.info();
-            eprintln!(
-                "cuda:{ordinal}: {} (compute {}.{}, {} MiB) opened, kernels compiled for {}; \
-                 the CUDA model path is not available yet (use --device cpu)",
-                i.name,
-                i.compute_capability.0,
-                i.compute_capability.1,
-                i.total_mem_bytes >> 20,
-                be.compiled().arch
-            );
-            std::process::exit(2);
+fn check_cuda(ordinal: usize) {
+    if let Err(e) = grok_shared::backend::cuda::cuda_status() {
+        eprintln!("error: cuda:{ordinal}: {e}");
+        std::process::exit(1);
+    }
+    match grok_shared::backend::cuda::device_count() {
+        Ok(n) if ordinal < n => {}
+        Ok(n) => {
+            eprintln!("error: no CUDA device {ordinal}: this machine has {n}");
+            std::process::exit(1);
         }
         Err(e) => {
             eprintln!("error: cuda:{ordinal}: {e}");
@@ -126,7 +125,7 @@ fn open_cuda(ordinal: usize) -> ! {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(ordinal: usize) -> ! {
+fn check_cuda(ordinal: usize) {
     eprintln!("error: cuda:{ordinal}: this build has no CUDA support (build with --features cuda)");
     std::process::exit(1);
 }

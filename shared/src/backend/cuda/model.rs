@@ -29,6 +29,14 @@ struct CudaExpert {
     linear_1: DeviceLinear,
 }
 
+/// The KV cache of one sequence, outside the model while another sequence runs.
+pub struct CudaSequence {
+    k: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+    vis: CudaSlice<i32>,
+    len: usize,
+}
+
 struct CudaLayer {
     pre_attn_norm: CudaSlice<f32>,
     post_attn_norm: CudaSlice<f32>,
@@ -186,6 +194,43 @@ impl<'a> CudaModel<'a> {
     /// Forgets the cached sequence.
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+
+    /// A fresh KV cache for another sequence (swap it in with [`CudaModel::swap_sequence`]).
+    pub fn new_sequence(&self) -> Result<CudaSequence, CudaError> {
+        let per = self.max_len * self.config.num_kv_heads * self.config.key_size;
+        let mut k = Vec::with_capacity(self.layers.len());
+        let mut v = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            k.push(self.be.zeros(&format!("layer {i} k cache"), per)?);
+            v.push(self.be.zeros(&format!("layer {i} v cache"), per)?);
+        }
+        Ok(CudaSequence {
+            k,
+            v,
+            vis: self.be.zeros("visibility flags", self.max_len)?,
+            len: 0,
+        })
+    }
+
+    /// Exchanges the model's current KV cache with `s` (so one model serves many sequences,
+    /// each with its own cache).
+    pub fn swap_sequence(&mut self, s: &mut CudaSequence) {
+        for (l, (k, v)) in self
+            .layers
+            .iter_mut()
+            .zip(s.k.iter_mut().zip(s.v.iter_mut()))
+        {
+            std::mem::swap(&mut l.k_cache, k);
+            std::mem::swap(&mut l.v_cache, v);
+        }
+        std::mem::swap(&mut self.vis, &mut s.vis);
+        std::mem::swap(&mut self.len, &mut s.len);
+    }
+
+    /// Positions one sequence's cache holds.
+    pub fn max_len(&self) -> usize {
+        self.max_len
     }
 
     /// Runs `tokens` at positions `start_pos..` (`start_pos <= len()`: the cache beyond it is

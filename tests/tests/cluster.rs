@@ -7,68 +7,12 @@ use grok_shared::config::ModelConfig;
 use grok_shared::generate::{generate, GenerateOptions};
 use grok_shared::genmodel::{self, GenDType};
 use grok_shared::model::Model;
-use std::io::{BufRead, BufReader, Read};
+use grok_tests::cluster::{bin, lines_of, wait_line, Proc};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin(name: &str) -> Command {
-    let p = grok_tests::bin(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first",
-        p.display()
-    );
-    let mut c = Command::new(p);
-    c.env("GROK_THREADS", "1");
-    c
-}
-
-/// Lines of a child's stdout, delivered through a channel.
-fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str, secs: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.starts_with(prefix) => return l[prefix.len()..].to_string(),
-            Ok(_) => continue,
-            Err(e) => panic!("no `{prefix}` line within {secs} s: {e}"),
-        }
-    }
-}
 
 /// `grokctl up` in the background; returns it and the endpoint once ready.
 fn up(model: &Path, tp: usize, ep: usize, pp: usize) -> (Proc, String) {

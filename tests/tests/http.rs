@@ -6,44 +6,14 @@
 
 use grok_shared::config::ModelConfig;
 use grok_shared::genmodel::{self, GenDType};
+use grok_tests::cluster::{bin, Proc};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bin(name: &str) -> Command {
-    let p = grok_tests::bin(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace binaries first",
-        p.display()
-    );
-    let mut c = Command::new(p);
-    c.env("GROK_THREADS", "1");
-    c
-}
 
 fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str, secs: u64) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -96,6 +96,27 @@ fn bytemuck_bytes<T: Copy>(s: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
 }
 
+/// Samples the token that follows step `s` of a sequence from its last logits row; the
+/// generator is seeded by position, so the token does not depend on the batch.
+fn sample_step(st: &SeqState, s: &pb::SeqStep, row: &[f32]) -> pb::SampledToken {
+    let pos = s.start_pos as usize + s.tokens.len();
+    let out = sample(
+        row,
+        &st.sampling,
+        &mut Rng::for_token(st.sampling.seed, pos),
+    );
+    let top = top_logprobs(row, s.top_logprobs as usize)
+        .into_iter()
+        .map(|(token, logprob)| pb::TopLogprob { token, logprob })
+        .collect();
+    pb::SampledToken {
+        seq_id: s.seq_id,
+        token: out.id,
+        logprob: logprob_of(row, out.id),
+        top,
+    }
+}
+
 pub struct LoadSpec<'a> {
     pub model_dir: &'a Path,
     pub layout: Layout,
@@ -281,23 +302,7 @@ impl Engine {
             }
             if s.sample {
                 let row = &logits[logits.len() - v..];
-                let st = &self.seqs[&s.seq_id];
-                let pos = s.start_pos as usize + s.tokens.len();
-                let o = sample(
-                    row,
-                    &st.sampling,
-                    &mut Rng::for_token(st.sampling.seed, pos),
-                );
-                let top = top_logprobs(row, s.top_logprobs as usize)
-                    .into_iter()
-                    .map(|(token, logprob)| pb::TopLogprob { token, logprob })
-                    .collect();
-                res.tokens.push(pb::SampledToken {
-                    seq_id: s.seq_id,
-                    token: o.id,
-                    logprob: logprob_of(row, o.id),
-                    top,
-                });
+                res.tokens.push(sample_step(&self.seqs[&s.seq_id], s, row));
             }
         }
         Ok(res)
@@ -398,24 +403,7 @@ impl Engine {
             }
             if s.sample {
                 let row = &logits[(off + n - 1) * v..(off + n) * v];
-                let st = &self.seqs[&s.seq_id];
-                // The token sampled here goes to position start_pos + len.
-                let pos = s.start_pos as usize + s.tokens.len();
-                let out = sample(
-                    row,
-                    &st.sampling,
-                    &mut Rng::for_token(st.sampling.seed, pos),
-                );
-                let top = top_logprobs(row, s.top_logprobs as usize)
-                    .into_iter()
-                    .map(|(token, logprob)| pb::TopLogprob { token, logprob })
-                    .collect();
-                res.tokens.push(pb::SampledToken {
-                    seq_id: s.seq_id,
-                    token: out.id,
-                    logprob: logprob_of(row, out.id),
-                    top,
-                });
+                res.tokens.push(sample_step(&self.seqs[&s.seq_id], s, row));
             }
             off += n;
         }

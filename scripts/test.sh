@@ -14,6 +14,17 @@ fi
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null 2>&1 || echo "note: could not install iproute2" >&2
 fi
+# The launch test runs Debian's OpenSSH server (sshd) inside those namespaces as the remote
+# hosts. policy-rc.d (exit 101) keeps the package from starting a system sshd while installing.
+if [ ! -x /usr/sbin/sshd ] && [ "$(id -u)" = 0 ]; then
+  policy_added=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy_added=1
+  fi
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server) >/dev/null 2>&1 \
+    || echo "note: could not install openssh-server" >&2
+  if [ -n "$policy_added" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
 
 # The HTTP API test drives the official `openai` Python client.
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai

@@ -20,12 +20,19 @@
 //! max_queue = 256                     # GROK_MAX_QUEUE
 //! max_batch_tokens = 512              # GROK_MAX_BATCH_TOKENS
 //!
+//! [launch]                            # `grokctl launch` (ssh to the hosts)
+//! ssh_options = ["-i", "/root/.ssh/grok"]   # GROK_SSH_OPTIONS (whitespace-separated)
+//! log_dir = "/var/log/grok"           # remote logs (default /tmp)
+//!
 //! [[hosts]]                           # for multi-host launch
 //! name = "node1"
 //! address = "10.0.0.2"
 //! devices = ["cuda:0", "cuda:1"]
+//! ssh = "admin@node1"                 # ssh target (default: address)
+//! bin_dir = "/opt/grok/bin"           # grok binaries there (default /usr/local/bin)
 //! ```
 //! `deploy/cluster.example.toml` is a commented example. Unknown keys are errors.
+//! `GROK_SSH` names the ssh program `grokctl launch` runs (default `ssh`).
 
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -43,7 +50,53 @@ pub struct ClusterFile {
     #[serde(default)]
     pub limits: LimitsSection,
     #[serde(default)]
+    pub launch: LaunchSection,
+    #[serde(default)]
     pub hosts: Vec<HostSection>,
+}
+
+/// How `grokctl launch` reaches the hosts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSection {
+    /// Extra ssh arguments, put before the target on every ssh call.
+    pub ssh_options: Option<Vec<String>>,
+    /// Where the started processes write their logs on each host (default /tmp).
+    pub log_dir: Option<PathBuf>,
+}
+
+/// The resolved `[launch]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchSettings {
+    pub ssh_options: Vec<String>,
+    pub log_dir: PathBuf,
+}
+
+/// `[launch]` with the environment applied: `GROK_SSH_OPTIONS` (whitespace-separated; set,
+/// even empty, it replaces `ssh_options`).
+pub fn resolve_launch(
+    file: &ClusterFile,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<LaunchSettings, ConfigFileError> {
+    let ssh_options = match env("GROK_SSH_OPTIONS") {
+        Some(v) => v.split_whitespace().map(String::from).collect(),
+        None => file.launch.ssh_options.clone().unwrap_or_default(),
+    };
+    let log_dir = file
+        .launch
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    if !log_dir.is_absolute() {
+        return Err(ConfigFileError::Invalid {
+            key: "launch.log_dir".into(),
+            why: format!("`{}` is not an absolute path", log_dir.display()),
+        });
+    }
+    Ok(LaunchSettings {
+        ssh_options,
+        log_dir,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -351,5 +404,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("hosts[0].devices"), "{e}");
+    }
+
+    #[test]
+    fn launch_section_and_its_environment_override() {
+        let none = |_: &str| None;
+        let f = ClusterFile::parse(FILE, Path::new("c")).unwrap();
+        let l = resolve_launch(&f, &none).unwrap();
+        assert_eq!(l.ssh_options, Vec::<String>::new());
+        assert_eq!(l.log_dir, Path::new("/tmp"));
+        let f = ClusterFile::parse(
+            "[launch]\nssh_options = [\"-i\", \"/k/id\", \"-o\", \"Port=2222\"]\nlog_dir = \"/var/log/grok\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let l = resolve_launch(&f, &none).unwrap();
+        assert_eq!(l.ssh_options, ["-i", "/k/id", "-o", "Port=2222"]);
+        assert_eq!(l.log_dir, Path::new("/var/log/grok"));
+        let env = |k: &str| (k == "GROK_SSH_OPTIONS").then(|| " -p  22\t-v ".to_string());
+        assert_eq!(
+            resolve_launch(&f, &env).unwrap().ssh_options,
+            ["-p", "22", "-v"]
+        );
+        let empty = |k: &str| (k == "GROK_SSH_OPTIONS").then(String::new);
+        assert!(resolve_launch(&f, &empty).unwrap().ssh_options.is_empty());
+        let e = ClusterFile::parse("[launch]\nssh_opts = [\"-v\"]\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `ssh_opts`"), "{e}");
+        let e = ClusterFile::parse("[launch]\nssh_options = \"-v\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ssh_options"), "{e}");
+        let f = ClusterFile::parse("[launch]\nlog_dir = \"logs\"\n", Path::new("c")).unwrap();
+        let e = resolve_launch(&f, &none).unwrap_err().to_string();
+        assert!(e.contains("launch.log_dir") && e.contains("logs"), "{e}");
     }
 }

@@ -87,6 +87,8 @@ pub struct Job {
     pub params: RequestParams,
     pub tx: mpsc::Sender<GenEvent>,
     pub arrived: Instant,
+    /// The request's span (ends when the job is dropped); steps that compute it link to it.
+    pub span: tracing::Span,
 }
 
 /// Submits jobs to a serving replica.
@@ -363,6 +365,8 @@ impl Replica {
     async fn finish(&mut self, mut seq: Seq, ev: GenEvent, outcome: &str) {
         self.release(&mut seq);
         self.shared.metrics.request_done(outcome);
+        seq.job.span.record("outcome", outcome);
+        seq.job.span.record("completion_tokens", seq.generated);
         let _ = seq.job.tx.send(ev).await;
     }
 
@@ -709,10 +713,29 @@ impl Replica {
         free: Vec<u64>,
     ) -> Result<pb::StepResult, StepFailure> {
         self.next_step += 1;
+        // The step span: the child of the first request it computes, linked to the others.
+        let span = tracing::info_span!(
+            "step",
+            step_id = self.next_step,
+            seqs = seqs.len(),
+            rows = seqs.iter().map(|s| s.tokens.len()).sum::<usize>()
+        );
+        let mut parented = false;
+        for s in &self.running {
+            if s.wid != 0 && seqs.iter().any(|x| x.seq_id == s.wid) {
+                if parented {
+                    grok_proto::telemetry::add_link(&span, &s.job.span);
+                } else {
+                    grok_proto::telemetry::set_parent_span(&span, &s.job.span);
+                    parented = true;
+                }
+            }
+        }
         let plan = pb::StepPlan {
             step_id: self.next_step,
             seqs,
             free_seqs: free,
+            traceparent: grok_proto::telemetry::traceparent(&span),
         };
         for l in &self.links {
             if l.plans.send(plan.clone()).await.is_err() {

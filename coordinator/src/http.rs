@@ -508,12 +508,27 @@ struct Answer {
     shared: Arc<Shared>,
 }
 
-async fn completions(State(app): AppState, JsonBody(body): JsonBody) -> Response {
-    respond(completion_request(&app, body)).await
+/// The W3C `traceparent` header of a request, if any.
+fn traceparent(h: &axum::http::HeaderMap) -> Option<String> {
+    h.get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
-async fn chat_completions(State(app): AppState, JsonBody(body): JsonBody) -> Response {
-    respond(chat_request(&app, body)).await
+async fn completions(
+    State(app): AppState,
+    headers: axum::http::HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Response {
+    respond(completion_request(&app, body, traceparent(&headers))).await
+}
+
+async fn chat_completions(
+    State(app): AppState,
+    headers: axum::http::HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Response {
+    respond(chat_request(&app, body, traceparent(&headers))).await
 }
 
 /// A validated request: the receiver of its events, how to answer, and whether to stream.
@@ -540,9 +555,10 @@ fn start(
     prompt: PromptInput,
     params: RequestParams,
     rename: &dyn Fn(&'static str) -> &'static str,
+    traceparent: Option<&str>,
 ) -> Result<Receiver<GenEvent>, HttpError> {
     let s = &app.shared;
-    let (job, rx) = build_job(s, prompt, params).map_err(|e| {
+    let (job, rx) = build_job(s, prompt, params, traceparent).map_err(|e| {
         s.metrics.request_done("rejected");
         HttpError::from_api(e, rename)
     })?;
@@ -621,12 +637,12 @@ fn parse_completion(app: &App, body: Map<String, Value>) -> Result<CompletionPar
     Ok((c, prompt, logprobs))
 }
 
-fn completion_request(app: &App, body: Map<String, Value>) -> Started {
+fn completion_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Started {
     let (c, prompt, logprobs) = rejected(app, parse_completion(app, body))?;
     let params = c.params(c.max_tokens.unwrap_or(16), logprobs.unwrap_or(0));
     let mt = c.max_tokens_name;
     let rename = |f: &'static str| if f == "max_tokens" { mt } else { f };
-    let rx = start(app, prompt, params, &rename)?;
+    let rx = start(app, prompt, params, &rename, tp.as_deref())?;
     Ok((
         rx,
         Answer {
@@ -708,7 +724,7 @@ fn parse_chat(app: &App, body: Map<String, Value>) -> Result<ChatParts, HttpErro
     Ok((c, chat_prompt(&turns), logprobs))
 }
 
-fn chat_request(app: &App, body: Map<String, Value>) -> Started {
+fn chat_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Started {
     let (mut c, text, logprobs) = rejected(app, parse_chat(app, body))?;
     c.stop.extend(CHAT_STOP.iter().map(|s| s.to_string()));
     // The default length needs the prompt's length: tokenize here when the cluster can.
@@ -740,7 +756,7 @@ fn chat_request(app: &App, body: Map<String, Value>) -> Started {
         "logprobs" => "top_logprobs",
         f => f,
     };
-    let rx = start(app, prompt, params, &rename)?;
+    let rx = start(app, prompt, params, &rename, tp.as_deref())?;
     Ok((
         rx,
         Answer {

@@ -4,8 +4,12 @@
 //! The coordinator runs on the first host; every device of every `[[hosts]]` entry gets one
 //! worker (port 50061 + device index), ranks in file order. The processes started are
 //! recorded in a state file next to the config, which `--stop` reads.
+//!
+//! Every ssh call is `SSH [launch.ssh_options] -o BatchMode=yes -o ConnectTimeout=5 TARGET --
+//! COMMAND` (ssh keeps the first value of an option, so `ssh_options` may override these two).
+//! The remote processes write their logs to `launch.log_dir` (default /tmp) on their host.
 
-use crate::config::{ClusterFile, HostSection};
+use crate::config::{ClusterFile, HostSection, LaunchSettings};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -32,9 +36,16 @@ fn state_path(config: &Path) -> PathBuf {
     config.with_extension("launch.json")
 }
 
+/// The ssh program and the extra arguments it gets before the target.
+struct Ssh<'a> {
+    program: &'a str,
+    options: &'a [String],
+}
+
 /// Runs `cmd` on `target` through ssh; stdout on success, an error naming the host otherwise.
-fn remote(ssh: &str, host: &str, target: &str, cmd: &str) -> Result<String> {
-    let o = Command::new(ssh)
+fn remote(ssh: &Ssh, host: &str, target: &str, cmd: &str) -> Result<String> {
+    let o = Command::new(ssh.program)
+        .args(ssh.options)
         .args([
             "-o",
             "BatchMode=yes",
@@ -45,13 +56,16 @@ fn remote(ssh: &str, host: &str, target: &str, cmd: &str) -> Result<String> {
             cmd,
         ])
         .output()
-        .with_context(|| format!("cannot run `{ssh}`"))?;
+        .with_context(|| format!("cannot run `{}`", ssh.program))?;
     if !o.status.success() {
         let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
         if o.status.code() == Some(255) {
             bail!("host `{host}` ({target}) is unreachable over ssh: {err}");
         }
-        bail!("host `{host}` ({target}): `{cmd}` failed: {err}");
+        if err.is_empty() {
+            bail!("host `{host}` ({target}): `{cmd}` failed ({})", o.status);
+        }
+        bail!("host `{host}` ({target}): {err}");
     }
     Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
@@ -77,7 +91,18 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         return stop(a);
     }
     let file = ClusterFile::load(&a.config)?;
-    let s = crate::config::resolve_up(&file, &Default::default(), &|k| std::env::var(k).ok())?;
+    let env = |k: &str| std::env::var(k).ok();
+    let s = crate::config::resolve_up(&file, &Default::default(), &env)?;
+    let LaunchSettings {
+        ssh_options,
+        log_dir,
+    } = crate::config::resolve_launch(&file, &env)?;
+    let ssh = Ssh {
+        program: &a.ssh,
+        options: &ssh_options,
+    };
+    let log_dir = log_dir.display().to_string();
+    let log = |name: &str| q(&format!("{}/{name}", log_dir.trim_end_matches('/')));
     let world = s.tp * s.pp;
     let devices: usize = file.hosts.iter().map(|h| h.devices.len().max(1)).sum();
     if file.hosts.is_empty() {
@@ -92,9 +117,16 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         );
     }
     let listen: std::net::SocketAddr = s.listen.parse().context("coordinator.listen")?;
-    if listen.ip().is_unspecified() || listen.port() == 0 {
-        bail!("coordinator.listen must be the address workers reach (IP:PORT, not 0.0.0.0 or port 0), got {listen}");
+    if listen.port() == 0 {
+        bail!("coordinator.listen: launch needs a fixed port (workers must know it), got {listen}");
     }
+    // The coordinator binds `listen`; workers and this command reach it at the first host's
+    // address when `listen` is a wildcard (0.0.0.0 / [::]).
+    let reach = if listen.ip().is_unspecified() {
+        format!("{}:{}", file.hosts[0].address, listen.port())
+    } else {
+        s.listen.clone()
+    };
     let state = state_path(&a.config);
     if state.exists() {
         bail!("{} exists: a launched cluster may still run; stop it first (grokctl launch --config {} --stop)", state.display(), a.config.display());
@@ -102,21 +134,21 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
     let mut started: Vec<Started> = Vec::new();
     let save =
         |st: &Vec<Started>| std::fs::write(&state, serde_json::to_vec_pretty(st).expect("json"));
-    // Check every host first: reachable, binaries present.
+    // Check every host first: reachable, binaries present, log_dir writable.
     for h in &file.hosts {
         let t = target_of(h);
         let bin = format!("{}/grok-worker", bin_dir(h));
         remote(
-            &a.ssh,
+            &ssh,
             &h.name,
             &t,
             &format!(
-                "test -x {} || {{ echo missing {} >&2; exit 3; }}",
-                q(&bin),
-                q(&bin)
+                "test -x {b} || {{ echo {b} is missing or not executable, see bin_dir >&2; exit 3; }}; mkdir -p {d} 2>/dev/null; {{ test -d {d} && test -w {d}; }} || {{ echo cannot write the log_dir {d} >&2; exit 3; }}",
+                b = q(&bin),
+                d = q(&log_dir)
             ),
         )
-        .with_context(|| format!("checking host `{}`", h.name))?;
+        .context("checking the hosts")?;
         eprintln!("host {:<16} reachable, {} present", h.name, bin);
     }
     // The coordinator, on the first host's machine when the config names none.
@@ -137,10 +169,13 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         cmd += &format!(" --http-listen {}", q(h));
     }
     let pid = remote(
-        &a.ssh,
+        &ssh,
         &coord_host,
         &coord_target,
-        &format!("nohup {cmd} > /tmp/grok-coordinator.log 2>&1 < /dev/null & echo $!"),
+        &format!(
+            "nohup {cmd} > {} 2>&1 < /dev/null & echo $!",
+            log("grok-coordinator.log")
+        ),
     )?;
     started.push(Started {
         role: "coordinator".into(),
@@ -150,7 +185,7 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
     });
     save(&started)?;
     eprintln!(
-        "host {:<16} coordinator started (pid {pid}), listening on {}",
+        "host {:<16} coordinator started (pid {pid}), listening on {} (reached at {reach})",
         coord_host, s.listen
     );
     let mut rank = 0;
@@ -166,17 +201,20 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
             let wcmd = format!(
                 "{}/grok-worker --coordinator {} --listen {}:{port} --advertise {}:{port} --rank {rank} --id {}-{i} --device {}",
                 bin_dir(h),
-                q(&s.listen),
+                q(&reach),
                 h.address,
                 h.address,
                 q(&h.name),
                 q(dev)
             );
             let pid = remote(
-                &a.ssh,
+                &ssh,
                 &h.name,
                 &t,
-                &format!("nohup {wcmd} > /tmp/grok-worker-{rank}.log 2>&1 < /dev/null & echo $!"),
+                &format!(
+                    "nohup {wcmd} > {} 2>&1 < /dev/null & echo $!",
+                    log(&format!("grok-worker-{rank}.log"))
+                ),
             )?;
             started.push(Started {
                 role: format!("worker rank {rank}"),
@@ -193,13 +231,17 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         }
     }
     let start = Instant::now();
+    let mut bar = crate::progress::LoadProgress::default();
     loop {
-        if let Ok(st) = crate::client::fetch_status(&s.listen).await {
+        if let Ok(st) = crate::client::fetch_status(&reach).await {
+            bar.show(&st);
             if st.state == "ready" {
-                println!("ready: http://{}", s.listen);
+                bar.finish();
+                println!("ready: http://{reach}");
                 return Ok(());
             }
             if st.state == "failed" {
+                bar.finish();
                 bail!(
                     "the cluster failed to load: {} (stop it with --stop)",
                     st.detail
@@ -207,7 +249,8 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
             }
         }
         if start.elapsed() > Duration::from_secs(a.ready_timeout_s) {
-            bail!("the cluster is not ready after {} s (logs: /tmp/grok-*.log on the hosts; stop it with --stop)", a.ready_timeout_s);
+            bar.finish();
+            bail!("the cluster is not ready after {} s (logs: {log_dir}/grok-*.log on the hosts; stop it with --stop)", a.ready_timeout_s);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -219,11 +262,19 @@ fn stop(a: &LaunchArgs) -> Result<()> {
         .with_context(|| format!("no launched cluster recorded in {}", state.display()))?;
     let started: Vec<Started> = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a launch record", state.display()))?;
+    // The ssh options of the config (and GROK_SSH_OPTIONS) apply to stopping too.
+    let file = ClusterFile::load(&a.config)?;
+    let ssh_options = crate::config::resolve_launch(&file, &|k| std::env::var(k).ok())?.ssh_options;
+    let ssh = Ssh {
+        program: &a.ssh,
+        options: &ssh_options,
+    };
     let mut failed = Vec::new();
-    // Workers first, the coordinator last.
+    // Workers first, the coordinator last. An exited process that nobody reaps (a zombie, where
+    // the host's init does not reap orphans) counts as gone.
     for s in started.iter().rev() {
-        let cmd = format!("kill {pid} 2>/dev/null; for i in 1 2 3 4 5 6 7 8 9 10; do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.5; done; kill -9 {pid} 2>/dev/null; exit 0", pid = s.pid);
-        match remote(&a.ssh, &s.host, &s.target, &cmd) {
+        let cmd = format!("alive() {{ kill -0 {pid} 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' /proc/{pid}/status; }}; kill {pid} 2>/dev/null; for i in 1 2 3 4 5 6 7 8 9 10; do alive || exit 0; sleep 0.5; done; kill -9 {pid} 2>/dev/null; exit 0", pid = s.pid);
+        match remote(&ssh, &s.host, &s.target, &cmd) {
             Ok(_) => eprintln!("host {:<16} {} (pid {}) stopped", s.host, s.role, s.pid),
             Err(e) => {
                 eprintln!("host {:<16} {} (pid {}): {e:#}", s.host, s.role, s.pid);

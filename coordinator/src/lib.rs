@@ -6,7 +6,9 @@
 //! - [`up`]: `grokctl up`, a whole cluster of local processes in the foreground.
 //! - [`local`]: the single-process commands of `grokctl` (gen-model, generate, tokenize,
 //!   detokenize, bench) on the CPU backend.
-//! - [`logging`]: tracing set-up shared by the binaries.
+//! - [`progress`]: the load progress bar of `grokctl up` and `grokctl launch`.
+//!
+//! Logs and traces: `grok_proto::telemetry`.
 
 pub mod auth;
 pub mod client;
@@ -15,9 +17,9 @@ pub mod engine;
 pub mod http;
 pub mod launch;
 pub mod local;
-pub mod logging;
 pub mod metrics;
 pub mod plan;
+pub mod progress;
 pub mod server;
 pub mod up;
 

@@ -59,11 +59,26 @@ struct Args {
     http_listen: Option<SocketAddr>,
     #[arg(long, value_parser = ["text", "json"], default_value = "text", env = "GROK_LOG_FORMAT")]
     log_format: String,
+    /// Export OpenTelemetry spans (a request, its steps) to this OTLP/gRPC collector, e.g.
+    /// http://127.0.0.1:4317. The batch delay follows OTEL_BSP_SCHEDULE_DELAY (ms).
+    #[arg(long, env = "GROK_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() {
     let a = Args::parse();
-    grok_coordinator::logging::init(a.log_format == "json", "info");
+    let _telemetry = match grok_proto::telemetry::init(&grok_proto::telemetry::TelemetryConfig {
+        service: "grok-coordinator".into(),
+        json: a.log_format == "json",
+        default_level: "info".into(),
+        otlp_endpoint: a.otlp_endpoint.clone(),
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     let cfg = CoordinatorConfig {
         model_dir: a.model.clone(),
         layout: Layout::new(a.tp, a.ep, a.pp),

@@ -329,6 +329,7 @@ pub fn build_job(
     s: &Shared,
     prompt: PromptInput,
     p: RequestParams,
+    traceparent: Option<&str>,
 ) -> Result<(Job, tokio::sync::mpsc::Receiver<GenEvent>), ApiError> {
     let c = &s.model;
     let prompt = match prompt {
@@ -422,12 +423,21 @@ pub fn build_job(
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
     }
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let span = tracing::info_span!(
+        "request",
+        prompt_tokens = prompt.len(),
+        max_tokens = p.max_tokens,
+        outcome = tracing::field::Empty,
+        completion_tokens = tracing::field::Empty
+    );
+    grok_proto::telemetry::set_parent(&span, traceparent);
     Ok((
         Job {
             prompt,
             params: p,
             tx,
             arrived: std::time::Instant::now(),
+            span,
         },
         rx,
     ))
@@ -500,6 +510,11 @@ impl pb::inference_server::Inference for Svc {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let traceparent = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let r = req.into_inner();
         let prompt = match r.prompt {
             Some(pb::generate_request::Prompt::Text(t)) => PromptInput::Text(t),
@@ -524,13 +539,14 @@ impl pb::inference_server::Inference for Svc {
             top_logprobs: r.logprobs,
             prompt_logits: r.prompt_logits,
         };
-        let (job, rx) = build_job(&self.0, prompt, params).map_err(|e| {
-            self.0.metrics.request_done("rejected");
-            Status::new(
-                e.code,
-                format!("{}: {}", e.field.unwrap_or("request"), e.message),
-            )
-        })?;
+        let (job, rx) =
+            build_job(&self.0, prompt, params, traceparent.as_deref()).map_err(|e| {
+                self.0.metrics.request_done("rejected");
+                Status::new(
+                    e.code,
+                    format!("{}: {}", e.field.unwrap_or("request"), e.message),
+                )
+            })?;
         submit(&self.0, job)?;
         let stream = ReceiverStream::new(rx).map(to_pb);
         Ok(Response::new(Box::pin(stream)))

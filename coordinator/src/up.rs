@@ -170,37 +170,25 @@ pub async fn up(a: &UpArgs) -> Result<()> {
         kids.0.push((format!("worker-{i}"), c));
     }
     let start = Instant::now();
-    let mut last = String::new();
+    let mut bar = crate::progress::LoadProgress::default();
     loop {
         if let Some(why) = kids.exited() {
+            bar.finish();
             bail!("the cluster did not come up: {why}");
         }
         if let Ok(s) = crate::client::fetch_status(&addr).await {
-            let line = format!(
-                "{}: {}",
-                s.state,
-                s.shards
-                    .iter()
-                    .map(|x| if x.state == "loading" {
-                        format!("{:.0}%", x.load_fraction * 100.0)
-                    } else {
-                        x.state.clone()
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-            if line != last {
-                eprintln!("{line}");
-                last = line;
-            }
+            bar.show(&s);
             if s.state == "ready" {
+                bar.finish();
                 break;
             }
             if s.state == "failed" {
+                bar.finish();
                 bail!("the cluster failed to load: {}", s.detail);
             }
         }
         if start.elapsed() > Duration::from_secs(a.ready_timeout_s) {
+            bar.finish();
             bail!("the cluster is not ready after {} s", a.ready_timeout_s);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,5 +1,8 @@
 //! grok-proto: the gRPC wire types and services of grok-cluster, generated at build time from
-//! `proto/*.proto` with a pure-Rust protobuf compiler (no system protoc).
+//! `proto/*.proto` with a pure-Rust protobuf compiler (no system protoc), and [`telemetry`]:
+//! the binaries' logs and OpenTelemetry spans, whose context travels in the wire messages.
+
+pub mod telemetry;
 
 pub mod v1 {
     tonic::include_proto!("grok.v1");

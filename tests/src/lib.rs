@@ -22,3 +22,4 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub mod cluster;
+pub mod netns;

@@ -8,9 +8,10 @@ use grok_shared::generate::{generate, GenerateOptions};
 use grok_shared::genmodel::{self, GenDType};
 use grok_shared::model::Model;
 use grok_tests::cluster::{bin, lines_of, wait_line, Proc};
+use grok_tests::netns::{in_ns, Net};
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -342,70 +343,6 @@ fn bad_layouts_workers_and_models_are_clear_errors() {
     );
 }
 
-/// Runs `ip` with arguments; Err(stderr) on failure.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let o = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
-    }
-}
-
-/// Network namespaces joined by a bridge in a "switch" namespace; deleted on drop.
-struct Net {
-    names: Vec<String>,
-}
-
-impl Net {
-    fn create(tag: &str, hosts: &[(&str, &str)]) -> Result<Net, String> {
-        let mut net = Net { names: vec![] };
-        let sw = format!("{tag}-sw");
-        ip(&["netns", "add", &sw])?;
-        net.names.push(sw.clone());
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
-        for (i, (host, addr)) in hosts.iter().enumerate() {
-            let ns = format!("{tag}-{host}");
-            ip(&["netns", "add", &ns])?;
-            net.names.push(ns.clone());
-            let (a, b) = (format!("{tag}a{i}"), format!("{tag}b{i}"));
-            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
-            ip(&["link", "set", &a, "netns", &ns])?;
-            ip(&["link", "set", &b, "netns", &sw])?;
-            ip(&["-n", &sw, "link", "set", &b, "master", "br0"])?;
-            ip(&["-n", &sw, "link", "set", &b, "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", &a])?;
-            ip(&["-n", &ns, "link", "set", &a, "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(net)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = ip(&["netns", "del", n]);
-        }
-    }
-}
-
-fn in_ns(ns: &str, name: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns])
-        .arg(grok_tests::bin(name))
-        .env("GROK_THREADS", "1");
-    c
-}
-
 #[test]
 fn workers_on_separate_hosts_in_network_namespaces() {
     let tmp = tempfile::tempdir().unwrap();
@@ -418,7 +355,11 @@ fn workers_on_separate_hosts_in_network_namespaces() {
         format!("{subnet}.2"),
         format!("{subnet}.3"),
     );
-    let net = match Net::create(&tag, &[("coord", &c_ip), ("w0", &w0_ip), ("w1", &w1_ip)]) {
+    let net = match Net::create(
+        &tag,
+        &[("coord", &c_ip), ("w0", &w0_ip), ("w1", &w1_ip)],
+        None,
+    ) {
         Ok(n) => n,
         Err(why) => {
             eprintln!("SKIPPED: network namespaces cannot be created here ({why})");
@@ -426,7 +367,7 @@ fn workers_on_separate_hosts_in_network_namespaces() {
         }
     };
     let listen = format!("{c_ip}:50051");
-    let mut coord = in_ns(&format!("{tag}-coord"), "grok-coordinator");
+    let mut coord = in_ns(&net.ns("coord"), "grok-coordinator");
     coord
         .args([
             "--model",
@@ -444,7 +385,7 @@ fn workers_on_separate_hosts_in_network_namespaces() {
     wait_line(&rx, "listening on ", 30);
     let mut workers = vec![];
     for (i, wip) in [(0, &w0_ip), (1, &w1_ip)] {
-        let mut w = in_ns(&format!("{tag}-w{i}"), "grok-worker");
+        let mut w = in_ns(&net.ns(&format!("w{i}")), "grok-worker");
         w.args([
             "--coordinator",
             &listen,
@@ -459,7 +400,7 @@ fn workers_on_separate_hosts_in_network_namespaces() {
         .stderr(Stdio::null());
         workers.push(Proc(w.spawn().unwrap()));
     }
-    let st = in_ns(&format!("{tag}-coord"), "grokctl")
+    let st = in_ns(&net.ns("coord"), "grokctl")
         .args([
             "status",
             "--endpoint",
@@ -486,7 +427,7 @@ fn workers_on_separate_hosts_in_network_namespaces() {
         addrs[0].starts_with(&w0_ip) && addrs[1].starts_with(&w1_ip),
         "{addrs:?}"
     );
-    let out = in_ns(&format!("{tag}-coord"), "grokctl")
+    let out = in_ns(&net.ns("coord"), "grokctl")
         .args([
             "generate",
             "--endpoint",

@@ -165,4 +165,7 @@ fn the_example_cluster_config_is_valid() {
     assert_eq!((s.tp, s.ep, s.pp), (8, 8, 1));
     assert_eq!(s.http_listen.as_deref(), Some("0.0.0.0:8000"));
     assert_eq!(f.hosts[0].devices.len(), 8);
+    let l = grok_coordinator::config::resolve_launch(&f, &|_| None).unwrap();
+    assert_eq!(l.ssh_options[0], "-i");
+    assert_eq!(l.log_dir, std::path::Path::new("/tmp"));
 }

@@ -174,7 +174,23 @@ impl pb::worker_server::Worker for Svc {
         let slot = self.slot.clone();
         std::thread::spawn(move || {
             while let Ok(plan) = plan_rx.recv() {
-                let res = engine.step(plan);
+                let span = tracing::info_span!(
+                    "worker.step",
+                    rank = engine.rank(),
+                    step_id = plan.step_id,
+                    seqs = plan.seqs.len(),
+                    compute_seconds = tracing::field::Empty,
+                    comm_seconds = tracing::field::Empty,
+                    error = tracing::field::Empty
+                );
+                grok_proto::telemetry::set_parent(&span, Some(&plan.traceparent));
+                let res = span.in_scope(|| engine.step(plan));
+                span.record("compute_seconds", res.compute_seconds);
+                span.record("comm_seconds", res.comm_seconds);
+                if !res.error.is_empty() {
+                    span.record("error", res.error.as_str());
+                }
+                drop(span);
                 if tx.blocking_send(Ok(res)).is_err() {
                     break;
                 }

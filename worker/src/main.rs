@@ -37,11 +37,29 @@ struct Args {
     /// worker holds the whole model on one GPU, layouts tp=1 pp=1).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Log format on stderr.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text", env = "GROK_LOG_FORMAT")]
+    log_format: String,
+    /// Export OpenTelemetry spans (this worker's part of each step) to this OTLP/gRPC
+    /// collector, e.g. http://127.0.0.1:4317.
+    #[arg(long, env = "GROK_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() {
     let a = Args::parse();
-    grok_coordinator_logging();
+    let _telemetry = match grok_proto::telemetry::init(&grok_proto::telemetry::TelemetryConfig {
+        service: "grok-worker".into(),
+        json: a.log_format == "json",
+        default_level: "warn".into(),
+        otlp_endpoint: a.otlp_endpoint.clone(),
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     let cuda_device = match parse_device(&a.device) {
         Ok(Device::Cpu) => None,
         Ok(Device::Cuda(ordinal)) => {
@@ -132,15 +150,6 @@ fn check_cuda(ordinal: usize) {
 
 fn rayon_threads(n: usize) -> Result<(), String> {
     grok_shared::threads::init(n).map_err(|e| e.to_string())
-}
-
-fn grok_coordinator_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 fn hostname() -> String {

@@ -21,6 +21,10 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text", env = "GROK_LOG_FORMAT")]
     log_format: String,
+    /// OTLP/gRPC collector for the processes `grokctl up` starts (their spans: requests, steps,
+    /// each worker's part of a step), e.g. http://127.0.0.1:4317.
+    #[arg(long, global = true, env = "GROK_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// File holding the bearer token of a cluster's client APIs (default: GROK_API_TOKEN).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
@@ -417,7 +421,27 @@ enum BenchCmd {
 
 fn main() {
     let cli = Cli::parse();
-    grok_coordinator::logging::init(cli.log_format == "json", "warn");
+    let _telemetry = match grok_proto::telemetry::init(&grok_proto::telemetry::TelemetryConfig {
+        service: "grokctl".into(),
+        json: cli.log_format == "json",
+        default_level: "warn".into(),
+        otlp_endpoint: None,
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    // The processes `grokctl up` starts inherit these.
+    std::env::set_var("GROK_LOG_FORMAT", &cli.log_format);
+    if let Some(u) = &cli.otlp_endpoint {
+        if let Err(e) = grok_proto::telemetry::check_endpoint(u) {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        std::env::set_var("GROK_OTLP_ENDPOINT", u);
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -14,14 +14,38 @@ pub fn endpoint_url(e: &str) -> String {
     }
 }
 
+static CLIENT_TLS: std::sync::OnceLock<Option<grok_proto::tls::Tls>> = std::sync::OnceLock::new();
+
+/// Sets the TLS settings (the cluster's CA, optionally a client certificate) `grokctl` uses
+/// for every connection to a coordinator (once, at start-up; None: plaintext).
+pub fn set_tls(t: Option<grok_proto::tls::Tls>) {
+    let _ = CLIENT_TLS.set(t);
+}
+
+fn client_tls() -> Option<&'static grok_proto::tls::Tls> {
+    CLIENT_TLS.get().and_then(|t| t.as_ref())
+}
+
+/// A failed call as an error: its message, its cause, its code and, when the failure looks like
+/// a TLS mismatch, what to do.
+fn rpc_error(s: tonic::Status) -> anyhow::Error {
+    let m = grok_proto::tls::explain(grok_proto::tls::status_chain(&s), client_tls().is_some());
+    anyhow::anyhow!("{m} ({:?})", s.code())
+}
+
+/// The one place `grokctl` opens channels to a coordinator: https with the CA when TLS is set.
 async fn channel(endpoint: &str) -> Result<tonic::transport::Channel> {
-    let url = endpoint_url(endpoint);
-    tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad endpoint `{endpoint}`"))?
-        .connect_timeout(Duration::from_secs(5))
+    let tls = client_tls();
+    let ep = grok_proto::tls::endpoint(endpoint, tls)?;
+    let url = ep.uri().to_string();
+    let url = url.trim_end_matches('/');
+    ep.connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("cannot reach the coordinator at {url}"))
+        .map_err(|e| {
+            let why = grok_proto::tls::explain(grok_proto::tls::error_chain(&e), tls.is_some());
+            anyhow::anyhow!("cannot reach the coordinator at {url}: {why}")
+        })
 }
 
 pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
@@ -29,7 +53,7 @@ pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
     Ok(
         c.cluster_status(crate::auth::request(pb::ClusterStatusRequest {}))
             .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .map_err(rpc_error)?
             .into_inner(),
     )
 }
@@ -37,11 +61,12 @@ pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
 pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
     let l = s.layout.unwrap_or_default();
     let mut out = format!(
-        "model   {}\nlayout  tp={} ep={} pp={}\nstate   {}{}\ntokens  {} generated, {:.1} tokens/s\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\n\n",
+        "model   {}\nlayout  tp={} ep={} pp={} replicas={}\nstate   {}{}\ntokens  {} generated, {:.1} tokens/s\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\n\n",
         s.model,
         l.tp,
         l.ep,
         l.pp,
+        l.replicas.max(1),
         s.state,
         if s.detail.is_empty() {
             String::new()
@@ -192,7 +217,7 @@ pub async fn generate_stream(
             ..Default::default()
         }))
         .await
-        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .map_err(rpc_error)?
         .into_inner();
     let mut out = Generated {
         ids: vec![],
@@ -204,7 +229,7 @@ pub async fn generate_stream(
         prompt_len: 0,
     };
     while let Some(m) = s.next().await {
-        let m = m.map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?;
+        let m = m.map_err(rpc_error)?;
         if out.ids.is_empty() {
             out.first_token_s = t0.elapsed().as_secs_f64();
         }
@@ -430,14 +455,14 @@ pub async fn bench_serve_level(
                     ..Default::default()
                 }))
                 .await
-                .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+                .map_err(rpc_error)?
                 .into_inner();
             let mut ttft = None;
             let mut last = start;
             let mut itl = Vec::new();
             let mut n = 0usize;
             while let Some(m) = s.next().await {
-                let m = m.map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?;
+                let m = m.map_err(rpc_error)?;
                 if m.ids.is_empty() {
                     continue;
                 }
@@ -546,7 +571,7 @@ pub async fn drain(
             resume,
         }))
         .await
-        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+        .map_err(rpc_error)?
         .into_inner();
     if resume {
         println!("{}: {}", endpoint, r.state);

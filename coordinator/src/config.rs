@@ -9,6 +9,7 @@
 //! tp = 8                              # GROK_TP
 //! ep = 8                              # GROK_EP
 //! pp = 1                              # GROK_PP
+//! replicas = 1                        # GROK_REPLICAS (each tp*pp workers)
 //!
 //! [coordinator]
 //! listen = "0.0.0.0:50051"            # GROK_LISTEN
@@ -23,6 +24,11 @@
 //! [launch]                            # `grokctl launch` (ssh to the hosts)
 //! ssh_options = ["-i", "/root/.ssh/grok"]   # GROK_SSH_OPTIONS (whitespace-separated)
 //! log_dir = "/var/log/grok"           # remote logs (default /tmp)
+//!
+//! [tls]                               # mutual TLS; all three or none (`grokctl certs`)
+//! ca = "/etc/grok/certs/ca.pem"       # GROK_TLS_CA
+//! cert = "/etc/grok/certs/node.pem"   # GROK_TLS_CERT
+//! key = "/etc/grok/certs/node.key"    # GROK_TLS_KEY
 //!
 //! [[hosts]]                           # for multi-host launch
 //! name = "node1"
@@ -52,7 +58,41 @@ pub struct ClusterFile {
     #[serde(default)]
     pub launch: LaunchSection,
     #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
     pub hosts: Vec<HostSection>,
+}
+
+/// Mutual TLS between the coordinator and the workers: the cluster's CA and the certificate
+/// and key the started processes present (the same paths on every host).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The TLS files, each resolved file < flags < environment (`GROK_TLS_CA`, `GROK_TLS_CERT`,
+/// `GROK_TLS_KEY`). Whether the set is complete is checked by the caller
+/// ([`grok_proto::tls::TlsPaths::check_member`] or `check_client`).
+pub fn resolve_tls(
+    file: &ClusterFile,
+    flags: &grok_proto::tls::TlsPaths,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> grok_proto::tls::TlsPaths {
+    let pick = |var: &str, flag: &Option<PathBuf>, conf: &Option<PathBuf>| {
+        env(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or(flag.clone())
+            .or(conf.clone())
+    };
+    grok_proto::tls::TlsPaths::new(
+        pick("GROK_TLS_CA", &flags.ca, &file.tls.ca),
+        pick("GROK_TLS_CERT", &flags.cert, &file.tls.cert),
+        pick("GROK_TLS_KEY", &flags.key, &file.tls.key),
+    )
 }
 
 /// How `grokctl launch` reaches the hosts.
@@ -112,6 +152,7 @@ pub struct LayoutSection {
     pub tp: Option<usize>,
     pub ep: Option<usize>,
     pub pp: Option<usize>,
+    pub replicas: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +217,7 @@ pub struct UpFlags {
     pub tp: Option<usize>,
     pub ep: Option<usize>,
     pub pp: Option<usize>,
+    pub replicas: Option<usize>,
     pub listen: Option<String>,
     pub http_listen: Option<String>,
     pub kv_blocks: Option<usize>,
@@ -192,6 +234,7 @@ pub struct UpSettings {
     pub tp: usize,
     pub ep: usize,
     pub pp: usize,
+    pub replicas: usize,
     pub listen: String,
     pub http_listen: Option<String>,
     pub kv_blocks: usize,
@@ -268,6 +311,12 @@ pub fn resolve_up(
         tp: pick_u(env_usize(env, "GROK_TP")?, flags.tp, file.layout.tp).unwrap_or(1),
         ep: pick_u(env_usize(env, "GROK_EP")?, flags.ep, file.layout.ep).unwrap_or(1),
         pp: pick_u(env_usize(env, "GROK_PP")?, flags.pp, file.layout.pp).unwrap_or(1),
+        replicas: pick_u(
+            env_usize(env, "GROK_REPLICAS")?,
+            flags.replicas,
+            file.layout.replicas,
+        )
+        .unwrap_or(1),
         listen,
         http_listen,
         kv_blocks: pick_u(
@@ -296,6 +345,7 @@ pub fn resolve_up(
         ("layout.tp", s.tp),
         ("layout.ep", s.ep),
         ("layout.pp", s.pp),
+        ("layout.replicas", s.replicas),
         ("limits.kv_blocks", s.kv_blocks),
     ] {
         if v == 0 {
@@ -404,6 +454,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("hosts[0].devices"), "{e}");
+    }
+
+    #[test]
+    fn tls_section_precedence_and_partial_sets() {
+        use grok_proto::tls::TlsPaths;
+        let none = |_: &str| None;
+        let f = ClusterFile::parse(
+            "[tls]\nca = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\nkey = \"/c/n.key\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let t = resolve_tls(&f, &TlsPaths::default(), &none);
+        assert_eq!(t.ca.as_deref(), Some(Path::new("/c/ca.pem")));
+        assert!(t.check_member().unwrap());
+        let flags = TlsPaths::new(None, Some("/f/n.pem".into()), None);
+        let env = |k: &str| (k == "GROK_TLS_CERT").then(|| "/e/n.pem".to_string());
+        assert_eq!(
+            resolve_tls(&f, &flags, &none).cert.as_deref(),
+            Some(Path::new("/f/n.pem"))
+        );
+        assert_eq!(
+            resolve_tls(&f, &flags, &env).cert.as_deref(),
+            Some(Path::new("/e/n.pem"))
+        );
+        // A partial set (a file or flags without the key) names what is missing.
+        let f = ClusterFile::parse(
+            "[tls]\nca = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        let e = resolve_tls(&f, &TlsPaths::default(), &none)
+            .check_member()
+            .unwrap_err();
+        assert!(
+            e.is_usage() && e.to_string().starts_with("--tls-key is missing"),
+            "{e}"
+        );
+        assert!(
+            !resolve_tls(&ClusterFile::default(), &TlsPaths::default(), &none)
+                .check_member()
+                .unwrap()
+        );
+        let e = ClusterFile::parse("[tls]\ncrt = \"x\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `crt`"), "{e}");
     }
 
     #[test]

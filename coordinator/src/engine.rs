@@ -22,8 +22,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+type WorkerClient = pb::worker_client::WorkerClient<tonic::transport::Channel>;
 use tokio_stream::wrappers::ReceiverStream;
+
+/// Every worker's health is asked this often; one that refuses the connection is lost at
+/// once, one that has not answered for `LOST_AFTER` (a network partition) is lost then.
+const HEALTH_PERIOD: Duration = Duration::from_millis(500);
+const LOST_AFTER: Duration = Duration::from_secs(4);
 use tonic::Status;
 
 /// What a request asks for besides its prompt.
@@ -94,14 +101,14 @@ pub struct Job {
 /// Submits jobs to a serving replica.
 #[derive(Clone)]
 pub struct ReplicaHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Incoming>,
     shared: Arc<Shared>,
 }
 
 impl ReplicaHandle {
     /// Queues a job; a full queue is refused at once with RESOURCE_EXHAUSTED.
     pub fn submit(&self, job: Job) -> Result<(), Status> {
-        match self.tx.try_send(job) {
+        match self.tx.try_send(Incoming::New(job)) {
             Ok(()) => {
                 self.shared
                     .metrics
@@ -123,27 +130,122 @@ impl ReplicaHandle {
     }
 }
 
+/// What a replica's queue carries: a new request, or one moved from a lost replica (its
+/// tokens so far are re-prefilled here; it goes before the new ones).
+enum Incoming {
+    New(Job),
+    Moved(Box<Seq>),
+}
+
 struct WorkerLink {
     rank: usize,
     id: String,
     address: String,
     plans: mpsc::Sender<pb::StepPlan>,
     results: tonic::Streaming<pb::StepResult>,
+    /// For the health monitor.
+    client: pb::worker_client::WorkerClient<tonic::transport::Channel>,
 }
 
-fn endpoint(addr: &str) -> String {
-    format!("http://{addr}")
+/// Watches every worker's health until the replica ends; reports the first lost one.
+fn spawn_monitor(shared: Arc<Shared>, links: &[WorkerLink]) -> watch::Receiver<Option<String>> {
+    let workers: Vec<(usize, String, String, WorkerClient)> = links
+        .iter()
+        .map(|l| (l.rank, l.id.clone(), l.address.clone(), l.client.clone()))
+        .collect();
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut last_ok = vec![Instant::now(); workers.len()];
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HEALTH_PERIOD) => {}
+                _ = tx.closed() => return,
+            }
+            let answers =
+                futures_util::future::join_all(
+                    workers.iter().map(|w| {
+                        let mut c = w.3.clone();
+                        async move {
+                            tokio::time::timeout(LOST_AFTER, c.health(pb::HealthRequest {})).await
+                        }
+                    }),
+                )
+                .await;
+            for (i, a) in answers.into_iter().enumerate() {
+                let why = match a {
+                    Ok(Ok(_)) => {
+                        last_ok[i] = Instant::now();
+                        continue;
+                    }
+                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                        format!("it is unreachable ({})", s.message())
+                    }
+                    _ if last_ok[i].elapsed() >= LOST_AFTER => format!(
+                        "no health answer for {:.1} s",
+                        last_ok[i].elapsed().as_secs_f64()
+                    ),
+                    _ => continue,
+                };
+                let (rank, id, address, _) = &workers[i];
+                shared.set_worker(*rank, |w| {
+                    w.state = "lost".into();
+                    w.detail = why.clone();
+                });
+                let _ = tx.send(Some(format!(
+                    "worker `{id}` (rank {rank}, {address}) was lost: {why}"
+                )));
+                return;
+            }
+        }
+    });
+    rx
 }
 
-/// Tells every worker to load its shard, then opens the step streams and starts serving.
-pub async fn load_and_serve(shared: Arc<Shared>) {
+/// Resolves when the monitor reports a lost worker.
+async fn lost_signal(rx: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(why) = rx.borrow_and_update().clone() {
+            return why;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A client of the worker at `addr`: over TLS with the coordinator's certificate as client
+/// identity when the cluster uses TLS (workers accept only CA-signed clients), plaintext
+/// otherwise.
+pub(crate) async fn connect_worker(
+    shared: &Shared,
+    addr: &str,
+) -> Result<pb::worker_client::WorkerClient<tonic::transport::Channel>, String> {
+    let tls = shared.cfg.tls.as_ref();
+    let ep = grok_proto::tls::endpoint(addr, tls).map_err(|e| e.to_string())?;
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| grok_proto::tls::explain(grok_proto::tls::error_chain(&e), tls.is_some()))?;
+    Ok(pb::worker_client::WorkerClient::new(ch))
+}
+
+/// Tells every worker of replica `ri` to load its shard (or, when it holds it already, to
+/// reconnect), then opens the step streams and starts serving. Ranks in messages and in
+/// `Shared.workers` are global (`ri * world + rank`); workers are told their rank inside the
+/// replica.
+pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
     let l = shared.cfg.layout;
     let world = l.world_size();
-    let workers: Vec<_> = lock(&shared.workers)
+    let base = ri * world;
+    let workers: Vec<_> = lock(&shared.workers)[base..base + world]
         .iter()
         .map(|w| w.clone().expect("all registered"))
         .collect();
-    shared.set_state("loading", format!("{world} workers loading their shards"));
+    shared.set_replica_state(
+        ri,
+        "loading",
+        format!("{world} workers loading their shards"),
+    );
     let world_peers: Vec<String> = workers.iter().map(|w| w.world_comm.clone()).collect();
     let mut tasks = Vec::new();
     for (rank, w) in workers.iter().enumerate() {
@@ -169,14 +271,13 @@ pub async fn load_and_serve(shared: Arc<Shared>) {
         let addr = w.address.clone();
         let id = w.id.clone();
         let shared = shared.clone();
+        let rank = base + rank;
         tasks.push(tokio::spawn(async move {
             let r: Result<pb::worker_client::WorkerClient<tonic::transport::Channel>, String> =
                 async {
-                    let mut c = pb::worker_client::WorkerClient::connect(endpoint(&addr))
-                        .await
-                        .map_err(|e| {
-                            format!("cannot reach worker `{id}` (rank {rank}) at {addr}: {e}")
-                        })?;
+                    let mut c = connect_worker(&shared, &addr).await.map_err(|e| {
+                        format!("cannot reach worker `{id}` (rank {rank}) at {addr}: {e}")
+                    })?;
                     let s = c
                         .load(req)
                         .await
@@ -212,26 +313,29 @@ pub async fn load_and_serve(shared: Arc<Shared>) {
         }
     }
     if !errors.is_empty() {
-        shared.set_state("failed", errors.join("; "));
+        shared.set_replica_state(ri, "failed", errors.join("; "));
         return;
     }
     let mut links = Vec::new();
-    for (rank, mut c) in clients.into_iter().enumerate() {
+    for (local, mut c) in clients.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(4);
+        let rank = base + local;
         match c.step(ReceiverStream::new(rx)).await {
             Ok(resp) => links.push(WorkerLink {
                 rank,
-                id: workers[rank].id.clone(),
-                address: workers[rank].address.clone(),
+                id: workers[local].id.clone(),
+                address: workers[local].address.clone(),
                 plans: tx,
                 results: resp.into_inner(),
+                client: c.clone(),
             }),
             Err(e) => {
-                shared.set_state(
+                shared.set_replica_state(
+                    ri,
                     "failed",
                     format!(
                         "worker `{}` (rank {rank}) refused the step stream: {}",
-                        workers[rank].id,
+                        workers[local].id,
                         e.message()
                     ),
                 );
@@ -239,13 +343,16 @@ pub async fn load_and_serve(shared: Arc<Shared>) {
             }
         }
     }
-    for r in 0..world {
+    for r in base..base + world {
         shared.set_worker(r, |w| w.state = "ready".into());
     }
     let (tx, rx) = mpsc::channel(shared.cfg.max_queue.max(1));
-    let sampler = (l.pp - 1) * l.tp;
+    let sampler = base + (l.pp - 1) * l.tp;
+    let lost_rx = spawn_monitor(shared.clone(), &links);
     let replica = Replica {
+        index: ri,
         shared: shared.clone(),
+        lost_rx,
         links,
         sampler,
         free_blocks: (0..shared.cfg.kv_blocks as u32).rev().collect(),
@@ -256,16 +363,20 @@ pub async fn load_and_serve(shared: Arc<Shared>) {
         running: Vec::new(),
         pending_free: Vec::new(),
     };
-    *lock(&shared.replica) = Some(ReplicaHandle {
+    lock(&shared.replicas)[ri] = Some(ReplicaHandle {
         tx,
         shared: shared.clone(),
     });
-    shared.set_state("ready", format!("serving with {world} workers"));
+    shared.set_replica_state(ri, "ready", format!("serving with {world} workers"));
     tokio::spawn(replica.run(rx));
 }
 
 struct Replica {
+    /// Which replica of the cluster this is.
+    index: usize,
     shared: Arc<Shared>,
+    /// A lost worker, as reported by the health monitor.
+    lost_rx: watch::Receiver<Option<String>>,
     links: Vec<WorkerLink>,
     sampler: usize,
     free_blocks: Vec<u32>,
@@ -370,14 +481,21 @@ impl Replica {
         let _ = seq.job.tx.send(ev).await;
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Incoming>) {
         loop {
             let cap = self.shared.cfg.max_seqs;
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.update_gauges();
-                match rx.recv().await {
-                    Some(job) => self.take(job),
-                    None => return,
+                // Idle: a worker lost now is noticed before the next request needs it.
+                tokio::select! {
+                    job = rx.recv() => match job {
+                        Some(job) => self.take(job),
+                        None => return,
+                    },
+                    why = lost_signal(&mut self.lost_rx) => {
+                        self.lost(why, rx).await;
+                        return;
+                    }
                 }
             }
             // Take from the bounded queue only what the batch can admit, so that the queue
@@ -392,27 +510,7 @@ impl Replica {
             match self.iteration().await {
                 Ok(()) => {}
                 Err(StepFailure::Lost(why)) => {
-                    *lock(&self.shared.replica) = None;
-                    self.shared.set_state("failed", why.clone());
-                    let all: Vec<Seq> = self
-                        .running
-                        .drain(..)
-                        .chain(self.waiting.drain(..))
-                        .collect();
-                    for s in all {
-                        self.shared.metrics.request_done("error");
-                        let _ = s
-                            .job
-                            .tx
-                            .send(GenEvent::Error(Status::unavailable(why.clone())))
-                            .await;
-                    }
-                    rx.close();
-                    while let Some(j) = rx.recv().await {
-                        let _ =
-                            j.tx.send(GenEvent::Error(Status::unavailable(why.clone())))
-                                .await;
-                    }
+                    self.lost(why, rx).await;
                     return;
                 }
                 Err(StepFailure::Failed(e)) => {
@@ -428,12 +526,91 @@ impl Replica {
         }
     }
 
-    fn take(&mut self, job: Job) {
-        self.shared
-            .metrics
-            .queue_depth
-            .fetch_sub(1, Ordering::Relaxed);
-        self.waiting.push_back(Seq::new(job));
+    /// A worker is gone: the survivors' step streams close and this replica waits in
+    /// `recovering` until a worker registers for the lost rank; then the shards reload
+    /// (survivors only reconnect). Its requests move to another serving replica, which
+    /// re-prefills their tokens so far and goes on (seeded sampling depends on positions only,
+    /// so the output is the one they would have had); with none, they end with a retryable
+    /// UNAVAILABLE.
+    async fn lost(mut self, why: String, mut rx: mpsc::Receiver<Incoming>) {
+        let me = self.index;
+        lock(&self.shared.replicas)[me] = None;
+        self.shared.set_replica_state(
+            me,
+            "recovering",
+            format!("{why}; waiting for a worker to register for its rank"),
+        );
+        self.links.clear();
+        let st = Status::unavailable(format!(
+            "{why}; the replica is recovering, retry the request"
+        ));
+        let mut moving: Vec<Seq> = self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .collect();
+        rx.close();
+        while let Some(m) = rx.recv().await {
+            match m {
+                Incoming::New(j) => {
+                    self.shared
+                        .metrics
+                        .queue_depth
+                        .fetch_sub(1, Ordering::Relaxed);
+                    moving.push(Seq::new(j));
+                }
+                Incoming::Moved(s) => moving.push(*s),
+            }
+        }
+        let others: Vec<ReplicaHandle> = lock(&self.shared.replicas)
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let (mut moved, mut failed) = (0, 0);
+        for (i, mut s) in moving.into_iter().enumerate() {
+            // Its blocks and worker state died with the replica.
+            s.blocks.clear();
+            s.sent_blocks = 0;
+            s.computed = 0;
+            s.wid = 0;
+            s.logits_buf.clear();
+            let target = (!others.is_empty()).then(|| &others[i % others.len()]);
+            let s = match target {
+                Some(h) => match h.tx.try_send(Incoming::Moved(Box::new(s))) {
+                    Ok(()) => {
+                        moved += 1;
+                        continue;
+                    }
+                    Err(e) => match e.into_inner() {
+                        Incoming::Moved(s) => *s,
+                        Incoming::New(_) => unreachable!("only moved sequences are sent here"),
+                    },
+                },
+                None => s,
+            };
+            failed += 1;
+            self.shared.metrics.request_done("error");
+            let _ = s.job.tx.send(GenEvent::Error(st.clone())).await;
+        }
+        if moved + failed > 0 {
+            tracing::warn!(replica = me, moved, failed, "requests of a lost replica");
+        }
+        self.shared.metrics.running.store(0, Ordering::Relaxed);
+    }
+
+    fn take(&mut self, m: Incoming) {
+        match m {
+            Incoming::New(job) => {
+                self.shared
+                    .metrics
+                    .queue_depth
+                    .fetch_sub(1, Ordering::Relaxed);
+                self.waiting.push_back(Seq::new(job));
+            }
+            // A request moved from a lost replica goes first: it has waited already.
+            Incoming::Moved(s) => self.waiting.push_front(*s),
+        }
     }
 
     /// Ends requests whose client went away, freeing their blocks at once.
@@ -739,6 +916,10 @@ impl Replica {
         };
         for l in &self.links {
             if l.plans.send(plan.clone()).await.is_err() {
+                self.shared.set_worker(l.rank, |w| {
+                    w.state = "lost".into();
+                    w.detail = "its step stream is closed".into();
+                });
                 return Err(StepFailure::Lost(format!(
                     "worker `{}` (rank {}, {}) was lost: its step stream is closed",
                     l.id, l.rank, l.address
@@ -749,7 +930,10 @@ impl Replica {
         let mut errors = Vec::new();
         let mut lost_err = None;
         for l in &mut self.links {
-            let msg = tokio::time::timeout(self.step_timeout, l.results.message()).await;
+            let msg = tokio::select! {
+                m = tokio::time::timeout(self.step_timeout, l.results.message()) => m,
+                why = lost_signal(&mut self.lost_rx) => return Err(StepFailure::Lost(why)),
+            };
             let r = match msg {
                 Err(_) => Err(format!("no answer within {:?}", self.step_timeout)),
                 Ok(Err(s)) => Err(s.message().to_string()),

@@ -22,6 +22,8 @@ pub struct LaunchArgs {
     /// The ssh program (default `ssh`, or GROK_SSH).
     pub ssh: String,
     pub ready_timeout_s: u64,
+    /// Mutual TLS: files the coordinator and every worker get (paths on the hosts).
+    pub tls: Option<grok_proto::tls::TlsPaths>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,17 +105,18 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
     };
     let log_dir = log_dir.display().to_string();
     let log = |name: &str| q(&format!("{}/{name}", log_dir.trim_end_matches('/')));
-    let world = s.tp * s.pp;
+    let world = s.tp * s.pp * s.replicas;
     let devices: usize = file.hosts.iter().map(|h| h.devices.len().max(1)).sum();
     if file.hosts.is_empty() {
         bail!("{}: no [[hosts]] to launch workers on", a.config.display());
     }
     if devices != world {
         bail!(
-            "{}: the hosts list {devices} devices but the layout tp={} x pp={} needs {world} workers",
+            "{}: the hosts list {devices} devices but the layout tp={} x pp={} x {} replicas needs {world} workers",
             a.config.display(),
             s.tp,
-            s.pp
+            s.pp,
+            s.replicas
         );
     }
     let listen: std::net::SocketAddr = s.listen.parse().context("coordinator.listen")?;
@@ -131,6 +134,11 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
     if state.exists() {
         bail!("{} exists: a launched cluster may still run; stop it first (grokctl launch --config {} --stop)", state.display(), a.config.display());
     }
+    // ` --tls-ca CA --tls-cert CERT --tls-key KEY` (paths on the hosts) when TLS is on.
+    let tls_args: String = crate::up::tls_args(a.tls.as_ref())
+        .iter()
+        .map(|w| format!(" {}", q(&w.to_string_lossy())))
+        .collect();
     let mut started: Vec<Started> = Vec::new();
     let save =
         |st: &Vec<Started>| std::fs::write(&state, serde_json::to_vec_pretty(st).expect("json"));
@@ -156,18 +164,20 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
     let coord_target = target_of(&file.hosts[0]);
     let coord_bin = format!("{}/grok-coordinator", bin_dir(&file.hosts[0]));
     let mut cmd = format!(
-        "{} --model {} --tp {} --ep {} --pp {} --listen {} --kv-blocks {}",
+        "{} --model {} --tp {} --ep {} --pp {} --replicas {} --listen {} --kv-blocks {}",
         q(&coord_bin),
         q(&s.model.display().to_string()),
         s.tp,
         s.ep,
         s.pp,
+        s.replicas,
         q(&s.listen),
         s.kv_blocks
     );
     if let Some(h) = &s.http_listen {
         cmd += &format!(" --http-listen {}", q(h));
     }
+    cmd += &tls_args;
     let pid = remote(
         &ssh,
         &coord_host,
@@ -199,7 +209,7 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         for (i, dev) in devs.iter().enumerate() {
             let port = 50061 + i;
             let wcmd = format!(
-                "{}/grok-worker --coordinator {} --listen {}:{port} --advertise {}:{port} --rank {rank} --id {}-{i} --device {}",
+                "{}/grok-worker --coordinator {} --listen {}:{port} --advertise {}:{port} --rank {rank} --id {}-{i} --device {}{tls_args}",
                 bin_dir(h),
                 q(&reach),
                 h.address,
@@ -237,7 +247,8 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
             bar.show(&st);
             if st.state == "ready" {
                 bar.finish();
-                println!("ready: http://{reach}");
+                let scheme = if a.tls.is_some() { "https" } else { "http" };
+                println!("ready: {scheme}://{reach}");
                 return Ok(());
             }
             if st.state == "failed" {

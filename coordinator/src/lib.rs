@@ -7,10 +7,13 @@
 //! - [`local`]: the single-process commands of `grokctl` (gen-model, generate, tokenize,
 //!   detokenize, bench) on the CPU backend.
 //! - [`progress`]: the load progress bar of `grokctl up` and `grokctl launch`.
+//! - [`certs`]: `grokctl certs`, a development CA and certificates for mutual TLS
+//!   (`grok_proto::tls`).
 //!
 //! Logs and traces: `grok_proto::telemetry`.
 
 pub mod auth;
+pub mod certs;
 pub mod client;
 pub mod config;
 pub mod engine;

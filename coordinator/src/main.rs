@@ -11,7 +11,7 @@ use std::path::PathBuf;
     name = "grok-coordinator",
     version,
     about = "grok-cluster coordinator: membership, placement, the step loop and the client APIs",
-    after_help = "Examples:\n  grok-coordinator --model /models/tiny --tp 2 --pp 2 --listen 127.0.0.1:50051\n  (then start tp*pp workers: grok-worker --coordinator 127.0.0.1:50051)"
+    after_help = "Examples:\n  grok-coordinator --model /models/tiny --tp 2 --pp 2 --listen 127.0.0.1:50051\n  (then start tp*pp workers: grok-worker --coordinator 127.0.0.1:50051)\n\nWith mutual TLS (certificates from `grokctl certs --out certs`):\n  grok-coordinator --model /models/tiny --tls-ca certs/ca.pem --tls-cert certs/coordinator.pem --tls-key certs/coordinator.key"
 )]
 struct Args {
     /// Model directory (config.json + safetensors), readable by every worker at this path.
@@ -23,6 +23,10 @@ struct Args {
     ep: usize,
     #[arg(long, default_value_t = 1)]
     pp: usize,
+    /// Model replicas (each tp*pp workers; ranks numbered across replicas). Requests are spread
+    /// over the serving replicas; those of a replica that loses a worker move to another.
+    #[arg(long, default_value_t = 1, env = "GROK_REPLICAS")]
+    replicas: usize,
     #[arg(long, default_value = "127.0.0.1:50051", env = "GROK_LISTEN")]
     listen: SocketAddr,
     /// SentencePiece tokenizer.model (default: MODEL/tokenizer.model when present).
@@ -63,6 +67,18 @@ struct Args {
     /// http://127.0.0.1:4317. The batch delay follows OTEL_BSP_SCHEDULE_DELAY (ms).
     #[arg(long, env = "GROK_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// CA certificate (PEM) that signs the cluster's certificates. With --tls-cert and
+    /// --tls-key (all three or none) the gRPC port serves TLS: a worker registers only with a
+    /// certificate signed by this CA, and clients connect with https (`grokctl ... --tls-ca`).
+    #[arg(long, env = "GROK_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This coordinator's certificate (PEM, signed by the CA; `grokctl certs` makes one). It is
+    /// also its client certificate towards the workers.
+    #[arg(long, env = "GROK_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This coordinator's private key (PEM; read from the file, never logged).
+    #[arg(long, env = "GROK_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() {
@@ -79,9 +95,24 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let tls_paths = grok_proto::tls::TlsPaths::new(a.tls_ca, a.tls_cert, a.tls_key);
+    if let Err(e) = tls_paths.check_member() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    let tls = match grok_proto::tls::Tls::load(&tls_paths) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
     let cfg = CoordinatorConfig {
         model_dir: a.model.clone(),
-        layout: Layout::new(a.tp, a.ep, a.pp),
+        layout: Layout {
+            replicas: a.replicas,
+            ..Layout::new(a.tp, a.ep, a.pp)
+        },
         listen: a.listen,
         tokenizer: a.tokenizer,
         kv_blocks: a.kv_blocks.max(1),
@@ -104,6 +135,7 @@ fn main() {
                 std::process::exit(1);
             }
         },
+        tls,
     };
     let shared = match server::prepare(cfg) {
         Ok(s) => s,

@@ -42,6 +42,9 @@ pub struct CoordinatorConfig {
     pub http_listen: Option<SocketAddr>,
     /// Bearer token the client APIs require (None: open).
     pub api_token: Option<String>,
+    /// Mutual TLS (None: plaintext): the gRPC port serves TLS, registration needs a client
+    /// certificate signed by the CA, and the coordinator presents its certificate to workers.
+    pub tls: Option<grok_proto::tls::Tls>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -67,7 +70,12 @@ pub struct Shared {
     pub workers: Mutex<Vec<Option<WorkerEntry>>>,
     /// (state, detail): waiting_for_workers, loading, ready, failed.
     pub state: Mutex<(String, String)>,
-    pub replica: Mutex<Option<ReplicaHandle>>,
+    /// The serving replicas (None: not serving: loading, recovering, failed).
+    pub replicas: Mutex<Vec<Option<ReplicaHandle>>>,
+    /// (state, detail) of each replica; the cluster state is derived from them.
+    pub replica_states: Mutex<Vec<(String, String)>>,
+    /// Round-robin cursor over the serving replicas.
+    pub next_replica: std::sync::atomic::AtomicUsize,
     pub generated: AtomicU64,
     pub metrics: crate::metrics::Metrics,
     /// (time, generated tokens, rate) of the last throughput sample.
@@ -87,6 +95,50 @@ impl Shared {
             tracing::info!(state, %detail, "cluster state");
         }
         *lock(&self.state) = (state.to_string(), detail);
+    }
+
+    /// Sets one replica's state and derives the cluster's: `ready` while any replica serves
+    /// (kept `draining` during a drain), else the most advanced state of the others.
+    pub fn set_replica_state(&self, r: usize, state: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        let (cluster, summary) = {
+            let mut rs = lock(&self.replica_states);
+            rs[r] = (state.to_string(), detail.clone());
+            let n = rs.len();
+            let serving = rs.iter().filter(|s| s.0 == "ready").count();
+            let pick = [
+                "ready",
+                "loading",
+                "recovering",
+                "failed",
+                "waiting_for_workers",
+            ]
+            .into_iter()
+            .find(|st| rs.iter().any(|s| s.0 == *st))
+            .unwrap_or("failed");
+            let summary = if n == 1 {
+                detail.clone()
+            } else {
+                let each: Vec<String> = rs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.0 != "ready")
+                    .map(|(i, s)| format!("replica {i} {}: {}", s.0, s.1))
+                    .collect();
+                format!(
+                    "{serving} of {n} replicas serving{}{}",
+                    if each.is_empty() { "" } else { "; " },
+                    each.join("; ")
+                )
+            };
+            (pick, summary)
+        };
+        let draining = lock(&self.state).0 == "draining";
+        if draining && cluster == "ready" {
+            *lock(&self.state) = ("draining".into(), summary);
+        } else {
+            self.set_state(cluster, summary);
+        }
     }
 
     pub fn set_worker(&self, rank: usize, f: impl FnOnce(&mut WorkerEntry)) {
@@ -112,10 +164,11 @@ impl Shared {
         let (state, detail) = lock(&self.state).clone();
         let l = self.cfg.layout;
         let workers = lock(&self.workers).clone();
-        let shards = (0..l.world_size())
+        let shards = (0..workers.len())
             .map(|r| {
-                let p = l.place(r);
-                let s = l.shard(&self.model, r);
+                let (replica, local) = (r / l.world_size(), r % l.world_size());
+                let p = l.place(local);
+                let s = l.shard(&self.model, local);
                 let w = workers[r].clone().unwrap_or_else(|| WorkerEntry {
                     state: "waiting".into(),
                     ..Default::default()
@@ -151,6 +204,7 @@ impl Shared {
                     step_seconds: w.step_seconds,
                     comm_seconds: w.comm_seconds,
                     steps: w.steps,
+                    replica: replica as u32,
                 }
             })
             .collect();
@@ -184,8 +238,16 @@ impl pb::cluster_server::Cluster for Svc {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        // With TLS on, only a peer whose certificate the CA verified (at the handshake) joins.
+        if self.0.cfg.tls.is_some() && req.peer_certs().is_none_or(|c| c.is_empty()) {
+            tracing::warn!(peer = ?req.remote_addr(), "registration refused: no client certificate");
+            return Err(Status::unauthenticated(
+                "registration needs a client certificate signed by the cluster's CA: start the worker with --tls-ca, --tls-cert and --tls-key",
+            ));
+        }
         let r = req.into_inner();
-        let world = self.0.cfg.layout.world_size();
+        let per_replica = self.0.cfg.layout.world_size();
+        let world = per_replica * self.0.cfg.layout.replicas.max(1);
         let for_addr = |a: &str| {
             a.parse::<SocketAddr>()
                 .map_err(|_| Status::invalid_argument(format!("bad address `{a}`")))
@@ -193,11 +255,13 @@ impl pb::cluster_server::Cluster for Svc {
         for_addr(&r.address)?;
         for_addr(&r.world_comm_address)?;
         for_addr(&r.tp_comm_address)?;
+        // A rank whose worker was lost can be taken again (by the same id, restarted, or another).
+        let held = |w: &Option<WorkerEntry>| w.as_ref().is_some_and(|w| w.state != "lost");
         let (rank, complete) = {
             let mut ws = lock(&self.0.workers);
             if let Some(i) = ws
                 .iter()
-                .position(|w| w.as_ref().is_some_and(|w| w.id == r.worker_id))
+                .position(|w| held(w) && w.as_ref().is_some_and(|w| w.id == r.worker_id))
             {
                 return Err(Status::already_exists(format!(
                     "worker id `{}` is already registered as rank {i}",
@@ -208,11 +272,11 @@ impl pb::cluster_server::Cluster for Svc {
                 let k = r.rank as usize;
                 if k >= world {
                     return Err(Status::invalid_argument(format!(
-                        "rank {k} is outside this cluster's {world} ranks (layout tp={} pp={})",
-                        self.0.cfg.layout.tp, self.0.cfg.layout.pp
+                        "rank {k} is outside this cluster's {world} ranks (layout tp={} pp={}, {} replicas)",
+                        self.0.cfg.layout.tp, self.0.cfg.layout.pp, self.0.cfg.layout.replicas.max(1)
                     )));
                 }
-                if let Some(w) = &ws[k] {
+                if let Some(w) = ws[k].as_ref().filter(|w| w.state != "lost") {
                     return Err(Status::already_exists(format!(
                         "rank {k} is already held by worker `{}` at {}",
                         w.id, w.address
@@ -220,7 +284,7 @@ impl pb::cluster_server::Cluster for Svc {
                 }
                 k
             } else {
-                ws.iter().position(|w| w.is_none()).ok_or_else(|| {
+                ws.iter().position(|w| !held(w)).ok_or_else(|| {
                     Status::resource_exhausted(format!(
                         "all {world} ranks of the layout are taken; this worker is not needed"
                     ))
@@ -234,13 +298,17 @@ impl pb::cluster_server::Cluster for Svc {
                 state: "registered".into(),
                 ..Default::default()
             });
-            // Only the registration that fills the last rank starts the load.
-            (rank, ws.iter().all(|w| w.is_some()))
+            // Only the registration that fills the last rank of its replica starts that
+            // replica's load (the first one, or the reload after a lost worker was replaced).
+            let replica = rank / per_replica;
+            let mine = &ws[replica * per_replica..(replica + 1) * per_replica];
+            (rank, mine.iter().all(held))
         };
         tracing::info!(worker = %r.worker_id, rank, address = %r.address, "worker registered");
         if complete {
             let shared = self.0.clone();
-            tokio::spawn(async move { engine::load_and_serve(shared).await });
+            let replica = rank / per_replica;
+            tokio::spawn(async move { engine::load_and_serve(shared, replica).await });
         }
         Ok(Response::new(pb::RegisterResponse {
             rank: rank as u32,
@@ -451,7 +519,14 @@ pub fn submit(s: &Shared, job: Job) -> Result<(), Status> {
             "the cluster is draining: it finishes in-flight requests and admits no new ones",
         ));
     }
-    let handle = lock(&s.replica).clone();
+    let handle = {
+        let rs = lock(&s.replicas);
+        let serving: Vec<&ReplicaHandle> = rs.iter().flatten().collect();
+        (!serving.is_empty()).then(|| {
+            let i = s.next_replica.fetch_add(1, Ordering::Relaxed);
+            serving[i % serving.len()].clone()
+        })
+    };
     let Some(h) = handle else {
         let (state, detail) = lock(&s.state).clone();
         return Err(Status::unavailable(format!(
@@ -598,7 +673,8 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
         Some(p) => Some(Tokenizer::from_file(&p)?),
         None => None,
     };
-    let world = cfg.layout.world_size();
+    let replicas = cfg.layout.replicas.max(1);
+    let world = cfg.layout.world_size() * replicas;
     let kv_blocks = cfg.kv_blocks;
     Ok(Arc::new(Shared {
         cfg,
@@ -608,7 +684,12 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
             "waiting_for_workers".into(),
             format!("0 of {world} workers registered"),
         )),
-        replica: Mutex::new(None),
+        replicas: Mutex::new(vec![None; replicas]),
+        replica_states: Mutex::new(vec![
+            ("waiting_for_workers".into(), String::new());
+            replicas
+        ]),
+        next_replica: std::sync::atomic::AtomicUsize::new(0),
         generated: AtomicU64::new(0),
         metrics: crate::metrics::Metrics::new(model.num_layers, model.num_experts, kv_blocks),
         rate_sample: Mutex::new((std::time::Instant::now(), 0, 0.0)),
@@ -670,7 +751,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = &shared.cfg.tls {
+        // Client certificates are optional at the handshake (clients share this port with the
+        // workers); `register` requires one.
+        server = server
+            .tls_config(t.server_config(false)?)
+            .context("setting up TLS")?;
+        tracing::info!("gRPC over TLS; workers need a certificate signed by the cluster's CA");
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection)

@@ -13,6 +13,7 @@ pub struct UpArgs {
     pub tp: usize,
     pub ep: usize,
     pub pp: usize,
+    pub replicas: usize,
     pub listen: String,
     pub tokenizer: Option<PathBuf>,
     pub threads_per_worker: usize,
@@ -20,6 +21,26 @@ pub struct UpArgs {
     pub ready_timeout_s: u64,
     /// Extra arguments for the coordinator (e.g. `--http-listen ADDR`).
     pub coordinator_args: Vec<String>,
+    /// Mutual TLS: the coordinator and every worker get these files.
+    pub tls: Option<grok_proto::tls::TlsPaths>,
+}
+
+/// `--tls-ca CA --tls-cert CERT --tls-key KEY` when TLS is on (the paths, never the content).
+pub fn tls_args(tls: Option<&grok_proto::tls::TlsPaths>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    if let Some(t) = tls {
+        for (flag, p) in [
+            ("--tls-ca", &t.ca),
+            ("--tls-cert", &t.cert),
+            ("--tls-key", &t.key),
+        ] {
+            if let Some(p) = p {
+                out.push(flag.into());
+                out.push(p.clone().into_os_string());
+            }
+        }
+    }
+    out
 }
 
 fn sibling(name: &str) -> Result<PathBuf> {
@@ -94,7 +115,7 @@ impl Drop for Children {
 pub async fn up(a: &UpArgs) -> Result<()> {
     let coord_bin = sibling("grok-coordinator")?;
     let worker_bin = sibling("grok-worker")?;
-    let world = a.tp * a.pp;
+    let world = a.tp * a.pp * a.replicas.max(1);
     let mut kids = Children(Vec::new());
     let mut cmd = Command::new(&coord_bin);
     cmd.arg("--model")
@@ -106,6 +127,8 @@ pub async fn up(a: &UpArgs) -> Result<()> {
             &a.ep.to_string(),
             "--pp",
             &a.pp.to_string(),
+            "--replicas",
+            &a.replicas.max(1).to_string(),
         ])
         .args([
             "--listen",
@@ -118,6 +141,7 @@ pub async fn up(a: &UpArgs) -> Result<()> {
         cmd.arg("--tokenizer").arg(t);
     }
     cmd.args(&a.coordinator_args);
+    cmd.args(tls_args(a.tls.as_ref()));
     die_with_parent(&mut cmd);
     let mut coord = cmd
         .spawn()
@@ -162,7 +186,8 @@ pub async fn up(a: &UpArgs) -> Result<()> {
             &i.to_string(),
             "--threads",
             &a.threads_per_worker.to_string(),
-        ]);
+        ])
+        .args(tls_args(a.tls.as_ref()));
         die_with_parent(&mut w);
         let c = w
             .spawn()
@@ -193,7 +218,8 @@ pub async fn up(a: &UpArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("ready: http://{addr}");
+    let scheme = if a.tls.is_some() { "https" } else { "http" };
+    println!("ready: {scheme}://{addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     loop {

@@ -1,8 +1,10 @@
 //! grok-proto: the gRPC wire types and services of grok-cluster, generated at build time from
 //! `proto/*.proto` with a pure-Rust protobuf compiler (no system protoc), and [`telemetry`]:
-//! the binaries' logs and OpenTelemetry spans, whose context travels in the wire messages.
+//! the binaries' logs and OpenTelemetry spans, whose context travels in the wire messages, and
+//! [`tls`]: mutual TLS between the coordinator and the workers.
 
 pub mod telemetry;
+pub mod tls;
 
 pub mod v1 {
     tonic::include_proto!("grok.v1");

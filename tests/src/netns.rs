@@ -97,6 +97,13 @@ impl Net {
     pub fn ns(&self, host: &str) -> String {
         format!("{}-{host}", self.tag)
     }
+
+    /// Cuts host number `index` (in `create`'s order) off the network: its switch port goes
+    /// down, so its packets vanish (no reset, no refusal), as in a partition.
+    pub fn partition(&self, index: usize) -> Result<(), String> {
+        let (sw, port) = (format!("{}-sw", self.tag), format!("{}b{index}", self.tag));
+        ip(&["-n", &sw, "link", "set", &port, "down"])
+    }
 }
 
 impl Drop for Net {

@@ -245,7 +245,7 @@ fn killing_a_worker_ends_the_request_with_unavailable() {
         .unwrap();
     assert!(st.status.success());
     let sj: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
-    assert_eq!(sj["state"], "failed");
+    assert_eq!(sj["state"], "recovering");
     assert!(sj["detail"].as_str().unwrap().contains("w1"));
     // New requests are refused clearly.
     let again = bin("grokctl")
@@ -473,6 +473,45 @@ fn workers_on_separate_hosts_in_network_namespaces() {
     )
     .unwrap();
     assert_eq!(ids, want.ids);
+
+    // A partition: host 1 drops off the network in the middle of a request. The coordinator
+    // treats it as lost (no reset ever arrives: the health monitor's deadline decides).
+    let mut g = in_ns(&net.ns("coord"), "grokctl")
+        .args([
+            "generate",
+            "--endpoint",
+            &listen,
+            "--prompt-ids",
+            "9,8,7",
+            "--max-new-tokens",
+            "500",
+            "--ignore-eos",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    g.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let cut = Instant::now();
+    net.partition(2).unwrap();
+    let res = g.wait_with_output().unwrap();
+    let ended = cut.elapsed();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "the request should fail");
+    assert!(
+        err.contains("Unavailable") && err.contains("host1"),
+        "{err}"
+    );
+    assert!(ended < Duration::from_secs(10), "took {ended:?}");
+    let st = in_ns(&net.ns("coord"), "grokctl")
+        .args(["status", "--endpoint", &listen, "--json"])
+        .output()
+        .unwrap();
+    let sj: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(sj["state"], "recovering", "{sj}");
+    assert_eq!(sj["shards"][1]["state"], "lost", "{sj}");
+    eprintln!("partitioned worker detected; its request ended {ended:?} after the cut");
     drop(workers);
     drop(_coord);
     drop(net);

@@ -39,8 +39,20 @@ pub struct Engine {
     world: TcpComm,
     tp: TcpComm,
     seqs: HashMap<u64, SeqState>,
+    /// What was loaded: a later `Load` asking for the same shard only reconnects.
+    loaded: LoadedShard,
     #[cfg(feature = "cuda")]
     cuda: Option<CudaState>,
+}
+
+/// The identity of a loaded shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedShard {
+    pub model_dir: std::path::PathBuf,
+    pub layout: Layout,
+    pub rank: usize,
+    pub kv_blocks: usize,
+    pub block_size: usize,
 }
 
 /// The model on a GPU (one device, tp = pp = 1) and one KV cache per sequence.
@@ -242,6 +254,13 @@ impl Engine {
                 world,
                 tp,
                 seqs: HashMap::new(),
+                loaded: LoadedShard {
+                    model_dir: dir.to_path_buf(),
+                    layout,
+                    rank: spec.rank,
+                    kv_blocks: spec.kv_blocks,
+                    block_size: spec.block_size,
+                },
                 #[cfg(feature = "cuda")]
                 cuda,
             },
@@ -251,6 +270,47 @@ impl Engine {
 
     pub fn rank(&self) -> usize {
         self.place.rank
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.model.weight_bytes() as u64
+    }
+
+    pub fn loaded(&self) -> &LoadedShard {
+        &self.loaded
+    }
+
+    /// Rebuilds the collectives with a new set of peers (a lost rank was replaced) and forgets
+    /// every sequence: the coordinator starts its requests again. The weights stay.
+    pub fn reconnect(
+        &mut self,
+        world_peers: &[SocketAddr],
+        tp_peers: &[SocketAddr],
+        world_listener: TcpListener,
+        tp_listener: TcpListener,
+        comm_timeout: Duration,
+    ) -> Result<(), EngineError> {
+        if world_peers.len() != self.layout.world_size() || tp_peers.len() != self.layout.tp {
+            return Err(EngineError::Invalid(format!(
+                "{} peers and {} tensor-parallel peers do not match the layout's {} ranks, tp={}",
+                world_peers.len(),
+                tp_peers.len(),
+                self.layout.world_size(),
+                self.layout.tp
+            )));
+        }
+        let cfg = || TcpConfig {
+            timeout: comm_timeout,
+            connect_timeout: comm_timeout,
+        };
+        self.world = TcpComm::connect(self.place.rank, world_peers, world_listener, cfg())?;
+        self.tp = TcpComm::connect(self.place.tp_rank, tp_peers, tp_listener, cfg())?;
+        self.seqs.clear();
+        #[cfg(feature = "cuda")]
+        if let Some(c) = &mut self.cuda {
+            c.caches.clear();
+        }
+        Ok(())
     }
 
     fn is_last_stage(&self) -> bool {

@@ -28,14 +28,14 @@ pub struct WorkerArgs {
     pub register_timeout: Duration,
     /// CUDA device ordinal (None: CPU).
     pub cuda_device: Option<usize>,
+    /// Mutual TLS (None: plaintext): this worker's gRPC server requires a client certificate
+    /// signed by the CA, and it registers with its own certificate.
+    pub tls: Option<grok_proto::tls::Tls>,
 }
 
 enum Slot {
-    /// Listeners waiting for `Load`.
-    Idle {
-        world: TcpListener,
-        tp: TcpListener,
-    },
+    /// Waiting for `Load`.
+    Idle,
     Loading,
     Ready(Box<Engine>),
     /// Taken by the step thread.
@@ -46,6 +46,10 @@ enum Slot {
 #[derive(Clone)]
 struct Svc {
     slot: Arc<Mutex<Slot>>,
+    /// The collective listeners (all ranks; the tensor-parallel group). They live as long as
+    /// the worker: each connection of the collectives (the first, and after a lost peer was
+    /// replaced) accepts on clones of them, so peers always find them at the registered ports.
+    listeners: Arc<(TcpListener, TcpListener)>,
     rank: Arc<Mutex<Option<u32>>>,
     cuda_device: Option<usize>,
 }
@@ -84,18 +88,98 @@ impl pb::worker_server::Worker for Svc {
         };
         let world_peers = parse_addrs(&r.world_peers)?;
         let tp_peers = parse_addrs(&r.tp_peers)?;
-        let (world, tp) = {
-            let mut s = lock(&self.slot);
-            match std::mem::replace(&mut *s, Slot::Loading) {
-                Slot::Idle { world, tp } => (world, tp),
-                other => {
-                    *s = other;
+        let clone = |l: &TcpListener| {
+            l.try_clone()
+                .map_err(|e| Status::internal(format!("collective listener: {e}")))
+        };
+        let (world, tp) = (clone(&self.listeners.0)?, clone(&self.listeners.1)?);
+        let comm_timeout = Duration::from_millis(if r.comm_timeout_ms == 0 {
+            30_000
+        } else {
+            r.comm_timeout_ms as u64
+        });
+        // A loaded worker whose peer was replaced: wait for its step stream to close (the
+        // coordinator drops it when a peer is lost), then reconnect, keeping the weights.
+        let deadline = std::time::Instant::now() + comm_timeout + Duration::from_secs(5);
+        let engine = loop {
+            let taken = {
+                let mut s = lock(&self.slot);
+                match std::mem::replace(&mut *s, Slot::Loading) {
+                    Slot::Idle => Ok(None),
+                    Slot::Ready(e) => Ok(Some(e)),
+                    Slot::Stepping if std::time::Instant::now() < deadline => {
+                        *s = Slot::Stepping;
+                        Err(true)
+                    }
+                    other => {
+                        *s = other;
+                        Err(false)
+                    }
+                }
+            };
+            match taken {
+                Ok(e) => break e,
+                Err(true) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(false) => {
                     return Err(Status::failed_precondition(
-                        "this worker has already been asked to load",
-                    ));
+                        "this worker is loading, or its step stream is still open",
+                    ))
                 }
             }
         };
+        if let Some(mut engine) = engine {
+            let want = engine::LoadedShard {
+                model_dir: PathBuf::from(&r.model_dir),
+                layout,
+                rank: r.rank as usize,
+                kv_blocks: r.kv_blocks.max(1) as usize,
+                block_size: r.block_size.max(1) as usize,
+            };
+            if engine.loaded() != &want {
+                let have = engine.loaded().clone();
+                *lock(&self.slot) = Slot::Ready(engine);
+                return Err(Status::failed_precondition(format!(
+                    "this worker holds rank {} of {} ({:?}); restart it to load rank {} of {}",
+                    have.rank,
+                    have.model_dir.display(),
+                    have.layout,
+                    want.rank,
+                    want.model_dir.display()
+                )));
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let slot = self.slot.clone();
+            std::thread::spawn(move || {
+                let _ = tx.blocking_send(Ok(pb::LoadProgress {
+                    stage: "connecting".into(),
+                    fraction: 0.0,
+                    detail: "reconnecting to replaced peers; weights kept".into(),
+                    weight_bytes: 0,
+                    resident_bytes: engine::resident_bytes(),
+                }));
+                match engine.reconnect(&world_peers, &tp_peers, world, tp, comm_timeout) {
+                    Ok(()) => {
+                        tracing::info!(rank = engine.rank(), "collectives reconnected");
+                        let bytes = engine.weight_bytes();
+                        *lock(&slot) = Slot::Ready(engine);
+                        let _ = tx.blocking_send(Ok(pb::LoadProgress {
+                            stage: "ready".into(),
+                            fraction: 1.0,
+                            detail: String::new(),
+                            weight_bytes: bytes,
+                            resident_bytes: engine::resident_bytes(),
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::error!("reconnect failed: {e}");
+                        // The weights stay: a later Load can try again.
+                        *lock(&slot) = Slot::Ready(engine);
+                        let _ = tx.blocking_send(Err(Status::unavailable(e.to_string())));
+                    }
+                }
+            });
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         *lock(&self.rank) = Some(r.rank);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let slot = self.slot.clone();
@@ -110,11 +194,7 @@ impl pb::worker_server::Worker for Svc {
                 tp_peers,
                 kv_blocks: r.kv_blocks.max(1) as usize,
                 block_size: r.block_size.max(1) as usize,
-                comm_timeout: Duration::from_millis(if r.comm_timeout_ms == 0 {
-                    30_000
-                } else {
-                    r.comm_timeout_ms as u64
-                }),
+                comm_timeout,
                 cuda_device,
             };
             let txp = tx.clone();
@@ -221,7 +301,7 @@ impl pb::worker_server::Worker for Svc {
         _req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         let state = match &*lock(&self.slot) {
-            Slot::Idle { .. } => "waiting",
+            Slot::Idle => "waiting",
             Slot::Loading => "loading",
             Slot::Ready(_) | Slot::Stepping => "ready",
             Slot::Failed(_) => "failed",
@@ -232,6 +312,9 @@ impl pb::worker_server::Worker for Svc {
         }))
     }
 }
+
+/// How long a registration refused because the rank or id is held is retried.
+const REGISTER_HELD_RETRY: Duration = Duration::from_secs(6);
 
 /// Runs a worker until the coordinator goes away for good or the process is signalled.
 pub async fn run(args: WorkerArgs) -> Result<()> {
@@ -245,13 +328,21 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let world_addr = world.local_addr()?;
     let tp_addr = tp.local_addr()?;
     let svc = Svc {
-        slot: Arc::new(Mutex::new(Slot::Idle { world, tp })),
+        slot: Arc::new(Mutex::new(Slot::Idle)),
+        listeners: Arc::new((world, tp)),
         rank: Arc::new(Mutex::new(None)),
         cuda_device: args.cuda_device,
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &args.tls {
+        // Only a client with a CA-signed certificate (the coordinator) gets to Load and Step.
+        builder = builder
+            .tls_config(t.server_config(true)?)
+            .context("setting up TLS")?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(pb::worker_server::WorkerServer::new(svc.clone()))
             .serve_with_incoming(incoming),
     );
@@ -262,43 +353,57 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         .with_context(|| format!("--advertise `{advertise}` must be IP:PORT"))?;
     let world_addr = SocketAddr::new(host.ip(), world_addr.port());
     let tp_addr = SocketAddr::new(host.ip(), tp_addr.port());
-    let endpoint = if args.coordinator.starts_with("http") {
-        args.coordinator.clone()
-    } else {
-        format!("http://{}", args.coordinator)
-    };
+    let tls_on = args.tls.is_some();
+    let endpoint = grok_proto::tls::endpoint(&args.coordinator, args.tls.as_ref())?;
     let deadline = tokio::time::Instant::now() + args.register_timeout;
     let mut client = loop {
-        match pb::cluster_client::ClusterClient::connect(endpoint.clone()).await {
-            Ok(c) => break c,
+        match endpoint.connect().await {
+            Ok(c) => break pb::cluster_client::ClusterClient::new(c),
             Err(e) => {
-                if tokio::time::Instant::now() > deadline {
-                    bail!("cannot reach the coordinator at {}: {e}", args.coordinator);
+                let why = grok_proto::tls::error_chain(&e);
+                // A certificate problem does not go away by waiting.
+                let tls_failure = tls_on && grok_proto::tls::hint(&why, true).is_some();
+                if tls_failure || tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "cannot reach the coordinator at {}: {}",
+                        args.coordinator,
+                        grok_proto::tls::explain(why, tls_on)
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
-    let reg = client
-        .register(pb::RegisterRequest {
-            worker_id: args.worker_id.clone(),
-            address: advertise.clone(),
-            world_comm_address: world_addr.to_string(),
-            tp_comm_address: tp_addr.to_string(),
-            rank: args.rank.map_or(-1, |r| r as i32),
-            device: args
-                .cuda_device
-                .map_or("cpu".into(), |n| format!("cuda:{n}")),
-        })
-        .await
-        .map_err(|s| {
-            anyhow::anyhow!(
+    let req = pb::RegisterRequest {
+        worker_id: args.worker_id.clone(),
+        address: advertise.clone(),
+        world_comm_address: world_addr.to_string(),
+        tp_comm_address: tp_addr.to_string(),
+        rank: args.rank.map_or(-1, |r| r as i32),
+        device: args
+            .cuda_device
+            .map_or("cpu".into(), |n| format!("cuda:{n}")),
+    };
+    // A restarted worker may find its rank still held by its former self until the
+    // coordinator notices the loss (about a second): retry ALREADY_EXISTS for a while.
+    let held_until = tokio::time::Instant::now() + REGISTER_HELD_RETRY;
+    let reg = loop {
+        match client.register(req.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s)
+                if s.code() == tonic::Code::AlreadyExists
+                    && tokio::time::Instant::now() < held_until =>
+            {
+                tracing::info!("registration refused ({}); retrying", s.message());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => bail!(
                 "the coordinator at {} refused registration: {}",
                 args.coordinator,
-                s.message()
-            )
-        })?
-        .into_inner();
+                grok_proto::tls::explain(grok_proto::tls::status_chain(&s), tls_on)
+            ),
+        }
+    };
     eprintln!(
         "worker {} registered as rank {} of {} (grpc {advertise})",
         args.worker_id, reg.rank, reg.world_size

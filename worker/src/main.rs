@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -9,7 +10,7 @@ use std::time::Duration;
     name = "grok-worker",
     version,
     about = "grok-cluster worker: one shard of one model replica, driven by the coordinator",
-    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3"
+    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3\n  grok-worker --coordinator 10.0.0.1:50051 --tls-ca certs/ca.pem --tls-cert certs/worker.pem --tls-key certs/worker.key"
 )]
 struct Args {
     /// Coordinator address (HOST:PORT).
@@ -44,6 +45,17 @@ struct Args {
     /// collector, e.g. http://127.0.0.1:4317.
     #[arg(long, env = "GROK_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// CA certificate (PEM) that signs the cluster's certificates. With --tls-cert and
+    /// --tls-key (all three or none) the worker registers over TLS with its certificate, and its
+    /// own gRPC service accepts only clients with a certificate signed by this CA.
+    #[arg(long, env = "GROK_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This worker's certificate (PEM, signed by the CA, naming the advertised host).
+    #[arg(long, env = "GROK_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This worker's private key (PEM; read from the file, never logged).
+    #[arg(long, env = "GROK_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() {
@@ -58,6 +70,18 @@ fn main() {
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
+        }
+    };
+    let tls_paths = grok_proto::tls::TlsPaths::new(a.tls_ca, a.tls_cert, a.tls_key);
+    if let Err(e) = tls_paths.check_member() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    let tls = match grok_proto::tls::Tls::load(&tls_paths) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
         }
     };
     let cuda_device = match parse_device(&a.device) {
@@ -93,6 +117,7 @@ fn main() {
         rank: a.rank,
         register_timeout: Duration::from_secs(a.register_timeout_s),
         cuda_device,
+        tls,
     }));
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use grok_coordinator::{client, local, up};
+use grok_proto::tls::{TlsError, TlsPaths};
 use grok_shared::genmodel::GenDType;
 use grok_shared::sampling::SamplingParams;
 use std::path::PathBuf;
@@ -28,6 +29,18 @@ struct Cli {
     /// File holding the bearer token of a cluster's client APIs (default: GROK_API_TOKEN).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+    /// CA certificate (PEM) of a cluster that uses mutual TLS: connect with https and check the
+    /// coordinator's certificate against it. `up` and `launch` give it, with --tls-cert and
+    /// --tls-key (all three), to the processes they start [env: GROK_TLS_CA]
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Certificate (PEM, signed by the CA) to present: optional for status, generate, bench
+    /// and drain; the processes' certificate for up and launch [env: GROK_TLS_CERT]
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert; read from the file, never printed [env: GROK_TLS_KEY]
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -121,7 +134,7 @@ enum Cmd {
     },
     /// Start a coordinator and tp*pp workers on this machine, in the foreground (Ctrl-C stops all).
     #[command(
-        after_help = "Examples:\n  grokctl up --model /tmp/tiny --tp 2 --pp 2\n  grokctl up --model /tmp/small --tp 2 --ep 2 --listen 127.0.0.1:50051\n\nWorkers on other hosts join a coordinator with:\n  grok-worker --coordinator HOST:PORT --listen 0.0.0.0:50061 --advertise MYIP:50061"
+        after_help = "Examples:\n  grokctl up --model /tmp/tiny --tp 2 --pp 2\n  grokctl up --model /tmp/small --tp 2 --ep 2 --listen 127.0.0.1:50051\n\nWorkers on other hosts join a coordinator with:\n  grok-worker --coordinator HOST:PORT --listen 0.0.0.0:50061 --advertise MYIP:50061\n\nWith mutual TLS (the coordinator and every worker get --tls-ca, --tls-cert and --tls-key):\n  grokctl certs --out certs\n  grokctl up --model /tmp/tiny --tls-ca certs/ca.pem --tls-cert certs/coordinator.pem --tls-key certs/coordinator.key"
     )]
     Up {
         /// Cluster config file (TOML; see deploy/cluster.example.toml). Flags override it and
@@ -140,6 +153,9 @@ enum Cmd {
         /// Pipeline stages [default: 1] [env: GROK_PP]
         #[arg(long)]
         pp: Option<usize>,
+        /// Model replicas, each tp*pp workers [default: 1] [env: GROK_REPLICAS]
+        #[arg(long)]
+        replicas: Option<usize>,
         /// Coordinator address; port 0 picks a free one [default: 127.0.0.1:50051] [env: GROK_LISTEN]
         #[arg(long)]
         listen: Option<String>,
@@ -186,6 +202,25 @@ enum Cmd {
         ep: usize,
         #[arg(long, default_value_t = 1)]
         pp: usize,
+    },
+    /// Make a development CA and certificates for mutual TLS between the coordinator and workers.
+    #[command(
+        after_help = "Examples:\n  grokctl certs --out certs\n  grokctl certs --out /etc/grok/certs --hosts 10.0.0.1,10.0.0.2,node1 --days 90\n  grokctl up --model /tmp/tiny --tls-ca certs/ca.pem --tls-cert certs/coordinator.pem --tls-key certs/coordinator.key\n  grokctl status --endpoint https://127.0.0.1:50051 --tls-ca certs/ca.pem\n\nWrites ca.pem, ca.key, coordinator.pem, coordinator.key, worker.pem and worker.key (keys with mode 600). Every certificate names 127.0.0.1, localhost and the --hosts (IP addresses as IP SANs, names as DNS SANs) and serves as server and client certificate. Existing files are kept unless --force. Keep ca.key off the cluster's hosts."
+    )]
+    Certs {
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated host names and IP addresses the certificates are valid for, besides
+        /// 127.0.0.1 and localhost: every address workers and clients use to reach a process.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
     /// Check every file of a pre-sharded directory against its manifest (sizes, dtypes, sha256).
     #[command(after_help = "Example:\n  grokctl verify /data/grok-1-tp8")]
@@ -278,7 +313,7 @@ enum Cmd {
     },
     /// Show a running cluster: layout, workers and the state of each shard.
     #[command(
-        after_help = "Examples:\n  grokctl status --endpoint 127.0.0.1:50051\n  grokctl status --endpoint 127.0.0.1:50051 --wait-ready 120"
+        after_help = "Examples:\n  grokctl status --endpoint 127.0.0.1:50051\n  grokctl status --endpoint 127.0.0.1:50051 --wait-ready 120\n  grokctl status --endpoint https://10.0.0.1:50051 --tls-ca certs/ca.pem   (a cluster with TLS)"
     )]
     Status {
         #[arg(long, env = "GROK_ENDPOINT")]
@@ -444,8 +479,31 @@ fn main() {
     }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // Incomplete TLS settings are a usage error, like a bad flag.
+        let usage = e
+            .chain()
+            .any(|c| c.downcast_ref::<TlsError>().is_some_and(TlsError::is_usage));
+        std::process::exit(if usage { 2 } else { 1 });
     }
+}
+
+/// Resolves the TLS settings of a command that talks to a cluster (config file < flags <
+/// environment) and sets them for grokctl's connections. `member`: they also go to the
+/// processes `up` or `launch` starts, so all three are needed; otherwise the CA suffices (a
+/// certificate with its key is optional). Returns the paths when TLS is on.
+fn cluster_tls(
+    flags: &TlsPaths,
+    file: &grok_coordinator::config::ClusterFile,
+    member: bool,
+) -> Result<Option<TlsPaths>> {
+    let p = grok_coordinator::config::resolve_tls(file, flags, &|k| std::env::var(k).ok());
+    let on = if member {
+        p.check_member()?
+    } else {
+        p.check_client()?
+    };
+    client::set_tls(grok_proto::tls::Tls::load(&p)?);
+    Ok(on.then_some(p))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -453,6 +511,12 @@ fn run(cli: Cli) -> Result<()> {
     grok_coordinator::auth::set_client_token(grok_coordinator::auth::load_token(
         cli.token_file.as_deref(),
     )?);
+    let tls_flags = TlsPaths::new(
+        cli.tls_ca.clone(),
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+    );
+    let no_file = grok_coordinator::config::ClusterFile::default();
     let rt = || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -521,20 +585,43 @@ fn run(cli: Cli) -> Result<()> {
             stop,
             ssh,
             ready_timeout_s,
-        } => rt()?.block_on(grok_coordinator::launch::launch(
-            &grok_coordinator::launch::LaunchArgs {
-                config,
-                stop,
-                ssh,
-                ready_timeout_s,
-            },
-        )),
+        } => {
+            let tls = if stop {
+                None
+            } else {
+                let file = grok_coordinator::config::ClusterFile::load(&config)?;
+                cluster_tls(&tls_flags, &file, true)?
+            };
+            rt()?.block_on(grok_coordinator::launch::launch(
+                &grok_coordinator::launch::LaunchArgs {
+                    config,
+                    stop,
+                    ssh,
+                    ready_timeout_s,
+                    tls,
+                },
+            ))
+        }
+        Cmd::Certs {
+            out,
+            hosts,
+            days,
+            force,
+        } => grok_coordinator::certs::run(&grok_coordinator::certs::CertsArgs {
+            out,
+            hosts,
+            days,
+            force,
+        }),
         Cmd::Drain {
             endpoint,
             worker,
             resume,
             timeout_s,
-        } => rt()?.block_on(client::drain(&endpoint, worker, resume, timeout_s)),
+        } => {
+            cluster_tls(&tls_flags, &no_file, false)?;
+            rt()?.block_on(client::drain(&endpoint, worker, resume, timeout_s))
+        }
         Cmd::Verify { dir } => {
             let bytes = grok_shared::presharded::verify(&dir)?;
             println!(
@@ -560,6 +647,7 @@ fn run(cli: Cli) -> Result<()> {
             tp,
             ep,
             pp,
+            replicas,
             listen,
             tokenizer,
             kv_blocks,
@@ -580,6 +668,7 @@ fn run(cli: Cli) -> Result<()> {
                 tp,
                 ep,
                 pp,
+                replicas,
                 listen,
                 http_listen,
                 kv_blocks,
@@ -588,12 +677,14 @@ fn run(cli: Cli) -> Result<()> {
                 max_batch_tokens,
             };
             let s = cf::resolve_up(&file, &flags, &|k| std::env::var(k).ok())?;
+            let tls = cluster_tls(&tls_flags, &file, true)?;
             let cf::UpSettings {
                 model,
                 tokenizer,
                 tp,
                 ep,
                 pp,
+                replicas,
                 listen,
                 http_listen,
                 kv_blocks,
@@ -620,19 +711,21 @@ fn run(cli: Cli) -> Result<()> {
             let threads_per_worker = if cli.threads > 0 {
                 cli.threads
             } else {
-                (cores / (tp * pp).max(1)).max(1)
+                (cores / (tp * pp * replicas).max(1)).max(1)
             };
             rt()?.block_on(up::up(&up::UpArgs {
                 model,
                 tp,
                 ep,
                 pp,
+                replicas,
                 listen,
                 tokenizer,
                 threads_per_worker,
                 kv_blocks,
                 ready_timeout_s,
                 coordinator_args,
+                tls,
             }))
         }
         Cmd::Plan {
@@ -748,7 +841,10 @@ fn run(cli: Cli) -> Result<()> {
             endpoint,
             wait_ready,
             json,
-        } => rt()?.block_on(client::status(&endpoint, wait_ready, json)),
+        } => {
+            cluster_tls(&tls_flags, &no_file, false)?;
+            rt()?.block_on(client::status(&endpoint, wait_ready, json))
+        }
         Cmd::Generate {
             model: None,
             endpoint: Some(endpoint),
@@ -768,6 +864,7 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("--tokenizer applies to single-process generation (--model); the cluster uses its own tokenizer");
             }
             let prompt_ids = prompt_ids.as_deref().map(local::parse_ids).transpose()?;
+            cluster_tls(&tls_flags, &no_file, false)?;
             rt()?.block_on(client::generate(&client::RemoteGenerate {
                 endpoint,
                 prompt,
@@ -797,6 +894,7 @@ fn run(cli: Cli) -> Result<()> {
             if requests == 0 || prompt_len == 0 || gen_len == 0 || concurrency.contains(&0) {
                 anyhow::bail!("--requests, --prompt-len, --gen-len and every --concurrency level must be positive");
             }
+            cluster_tls(&tls_flags, &no_file, false)?;
             rt()?.block_on(client::bench_serve(
                 &endpoint,
                 &concurrency,
@@ -813,7 +911,10 @@ fn run(cli: Cli) -> Result<()> {
             gen_len,
             json,
             ..
-        } => rt()?.block_on(client::bench(&endpoint, prompt_len, gen_len, json)),
+        } => {
+            cluster_tls(&tls_flags, &no_file, false)?;
+            rt()?.block_on(client::bench(&endpoint, prompt_len, gen_len, json))
+        }
         Cmd::GenModel {
             preset,
             layers,

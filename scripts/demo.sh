@@ -12,6 +12,13 @@ tp=${3:-2}
 pp=${4:-1}
 model=models/$preset-$dtype
 
+# etcd-client's build script needs protoc (Debian's protobuf-compiler).
+if ! command -v protoc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler) >/dev/null 2>&1 || true
+  fi
+  command -v protoc >/dev/null 2>&1 || { echo "error: building needs protoc: install Debian's protobuf-compiler" >&2; exit 1; }
+fi
 cargo build --release --bins --locked
 if [ ! -f "$model/config.json" ]; then
   target/release/grokctl gen-model --preset "$preset" --dtype "$dtype" --seed 1 --out "$model"

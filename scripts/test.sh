@@ -10,21 +10,29 @@ if [ ! -f ../shared/models/grok-1/tokenizer.model ]; then
   echo "note: ../shared/models/grok-1 is missing; the tokenizer tests need it beside the project" >&2
 fi
 
-# The multi-host test puts workers in network namespaces: it needs iproute2 (and root).
-if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq iproute2) >/dev/null 2>&1 || echo "note: could not install iproute2" >&2
-fi
-# The launch test runs Debian's OpenSSH server (sshd) inside those namespaces as the remote
-# hosts. policy-rc.d (exit 101) keeps the package from starting a system sshd while installing.
-if [ ! -x /usr/sbin/sshd ] && [ "$(id -u)" = 0 ]; then
-  policy_added=
+# Debian packages, installed when missing (as root). policy-rc.d (exit 101) keeps a package
+# from starting its system service while installing (the tests start their own servers).
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "note: not root, cannot install $*" >&2
+    return 0
+  fi
+  local policy_added=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy_added=1
   fi
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server) >/dev/null 2>&1 \
-    || echo "note: could not install openssh-server" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@") >/dev/null 2>&1 \
+    || echo "note: could not install $*" >&2
   if [ -n "$policy_added" ]; then rm -f /usr/sbin/policy-rc.d; fi
-fi
+}
+# etcd-client's build script compiles etcd's protos with protoc.
+command -v protoc >/dev/null 2>&1 || apt_install protobuf-compiler
+# The multi-host test puts workers in network namespaces: it needs iproute2 (and root).
+command -v ip >/dev/null 2>&1 || apt_install iproute2
+# The launch test runs Debian's OpenSSH server (sshd) inside those namespaces as the remote hosts.
+[ -x /usr/sbin/sshd ] || apt_install openssh-server
+# The membership tests start their own etcd (Debian's etcd-server, not started by the package).
+[ -x /usr/bin/etcd ] || apt_install etcd-server
 
 # The HTTP API test drives the official `openai` Python client.
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai

@@ -39,10 +39,18 @@ pub fn load_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<Strin
 }
 
 static CLIENT_TOKEN: OnceLock<Option<String>> = OnceLock::new();
+/// A token from a cluster config file (`[coordinator] api_token_file`), used when neither
+/// `--token-file` nor GROK_API_TOKEN gives one.
+static CONFIG_TOKEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// Sets the token `grokctl` sends to a cluster (once, at start-up).
 pub fn set_client_token(t: Option<String>) {
     let _ = CLIENT_TOKEN.set(t);
+}
+
+/// The token of the cluster a config file describes (see `CONFIG_TOKEN`).
+pub fn set_config_token(t: Option<String>) {
+    *CONFIG_TOKEN.lock().unwrap_or_else(|p| p.into_inner()) = t;
 }
 
 /// Wraps a message in a request carrying the client token, if any.
@@ -53,7 +61,11 @@ pub fn request<T>(msg: T) -> tonic::Request<T> {
             .ok()
             .filter(|t| !t.trim().is_empty())
     });
-    if let Some(t) = tok {
+    let config = CONFIG_TOKEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(t) = tok.as_ref().or(config.as_ref()) {
         if let Ok(v) = format!("Bearer {}", t.trim()).parse() {
             r.metadata_mut().insert("authorization", v);
         }

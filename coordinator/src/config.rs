@@ -14,6 +14,7 @@
 //! [coordinator]
 //! listen = "0.0.0.0:50051"            # GROK_LISTEN
 //! http_listen = "0.0.0.0:8000"        # GROK_HTTP_LISTEN (optional)
+//! api_token_file = "/etc/grok/token"  # bearer token of the client APIs (or GROK_API_TOKEN)
 //!
 //! [limits]
 //! kv_blocks = 512                     # GROK_KV_BLOCKS
@@ -29,6 +30,13 @@
 //! ca = "/etc/grok/certs/ca.pem"       # GROK_TLS_CA
 //! cert = "/etc/grok/certs/node.pem"   # GROK_TLS_CERT
 //! key = "/etc/grok/certs/node.key"    # GROK_TLS_KEY
+//!
+//! [etcd]                              # membership in etcd (optional)
+//! endpoints = "http://10.0.0.1:2379"  # GROK_ETCD
+//! cluster = "prod"                    # GROK_CLUSTER
+//! user = "grok"                       # GROK_ETCD_USER
+//! password_file = "/etc/grok/etcd-password"   # or GROK_ETCD_PASSWORD (the password)
+//! ca = "/etc/grok/etcd-ca.pem"        # GROK_ETCD_CA
 //!
 //! [[hosts]]                           # for multi-host launch
 //! name = "node1"
@@ -59,6 +67,8 @@ pub struct ClusterFile {
     pub launch: LaunchSection,
     #[serde(default)]
     pub tls: TlsSection,
+    #[serde(default)]
+    pub etcd: EtcdSection,
     #[serde(default)]
     pub hosts: Vec<HostSection>,
 }
@@ -160,6 +170,74 @@ pub struct LayoutSection {
 pub struct CoordinatorSection {
     pub listen: Option<String>,
     pub http_listen: Option<String>,
+    /// File holding the bearer token of the client APIs (on the coordinator's host).
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// Membership in etcd (`--etcd` and friends of grok-coordinator and grok-worker).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// `URL[,URL...]`
+    pub endpoints: Option<String>,
+    pub cluster: Option<String>,
+    pub user: Option<String>,
+    /// File whose first line is the password (paths on the hosts).
+    pub password_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+impl ClusterFile {
+    /// The flags that carry the file's `[etcd]` section and token file to the processes
+    /// started from it: (coordinator's, worker's). Environment beats file: with `inherit`
+    /// (local children, which inherit the environment) a setting whose variable is set is
+    /// left out; without (remote processes) the variable's value is passed instead. The
+    /// password variable is never put on a command line.
+    pub fn process_args(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+        inherit: bool,
+    ) -> (Vec<String>, Vec<String>) {
+        let e = &self.etcd;
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let etcd: Vec<(&str, &str, Option<String>)> = vec![
+            ("--etcd", "GROK_ETCD", e.endpoints.clone()),
+            ("--cluster", "GROK_CLUSTER", e.cluster.clone()),
+            ("--etcd-user", "GROK_ETCD_USER", e.user.clone()),
+            (
+                "--etcd-password-file",
+                "GROK_ETCD_PASSWORD",
+                path(&e.password_file),
+            ),
+            ("--etcd-ca", "GROK_ETCD_CA", path(&e.ca)),
+        ];
+        let pick = |var: &str, v: Option<String>| match env(var) {
+            Some(_) if inherit || var == "GROK_ETCD_PASSWORD" => None,
+            Some(e) => Some(e),
+            None => v,
+        };
+        let mut worker = Vec::new();
+        for (flag, var, v) in etcd {
+            if let Some(v) = pick(var, v) {
+                worker.push(flag.to_string());
+                worker.push(v);
+            }
+        }
+        let mut coordinator = worker.clone();
+        if let (None, Some(t)) = (
+            env("GROK_API_TOKEN"),
+            path(&self.coordinator.api_token_file),
+        ) {
+            coordinator.push("--api-token-file".into());
+            coordinator.push(t);
+        }
+        (coordinator, worker)
+    }
+
+    /// Whether the processes join through etcd (file or GROK_ETCD).
+    pub fn uses_etcd(&self, env: &dyn Fn(&str) -> Option<String>) -> bool {
+        env("GROK_ETCD").is_some() || self.etcd.endpoints.is_some()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,6 +460,53 @@ mod tests {
     use super::*;
 
     const FILE: &str = "[model]\npath = \"/m/file\"\n[layout]\ntp = 2\npp = 2\n[coordinator]\nlisten = \"127.0.0.1:7000\"\n[limits]\nkv_blocks = 100\n";
+
+    #[test]
+    fn etcd_and_token_settings_reach_the_processes() {
+        let f = ClusterFile::parse(
+            "[coordinator]\napi_token_file = \"/etc/grok/token\"\n[etcd]\nendpoints = \"http://10.0.0.1:2379\"\ncluster = \"prod\"\nuser = \"grok\"\npassword_file = \"/etc/grok/etcd-password\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let none = |_: &str| None;
+        assert!(f.uses_etcd(&none));
+        let (c, w) = f.process_args(&none, false);
+        assert_eq!(
+            w,
+            [
+                "--etcd",
+                "http://10.0.0.1:2379",
+                "--cluster",
+                "prod",
+                "--etcd-user",
+                "grok",
+                "--etcd-password-file",
+                "/etc/grok/etcd-password"
+            ]
+        );
+        assert_eq!(&c[w.len()..], ["--api-token-file", "/etc/grok/token"]);
+        // The environment wins: inherited by local children, passed on to remote ones; the
+        // password itself never goes on a command line.
+        let env = |k: &str| match k {
+            "GROK_CLUSTER" => Some("staging".to_string()),
+            "GROK_ETCD_PASSWORD" => Some("s3cret".to_string()),
+            _ => None,
+        };
+        let (_, local) = f.process_args(&env, true);
+        assert!(!local.contains(&"--cluster".to_string()), "{local:?}");
+        let (_, remote) = f.process_args(&env, false);
+        assert!(
+            remote.windows(2).any(|p| p == ["--cluster", "staging"]),
+            "{remote:?}"
+        );
+        assert!(!remote
+            .iter()
+            .any(|a| a.contains("s3cret") || a == "--etcd-password-file"));
+        let e = ClusterFile::parse("[etcd]\nendpoint = \"x\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `endpoint`"), "{e}");
+    }
 
     #[test]
     fn precedence_is_file_then_flags_then_environment() {

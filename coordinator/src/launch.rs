@@ -178,6 +178,16 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         cmd += &format!(" --http-listen {}", q(h));
     }
     cmd += &tls_args;
+    let env = |k: &str| std::env::var(k).ok();
+    let (cargs, wargs) = file.process_args(&env, false);
+    let words = |v: &[String]| v.iter().map(|w| format!(" {}", q(w))).collect::<String>();
+    cmd += &words(&cargs);
+    // With etcd, workers announce themselves there instead of calling the coordinator.
+    let join = if file.uses_etcd(&env) {
+        words(&wargs)
+    } else {
+        format!(" --coordinator {}", q(&reach))
+    };
     let pid = remote(
         &ssh,
         &coord_host,
@@ -209,9 +219,8 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         for (i, dev) in devs.iter().enumerate() {
             let port = 50061 + i;
             let wcmd = format!(
-                "{}/grok-worker --coordinator {} --listen {}:{port} --advertise {}:{port} --rank {rank} --id {}-{i} --device {}{tls_args}",
+                "{}/grok-worker{join} --listen {}:{port} --advertise {}:{port} --rank {rank} --id {}-{i} --device {}{tls_args}",
                 bin_dir(h),
-                q(&reach),
                 h.address,
                 h.address,
                 q(&h.name),

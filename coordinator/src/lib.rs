@@ -1,6 +1,7 @@
 //! grok-coordinator: the cluster coordinator and the operator CLI (`grokctl`).
 //!
 //! - [`server`]: membership, the `Cluster`, `Admin` and `Inference` gRPC services.
+//! - [`discovery`]: static membership or etcd (worker keys, leader election, standby).
 //! - [`engine`]: loading the replica and its step loop.
 //! - [`client`]: `grokctl` commands that talk to a running cluster (status, generate, bench).
 //! - [`up`]: `grokctl up`, a whole cluster of local processes in the foreground.
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod engine;
 pub mod http;
 pub mod launch;

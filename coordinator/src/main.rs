@@ -1,7 +1,9 @@
 //! `grok-coordinator`: the cluster coordinator process.
 
 use clap::Parser;
+use grok_coordinator::discovery::{Discovery, Etcd, Static};
 use grok_coordinator::server::{self, CoordinatorConfig};
+use grok_proto::membership::EtcdConfig;
 use grok_shared::sharding::Layout;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,6 +81,27 @@ struct Args {
     /// This coordinator's private key (PEM; read from the file, never logged).
     #[arg(long, env = "GROK_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Membership in etcd (URL[,URL...]): workers announce themselves there (grok-worker
+    /// --etcd), and coordinators of the same --cluster elect a leader; the others stand by and
+    /// take over within seconds when it goes. Without it the coordinator is the registry.
+    #[arg(long, env = "GROK_ETCD", value_name = "URLS")]
+    etcd: Option<String>,
+    /// Cluster name: the etcd keys live under /grok/NAME/.
+    #[arg(long, default_value = "default", env = "GROK_CLUSTER")]
+    cluster: String,
+    /// etcd user (the password comes from --etcd-password-file or GROK_ETCD_PASSWORD).
+    #[arg(long, env = "GROK_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// File whose first line is the etcd password (never logged).
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
+    /// CA of etcd's server certificates (https:// endpoints; the default scheme when given).
+    #[arg(long, env = "GROK_ETCD_CA", value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// The address clients and standbys are told to reach this coordinator at (default: the
+    /// bound --listen address).
+    #[arg(long, env = "GROK_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 fn main() {
@@ -106,6 +129,26 @@ fn main() {
             eprintln!("error: {e}");
             std::process::exit(1);
         }
+    };
+    let discovery: Box<dyn Discovery> = match &a.etcd {
+        None => Box::new(Static),
+        Some(urls) => match EtcdConfig::new(
+            urls,
+            &a.cluster,
+            a.etcd_user.clone(),
+            a.etcd_password_file.clone(),
+            std::env::var("GROK_ETCD_PASSWORD").ok(),
+            a.etcd_ca.clone(),
+        ) {
+            Ok(cfg) => Box::new(Etcd {
+                cfg,
+                advertise: a.advertise.clone(),
+            }),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        },
     };
     let cfg = CoordinatorConfig {
         model_dir: a.model.clone(),
@@ -149,7 +192,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = rt.block_on(server::serve(shared, grok_coordinator::shutdown_signal())) {
+    if let Err(e) = rt.block_on(server::serve(
+        shared,
+        discovery,
+        grok_coordinator::shutdown_signal(),
+    )) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -245,76 +245,86 @@ impl pb::cluster_server::Cluster for Svc {
                 "registration needs a client certificate signed by the cluster's CA: start the worker with --tls-ca, --tls-cert and --tls-key",
             ));
         }
-        let r = req.into_inner();
-        let per_replica = self.0.cfg.layout.world_size();
-        let world = per_replica * self.0.cfg.layout.replicas.max(1);
-        let for_addr = |a: &str| {
-            a.parse::<SocketAddr>()
-                .map_err(|_| Status::invalid_argument(format!("bad address `{a}`")))
-        };
-        for_addr(&r.address)?;
-        for_addr(&r.world_comm_address)?;
-        for_addr(&r.tp_comm_address)?;
-        // A rank whose worker was lost can be taken again (by the same id, restarted, or another).
-        let held = |w: &Option<WorkerEntry>| w.as_ref().is_some_and(|w| w.state != "lost");
-        let (rank, complete) = {
-            let mut ws = lock(&self.0.workers);
-            if let Some(i) = ws
-                .iter()
-                .position(|w| held(w) && w.as_ref().is_some_and(|w| w.id == r.worker_id))
-            {
-                return Err(Status::already_exists(format!(
-                    "worker id `{}` is already registered as rank {i}",
-                    r.worker_id
+        if lock(&self.0.state).0 == "standby" {
+            return Err(Status::unavailable(
+                "this coordinator is a standby: register with the leader (see its status)",
+            ));
+        }
+        admit(&self.0, &req.into_inner()).map(Response::new)
+    }
+}
+
+/// Admits a worker into the rank it asks for (or the first free one): the Register RPC and the
+/// etcd discovery both come here. The registration that completes a replica starts its load.
+pub fn admit(s: &Arc<Shared>, r: &pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
+    let per_replica = s.cfg.layout.world_size();
+    let world = per_replica * s.cfg.layout.replicas.max(1);
+    let for_addr = |a: &str| {
+        a.parse::<SocketAddr>()
+            .map_err(|_| Status::invalid_argument(format!("bad address `{a}`")))
+    };
+    for_addr(&r.address)?;
+    for_addr(&r.world_comm_address)?;
+    for_addr(&r.tp_comm_address)?;
+    // A rank whose worker was lost can be taken again (by the same id, restarted, or another).
+    let held = |w: &Option<WorkerEntry>| w.as_ref().is_some_and(|w| w.state != "lost");
+    let (rank, complete) = {
+        let mut ws = lock(&s.workers);
+        if let Some(i) = ws
+            .iter()
+            .position(|w| held(w) && w.as_ref().is_some_and(|w| w.id == r.worker_id))
+        {
+            return Err(Status::already_exists(format!(
+                "worker id `{}` is already registered as rank {i}",
+                r.worker_id
+            )));
+        }
+        let rank = if r.rank >= 0 {
+            let k = r.rank as usize;
+            if k >= world {
+                return Err(Status::invalid_argument(format!(
+                    "rank {k} is outside this cluster's {world} ranks (layout tp={} pp={}, {} replicas)",
+                    s.cfg.layout.tp, s.cfg.layout.pp, s.cfg.layout.replicas.max(1)
                 )));
             }
-            let rank = if r.rank >= 0 {
-                let k = r.rank as usize;
-                if k >= world {
-                    return Err(Status::invalid_argument(format!(
-                        "rank {k} is outside this cluster's {world} ranks (layout tp={} pp={}, {} replicas)",
-                        self.0.cfg.layout.tp, self.0.cfg.layout.pp, self.0.cfg.layout.replicas.max(1)
-                    )));
-                }
-                if let Some(w) = ws[k].as_ref().filter(|w| w.state != "lost") {
-                    return Err(Status::already_exists(format!(
-                        "rank {k} is already held by worker `{}` at {}",
-                        w.id, w.address
-                    )));
-                }
-                k
-            } else {
-                ws.iter().position(|w| !held(w)).ok_or_else(|| {
-                    Status::resource_exhausted(format!(
-                        "all {world} ranks of the layout are taken; this worker is not needed"
-                    ))
-                })?
-            };
-            ws[rank] = Some(WorkerEntry {
-                id: r.worker_id.clone(),
-                address: r.address.clone(),
-                world_comm: r.world_comm_address.clone(),
-                tp_comm: r.tp_comm_address.clone(),
-                state: "registered".into(),
-                ..Default::default()
-            });
-            // Only the registration that fills the last rank of its replica starts that
-            // replica's load (the first one, or the reload after a lost worker was replaced).
-            let replica = rank / per_replica;
-            let mine = &ws[replica * per_replica..(replica + 1) * per_replica];
-            (rank, mine.iter().all(held))
+            if let Some(w) = ws[k].as_ref().filter(|w| w.state != "lost") {
+                return Err(Status::already_exists(format!(
+                    "rank {k} is already held by worker `{}` at {}",
+                    w.id, w.address
+                )));
+            }
+            k
+        } else {
+            ws.iter().position(|w| !held(w)).ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "all {world} ranks of the layout are taken; this worker is not needed"
+                ))
+            })?
         };
-        tracing::info!(worker = %r.worker_id, rank, address = %r.address, "worker registered");
-        if complete {
-            let shared = self.0.clone();
-            let replica = rank / per_replica;
-            tokio::spawn(async move { engine::load_and_serve(shared, replica).await });
-        }
-        Ok(Response::new(pb::RegisterResponse {
-            rank: rank as u32,
-            world_size: world as u32,
-        }))
+        ws[rank] = Some(WorkerEntry {
+            id: r.worker_id.clone(),
+            address: r.address.clone(),
+            world_comm: r.world_comm_address.clone(),
+            tp_comm: r.tp_comm_address.clone(),
+            state: "registered".into(),
+            ..Default::default()
+        });
+        // Only the registration that fills the last rank of its replica starts that
+        // replica's load (the first one, or the reload after a lost worker was replaced).
+        let replica = rank / per_replica;
+        let mine = &ws[replica * per_replica..(replica + 1) * per_replica];
+        (rank, mine.iter().all(held))
+    };
+    tracing::info!(worker = %r.worker_id, rank, address = %r.address, "worker registered");
+    if complete {
+        let shared = s.clone();
+        let replica = rank / per_replica;
+        tokio::spawn(async move { engine::load_and_serve(shared, replica).await });
     }
+    Ok(pb::RegisterResponse {
+        rank: rank as u32,
+        world_size: world as u32,
+    })
 }
 
 #[tonic::async_trait]
@@ -697,9 +707,11 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
     }))
 }
 
-/// Serves until `shutdown` resolves. Prints `listening on ADDR` on stdout once bound.
+/// Serves until `shutdown` resolves, or `discovery` fails. Prints `listening on ADDR` on
+/// stdout once bound.
 pub async fn serve(
     shared: Arc<Shared>,
+    discovery: Box<dyn crate::discovery::Discovery>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(shared.cfg.listen)
@@ -709,6 +721,27 @@ pub async fn serve(
     println!("listening on {addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    tracing::info!(discovery = discovery.name(), "membership");
+    let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
+    let run = discovery.run(shared.clone(), addr);
+    tokio::spawn(async move {
+        if let Err(e) = run.await {
+            let _ = fail_tx.send(e.to_string());
+        }
+    });
+    let failed: Arc<Mutex<Option<String>>> = Arc::default();
+    let shutdown = {
+        let failed = failed.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                r = fail_rx => if let Ok(why) = r {
+                    tracing::error!("{why}");
+                    *lock(&failed) = Some(why);
+                },
+            }
+        }
+    };
     if let Some(h) = shared.cfg.http_listen {
         let l = tokio::net::TcpListener::bind(h)
             .await
@@ -778,6 +811,9 @@ pub async fn serve(
             shutdown,
         )
         .await?;
+    if let Some(why) = lock(&failed).take() {
+        anyhow::bail!(why);
+    }
     Ok(())
 }
 

@@ -22,4 +22,5 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub mod cluster;
+pub mod etcd;
 pub mod netns;

@@ -19,8 +19,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+/// How a worker joins its cluster.
+pub enum Membership {
+    /// Register with the coordinator at this address (static membership).
+    Coordinator(String),
+    /// Announce itself in etcd (the leading coordinator finds it there).
+    Etcd(grok_proto::membership::EtcdConfig),
+}
+
 pub struct WorkerArgs {
-    pub coordinator: String,
+    pub membership: Membership,
     pub listen: SocketAddr,
     pub advertise: Option<String>,
     pub worker_id: String,
@@ -353,8 +361,58 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         .with_context(|| format!("--advertise `{advertise}` must be IP:PORT"))?;
     let world_addr = SocketAddr::new(host.ip(), world_addr.port());
     let tp_addr = SocketAddr::new(host.ip(), tp_addr.port());
+    let req = pb::RegisterRequest {
+        worker_id: args.worker_id.clone(),
+        address: advertise.clone(),
+        world_comm_address: world_addr.to_string(),
+        tp_comm_address: tp_addr.to_string(),
+        rank: args.rank.map_or(-1, |r| r as i32),
+        device: args
+            .cuda_device
+            .map_or("cpu".into(), |n| format!("cuda:{n}")),
+    };
+    match &args.membership {
+        Membership::Coordinator(addr) => register(&args, addr, req).await?,
+        Membership::Etcd(cfg) => {
+            let Some(rank) = args.rank else {
+                bail!("--etcd needs --rank: with etcd, every worker names the rank it serves");
+            };
+            let rec = grok_proto::membership::WorkerRecord {
+                id: req.worker_id.clone(),
+                address: req.address.clone(),
+                world_comm: req.world_comm_address.clone(),
+                tp_comm: req.tp_comm_address.clone(),
+                rank,
+                device: req.device.clone(),
+            };
+            let (id, cluster) = (args.worker_id.clone(), cfg.cluster.clone());
+            tokio::spawn(grok_proto::membership::announce(
+                cfg.clone(),
+                rec,
+                move |st| {
+                    if st == "announced" {
+                        eprintln!(
+                        "worker {id} announced as rank {rank} of cluster `{cluster}` in etcd (grpc {})",
+                        req.address
+                    );
+                    } else {
+                        tracing::warn!("etcd: {st}");
+                    }
+                },
+            ));
+        }
+    }
+    tokio::select! {
+        r = server => { r??; }
+        _ = shutdown_signal() => { eprintln!("worker {}: shutting down", args.worker_id); }
+    }
+    Ok(())
+}
+
+/// Registers with the coordinator at `coordinator` (static membership).
+async fn register(args: &WorkerArgs, coordinator: &str, req: pb::RegisterRequest) -> Result<()> {
     let tls_on = args.tls.is_some();
-    let endpoint = grok_proto::tls::endpoint(&args.coordinator, args.tls.as_ref())?;
+    let endpoint = grok_proto::tls::endpoint(coordinator, args.tls.as_ref())?;
     let deadline = tokio::time::Instant::now() + args.register_timeout;
     let mut client = loop {
         match endpoint.connect().await {
@@ -366,23 +424,13 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                 if tls_failure || tokio::time::Instant::now() > deadline {
                     bail!(
                         "cannot reach the coordinator at {}: {}",
-                        args.coordinator,
+                        coordinator,
                         grok_proto::tls::explain(why, tls_on)
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-    };
-    let req = pb::RegisterRequest {
-        worker_id: args.worker_id.clone(),
-        address: advertise.clone(),
-        world_comm_address: world_addr.to_string(),
-        tp_comm_address: tp_addr.to_string(),
-        rank: args.rank.map_or(-1, |r| r as i32),
-        device: args
-            .cuda_device
-            .map_or("cpu".into(), |n| format!("cuda:{n}")),
     };
     // A restarted worker may find its rank still held by its former self until the
     // coordinator notices the loss (about a second): retry ALREADY_EXISTS for a while.
@@ -397,21 +445,25 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                 tracing::info!("registration refused ({}); retrying", s.message());
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
+            // A standby coordinator (or one still starting) may lead soon.
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!("registration refused ({}); retrying", s.message());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(s) => bail!(
                 "the coordinator at {} refused registration: {}",
-                args.coordinator,
+                coordinator,
                 grok_proto::tls::explain(grok_proto::tls::status_chain(&s), tls_on)
             ),
         }
     };
     eprintln!(
-        "worker {} registered as rank {} of {} (grpc {advertise})",
-        args.worker_id, reg.rank, reg.world_size
+        "worker {} registered as rank {} of {} (grpc {})",
+        args.worker_id, reg.rank, reg.world_size, req.address
     );
-    tokio::select! {
-        r = server => { r??; }
-        _ = shutdown_signal() => { eprintln!("worker {}: shutting down", args.worker_id); }
-    }
     Ok(())
 }
 

@@ -10,12 +10,33 @@ use std::time::Duration;
     name = "grok-worker",
     version,
     about = "grok-cluster worker: one shard of one model replica, driven by the coordinator",
-    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3\n  grok-worker --coordinator 10.0.0.1:50051 --tls-ca certs/ca.pem --tls-cert certs/worker.pem --tls-key certs/worker.key"
+    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3\n  grok-worker --coordinator 10.0.0.1:50051 --tls-ca certs/ca.pem --tls-cert certs/worker.pem --tls-key certs/worker.key\n  grok-worker --etcd http://10.0.0.1:2379 --cluster prod --rank 3 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061"
 )]
 struct Args {
-    /// Coordinator address (HOST:PORT).
-    #[arg(long, env = "GROK_COORDINATOR")]
-    coordinator: String,
+    /// Coordinator address (HOST:PORT) to register with (static membership).
+    #[arg(
+        long,
+        env = "GROK_COORDINATOR",
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
+    coordinator: Option<String>,
+    /// Announce this worker in etcd (URL[,URL...]) instead: the leading coordinator of
+    /// --cluster finds it there, a standby too after a failover. Needs --rank.
+    #[arg(long, env = "GROK_ETCD", value_name = "URLS", requires = "rank")]
+    etcd: Option<String>,
+    /// Cluster name (etcd keys under /grok/NAME/).
+    #[arg(long, default_value = "default", env = "GROK_CLUSTER")]
+    cluster: String,
+    /// etcd user (password: --etcd-password-file or GROK_ETCD_PASSWORD).
+    #[arg(long, env = "GROK_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// File whose first line is the etcd password (never logged).
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<std::path::PathBuf>,
+    /// CA of etcd's server certificates (https:// endpoints).
+    #[arg(long, env = "GROK_ETCD_CA", value_name = "FILE")]
+    etcd_ca: Option<std::path::PathBuf>,
     /// Address of this worker's gRPC service (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0", env = "GROK_WORKER_LISTEN")]
     listen: SocketAddr,
@@ -109,8 +130,29 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let membership = match (&a.coordinator, &a.etcd) {
+        (Some(c), _) => grok_worker::Membership::Coordinator(c.clone()),
+        (None, Some(urls)) => match grok_proto::membership::EtcdConfig::new(
+            urls,
+            &a.cluster,
+            a.etcd_user.clone(),
+            a.etcd_password_file.clone(),
+            std::env::var("GROK_ETCD_PASSWORD").ok(),
+            a.etcd_ca.clone(),
+        ) {
+            Ok(cfg) => grok_worker::Membership::Etcd(cfg),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give --coordinator HOST:PORT or --etcd URLS");
+            std::process::exit(2);
+        }
+    };
     let res = rt.block_on(grok_worker::run(grok_worker::WorkerArgs {
-        coordinator: a.coordinator,
+        membership,
         listen: a.listen,
         advertise: a.advertise,
         worker_id: id,

@@ -692,7 +692,13 @@ fn run(cli: Cli) -> Result<()> {
                 max_queue,
                 max_batch_tokens,
             } = s;
-            let mut coordinator_args = Vec::new();
+            let env = |k: &str| std::env::var(k).ok();
+            let (mut coordinator_args, _) = file.process_args(&env, true);
+            if let Some(p) = &file.coordinator.api_token_file {
+                grok_coordinator::auth::set_config_token(grok_coordinator::auth::load_token(
+                    Some(p),
+                )?);
+            }
             for (flag, v) in [
                 ("--http-listen", http_listen),
                 ("--max-queue", max_queue.map(|x| x.to_string())),

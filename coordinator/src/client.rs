@@ -565,11 +565,12 @@ pub async fn drain(
     timeout_s: u64,
 ) -> Result<()> {
     let mut c = pb::admin_client::AdminClient::new(channel(endpoint).await?);
+    let ask = pb::DrainRequest {
+        worker_id: worker.clone().unwrap_or_default(),
+        resume,
+    };
     let r = c
-        .drain(crate::auth::request(pb::DrainRequest {
-            worker_id: worker.unwrap_or_default(),
-            resume,
-        }))
+        .drain(crate::auth::request(ask.clone()))
         .await
         .map_err(rpc_error)?
         .into_inner();
@@ -578,8 +579,14 @@ pub async fn drain(
         return Ok(());
     }
     let start = Instant::now();
+    // Asking again is harmless and answers for what was drained (the cluster, or the
+    // worker's replica).
     loop {
-        let s = fetch_status(endpoint).await?;
+        let s = c
+            .drain(crate::auth::request(ask.clone()))
+            .await
+            .map_err(rpc_error)?
+            .into_inner();
         if s.running_sequences == 0 && s.queued_requests == 0 {
             println!("drained: no request running or waiting (state {})", s.state);
             return Ok(());

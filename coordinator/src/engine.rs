@@ -106,6 +106,11 @@ pub struct ReplicaHandle {
 }
 
 impl ReplicaHandle {
+    /// Requests queued for this replica, not yet taken by its engine loop.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Queues a job; a full queue is refused at once with RESOURCE_EXHAUSTED.
     pub fn submit(&self, job: Job) -> Result<(), Status> {
         match self.tx.try_send(Incoming::New(job)) {
@@ -454,13 +459,12 @@ impl Replica {
     }
 
     fn update_gauges(&self) {
-        let m = &self.shared.metrics;
-        let free = self.free_blocks.len() as u64;
-        m.kv_free.store(free, Ordering::Relaxed);
-        m.kv_used
-            .store(self.shared.cfg.kv_blocks as u64 - free, Ordering::Relaxed);
-        m.running
-            .store(self.running.len() as u64, Ordering::Relaxed);
+        let mine = (
+            self.running.len() as u64,
+            self.waiting.len() as u64,
+            self.free_blocks.len() as u64,
+        );
+        self.shared.set_replica_load(self.index, mine);
     }
 
     fn release(&mut self, seq: &mut Seq) {
@@ -596,7 +600,8 @@ impl Replica {
         if moved + failed > 0 {
             tracing::warn!(replica = me, moved, failed, "requests of a lost replica");
         }
-        self.shared.metrics.running.store(0, Ordering::Relaxed);
+        let blocks = self.shared.cfg.kv_blocks as u64;
+        self.shared.set_replica_load(me, (0, 0, blocks));
     }
 
     fn take(&mut self, m: Incoming) {

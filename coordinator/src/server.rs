@@ -76,6 +76,9 @@ pub struct Shared {
     pub replica_states: Mutex<Vec<(String, String)>>,
     /// Round-robin cursor over the serving replicas.
     pub next_replica: std::sync::atomic::AtomicUsize,
+    /// Each replica's (running, waiting inside the engine, free KV blocks); the metrics' gauges
+    /// are their sums.
+    pub replica_load: Mutex<Vec<(u64, u64, u64)>>,
     pub generated: AtomicU64,
     pub metrics: crate::metrics::Metrics,
     /// (time, generated tokens, rate) of the last throughput sample.
@@ -139,6 +142,23 @@ impl Shared {
         } else {
             self.set_state(cluster, summary);
         }
+    }
+
+    /// Records one replica's load and sets the gauges to the sums over the replicas.
+    pub fn set_replica_load(&self, r: usize, load: (u64, u64, u64)) {
+        let (running, free, blocks) = {
+            let mut l = lock(&self.replica_load);
+            l[r] = load;
+            (
+                l.iter().map(|x| x.0).sum::<u64>(),
+                l.iter().map(|x| x.2).sum::<u64>(),
+                (self.cfg.kv_blocks * l.len()) as u64,
+            )
+        };
+        let m = &self.metrics;
+        m.running.store(running, Ordering::Relaxed);
+        m.kv_free.store(free, Ordering::Relaxed);
+        m.kv_used.store(blocks - free, Ordering::Relaxed);
     }
 
     pub fn set_worker(&self, rank: usize, f: impl FnOnce(&mut WorkerEntry)) {
@@ -223,7 +243,9 @@ impl Shared {
             kv_blocks_used: self.metrics.kv_used.load(Ordering::Relaxed),
             kv_blocks_free: self.metrics.kv_free.load(Ordering::Relaxed),
             running_sequences: self.metrics.running.load(Ordering::Relaxed),
-            queued_requests: self.metrics.queue_depth.load(Ordering::Relaxed),
+            // Waiting in the queues and inside the engines (admitted but not yet running).
+            queued_requests: self.metrics.queue_depth.load(Ordering::Relaxed)
+                + lock(&self.replica_load).iter().map(|l| l.1).sum::<u64>(),
             tokens_per_s: self.tokens_per_s(),
         }
     }
@@ -341,16 +363,47 @@ impl pb::admin_server::Admin for Svc {
         req: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let r = req.into_inner();
-        if !r.worker_id.is_empty()
-            && !lock(&self.0.workers)
+        let rank = if r.worker_id.is_empty() {
+            None
+        } else {
+            let at = lock(&self.0.workers)
                 .iter()
-                .flatten()
-                .any(|w| w.id == r.worker_id)
-        {
-            return Err(Status::not_found(format!(
-                "no worker `{}` in this cluster",
-                r.worker_id
-            )));
+                .position(|w| w.as_ref().is_some_and(|w| w.id == r.worker_id));
+            Some(at.ok_or_else(|| {
+                Status::not_found(format!("no worker `{}` in this cluster", r.worker_id))
+            })?)
+        };
+        // With several replicas, draining a worker drains its replica only: the others serve on.
+        if let (Some(rank), true) = (rank, self.0.cfg.layout.replicas > 1) {
+            let ri = rank / self.0.cfg.layout.world_size();
+            let state = lock(&self.0.replica_states)[ri].0.clone();
+            match (r.resume, state.as_str()) {
+                (false, "ready") => self.0.set_replica_state(
+                    ri,
+                    "draining",
+                    format!("drained for worker `{}`: no new requests", r.worker_id),
+                ),
+                (true, "draining") => {
+                    self.0
+                        .set_replica_state(ri, "ready", "serving again after a drain")
+                }
+                (false, "draining") | (true, "ready") => {}
+                (_, other) => {
+                    return Err(Status::failed_precondition(format!(
+                        "replica {ri} (worker `{}`) is {other}, not serving",
+                        r.worker_id
+                    )));
+                }
+            }
+            let load = lock(&self.0.replica_load)[ri];
+            let queued = lock(&self.0.replicas)[ri]
+                .as_ref()
+                .map_or(0, |h| h.queued() as u64);
+            return Ok(Response::new(pb::DrainResponse {
+                state: lock(&self.0.replica_states)[ri].0.clone(),
+                running_sequences: load.0,
+                queued_requests: load.1 + queued,
+            }));
         }
         let state = lock(&self.0.state).0.clone();
         match (r.resume, state.as_str()) {
@@ -531,7 +584,14 @@ pub fn submit(s: &Shared, job: Job) -> Result<(), Status> {
     }
     let handle = {
         let rs = lock(&s.replicas);
-        let serving: Vec<&ReplicaHandle> = rs.iter().flatten().collect();
+        let states = lock(&s.replica_states);
+        // A replica being drained (grokctl drain --worker) takes no new requests.
+        let serving: Vec<&ReplicaHandle> = rs
+            .iter()
+            .zip(states.iter())
+            .filter(|(_, st)| st.0 != "draining")
+            .filter_map(|(h, _)| h.as_ref())
+            .collect();
         (!serving.is_empty()).then(|| {
             let i = s.next_replica.fetch_add(1, Ordering::Relaxed);
             serving[i % serving.len()].clone()
@@ -700,6 +760,7 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
             replicas
         ]),
         next_replica: std::sync::atomic::AtomicUsize::new(0),
+        replica_load: Mutex::new(vec![(0, 0, kv_blocks as u64); replicas]),
         generated: AtomicU64::new(0),
         metrics: crate::metrics::Metrics::new(model.num_layers, model.num_experts, kv_blocks),
         rate_sample: Mutex::new((std::time::Instant::now(), 0, 0.0)),

@@ -639,3 +639,75 @@ async fn seeded_outputs_are_batch_invariant_at_tp4() {
         "prompt logits changed when the step was shared"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_worker_drains_its_replica_while_the_other_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let c = up(&m, &["--replicas", "2"]);
+    let st = status(&c).await;
+    assert_eq!(st.shards.len(), 2);
+    assert_eq!(st.layout.unwrap().replicas, 2);
+    let cl = client(&c).await;
+    // Round robin: the first request goes to replica 0 (worker-0).
+    let long = tokio::spawn(run(cl.clone(), req(&[3, 4, 5], 300)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let drain = tokio::task::spawn_blocking({
+        let ep = c.endpoint.clone();
+        move || {
+            std::process::Command::new(grok_tests::bin("grokctl"))
+                .args(["drain", "--endpoint", &ep, "--worker", "worker-0"])
+                .args(["--timeout-s", "60"])
+                .output()
+                .unwrap()
+        }
+    });
+    let t = Instant::now();
+    loop {
+        let st = status(&c).await;
+        if st.detail.contains("replica 0 draining") {
+            assert_eq!(st.state, "ready", "the other replica serves on");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{}", st.detail);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // New requests are served (by replica 1) while replica 0 finishes its request.
+    for _ in 0..3 {
+        assert_eq!(run(cl.clone(), req(&[7], 2)).await.unwrap().0.len(), 2);
+    }
+    let (ids, _, _) = long.await.unwrap().unwrap();
+    assert_eq!(ids.len(), 300);
+    let out = drain.await.unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("drained"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = std::process::Command::new(grok_tests::bin("grokctl"))
+        .args([
+            "drain",
+            "--endpoint",
+            &c.endpoint,
+            "--worker",
+            "worker-0",
+            "--resume",
+        ])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let st = status(&c).await;
+    assert!(
+        st.detail.contains("2 of 2 replicas serving"),
+        "{}",
+        st.detail
+    );
+    // An unknown worker is NOT_FOUND.
+    let bad = std::process::Command::new(grok_tests::bin("grokctl"))
+        .args(["drain", "--endpoint", &c.endpoint, "--worker", "nobody"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no worker `nobody`"));
+}

@@ -325,6 +325,10 @@ pub struct HostCalibration {
     pub allreduce_bytes_per_s: f64,
     /// Time of a tiny matmul call (the fixed cost of one call).
     pub call_overhead_s: f64,
+    /// (rows per call, FLOP/s) of the same matmul at a range of row counts.
+    pub gemm_curve: Vec<(f64, f64)>,
+    /// Time to sample a token (and its log-probability), per logit.
+    pub sample_s_per_logit: f64,
 }
 
 fn bf16_linear(out: usize, inp: usize) -> grok_shared::backend::cpu::Linear {
@@ -337,35 +341,51 @@ fn bf16_linear(out: usize, inp: usize) -> grok_shared::backend::cpu::Linear {
     Linear::new(out, inp, Weights::Bf16(Buf::owned(w)))
 }
 
+/// The median time of `n` runs of `f`.
+fn median_time(n: usize, mut f: impl FnMut()) -> f64 {
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[n / 2]
+}
+
+/// Greedy sampling and the log-probability of the sampled token (what every sampled token
+/// costs at least; nucleus sampling sorts and costs more), per logit.
+fn sample_cost() -> f64 {
+    let mut r = grok_shared::sampling::Rng::new(3);
+    let logits: Vec<f32> = (0..131072).map(|_| (r.next_f64() * 8.0) as f32).collect();
+    let p = grok_shared::sampling::SamplingParams::default();
+    let t = median_time(7, || {
+        let s = grok_shared::sampling::sample(&logits, &p, &mut r);
+        std::hint::black_box(grok_shared::sampling::logprob_of(&logits, s.id));
+    });
+    t / logits.len() as f64
+}
+
 /// Measures the kernels with `threads` threads and the TCP collective between two local ranks.
 pub fn calibrate_host(threads: usize) -> Result<HostCalibration> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let (gemv, gemm, call) = pool.install(|| {
+    let (gemv, gemm, call, curve) = pool.install(|| {
         let big = bf16_linear(16384, 8192); // 268 MB of weights
         let x = vec![0.5f32; 8192];
         let mut y = vec![0f32; 16384];
         big.matmul(&x, 1, &mut y);
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t = std::time::Instant::now();
-            big.matmul(&x, 1, &mut y);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let gemv = big.bytes() as f64 / best;
+        // The median of several runs: what a long benchmark sustains, not the luckiest run.
+        let gemv = big.bytes() as f64 / median_time(9, || big.matmul(&x, 1, &mut y));
         // Larger than the last-level cache, with a row count like a prefill chunk's per expert.
         let sq = bf16_linear(8192, 4096);
         let m = 32;
         let xs = vec![0.25f32; m * 4096];
         let mut ys = vec![0f32; m * 8192];
         sq.matmul(&xs, m, &mut ys);
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t = std::time::Instant::now();
-            sq.matmul(&xs, m, &mut ys);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
+        let best = median_time(5, || sq.matmul(&xs, m, &mut ys));
         let tiny = bf16_linear(64, 64);
         let xt = vec![0.5f32; 64];
         let mut yt = vec![0f32; 64];
@@ -374,7 +394,16 @@ pub fn calibrate_host(threads: usize) -> Result<HostCalibration> {
             tiny.matmul(&xt, 1, &mut yt);
         }
         let call = t.elapsed().as_secs_f64() / 2000.0;
-        (gemv, 2.0 * m as f64 * 8192.0 * 4096.0 / best, call)
+        // The same matmul at the row counts of decode batches and of experts' prefill shares.
+        let mut curve = Vec::new();
+        for rows in [1usize, 2, 4, 8, 16, 32, 64] {
+            let xs = vec![0.25f32; rows * 4096];
+            let mut ys = vec![0f32; rows * 8192];
+            sq.matmul(&xs, rows, &mut ys);
+            let best = median_time(5, || sq.matmul(&xs, rows, &mut ys));
+            curve.push((rows as f64, 2.0 * rows as f64 * 8192.0 * 4096.0 / best));
+        }
+        (gemv, 2.0 * m as f64 * 8192.0 * 4096.0 / best, call, curve)
     });
     // Two ranks on loopback: small all-reduces for latency, 4 MB ones for bandwidth.
     let l0 = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -424,6 +453,8 @@ pub fn calibrate_host(threads: usize) -> Result<HostCalibration> {
         allreduce_latency_s: lat,
         allreduce_bytes_per_s: bw,
         call_overhead_s: call,
+        gemm_curve: curve,
+        sample_s_per_logit: sample_cost(),
     })
 }
 
@@ -450,13 +481,19 @@ impl HostCalibration {
             price_per_hour: 0.1,
             max_per_node: workers_per_host,
             launch_overhead_us: self.call_overhead_s * 1e6,
+            gemm_rows: self.gemm_curve.iter().map(|c| c.0).collect(),
+            gemm_tflops: self.gemm_curve.iter().map(|c| c.1 / 1e12).collect(),
+            sample_ns_per_logit: self.sample_s_per_logit * 1e9,
         }
     }
 
     pub fn toml(&self, d: &grok_shared::planner::Device) -> String {
         format!(
-            "# measured by `grokctl plan calibrate` with {} thread(s) per worker\n[[device]]\nname = \"{}\"\nmemory_gb = {:.1}\nmem_bw_gbs = {:.2}\nbf16_tflops = {:.4}\nfp8_tflops = 0\nint8_tops = {:.4}\nintra_node_gbs = {:.3}\nintra_node_latency_us = {:.1}\ninter_node_gbs = {:.3}\ninter_node_latency_us = {:.1}\nprice_per_hour = {}\nmax_per_node = {}\nlaunch_overhead_us = {:.1}\n",
-            self.threads, d.name, d.memory_gb, d.mem_bw_gbs, d.bf16_tflops, d.int8_tops, d.intra_node_gbs, d.intra_node_latency_us, d.inter_node_gbs, d.inter_node_latency_us, d.price_per_hour, d.max_per_node, d.launch_overhead_us
+            "# measured by `grokctl plan calibrate` with {} thread(s) per worker\n[[device]]\nname = \"{}\"\nmemory_gb = {:.1}\nmem_bw_gbs = {:.2}\nbf16_tflops = {:.4}\nfp8_tflops = 0\nint8_tops = {:.4}\nintra_node_gbs = {:.3}\nintra_node_latency_us = {:.1}\ninter_node_gbs = {:.3}\ninter_node_latency_us = {:.1}\nprice_per_hour = {}\nmax_per_node = {}\nlaunch_overhead_us = {:.1}\ngemm_rows = {:?}\ngemm_tflops = [{}]\nsample_ns_per_logit = {:.3}\n",
+            self.threads, d.name, d.memory_gb, d.mem_bw_gbs, d.bf16_tflops, d.int8_tops, d.intra_node_gbs, d.intra_node_latency_us, d.inter_node_gbs, d.inter_node_latency_us, d.price_per_hour, d.max_per_node, d.launch_overhead_us,
+            d.gemm_rows,
+            d.gemm_tflops.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(", "),
+            d.sample_ns_per_logit
         )
     }
 }

@@ -42,6 +42,39 @@ pub struct Device {
     /// Fixed cost of one kernel launch / matmul call (optional; 0 when absent).
     #[serde(default)]
     pub launch_overhead_us: f64,
+    /// Measured matmul throughput (bf16 weights, TFLOP/s) at `gemm_rows[i]` rows per call
+    /// (`grokctl plan calibrate`); empty: the peak at any row count. A matmul with few rows
+    /// (a decode batch, an expert's share of a prefill) reaches less than the peak.
+    #[serde(default)]
+    pub gemm_rows: Vec<f64>,
+    #[serde(default)]
+    pub gemm_tflops: Vec<f64>,
+    /// Host time to sample one token, per logit of the vocabulary (softmax, log-probability,
+    /// filtering on the sampling rank; optional, 0 when absent: negligible on a GPU).
+    #[serde(default)]
+    pub sample_ns_per_logit: f64,
+}
+
+impl Device {
+    /// FLOP/s of one matmul call with `rows` rows, given the dtype's `peak`: the measured curve
+    /// (linear between measured row counts, flat beyond them) scaled to that peak, else `peak`.
+    pub fn matmul_rate(&self, peak: f64, rows: f64) -> f64 {
+        let (r, t) = (&self.gemm_rows, &self.gemm_tflops);
+        if r.is_empty() || r.len() != t.len() || self.bf16_tflops <= 0.0 {
+            return peak;
+        }
+        let scale = peak / (self.bf16_tflops * 1e12);
+        let at = if rows <= r[0] {
+            t[0]
+        } else if rows >= r[r.len() - 1] {
+            t[t.len() - 1]
+        } else {
+            let i = r.iter().position(|&x| x >= rows).unwrap_or(r.len() - 1);
+            let f = (rows - r[i - 1]) / (r[i] - r[i - 1]);
+            t[i - 1] + f * (t[i] - t[i - 1])
+        };
+        at * 1e12 * scale
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,9 +340,26 @@ fn step_time(
         + 4.0 * tokens * ctx * (c.q_size() as f64 / tp);
     let t_mem = layers_per_stage * bytes_layer / bw;
     let t_cmp = layers_per_stage * flops_layer / peak;
+    // Call by call: the projections see every token, a touched expert only its share of them
+    // (tokens x k / experts, given that it is touched), and a call with few rows reaches less
+    // than the peak (the device's measured curve). Each call streams its weights or computes,
+    // whichever is slower; the KV cache streams once.
+    let expert_rows = (tokens * k / e / p_hit.max(1e-9)).max(1.0);
+    let t_attn_call =
+        (attn_params * wb / bw).max(2.0 * tokens * attn_params / dev.matmul_rate(peak, tokens));
+    let t_expert_call = (expert_params * wb / bw)
+        .max(2.0 * expert_rows * expert_params / dev.matmul_rate(peak, expert_rows));
+    let t_core = 4.0 * tokens * ctx * (c.q_size() as f64 / tp) / dev.matmul_rate(peak, tokens);
+    let t_calls_layer = t_attn_call
+        + touched_experts * t_expert_call
+        + t_core
+        + batch * ctx * kv_per_token_layer / bw;
+    let t_layers = (layers_per_stage * t_calls_layer).max(t_mem.max(t_cmp));
     // Output projection on the sampling rank.
     let out_bytes = c.vocab_size as f64 * d * dt.embed_bytes() as f64;
-    let t_out = (out_bytes / bw).max(2.0 * batch * c.vocab_size as f64 * d / peak);
+    let t_out = (out_bytes / bw)
+        .max(2.0 * batch * c.vocab_size as f64 * d / dev.matmul_rate(peak, batch))
+        + batch * c.vocab_size as f64 * dev.sample_ns_per_logit * 1e-9;
     // Collectives: two all-reduces per layer over tp, one send/recv per stage boundary.
     let (link, lat) = if layout.tp <= gpus_per_node {
         (dev.intra_node_gbs * 1e9, dev.intra_node_latency_us * 1e-6)
@@ -332,7 +382,7 @@ fn step_time(
     // Fixed cost per matmul call: q, k, v, o, router, and three per touched expert.
     let calls = layers_per_stage * (5.0 + 3.0 * touched_experts) + 1.0;
     let t_calls = calls * dev.launch_overhead_us * 1e-6;
-    let t_compute = pp * (t_mem.max(t_cmp) + t_calls) + t_out;
+    let t_compute = pp * (t_layers + t_calls) + t_out;
     let total = t_compute + t_coll + t_p2p;
     let bound = if t_coll + t_p2p > t_compute {
         "links"
@@ -539,6 +589,34 @@ pub fn explain(c: &ModelConfig, p: &PlanInput, plans: &[LayoutPlan]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_measured_matmul_curve_slows_calls_with_few_rows() {
+        let mut d = Catalog::builtin().get("h100-sxm").unwrap().clone();
+        let peak = d.bf16_tflops * 1e12;
+        // No curve: the peak whatever the rows.
+        assert_eq!(d.matmul_rate(peak, 1.0), peak);
+        d.bf16_tflops = 0.1;
+        d.gemm_rows = vec![1.0, 8.0, 32.0];
+        d.gemm_tflops = vec![0.02, 0.06, 0.1];
+        let r = |rows: f64| d.matmul_rate(0.1e12, rows) / 1e12;
+        assert!((r(1.0) - 0.02).abs() < 1e-12 && (r(0.5) - 0.02).abs() < 1e-12);
+        assert!((r(4.5) - 0.04).abs() < 1e-12, "{}", r(4.5));
+        assert!((r(64.0) - 0.1).abs() < 1e-12);
+        // Scaled to another dtype's peak (e.g. fp8 at twice the bf16 rate).
+        assert!((d.matmul_rate(0.2e12, 8.0) / 1e12 - 0.12).abs() < 1e-12);
+        // A prefill whose experts see few rows each takes longer than at the flat peak.
+        let c = ModelConfig::preset("small", None).unwrap();
+        let l = Layout::new(1, 1, 1);
+        let flat = Device {
+            gemm_rows: vec![],
+            gemm_tflops: vec![],
+            ..d.clone()
+        };
+        let slow = step_time(&c, PlanDType::Bf16, &d, &l, 1, 1.0, 32.0, 32.0).0;
+        let fast = step_time(&c, PlanDType::Bf16, &flat, &l, 1, 1.0, 32.0, 32.0).0;
+        assert!(slow > 1.2 * fast, "{slow} vs {fast}");
+    }
 
     fn input(dev: &str, gpn: usize, nodes: usize, dt: PlanDType) -> PlanInput {
         PlanInput {

@@ -234,6 +234,25 @@ pub(crate) async fn connect_worker(
     Ok(pb::worker_client::WorkerClient::new(ch))
 }
 
+/// Whether a replica on these devices talks NCCL: all of them GPUs.
+pub fn uses_nccl(devices: &[&str]) -> bool {
+    !devices.is_empty() && devices.iter().all(|d| d.starts_with("cuda"))
+}
+
+/// The NCCL ids rank `rank` (inside the replica) gets: its world group's and its stage's
+/// tensor-parallel group's (empty where the group does not exist).
+pub fn nccl_ids_of(
+    l: &grok_shared::sharding::Layout,
+    rank: usize,
+    ids: &std::collections::HashMap<String, Vec<u8>>,
+) -> (Vec<u8>, Vec<u8>) {
+    let stage = l.place(rank).stage;
+    (
+        ids.get("world").cloned().unwrap_or_default(),
+        ids.get(&format!("tp{stage}")).cloned().unwrap_or_default(),
+    )
+}
+
 /// Tells every worker of replica `ri` to load its shard (or, when it holds it already, to
 /// reconnect), then opens the step streams and starts serving. Ranks in messages and in
 /// `Shared.workers` are global (`ri * world + rank`); workers are told their rank inside the
@@ -252,9 +271,55 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
         format!("{world} workers loading their shards"),
     );
     let world_peers: Vec<String> = workers.iter().map(|w| w.world_comm.clone()).collect();
+    // GPU replicas of more than one worker: each NCCL group's first rank makes its unique id.
+    let devices: Vec<&str> = workers.iter().map(|w| w.device.as_str()).collect();
+    let nccl = if uses_nccl(&devices) && world > 1 {
+        let mut ids = std::collections::HashMap::new();
+        for g in grok_shared::collective::bootstrap::groups(&l) {
+            let w = &workers[g.root];
+            let r: Result<Vec<u8>, String> = async {
+                let mut c = connect_worker(&shared, &w.address).await?;
+                let id = c
+                    .nccl_unique_id(pb::NcclIdRequest {})
+                    .await
+                    .map_err(|s| s.message().to_string())?
+                    .into_inner()
+                    .id;
+                grok_shared::collective::bootstrap::check_id(&g.name, &id)
+                    .map_err(|e| e.to_string())?;
+                Ok(id)
+            }
+            .await;
+            match r {
+                Ok(id) => {
+                    ids.insert(g.name.clone(), id);
+                }
+                Err(e) => {
+                    shared.set_replica_state(
+                        ri,
+                        "failed",
+                        format!(
+                            "worker `{}` (rank {}) gave no NCCL id for group {}: {e}",
+                            w.id,
+                            base + g.root,
+                            g.name
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+        Some(ids)
+    } else {
+        None
+    };
     let mut tasks = Vec::new();
     for (rank, w) in workers.iter().enumerate() {
         let p = l.place(rank);
+        let (world_nccl_id, tp_nccl_id) = nccl
+            .as_ref()
+            .map(|ids| nccl_ids_of(&l, rank, ids))
+            .unwrap_or_default();
         let tp_peers: Vec<String> = (0..l.tp)
             .map(|t| workers[p.stage * l.tp + t].tp_comm.clone())
             .collect();
@@ -272,6 +337,8 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
             kv_blocks: shared.cfg.kv_blocks as u32,
             block_size: shared.cfg.block_size as u32,
             comm_timeout_ms: shared.cfg.comm_timeout_ms,
+            world_nccl_id,
+            tp_nccl_id,
         };
         let addr = w.address.clone();
         let id = w.id.clone();
@@ -985,5 +1052,32 @@ impl Replica {
             return Err(StepFailure::Failed(errors.join("; ")));
         }
         Ok(out.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nccl_bootstrap_goes_to_gpu_replicas_and_each_rank_gets_its_groups() {
+        assert!(uses_nccl(&["cuda:0", "cuda:1"]));
+        assert!(!uses_nccl(&["cuda:0", "cpu"]));
+        assert!(!uses_nccl(&[]));
+        let l = grok_shared::sharding::Layout::new(2, 1, 2);
+        let mut ids = std::collections::HashMap::new();
+        for g in grok_shared::collective::bootstrap::groups(&l) {
+            ids.insert(g.name.clone(), vec![g.root as u8; 128]);
+        }
+        // Rank 3 is stage 1, tp rank 1: the world id (root 0) and tp1's (root 2).
+        let (w, t) = nccl_ids_of(&l, 3, &ids);
+        assert_eq!((w[0], t[0]), (0, 2));
+        let (w, t) = nccl_ids_of(&l, 1, &ids);
+        assert_eq!((w[0], t[0]), (0, 0));
+        // tp = 1: no tensor-parallel group, an empty id.
+        let l1 = grok_shared::sharding::Layout::new(1, 1, 2);
+        let ids1: std::collections::HashMap<String, Vec<u8>> =
+            [("world".to_string(), vec![9u8; 128])].into();
+        assert!(nccl_ids_of(&l1, 1, &ids1).1.is_empty());
     }
 }

@@ -51,6 +51,8 @@ pub struct CoordinatorConfig {
 pub struct WorkerEntry {
     pub id: String,
     pub address: String,
+    /// "cpu" or "cuda:N".
+    pub device: String,
     pub world_comm: String,
     pub tp_comm: String,
     pub state: String,
@@ -328,6 +330,7 @@ pub fn admit(s: &Arc<Shared>, r: &pb::RegisterRequest) -> Result<pb::RegisterRes
             address: r.address.clone(),
             world_comm: r.world_comm_address.clone(),
             tp_comm: r.tp_comm_address.clone(),
+            device: r.device.clone(),
             state: "registered".into(),
             ..Default::default()
         });

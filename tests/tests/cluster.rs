@@ -711,3 +711,59 @@ fn presharded_directories_load_per_rank_and_are_checked() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nccl_bootstrap_messages_are_refused_by_cpu_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    gen_model(&model, 1);
+    let (_coord, addr, _rx) = coordinator(&model, 2, 1);
+    // One worker of two: it registers and waits (the replica is incomplete, nothing loads).
+    let mut w = worker(&addr, "w0", Some(0));
+    let err = w.stderr.take().unwrap();
+    let _w = Proc(w);
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("registered as rank"))
+            .expect("the worker registers")
+    })
+    .await
+    .unwrap();
+    let grpc = line.rsplit("(grpc ").next().unwrap().trim_end_matches(')');
+    let mut c = grok_proto::v1::worker_client::WorkerClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let e = c
+        .nccl_unique_id(grok_proto::v1::NcclIdRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("CPU") && e.message().contains("TCP"),
+        "{e:?}"
+    );
+    let e = c
+        .load(grok_proto::v1::LoadRequest {
+            model_dir: model.display().to_string(),
+            layout: Some(grok_proto::v1::Layout {
+                tp: 2,
+                ep: 1,
+                pp: 1,
+                replicas: 1,
+            }),
+            world_peers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            tp_peers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            world_nccl_id: vec![1; 128],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("NCCL id") && e.message().contains("CPU worker"),
+        "{e:?}"
+    );
+}

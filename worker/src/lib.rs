@@ -96,6 +96,19 @@ impl pb::worker_server::Worker for Svc {
         };
         let world_peers = parse_addrs(&r.world_peers)?;
         let tp_peers = parse_addrs(&r.tp_peers)?;
+        // NCCL ids come only to GPU workers, and must be whole.
+        for (group, id) in [("world", &r.world_nccl_id), ("tp", &r.tp_nccl_id)] {
+            if id.is_empty() {
+                continue;
+            }
+            if self.cuda_device.is_none() {
+                return Err(Status::invalid_argument(format!(
+                    "an NCCL id for group {group} was sent to a CPU worker"
+                )));
+            }
+            grok_shared::collective::bootstrap::check_id(group, id)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let clone = |l: &TcpListener| {
             l.try_clone()
                 .map_err(|e| Status::internal(format!("collective listener: {e}")))
@@ -304,6 +317,13 @@ impl pb::worker_server::Worker for Svc {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn nccl_unique_id(
+        &self,
+        _req: Request<pb::NcclIdRequest>,
+    ) -> Result<Response<pb::NcclIdResponse>, Status> {
+        nccl_unique_id(self.cuda_device).map(|id| Response::new(pb::NcclIdResponse { id }))
+    }
+
     async fn health(
         &self,
         _req: Request<pb::HealthRequest>,
@@ -319,6 +339,25 @@ impl pb::worker_server::Worker for Svc {
             rank: lock(&self.rank).unwrap_or(0),
         }))
     }
+}
+
+/// A fresh NCCL unique id for a group this worker is the first rank of.
+fn nccl_unique_id(cuda_device: Option<usize>) -> Result<Vec<u8>, Status> {
+    if cuda_device.is_none() {
+        return Err(Status::failed_precondition(
+            "this worker runs on the CPU: its collectives are TCP, it has no NCCL id to give",
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        grok_shared::collective::nccl::unique_id()
+            .map(|id| id.to_vec())
+            .map_err(|e| Status::failed_precondition(e.to_string()))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(Status::failed_precondition(
+        "this build has no CUDA support (build with --features cuda)",
+    ))
 }
 
 /// How long a registration refused because the rank or id is held is retried.

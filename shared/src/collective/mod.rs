@@ -29,7 +29,10 @@
 
 use std::net::SocketAddr;
 
+pub mod bootstrap;
 mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod tcp;
 #[cfg(test)]
 mod tests;

@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +82,7 @@ const GROUPS: &[&str] = &[
     "cublas",
     "model",
     "model-perf",
+    "nccl",
 ];
 
 /// Tolerances (max |gpu - cpu| / max |cpu|, over the whole output).
@@ -607,11 +608,75 @@ fn run_group(
         "cublas" => cublas_bench(be, args, rep, cases),
         "model" => model_check(be, args, rep),
         "model-perf" => model_perf(be, args, rep),
+        "nccl" => nccl_check(be, rep),
         _ => Err(CudaError::Invalid {
             op: "run".into(),
             message: format!("unknown group {g}"),
         }),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NCCL: a group of one on this GPU (a lent host has one GPU; NCCL refuses two ranks on one
+// device). Bootstrap through a unique id as the workers do, every collective, the device path.
+// ---------------------------------------------------------------------------------------------
+
+fn nccl_check(be: &CudaBackend, rep: &mut Report) -> Result<(), CudaError> {
+    use grok_shared::collective::nccl::{unique_id, NcclComm};
+    use grok_shared::collective::Communicator;
+    let inv = |e: grok_shared::collective::CommError| CudaError::Invalid {
+        op: "nccl".into(),
+        message: e.to_string(),
+    };
+    let id = unique_id().map_err(inv)?;
+    let c = NcclComm::new(be.stream().clone(), 0, 1, id, Duration::from_secs(20)).map_err(inv)?;
+    let x: Vec<f32> = (0..4099).map(|i| (i as f32 * 0.37).sin()).collect();
+    let want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let mut b = x.clone();
+    c.all_reduce_sum(&mut b).map_err(inv)?;
+    rep.check(
+        "nccl",
+        "all_reduce_sum (world 1)",
+        Cmp::new(&b, &want),
+        0.0,
+        json!({"n": x.len()}),
+    );
+    let mut g = vec![0f32; x.len()];
+    c.all_gather(&x, &mut g).map_err(inv)?;
+    rep.check(
+        "nccl",
+        "all_gather (world 1)",
+        Cmp::new(&g, &want),
+        0.0,
+        json!({}),
+    );
+    let mut bc = x.clone();
+    c.broadcast(&mut bc, 0).map_err(inv)?;
+    rep.check(
+        "nccl",
+        "broadcast (world 1)",
+        Cmp::new(&bc, &want),
+        0.0,
+        json!({}),
+    );
+    c.barrier().map_err(inv)?;
+    let mut d = be.upload("nccl input", &x)?;
+    c.all_reduce_device(&mut d).map_err(inv)?;
+    let back = be.download("nccl output", &d)?;
+    rep.check(
+        "nccl",
+        "all_reduce_device (world 1)",
+        Cmp::new(&back, &want),
+        0.0,
+        json!({}),
+    );
+    // Misuse is an error, not a hang or a crash.
+    let mut out = vec![0f32; 3];
+    let e = c.all_gather(&x[..2], &mut out).is_err() && c.broadcast(&mut b, 1).is_err();
+    if !e {
+        rep.error("nccl", "misuse (bad lengths, bad root) was not refused");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,435 @@
+//! NCCL between GPU workers (feature `cuda`): the same [`Communicator`] as the TCP ring, on
+//! cudarc's NCCL binding.
+//!
+//! Bootstrap is control plane (see [`super::bootstrap`]): the group's first rank makes the
+//! unique id ([`unique_id`]), the coordinator hands it to every member over gRPC, each builds
+//! its communicator with [`NcclComm::new`].
+//!
+//! NCCL blocks forever on a peer that is gone; here every operation waits with a deadline:
+//! the stream is polled together with `ncclCommGetAsyncError`, and past the deadline (or on an
+//! asynchronous error) the communicator is aborted and every later call is [`CommError::Broken`].
+//! Initialisation, which cannot be polled, runs on a helper thread under the same deadline.
+//!
+//! The [`Communicator`] methods take host slices (staged through device buffers): they serve
+//! the conformance checks; the device-resident forward pass uses [`NcclComm::all_reduce_device`].
+
+use super::{check_gather, check_peer, check_root, CommError, Communicator};
+use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::nccl::{result, sys};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The raw communicator; NCCL allows it on any thread as long as calls do not overlap (the
+/// mutex around it sees to that).
+struct Raw(sys::ncclComm_t);
+// SAFETY: see above; the pointer is only used under `NcclComm::inner`'s lock.
+unsafe impl Send for Raw {}
+
+struct Inner {
+    comm: Option<Raw>,
+    broken: Option<CommError>,
+}
+
+pub struct NcclComm {
+    inner: Mutex<Inner>,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+}
+
+/// Makes a unique id (on the group's first rank): the 128 bytes every member needs.
+pub fn unique_id() -> Result<[u8; 128], CommError> {
+    nccl_present()?;
+    let id =
+        result::get_uniqueid().map_err(|e| CommError::Io(format!("ncclGetUniqueId: {e:?}")))?;
+    let mut out = [0u8; 128];
+    for (o, c) in out.iter_mut().zip(id.internal.iter()) {
+        *o = *c as u8;
+    }
+    Ok(out)
+}
+
+/// NCCL is loaded at run time; its absence is an error, never cudarc's panic.
+fn nccl_present() -> Result<(), CommError> {
+    crate::backend::cuda::nccl_status().map_err(|e| CommError::Io(e.to_string()))
+}
+
+fn nccl_err(op: &str, e: result::NcclError) -> CommError {
+    CommError::Io(format!("{op}: {e:?}"))
+}
+
+impl NcclComm {
+    /// Joins the group `id` as `rank` of `world` on `stream`'s device; every member must call
+    /// this within `timeout`.
+    pub fn new(
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world: usize,
+        id: [u8; 128],
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
+        if rank >= world {
+            return Err(CommError::Usage(format!(
+                "rank {rank} of a group of {world}"
+            )));
+        }
+        nccl_present()?;
+        let mut internal = [0 as core::ffi::c_char; 128];
+        for (i, b) in internal.iter_mut().zip(id.iter()) {
+            *i = *b as core::ffi::c_char;
+        }
+        let ctx = stream.context().clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = (|| {
+                ctx.bind_to_thread()
+                    .map_err(|e| CommError::Io(format!("binding the CUDA context: {e}")))?;
+                let mut comm = std::mem::MaybeUninit::uninit();
+                // SAFETY: comm is written by ncclCommInitRank before it is read.
+                unsafe {
+                    result::comm_init_rank(
+                        comm.as_mut_ptr(),
+                        world as i32,
+                        sys::ncclUniqueId { internal },
+                        rank as i32,
+                    )
+                    .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+                    Ok(Raw(comm.assume_init()))
+                }
+            })();
+            let _ = tx.send(r);
+        });
+        let raw = match rx.recv_timeout(timeout) {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(CommError::Timeout {
+                    peer: if rank == 0 { 1.min(world - 1) } else { 0 },
+                    addr: None,
+                    ms: timeout.as_millis() as u64,
+                })
+            }
+        };
+        Ok(NcclComm {
+            inner: Mutex::new(Inner {
+                comm: Some(raw),
+                broken: None,
+            }),
+            stream,
+            rank,
+            world,
+            timeout,
+        })
+    }
+
+    /// Runs `op` on the communicator, then waits for the stream with the deadline; aborts the
+    /// communicator on a timeout or an asynchronous NCCL error.
+    fn run(
+        &self,
+        what: &str,
+        op: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = &g.broken {
+            return Err(CommError::Broken(Box::new(e.clone_shallow())));
+        }
+        let comm = g
+            .comm
+            .as_ref()
+            .map(|r| r.0)
+            .ok_or_else(|| CommError::Io("the communicator was closed".into()))?;
+        let res = (|| {
+            op(comm, self.stream.cu_stream() as sys::cudaStream_t)?;
+            let ev = self
+                .stream
+                .record_event(None)
+                .map_err(|e| CommError::Io(format!("{what}: recording an event: {e}")))?;
+            let start = Instant::now();
+            loop {
+                match ev.try_is_complete() {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    Err(e) => return Err(CommError::Io(format!("{what}: {e}"))),
+                }
+                let mut async_err = sys::ncclResult_t::ncclSuccess;
+                // SAFETY: comm is a live communicator; async_err is a valid out pointer.
+                unsafe { sys::ncclCommGetAsyncError(comm, &mut async_err) };
+                if async_err != sys::ncclResult_t::ncclSuccess
+                    && async_err != sys::ncclResult_t::ncclInProgress
+                {
+                    return Err(CommError::Peer {
+                        peer: if self.rank == 0 {
+                            1.min(self.world - 1)
+                        } else {
+                            0
+                        },
+                        addr: None,
+                        why: format!("{what}: NCCL reported {async_err:?}"),
+                    });
+                }
+                if start.elapsed() > self.timeout {
+                    return Err(CommError::Timeout {
+                        peer: if self.rank == 0 {
+                            1.min(self.world - 1)
+                        } else {
+                            0
+                        },
+                        addr: None,
+                        ms: self.timeout.as_millis() as u64,
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        })();
+        if let Err(e) = &res {
+            if !matches!(e, CommError::Usage(_)) {
+                // SAFETY: comm is live; after the abort it is never used again.
+                unsafe { sys::ncclCommAbort(comm) };
+                g.comm = None;
+                g.broken = Some(e.clone_shallow());
+            }
+        }
+        res
+    }
+
+    /// In-place sum over the group of a device buffer.
+    pub fn all_reduce_device(&self, buf: &mut CudaSlice<f32>) -> Result<(), CommError> {
+        use cudarc::driver::DevicePtrMut;
+        let n = buf.len();
+        let (ptr, _rec) = buf.device_ptr_mut(&self.stream);
+        let ptr = ptr as *mut core::ffi::c_void;
+        self.run("all_reduce", |comm, s| {
+            // SAFETY: ptr addresses n f32 on this communicator's device, in place.
+            unsafe {
+                result::all_reduce(
+                    ptr,
+                    ptr,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    s,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclAllReduce", e))
+        })
+    }
+
+    fn staged(
+        &self,
+        what: &str,
+        host: &mut [f32],
+        out_len: usize,
+        op: impl FnOnce(
+            *mut core::ffi::c_void,
+            *mut core::ffi::c_void,
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> Result<(), CommError>,
+        out: Option<&mut [f32]>,
+    ) -> Result<(), CommError> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let io = |e: cudarc::driver::DriverError| CommError::Io(format!("{what}: {e}"));
+        let src = self.stream.clone_htod(&*host).map_err(io)?;
+        let mut dst = self.stream.alloc_zeros::<f32>(out_len.max(1)).map_err(io)?;
+        {
+            let (s, _r1) = src.device_ptr(&self.stream);
+            let (d, _r2) = dst.device_ptr_mut(&self.stream);
+            let (s, d) = (s as *mut core::ffi::c_void, d as *mut core::ffi::c_void);
+            self.run(what, |comm, st| op(s, d, comm, st))?;
+        }
+        let target: &mut [f32] = match out {
+            Some(o) => o,
+            None => host,
+        };
+        self.stream
+            .memcpy_dtoh(&dst.slice(..target.len()), target)
+            .map_err(io)?;
+        self.stream.synchronize().map_err(io)
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = g.comm.take() {
+            // SAFETY: no operation is in flight (they all wait for completion).
+            unsafe { sys::ncclCommDestroy(r.0) };
+        }
+    }
+}
+
+impl CommError {
+    /// A copy for keeping (the error types hold only plain data).
+    fn clone_shallow(&self) -> CommError {
+        match self {
+            CommError::Peer { peer, addr, why } => CommError::Peer {
+                peer: *peer,
+                addr: *addr,
+                why: why.clone(),
+            },
+            CommError::Timeout { peer, addr, ms } => CommError::Timeout {
+                peer: *peer,
+                addr: *addr,
+                ms: *ms,
+            },
+            CommError::Connect { peer, addr, why } => CommError::Connect {
+                peer: *peer,
+                addr: *addr,
+                why: why.clone(),
+            },
+            CommError::Protocol { peer, addr, why } => CommError::Protocol {
+                peer: *peer,
+                addr: *addr,
+                why: why.clone(),
+            },
+            CommError::Usage(s) => CommError::Usage(s.clone()),
+            CommError::Io(s) => CommError::Io(s.clone()),
+            CommError::Broken(e) => CommError::Broken(Box::new(e.clone_shallow())),
+        }
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let n = buf.len();
+        self.staged(
+            "all_reduce",
+            buf,
+            n,
+            |s, d, comm, st| {
+                // SAFETY: s and d address n f32 on this device.
+                unsafe {
+                    result::all_reduce(
+                        s,
+                        d,
+                        n,
+                        sys::ncclDataType_t::ncclFloat32,
+                        sys::ncclRedOp_t::ncclSum,
+                        comm,
+                        st,
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclAllReduce", e))
+            },
+            None,
+        )
+    }
+    fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        check_gather(self.world, input.len(), output.len())?;
+        if input.is_empty() {
+            return Ok(());
+        }
+        let n = input.len();
+        let mut inp = input.to_vec();
+        let total = output.len();
+        self.staged(
+            "all_gather",
+            &mut inp,
+            total,
+            |s, d, comm, st| {
+                // SAFETY: s holds n f32, d world * n.
+                unsafe { result::all_gather(s, d, n, sys::ncclDataType_t::ncclFloat32, comm, st) }
+                    .map(|_| ())
+                    .map_err(|e| nccl_err("ncclAllGather", e))
+            },
+            Some(output),
+        )
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        check_root(self.world, root)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let n = buf.len();
+        self.staged(
+            "broadcast",
+            buf,
+            n,
+            |s, d, comm, st| {
+                // SAFETY: s and d address n f32 on this device.
+                unsafe {
+                    result::broadcast(
+                        s,
+                        d,
+                        n,
+                        sys::ncclDataType_t::ncclFloat32,
+                        root as i32,
+                        comm,
+                        st,
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclBroadcast", e))
+            },
+            None,
+        )
+    }
+    fn send(&self, buf: &[f32], peer: usize) -> Result<(), CommError> {
+        check_peer(self.rank, self.world, peer, "send")?;
+        let mut b = buf.to_vec();
+        let n = b.len();
+        self.staged(
+            "send",
+            &mut b,
+            0,
+            |s, _d, comm, st| {
+                // SAFETY: s holds n f32 on this device.
+                unsafe {
+                    result::send(
+                        s,
+                        n,
+                        sys::ncclDataType_t::ncclFloat32,
+                        peer as i32,
+                        comm,
+                        st,
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclSend", e))
+            },
+            Some(&mut []),
+        )
+    }
+    fn recv(&self, buf: &mut [f32], peer: usize) -> Result<(), CommError> {
+        check_peer(self.rank, self.world, peer, "recv")?;
+        let n = buf.len();
+        let mut zeros = vec![0f32; n];
+        self.staged(
+            "recv",
+            &mut zeros,
+            n,
+            |_s, d, comm, st| {
+                // SAFETY: d holds n f32 on this device.
+                unsafe {
+                    result::recv(
+                        d,
+                        n,
+                        sys::ncclDataType_t::ncclFloat32,
+                        peer as i32,
+                        comm,
+                        st,
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclRecv", e))
+            },
+            Some(buf),
+        )
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        let mut one = [0f32; 1];
+        self.all_reduce_sum(&mut one)
+    }
+}

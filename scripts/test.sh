@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TERM_COLOR=never
+# One clean build: incremental caches would only take disk (gigabytes) and time.
+export CARGO_INCREMENTAL=0
 
 if [ ! -f ../shared/models/grok-1/tokenizer.model ]; then
   echo "note: ../shared/models/grok-1 is missing; the tokenizer tests need it beside the project" >&2

@@ -549,6 +549,9 @@ impl Replica {
         self.shared.metrics.request_done(outcome);
         seq.job.span.record("outcome", outcome);
         seq.job.span.record("completion_tokens", seq.generated);
+        // The load seen by the next request's routing counts this one as gone before its
+        // client can send another.
+        self.update_gauges();
         let _ = seq.job.tx.send(ev).await;
     }
 

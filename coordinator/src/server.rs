@@ -588,17 +588,22 @@ pub fn submit(s: &Shared, job: Job) -> Result<(), Status> {
     let handle = {
         let rs = lock(&s.replicas);
         let states = lock(&s.replica_states);
+        let loads = lock(&s.replica_load).clone();
         // A replica being drained (grokctl drain --worker) takes no new requests.
-        let serving: Vec<&ReplicaHandle> = rs
+        let serving: Vec<(usize, &ReplicaHandle)> = rs
             .iter()
             .zip(states.iter())
-            .filter(|(_, st)| st.0 != "draining")
-            .filter_map(|(h, _)| h.as_ref())
+            .enumerate()
+            .filter(|(_, (_, st))| st.0 != "draining")
+            .filter_map(|(i, (h, _))| h.as_ref().map(|h| (i, h)))
             .collect();
-        (!serving.is_empty()).then(|| {
-            let i = s.next_replica.fetch_add(1, Ordering::Relaxed);
-            serving[i % serving.len()].clone()
-        })
+        // The least loaded (running, waiting and queued requests); ties in turn.
+        let n = serving.len();
+        let start = s.next_replica.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| serving[(start + k) % n])
+            .min_by_key(|(i, h)| loads[*i].0 + loads[*i].1 + h.queued() as u64)
+            .map(|(_, h)| h.clone())
     };
     let Some(h) = handle else {
         let (state, detail) = lock(&s.state).clone();

@@ -711,3 +711,40 @@ async fn draining_a_worker_drains_its_replica_while_the_other_serves() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no worker `nobody`"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_requests_go_to_the_least_loaded_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let c = up(&m, &["--replicas", "2"]);
+    let cl = client(&c).await;
+    let long = tokio::spawn(run(cl.clone(), req(&[3, 4, 5], 300)));
+    // Let the long request start on one replica.
+    let t = Instant::now();
+    while status(&c).await.running_sequences == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy_steps = |st: &pb::ClusterStatusResponse| -> Vec<u64> {
+        st.shards.iter().map(|s| s.steps).collect()
+    };
+    let before = busy_steps(&status(&c).await);
+    // Three short requests one after another: all go to the idle replica (two steps each).
+    for _ in 0..3 {
+        assert_eq!(run(cl.clone(), req(&[7], 2)).await.unwrap().0.len(), 2);
+    }
+    let (ids, _, _) = long.await.unwrap().unwrap();
+    assert_eq!(ids.len(), 300);
+    let after = busy_steps(&status(&c).await);
+    let idle = if after[0] - before[0] < after[1] - before[1] {
+        0
+    } else {
+        1
+    };
+    assert_eq!(
+        after[idle] - before[idle],
+        6,
+        "steps before {before:?}, after {after:?}: the short requests all ran on the idle replica"
+    );
+}

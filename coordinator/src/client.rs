@@ -81,8 +81,18 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
         s.kv_blocks_free
     );
     out += &format!(
-        "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10} {:>10}  {}\n",
-        "RANK", "STAGE", "TP", "STATE", "LAYERS", "HEADS", "WORKER", "WEIGHTS", "RSS", "EXPERTS"
+        "{:<5} {:<7} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10} {:>10}  {}\n",
+        "RANK",
+        "REPLICA",
+        "STAGE",
+        "TP",
+        "STATE",
+        "LAYERS",
+        "HEADS",
+        "WORKER",
+        "WEIGHTS",
+        "RSS",
+        "EXPERTS"
     );
     for sh in &s.shards {
         let state = if sh.state == "loading" {
@@ -91,8 +101,9 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
             sh.state.clone()
         };
         out += &format!(
-            "{:<5} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>8.1}MB {:>8.1}MB  {}\n",
+            "{:<5} {:<7} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>8.1}MB {:>8.1}MB  {}\n",
             sh.rank,
+            sh.replica,
             sh.stage,
             sh.tp_rank,
             state,

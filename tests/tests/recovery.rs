@@ -320,3 +320,74 @@ async fn requests_of_a_lost_replica_complete_on_the_other() {
         let _ = w.wait();
     }
 }
+
+/// A newer Load (a new leader's, after a failover that the old leader has not noticed) takes a
+/// serving worker over: its step stream to the old coordinator closes, and the old coordinator
+/// finds the worker lost at its next step and stops driving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_load_takes_a_worker_over_from_the_old_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let c = ModelConfig::preset("tiny", Some(1)).unwrap();
+    genmodel::generate(&c, GenDType::F32, 2, &model, 1 << 30, |_, _| {}).unwrap();
+    let mut coord = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--comm-timeout-ms", "3000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut coord);
+    let _coord = Proc(coord);
+    let addr = wait_line(&rx, "listening on ", 30);
+    let endpoint = format!("http://{addr}");
+    let _w = Proc(worker(&addr, "w0", 0));
+    wait_state(&endpoint, "ready", 60).await;
+    let worker_addr = status(&endpoint).await.shards[0].address.clone();
+    let mut w = pb::worker_client::WorkerClient::connect(format!("http://{worker_addr}"))
+        .await
+        .unwrap();
+    let mut load = tokio::time::timeout(
+        Duration::from_secs(20),
+        w.load(pb::LoadRequest {
+            model_dir: model.display().to_string(),
+            layout: Some(pb::Layout {
+                tp: 1,
+                ep: 1,
+                pp: 1,
+                replicas: 1,
+            }),
+            rank: 0,
+            world_peers: vec!["127.0.0.1:1".into()],
+            tp_peers: vec!["127.0.0.1:1".into()],
+            kv_blocks: 512,
+            block_size: 16,
+            comm_timeout_ms: 3000,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("the Load is answered in bounded time")
+    .unwrap()
+    .into_inner();
+    let mut last = String::new();
+    while let Some(p) = load.next().await {
+        last = p.unwrap().stage;
+    }
+    assert_eq!(
+        last, "ready",
+        "the worker reconnected for the newer Load, keeping its weights"
+    );
+    // The old coordinator's step stream closed: its next step finds the worker lost, the
+    // request ends with a retryable UNAVAILABLE and it stops driving the worker.
+    let mut old = Client::connect(endpoint.clone()).await.unwrap();
+    let e = greedy(&mut old, vec![3, 4]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("w0"), "{e:?}");
+    wait_state(&endpoint, "recovering", 10).await;
+}

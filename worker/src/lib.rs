@@ -60,6 +60,9 @@ struct Svc {
     listeners: Arc<(TcpListener, TcpListener)>,
     rank: Arc<Mutex<Option<u32>>>,
     cuda_device: Option<usize>,
+    /// Closes the open step stream: a newer `Load` (a new leader, or the reload after a lost
+    /// peer) takes the worker over from whoever holds the stream.
+    stream_stop: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,8 +122,9 @@ impl pb::worker_server::Worker for Svc {
         } else {
             r.comm_timeout_ms as u64
         });
-        // A loaded worker whose peer was replaced: wait for its step stream to close (the
-        // coordinator drops it when a peer is lost), then reconnect, keeping the weights.
+        // A loaded worker asked to load again (a lost peer was replaced, or a new leader took
+        // over): the open step stream, if any, is closed (the newer Load wins), and once the
+        // step in flight ends the worker reconnects, keeping its weights.
         let deadline = std::time::Instant::now() + comm_timeout + Duration::from_secs(5);
         let engine = loop {
             let taken = {
@@ -130,6 +134,10 @@ impl pb::worker_server::Worker for Svc {
                     Slot::Ready(e) => Ok(Some(e)),
                     Slot::Stepping if std::time::Instant::now() < deadline => {
                         *s = Slot::Stepping;
+                        // Whoever holds the step stream gives it up; the step in flight ends.
+                        if let Some(stop) = lock(&self.stream_stop).take() {
+                            let _ = stop.send(());
+                        }
                         Err(true)
                     }
                     other => {
@@ -270,6 +278,8 @@ impl pb::worker_server::Worker for Svc {
             }
         };
         let mut inbound = req.into_inner();
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        *lock(&self.stream_stop) = Some(stop_tx);
         let (plan_tx, plan_rx) = std::sync::mpsc::channel::<pb::StepPlan>();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let slot = self.slot.clone();
@@ -300,17 +310,25 @@ impl pb::worker_server::Worker for Svc {
             *lock(&slot) = Slot::Ready(engine);
         });
         tokio::spawn(async move {
-            while let Some(m) = inbound.next().await {
+            loop {
+                let m = tokio::select! {
+                    m = inbound.next() => m,
+                    _ = &mut stop_rx => {
+                        tracing::warn!("a newer Load takes this worker over: closing the step stream");
+                        break;
+                    }
+                };
                 match m {
-                    Ok(plan) => {
+                    Some(Ok(plan)) => {
                         if plan_tx.send(plan).is_err() {
                             break;
                         }
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::warn!("step stream from the coordinator broke: {e}");
                         break;
                     }
+                    None => break,
                 }
             }
         });
@@ -379,6 +397,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         listeners: Arc::new((world, tp)),
         rank: Arc::new(Mutex::new(None)),
         cuda_device: args.cuda_device,
+        stream_stop: Arc::default(),
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let mut builder = tonic::transport::Server::builder();

@@ -362,6 +362,9 @@ pub fn hint(message: &str, tls_on: bool) -> Option<&'static str> {
         || has("h2 protocol error")
         || has("unexpected end of file")
         || has("invalid HTTP version")
+        // A TLS server answering a plaintext HTTP/2 preface sometimes just drops it: the
+        // request fails before the connection was ever ready.
+        || has("connection was not ready")
     {
         return Some("does the server use TLS? then give its CA with --tls-ca FILE, and a worker also --tls-cert and --tls-key");
     }
@@ -459,6 +462,12 @@ mod tests {
         assert!(hint("connection reset by peer", false)
             .unwrap()
             .contains("--tls-ca"));
+        assert!(hint(
+            "operation was canceled: transport error: connection was not ready",
+            false
+        )
+        .unwrap()
+        .contains("--tls-ca"));
         assert!(hint("deadline exceeded", false).is_none());
     }
 }

@@ -716,16 +716,19 @@ async fn draining_a_worker_drains_its_replica_while_the_other_serves() {
 async fn new_requests_go_to_the_least_loaded_replica() {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m");
-    model(&m);
+    // Eight layers: the long request lasts far longer than the short ones.
+    let cfg = ModelConfig::preset("tiny", Some(8)).unwrap();
+    genmodel::generate(&cfg, GenDType::F32, 17, &m, 1 << 30, |_, _| {}).unwrap();
     let c = up(&m, &["--replicas", "2"]);
     let cl = client(&c).await;
-    let long = tokio::spawn(run(cl.clone(), req(&[3, 4, 5], 300)));
-    // Let the long request start on one replica.
-    let t = Instant::now();
-    while status(&c).await.running_sequences == 0 {
-        assert!(t.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // A long request, running once its first token arrives.
+    let mut long = cl
+        .clone()
+        .generate(req(&[3, 4, 5], 500))
+        .await
+        .unwrap()
+        .into_inner();
+    long.next().await.unwrap().unwrap();
     let busy_steps = |st: &pb::ClusterStatusResponse| -> Vec<u64> {
         st.shards.iter().map(|s| s.steps).collect()
     };
@@ -734,9 +737,13 @@ async fn new_requests_go_to_the_least_loaded_replica() {
     for _ in 0..3 {
         assert_eq!(run(cl.clone(), req(&[7], 2)).await.unwrap().0.len(), 2);
     }
-    let (ids, _, _) = long.await.unwrap().unwrap();
-    assert_eq!(ids.len(), 300);
-    let after = busy_steps(&status(&c).await);
+    let mid = status(&c).await;
+    assert_eq!(
+        mid.running_sequences, 1,
+        "the long request still runs while the short ones come and go"
+    );
+    let after = busy_steps(&mid);
+    drop(long);
     let idle = if after[0] - before[0] < after[1] - before[1] {
         0
     } else {

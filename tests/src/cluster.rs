@@ -119,3 +119,82 @@ pub fn up(model: &Path, args: &[&str]) -> Cluster {
         lines: rx,
     }
 }
+
+/// `http://ADDR` for `ADDR` (an endpoint with a scheme is kept).
+fn url(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+/// The cluster's status over gRPC (`ADDR` or `http://ADDR`).
+pub async fn status(endpoint: &str) -> grok_proto::v1::ClusterStatusResponse {
+    let mut a = grok_proto::v1::admin_client::AdminClient::connect(url(endpoint))
+        .await
+        .unwrap();
+    a.cluster_status(grok_proto::v1::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits until the cluster's state is `want` (at most `secs`); the time it took.
+pub async fn wait_state(endpoint: &str, want: &str, secs: u64) -> Duration {
+    let t = Instant::now();
+    loop {
+        let st = status(endpoint).await;
+        if st.state == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{endpoint}: state `{}` ({}) is not `{want}` after {secs} s",
+            st.state,
+            st.detail
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A greedy request of `max_tokens` tokens (EOS ignored) streamed to its end: its ids.
+pub async fn greedy(
+    endpoint: &str,
+    prompt: Vec<u32>,
+    max_tokens: u32,
+) -> Result<Vec<u32>, tonic::Status> {
+    use tokio_stream::StreamExt;
+    let mut c = grok_proto::v1::inference_client::InferenceClient::connect(url(endpoint))
+        .await
+        .unwrap();
+    let mut s = c
+        .generate(grok_proto::v1::GenerateRequest {
+            prompt: Some(grok_proto::v1::generate_request::Prompt::Ids(
+                grok_proto::v1::TokenIds { ids: prompt },
+            )),
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut ids = vec![];
+    while let Some(m) = s.next().await {
+        ids.extend(m?.ids);
+    }
+    Ok(ids)
+}
+
+/// The ids in the last stdout line of `grokctl generate --json`.
+pub fn json_ids(stdout: &[u8]) -> Vec<u32> {
+    let text = String::from_utf8_lossy(stdout);
+    let j: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a JSON line")).expect("JSON");
+    j["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}

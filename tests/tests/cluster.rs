@@ -7,7 +7,7 @@ use grok_shared::config::ModelConfig;
 use grok_shared::generate::{generate, GenerateOptions};
 use grok_shared::genmodel::{self, GenDType};
 use grok_shared::model::Model;
-use grok_tests::cluster::{bin, lines_of, wait_line, Proc};
+use grok_tests::cluster::{bin, json_ids, lines_of, wait_line, Proc};
 use grok_tests::netns::{in_ns, Net};
 use std::io::Read;
 use std::path::Path;
@@ -116,14 +116,7 @@ fn every_layout_matches_the_single_process_run() {
             "tp={tp} ep={ep} pp={pp}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        let ids: Vec<u32> = j["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let ids = json_ids(&out.stdout);
         assert_eq!(ids, want.ids, "tp={tp} ep={ep} pp={pp}: greedy ids differ");
         let (shape, logits) = grok_shared::npy::read_f32(&npy).unwrap();
         assert_eq!(shape, vec![prompt.len(), v]);
@@ -446,20 +439,7 @@ fn workers_on_separate_hosts_in_network_namespaces() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let j: serde_json::Value = serde_json::from_str(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
-    let ids: Vec<u32> = j["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let ids = json_ids(&out.stdout);
     let m = Model::load(&Checkpoint::open(&model).unwrap()).unwrap();
     let want = generate(
         &m,

@@ -4,15 +4,13 @@
 //! through the watch); two coordinators elect a leader, and when the leader is killed the
 //! standby serves within 10 s with the workers it finds.
 
-use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
 use grok_shared::genmodel::{self, GenDType};
-use grok_tests::cluster::{bin, lines_of, wait_line, Proc};
+use grok_tests::cluster::{bin, greedy, json_ids, lines_of, status, wait_line, wait_state, Proc};
 use grok_tests::etcd::EtcdServer;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use tokio_stream::StreamExt;
 
 fn model(dir: &Path) {
     let c = ModelConfig::preset("tiny", Some(2)).unwrap();
@@ -59,56 +57,6 @@ fn worker(etcd: &str, cluster: &str, rank: usize) -> Child {
         .unwrap()
 }
 
-async fn status(addr: &str) -> pb::ClusterStatusResponse {
-    let mut a = pb::admin_client::AdminClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    a.cluster_status(pb::ClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Waits until the state is `want`; the time it took.
-async fn wait_state(addr: &str, want: &str, secs: u64) -> Duration {
-    let t = Instant::now();
-    loop {
-        let st = status(addr).await;
-        if st.state == want {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "{addr}: state `{}` ({}) is not `{want}` after {secs} s",
-            st.state,
-            st.detail
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn greedy(addr: &str, prompt: Vec<u32>) -> Result<Vec<u32>, tonic::Status> {
-    let mut c = pb::inference_client::InferenceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let mut s = c
-        .generate(pb::GenerateRequest {
-            prompt: Some(pb::generate_request::Prompt::Ids(pb::TokenIds {
-                ids: prompt,
-            })),
-            max_tokens: 6,
-            ignore_eos: true,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut ids = vec![];
-    while let Some(m) = s.next().await {
-        ids.extend(m?.ids);
-    }
-    Ok(ids)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_found_in_etcd_and_serving_survives_an_etcd_outage() {
     let tmp = tempfile::tempdir().unwrap();
@@ -118,14 +66,14 @@ async fn workers_are_found_in_etcd_and_serving_survives_an_etcd_outage() {
     let _w0 = Proc(worker(&etcd.url, "outage", 0));
     let mut w1 = Some(Proc(worker(&etcd.url, "outage", 1)));
     wait_state(&addr, "ready", 60).await;
-    let want = greedy(&addr, vec![4, 8, 15]).await.unwrap();
+    let want = greedy(&addr, vec![4, 8, 15], 6).await.unwrap();
     assert_eq!(want.len(), 6);
 
     // etcd goes away: for longer than a lease lives, every request still completes.
     etcd.kill();
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
-        assert_eq!(greedy(&addr, vec![4, 8, 15]).await.unwrap(), want);
+        assert_eq!(greedy(&addr, vec![4, 8, 15], 6).await.unwrap(), want);
         assert_eq!(status(&addr).await.state, "ready");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -138,7 +86,7 @@ async fn workers_are_found_in_etcd_and_serving_survives_an_etcd_outage() {
     let _w1 = Proc(worker(&etcd.url, "outage", 1));
     let took = wait_state(&addr, "ready", 30).await;
     eprintln!("replacement found through etcd after the outage: ready {took:?} after its start");
-    assert_eq!(greedy(&addr, vec![4, 8, 15]).await.unwrap(), want);
+    assert_eq!(greedy(&addr, vec![4, 8, 15], 6).await.unwrap(), want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +105,7 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     let (_standby, b) = coordinator(&m, &etcd.url, "ha", free_port());
     let _w: Vec<Proc> = (0..2).map(|r| Proc(worker(&etcd.url, "ha", r))).collect();
     wait_state(&a, "ready", 60).await;
-    let want = greedy(&a, vec![16, 23, 42]).await.unwrap();
+    let want = greedy(&a, vec![16, 23, 42], 6).await.unwrap();
     // The standby points at the leader and refuses work with a retryable status.
     let t = Instant::now();
     loop {
@@ -169,7 +117,7 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         assert!(t.elapsed() < Duration::from_secs(10), "{}", st.detail);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let e = greedy(&b, vec![16, 23, 42]).await.unwrap_err();
+    let e = greedy(&b, vec![16, 23, 42], 6).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
 
     // The leader dies: the standby serves within 10 s.
@@ -190,20 +138,7 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let j: serde_json::Value = serde_json::from_str(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
-    let ids: Vec<u32> = j["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let ids = json_ids(&out.stdout);
     assert_eq!(ids, want, "the standby serves the same model");
 }
 

@@ -7,7 +7,7 @@
 use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
 use grok_shared::genmodel::{self, GenDType};
-use grok_tests::cluster::{bin, lines_of, wait_line, Proc};
+use grok_tests::cluster::{bin, greedy, lines_of, status, wait_line, wait_state, Proc};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
@@ -30,34 +30,6 @@ fn worker(addr: &str, id: &str, rank: usize) -> Child {
         .unwrap()
 }
 
-async fn status(endpoint: &str) -> pb::ClusterStatusResponse {
-    let mut a = pb::admin_client::AdminClient::connect(endpoint.to_string())
-        .await
-        .unwrap();
-    a.cluster_status(pb::ClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Waits until the cluster state is `want`; the time it took.
-async fn wait_state(endpoint: &str, want: &str, secs: u64) -> Duration {
-    let t = Instant::now();
-    loop {
-        let st = status(endpoint).await;
-        if st.state == want {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "state `{}` ({}) is not `{want}` after {secs} s",
-            st.state,
-            st.detail
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn req(prompt: Vec<u32>, max_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: Some(pb::generate_request::Prompt::Ids(pb::TokenIds {
@@ -67,15 +39,6 @@ fn req(prompt: Vec<u32>, max_tokens: u32) -> pb::GenerateRequest {
         ignore_eos: true,
         ..Default::default()
     }
-}
-
-async fn greedy(c: &mut Client, prompt: Vec<u32>) -> Result<Vec<u32>, tonic::Status> {
-    let mut s = c.generate(req(prompt, 8)).await?.into_inner();
-    let mut ids = vec![];
-    while let Some(m) = s.next().await {
-        ids.extend(m?.ids);
-    }
-    Ok(ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,9 +71,9 @@ async fn a_replica_survives_a_lost_worker_and_comes_back_when_it_returns() {
     let w0 = Proc(worker(&addr, "w0", 0));
     let w1 = worker(&addr, "w1", 1);
     wait_state(&endpoint, "ready", 60).await;
-    let mut client = Client::connect(endpoint.clone()).await.unwrap();
+    let client = Client::connect(endpoint.clone()).await.unwrap();
     let prompt = vec![5, 9, 13, 2];
-    let before = greedy(&mut client, prompt.clone()).await.unwrap();
+    let before = greedy(&endpoint, prompt.clone(), 8).await.unwrap();
     assert_eq!(before.len(), 8);
 
     // 16 streaming requests, long enough to be in flight when the worker dies.
@@ -176,7 +139,7 @@ async fn a_replica_survives_a_lost_worker_and_comes_back_when_it_returns() {
     let st = status(&endpoint).await;
     assert!(st.detail.contains("w1"), "{}", st.detail);
     assert_eq!(st.shards[1].state, "lost");
-    let e = greedy(&mut client, prompt.clone()).await.unwrap_err();
+    let e = greedy(&endpoint, prompt.clone(), 8).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
 
     // The worker comes back (same id and rank): serving again within 30 s, same outputs.
@@ -187,14 +150,14 @@ async fn a_replica_survives_a_lost_worker_and_comes_back_when_it_returns() {
         "lost worker replaced: serving again {took:?} after the restart ({:?} after the kill)",
         restarted.duration_since(killed) + took
     );
-    let after = greedy(&mut client, prompt.clone()).await.unwrap();
+    let after = greedy(&endpoint, prompt.clone(), 8).await.unwrap();
     assert_eq!(after, before, "outputs after recovery match those before");
     // And under load again: several requests at once.
     let mut again = vec![];
     for i in 0..4u32 {
-        let mut c = client.clone();
+        let ep = endpoint.clone();
         again.push(tokio::spawn(
-            async move { greedy(&mut c, vec![1 + i, 2]).await },
+            async move { greedy(&ep, vec![1 + i, 2], 8).await },
         ));
     }
     for a in again {
@@ -385,8 +348,7 @@ async fn a_newer_load_takes_a_worker_over_from_the_old_coordinator() {
     );
     // The old coordinator's step stream closed: its next step finds the worker lost, the
     // request ends with a retryable UNAVAILABLE and it stops driving the worker.
-    let mut old = Client::connect(endpoint.clone()).await.unwrap();
-    let e = greedy(&mut old, vec![3, 4]).await.unwrap_err();
+    let e = greedy(&endpoint, vec![3, 4], 8).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("w0"), "{e:?}");
     wait_state(&endpoint, "recovering", 10).await;

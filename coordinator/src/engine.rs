@@ -972,9 +972,15 @@ impl Replica {
             seqs = seqs.len(),
             rows = seqs.iter().map(|s| s.tokens.len()).sum::<usize>()
         );
-        let mut parented = false;
-        for s in &self.running {
-            if s.wid != 0 && seqs.iter().any(|x| x.seq_id == s.wid) {
+        // Trace context only when spans are exported: this runs every step.
+        let traceparent = if grok_proto::telemetry::exporting() {
+            let ids: std::collections::HashSet<u64> = seqs.iter().map(|x| x.seq_id).collect();
+            let mut parented = false;
+            for s in self
+                .running
+                .iter()
+                .filter(|s| s.wid != 0 && ids.contains(&s.wid))
+            {
                 if parented {
                     grok_proto::telemetry::add_link(&span, &s.job.span);
                 } else {
@@ -982,12 +988,15 @@ impl Replica {
                     parented = true;
                 }
             }
-        }
+            grok_proto::telemetry::traceparent(&span)
+        } else {
+            String::new()
+        };
         let plan = pb::StepPlan {
             step_id: self.next_step,
             seqs,
             free_seqs: free,
-            traceparent: grok_proto::telemetry::traceparent(&span),
+            traceparent,
         };
         for l in &self.links {
             if l.plans.send(plan.clone()).await.is_err() {

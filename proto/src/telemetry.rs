@@ -65,6 +65,15 @@ impl Drop for Telemetry {
     }
 }
 
+/// Set once an exporter is installed: without one there is no trace context to pass on, and
+/// callers skip that work on their hot paths.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported (an `--otlp-endpoint` was given).
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Checks an OTLP endpoint URL.
 pub fn check_endpoint(url: &str) -> Result<(), TelemetryError> {
     let rest = url
@@ -133,10 +142,14 @@ pub fn init(cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(ours);
-    let _ = tracing_subscriber::registry()
+    if tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
-        .try_init();
+        .try_init()
+        .is_ok()
+    {
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(Telemetry {
         provider: Some(provider),
         runtime: Some(runtime),

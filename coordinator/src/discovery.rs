@@ -160,7 +160,8 @@ async fn keep_lease(
 ) {
     let mut warned = false;
     loop {
-        let r: Result<bool, MembershipError> = async {
+        // Ok: etcd answered that the lease is gone; Err: etcd could not be reached.
+        let r: Result<(), MembershipError> = async {
             let mut c = client.clone();
             let (mut keeper, mut answers) =
                 c.lease_keep_alive(lease).await.map_err(|e| cfg.err(e))?;
@@ -168,7 +169,7 @@ async fn keep_lease(
                 keeper.keep_alive().await.map_err(|e| cfg.err(e))?;
                 match answers.message().await.map_err(|e| cfg.err(e))? {
                     Some(a) if a.ttl() > 0 => {}
-                    Some(_) => return Ok(false),
+                    Some(_) => return Ok(()),
                     None => return Err(cfg.err("the keep-alive stream ended")),
                 }
                 tokio::time::sleep(KEEPALIVE).await;
@@ -176,11 +177,10 @@ async fn keep_lease(
         }
         .await;
         match r {
-            Ok(false) => {
+            Ok(()) => {
                 let _ = lost.send(());
                 return;
             }
-            Ok(true) => {}
             Err(e) => {
                 if !warned {
                     tracing::warn!("etcd unreachable, serving on: {e}");

@@ -34,7 +34,7 @@ fn rpc_error(s: tonic::Status) -> anyhow::Error {
 }
 
 /// The one place `grokctl` opens channels to a coordinator: https with the CA when TLS is set.
-async fn channel(endpoint: &str) -> Result<tonic::transport::Channel> {
+pub(crate) async fn channel(endpoint: &str) -> Result<tonic::transport::Channel> {
     let tls = client_tls();
     let ep = grok_proto::tls::endpoint(endpoint, tls)?;
     let url = ep.uri().to_string();
@@ -49,7 +49,7 @@ async fn channel(endpoint: &str) -> Result<tonic::transport::Channel> {
 }
 
 pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
-    let mut c = pb::admin_client::AdminClient::new(channel(endpoint).await?);
+    let mut c = grok_proto::limited!(pb::admin_client::AdminClient::new(channel(endpoint).await?));
     Ok(
         c.cluster_status(crate::auth::request(pb::ClusterStatusRequest {}))
             .await
@@ -208,7 +208,9 @@ pub async fn generate_stream(
     a: &RemoteGenerate,
     mut on_delta: impl FnMut(&[u32], &str),
 ) -> Result<Generated> {
-    let mut c = pb::inference_client::InferenceClient::new(channel(&a.endpoint).await?);
+    let mut c = grok_proto::limited!(pb::inference_client::InferenceClient::new(
+        channel(&a.endpoint).await?
+    ));
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(t), None) => pb::generate_request::Prompt::Text(t.clone()),
         (None, Some(ids)) => pb::generate_request::Prompt::Ids(pb::TokenIds { ids: ids.clone() }),
@@ -247,7 +249,7 @@ pub async fn generate_stream(
         on_delta(&m.ids, &m.text);
         out.ids.extend_from_slice(&m.ids);
         if !m.prompt_logits.is_empty() {
-            out.prompt_logits = m.prompt_logits;
+            out.prompt_logits.extend(m.prompt_logits);
         }
         if let Some(u) = &m.usage {
             out.prompt_len = u.prompt_tokens as usize;
@@ -450,7 +452,7 @@ pub async fn bench_serve_level(
     let mut tasks = Vec::new();
     for i in 0..requests {
         let permit = sem.clone().acquire_owned().await.expect("semaphore");
-        let mut c = pb::inference_client::InferenceClient::new(ch.clone());
+        let mut c = grok_proto::limited!(pb::inference_client::InferenceClient::new(ch.clone()));
         let mut rng = grok_shared::sampling::Rng::new(1000 + i as u64);
         let ids: Vec<u32> = (0..prompt_len)
             .map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32)
@@ -518,7 +520,9 @@ pub async fn bench_serve(
     if st.state != "ready" {
         bail!("the cluster is not ready (state {})", st.state);
     }
-    let mut info = pb::inference_client::InferenceClient::new(channel(endpoint).await?);
+    let mut info = grok_proto::limited!(pb::inference_client::InferenceClient::new(
+        channel(endpoint).await?
+    ));
     let cfg: serde_json::Value = serde_json::from_str(
         &info
             .model_info(pb::ModelInfoRequest {})
@@ -575,7 +579,7 @@ pub async fn drain(
     resume: bool,
     timeout_s: u64,
 ) -> Result<()> {
-    let mut c = pb::admin_client::AdminClient::new(channel(endpoint).await?);
+    let mut c = grok_proto::limited!(pb::admin_client::AdminClient::new(channel(endpoint).await?));
     let ask = pb::DrainRequest {
         worker_id: worker.clone().unwrap_or_default(),
         resume,

@@ -10,11 +10,17 @@
 //! kept) and recomputed later. Requests wait in a bounded queue; a full queue refuses at once.
 //!
 //! Sampling is stateless per position (`Rng::for_token`), so a seeded request gives the same
-//! tokens alone, in any batch, and after preemption. A broken step stream means a lost worker:
-//! every request on the replica ends with UNAVAILABLE naming it, and the replica stops serving
-//! (the coordinator stays up and answers status).
+//! tokens alone, in any batch, and after preemption.
+//!
+//! Self-healing: a fault (a broken step stream, a worker the health monitor finds lost, a step
+//! that fails) puts the replica in `recovering`; its requests move to another serving replica
+//! or wait for this one, and [`rejoin`] brings it back by itself: as soon as every worker of
+//! the replica answers again and still names this coordinator as its owner (or a new worker
+//! registered for a lost rank), the shards are reloaded (a worker that holds its shard only
+//! rebuilds its collectives) and the requests resume by re-prefilling. The coordinator stays up
+//! and answers status throughout.
 
-use crate::server::{follow_load, lock, Shared};
+use crate::server::{follow_load, lock, Shared, WorkerEntry};
 use grok_proto::v1 as pb;
 use grok_shared::sampling::SamplingParams;
 use grok_shared::tokenizer::StreamDecoder;
@@ -31,6 +37,14 @@ use tokio_stream::wrappers::ReceiverStream;
 /// once, one that has not answered for `LOST_AFTER` (a network partition) is lost then.
 const HEALTH_PERIOD: Duration = Duration::from_millis(500);
 const LOST_AFTER: Duration = Duration::from_secs(4);
+/// A request running through this many replica faults ends (it may be their cause).
+const MAX_FAULTS: u32 = 3;
+/// How often a recovering replica asks its workers whether they are back, at first; the
+/// period doubles after each failed reload, up to `REJOIN_MAX_PERIOD`.
+const REJOIN_PERIOD: Duration = Duration::from_millis(250);
+const REJOIN_MAX_PERIOD: Duration = Duration::from_secs(8);
+/// A health probe of a lost worker gives up after this long.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 use tonic::Status;
 
 /// What a request asks for besides its prompt.
@@ -72,11 +86,13 @@ pub struct TokenEvent {
     pub text: String,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
-    pub prompt_logits: Vec<f32>,
 }
 
 #[derive(Clone, Debug)]
 pub enum GenEvent {
+    /// Whole rows of prompt logits (at most `limits::CHUNK_BYTES`), in order, before the
+    /// first token (only when the request asked for them).
+    PromptLogits(Vec<f32>),
     Token(TokenEvent),
     /// The last event of a successful request; `text` is any text still held back.
     Done {
@@ -92,7 +108,9 @@ pub enum GenEvent {
 pub struct Job {
     pub prompt: Vec<u32>,
     pub params: RequestParams,
-    pub tx: mpsc::Sender<GenEvent>,
+    /// Unbounded: delivering an event never blocks the engine loop (a client that does not
+    /// read holds only its own request's events, which its max_tokens bounds).
+    pub tx: mpsc::UnboundedSender<GenEvent>,
     pub arrived: Instant,
     /// The request's span (ends when the job is dropped); steps that compute it link to it.
     pub span: tracing::Span,
@@ -218,6 +236,162 @@ async fn lost_signal(rx: &mut watch::Receiver<Option<String>>) -> String {
     }
 }
 
+/// A request waiting for a recovering replica (none was serving when its own faulted).
+pub struct Parked {
+    seq: Box<Seq>,
+    /// It ends with a retryable UNAVAILABLE if no replica serves by then.
+    until: Instant,
+    /// The fault it waits out.
+    why: String,
+}
+
+/// Ends parked requests whose client went away or whose hold ran out, until none is left.
+async fn expire_parked(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = Instant::now();
+        let (gone, rest_empty) = {
+            let mut p = lock(&shared.parked);
+            let (gone, keep): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut *p)
+                .into_iter()
+                .partition(|x| x.seq.job.tx.is_closed() || now >= x.until);
+            *p = keep;
+            (gone, p.is_empty())
+        };
+        for x in gone {
+            if x.seq.job.tx.is_closed() {
+                shared.metrics.request_done("cancelled");
+                continue;
+            }
+            shared.metrics.request_done("error");
+            let _ = x
+                .seq
+                .job
+                .tx
+                .send(GenEvent::Error(Status::unavailable(format!(
+                    "{}; the replica is recovering, retry the request",
+                    x.why
+                ))));
+        }
+        if rest_empty {
+            return;
+        }
+    }
+}
+
+/// What a probe of a recovering replica's worker found.
+enum Probe {
+    /// It answers and is still this coordinator's (or registered anew): it can be reloaded.
+    Back,
+    /// It answers but a newer Load took it over (another coordinator leads it).
+    TakenOver(String),
+    Gone(String),
+}
+
+async fn probe(shared: &Shared, w: &WorkerEntry) -> Probe {
+    if w.state == "registered" {
+        return Probe::Back;
+    }
+    let answer = tokio::time::timeout(PROBE_TIMEOUT, async {
+        let mut c = connect_worker(shared, &w.address).await?;
+        c.health(pb::HealthRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.message().to_string())
+    })
+    .await;
+    match answer {
+        Err(_) => Probe::Gone(format!("no answer within {PROBE_TIMEOUT:?}")),
+        Ok(Err(e)) => Probe::Gone(e),
+        Ok(Ok(h)) if h.owner == shared.instance => Probe::Back,
+        Ok(Ok(h)) if h.owner.is_empty() => {
+            Probe::Gone("it was restarted: it rejoins when it registers".into())
+        }
+        Ok(Ok(h)) => Probe::TakenOver(h.owner),
+    }
+}
+
+/// Brings a recovering replica back with no operator: it waits until every worker answers
+/// and is still this coordinator's (a frozen process that resumed, a partition that healed,
+/// a step stream that broke) or registered anew for its rank, then reloads the replica (a
+/// worker holding its shard only rebuilds its collectives). The time from the fault's end
+/// (the first moment every worker was back) to serving goes to the log and `/metrics`.
+pub async fn rejoin(shared: Arc<Shared>, ri: usize, began: Instant) {
+    let l = shared.cfg.layout;
+    let (world, base) = (l.world_size(), ri * l.world_size());
+    let mut period = REJOIN_PERIOD;
+    let mut fault_ended: Option<Instant> = None;
+    let mut last_detail = String::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shared.rejoin[ri].notified() => {}
+        }
+        if lock(&shared.replicas)[ri].is_some() {
+            return;
+        }
+        let entries: Vec<Option<WorkerEntry>> = lock(&shared.workers)[base..base + world].to_vec();
+        let probes = futures_util::future::join_all(entries.iter().map(|w| {
+            let shared = &shared;
+            async move {
+                match w {
+                    Some(w) => probe(shared, w).await,
+                    None => Probe::Gone("no worker registered".into()),
+                }
+            }
+        }))
+        .await;
+        let mut missing = Vec::new();
+        for (k, p) in probes.into_iter().enumerate() {
+            let rank = base + k;
+            let id = entries[k].as_ref().map_or("?", |w| w.id.as_str());
+            match p {
+                Probe::Back => {}
+                Probe::TakenOver(owner) => missing.push(format!(
+                    "worker `{id}` (rank {rank}) is driven by another coordinator ({owner})"
+                )),
+                Probe::Gone(why) => {
+                    shared.set_worker(rank, |w| {
+                        if w.state != "registered" {
+                            w.state = "lost".into();
+                            w.detail = why.clone();
+                        }
+                    });
+                    missing.push(format!("worker `{id}` (rank {rank}): {why}"));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            fault_ended = None;
+            let detail = format!("waiting for its workers: {}", missing.join("; "));
+            if detail != last_detail {
+                shared.set_replica_state(ri, "recovering", detail.clone());
+                last_detail = detail;
+            }
+            continue;
+        }
+        let ended = *fault_ended.get_or_insert_with(Instant::now);
+        match load_and_serve(shared.clone(), ri).await {
+            Ok(()) => {
+                let took = ended.elapsed();
+                shared.metrics.recovery.observe(took.as_secs_f64());
+                shared.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    replica = ri,
+                    "serving again {:.2} s after the fault ended ({:.2} s after it began)",
+                    took.as_secs_f64(),
+                    began.elapsed().as_secs_f64()
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(replica = ri, "rejoining failed: {e}; trying again");
+                period = (period * 2).min(REJOIN_MAX_PERIOD);
+            }
+        }
+    }
+}
+
 /// A client of the worker at `addr`: over TLS with the coordinator's certificate as client
 /// identity when the cluster uses TLS (workers accept only CA-signed clients), plaintext
 /// otherwise.
@@ -228,10 +402,15 @@ pub(crate) async fn connect_worker(
     let tls = shared.cfg.tls.as_ref();
     let ep = grok_proto::tls::endpoint(addr, tls).map_err(|e| e.to_string())?;
     let ch = ep
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(4))
         .connect()
         .await
         .map_err(|e| grok_proto::tls::explain(grok_proto::tls::error_chain(&e), tls.is_some()))?;
-    Ok(pb::worker_client::WorkerClient::new(ch))
+    Ok(grok_proto::limited!(pb::worker_client::WorkerClient::new(
+        ch
+    )))
 }
 
 /// Whether a replica on these devices talks NCCL: all of them GPUs.
@@ -257,14 +436,44 @@ pub fn nccl_ids_of(
 /// reconnect), then opens the step streams and starts serving. Ranks in messages and in
 /// `Shared.workers` are global (`ri * world + rank`); workers are told their rank inside the
 /// replica.
-pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
+///
+/// One load of a replica runs at a time (a second call returns an error at once). A first
+/// load that fails leaves the replica `failed`; a reload after a fault that fails leaves it
+/// `recovering` (the workers that failed are marked lost, so that a replacement can register)
+/// for [`rejoin`] to try again.
+///
+/// (A boxed future: the replica it starts may fault and rejoin through this again.)
+pub fn load_and_serve(
+    shared: Arc<Shared>,
+    ri: usize,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+    Box::pin(async move {
+        if shared.loading[ri].swap(true, Ordering::AcqRel) {
+            return Err(format!("replica {ri} is being loaded already"));
+        }
+        let r = load_replica(&shared, ri).await;
+        shared.loading[ri].store(false, Ordering::Release);
+        if let Err(e) = &r {
+            let state = if shared.served[ri].load(Ordering::Acquire) {
+                "recovering"
+            } else {
+                "failed"
+            };
+            shared.set_replica_state(ri, state, e.clone());
+        }
+        r
+    })
+}
+
+async fn load_replica(shared: &Arc<Shared>, ri: usize) -> Result<(), String> {
+    let reload = shared.served[ri].load(Ordering::Acquire);
     let l = shared.cfg.layout;
     let world = l.world_size();
     let base = ri * world;
-    let workers: Vec<_> = lock(&shared.workers)[base..base + world]
+    let workers: Vec<WorkerEntry> = lock(&shared.workers)[base..base + world]
         .iter()
-        .map(|w| w.clone().expect("all registered"))
-        .collect();
+        .map(|w| w.clone().ok_or("a rank of the replica has no worker"))
+        .collect::<Result<_, _>>()?;
     shared.set_replica_state(
         ri,
         "loading",
@@ -278,7 +487,7 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
         for g in grok_shared::collective::bootstrap::groups(&l) {
             let w = &workers[g.root];
             let r: Result<Vec<u8>, String> = async {
-                let mut c = connect_worker(&shared, &w.address).await?;
+                let mut c = connect_worker(shared, &w.address).await?;
                 let id = c
                     .nccl_unique_id(pb::NcclIdRequest {})
                     .await
@@ -295,17 +504,12 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
                     ids.insert(g.name.clone(), id);
                 }
                 Err(e) => {
-                    shared.set_replica_state(
-                        ri,
-                        "failed",
-                        format!(
-                            "worker `{}` (rank {}) gave no NCCL id for group {}: {e}",
-                            w.id,
-                            base + g.root,
-                            g.name
-                        ),
-                    );
-                    return;
+                    return Err(format!(
+                        "worker `{}` (rank {}) gave no NCCL id for group {}: {e}",
+                        w.id,
+                        base + g.root,
+                        g.name
+                    ));
                 }
             }
         }
@@ -339,6 +543,7 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
             comm_timeout_ms: shared.cfg.comm_timeout_ms,
             world_nccl_id,
             tp_nccl_id,
+            coordinator_id: shared.instance.clone(),
         };
         let addr = w.address.clone();
         let id = w.id.clone();
@@ -368,7 +573,7 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
                 .await;
             if let Err(e) = &r {
                 shared.set_worker(rank, |w| {
-                    w.state = "failed".into();
+                    w.state = if reload { "lost" } else { "failed" }.into();
                     w.detail = e.clone();
                 });
             }
@@ -385,8 +590,7 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
         }
     }
     if !errors.is_empty() {
-        shared.set_replica_state(ri, "failed", errors.join("; "));
-        return;
+        return Err(errors.join("; "));
     }
     let mut links = Vec::new();
     for (local, mut c) in clients.into_iter().enumerate() {
@@ -402,16 +606,11 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
                 client: c.clone(),
             }),
             Err(e) => {
-                shared.set_replica_state(
-                    ri,
-                    "failed",
-                    format!(
-                        "worker `{}` (rank {rank}) refused the step stream: {}",
-                        workers[local].id,
-                        e.message()
-                    ),
-                );
-                return;
+                return Err(format!(
+                    "worker `{}` (rank {rank}) refused the step stream: {}",
+                    workers[local].id,
+                    e.message()
+                ));
             }
         }
     }
@@ -421,7 +620,7 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
     let (tx, rx) = mpsc::channel(shared.cfg.max_queue.max(1));
     let sampler = base + (l.pp - 1) * l.tp;
     let lost_rx = spawn_monitor(shared.clone(), &links);
-    let replica = Replica {
+    let mut replica = Replica {
         index: ri,
         shared: shared.clone(),
         lost_rx,
@@ -435,12 +634,33 @@ pub async fn load_and_serve(shared: Arc<Shared>, ri: usize) {
         running: Vec::new(),
         pending_free: Vec::new(),
     };
+    // Requests that waited for a replica to serve again go first.
+    let parked = std::mem::take(&mut *lock(&shared.parked));
+    let resumed = parked.len();
+    replica.waiting.extend(parked.into_iter().map(|p| *p.seq));
+    shared
+        .metrics
+        .resumed
+        .fetch_add(resumed as u64, Ordering::Relaxed);
     lock(&shared.replicas)[ri] = Some(ReplicaHandle {
         tx,
         shared: shared.clone(),
     });
-    shared.set_replica_state(ri, "ready", format!("serving with {world} workers"));
+    shared.served[ri].store(true, Ordering::Release);
+    shared.set_replica_state(
+        ri,
+        "ready",
+        if reload {
+            format!("serving again with {world} workers")
+        } else {
+            format!("serving with {world} workers")
+        },
+    );
+    if resumed > 0 {
+        tracing::info!(replica = ri, resumed, "requests resume after a fault");
+    }
     tokio::spawn(replica.run(rx));
+    Ok(())
 }
 
 struct Replica {
@@ -494,9 +714,11 @@ struct Seq {
     /// Decoded text not yet released (a stop string may be forming).
     held: String,
     last_token: Option<Instant>,
-    /// Prompt logits gathered chunk by chunk until the first token is sent.
-    logits_buf: Vec<f32>,
-    prompt_logits_sent: bool,
+    /// Prompt logits rows already delivered (rows are sent as their prefill chunks complete,
+    /// each once, whatever preemption or recovery recomputes).
+    logit_rows_sent: usize,
+    /// Replica faults (a lost worker, a failed step) this sequence was running through.
+    faults: u32,
 }
 
 impl Seq {
@@ -514,8 +736,8 @@ impl Seq {
             decoder: StreamDecoder::default(),
             held: String::new(),
             last_token: None,
-            logits_buf: Vec::new(),
-            prompt_logits_sent: false,
+            logit_rows_sent: 0,
+            faults: 0,
         }
     }
 }
@@ -552,7 +774,7 @@ impl Replica {
         // The load seen by the next request's routing counts this one as gone before its
         // client can send another.
         self.update_gauges();
-        let _ = seq.job.tx.send(ev).await;
+        let _ = seq.job.tx.send(ev);
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Incoming>) {
@@ -567,7 +789,7 @@ impl Replica {
                         None => return,
                     },
                     why = lost_signal(&mut self.lost_rx) => {
-                        self.lost(why, rx).await;
+                        self.fault(why, rx).await;
                         return;
                     }
                 }
@@ -584,45 +806,45 @@ impl Replica {
             match self.iteration().await {
                 Ok(()) => {}
                 Err(StepFailure::Lost(why)) => {
-                    self.lost(why, rx).await;
+                    self.fault(why, rx).await;
                     return;
                 }
                 Err(StepFailure::Failed(e)) => {
-                    // Every sequence of the failed step ends; the replica keeps serving.
-                    let st = Status::internal(format!("the step failed: {e}"));
-                    let seqs: Vec<Seq> = self.running.drain(..).collect();
-                    for s in seqs {
-                        self.finish(s, GenEvent::Error(st.clone()), "error").await;
-                    }
+                    // A failed step may have left the collectives broken (a peer's deadline):
+                    // the workers reconnect and the sequences resume, as after a lost worker.
+                    self.fault(format!("a step failed: {e}"), rx).await;
+                    return;
                 }
             }
             self.update_gauges();
         }
     }
 
-    /// A worker is gone: the survivors' step streams close and this replica waits in
-    /// `recovering` until a worker registers for the lost rank; then the shards reload
-    /// (survivors only reconnect). Its requests move to another serving replica, which
-    /// re-prefills their tokens so far and goes on (seeded sampling depends on positions only,
-    /// so the output is the one they would have had); with none, they end with a retryable
-    /// UNAVAILABLE.
-    async fn lost(mut self, why: String, mut rx: mpsc::Receiver<Incoming>) {
+    /// A fault (a lost worker, a failed step): the survivors' step streams close and the
+    /// replica is `recovering` until its workers are back: the same processes once they answer
+    /// again (weights kept, collectives rebuilt), or a worker that registers for a lost rank.
+    /// [`rejoin`] brings it back with no operator. Its requests move to another serving
+    /// replica, which re-prefills their tokens so far and goes on (seeded sampling depends on
+    /// positions only, so the output is the one they would have had); with none serving, they
+    /// wait for this one for `--fault-hold-ms`, then end with a retryable UNAVAILABLE. A request
+    /// running through [`MAX_FAULTS`] faults ends alone with INTERNAL (it may be their cause).
+    async fn fault(mut self, why: String, mut rx: mpsc::Receiver<Incoming>) {
         let me = self.index;
+        let began = Instant::now();
         lock(&self.shared.replicas)[me] = None;
-        self.shared.set_replica_state(
-            me,
-            "recovering",
-            format!("{why}; waiting for a worker to register for its rank"),
-        );
+        self.shared
+            .metrics
+            .replica_faults
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(replica = me, "{why}");
+        self.shared
+            .set_replica_state(me, "recovering", format!("{why}; rejoining its workers"));
         self.links.clear();
-        let st = Status::unavailable(format!(
-            "{why}; the replica is recovering, retry the request"
-        ));
-        let mut moving: Vec<Seq> = self
-            .running
-            .drain(..)
-            .chain(self.waiting.drain(..))
-            .collect();
+        let mut moving: Vec<Seq> = self.running.drain(..).collect();
+        for s in &mut moving {
+            s.faults += 1;
+        }
+        moving.extend(self.waiting.drain(..));
         rx.close();
         while let Some(m) = rx.recv().await {
             match m {
@@ -641,14 +863,23 @@ impl Replica {
             .flatten()
             .cloned()
             .collect();
-        let (mut moved, mut failed) = (0, 0);
+        let hold = Duration::from_millis(self.shared.cfg.fault_hold_ms);
+        let (mut moved, mut parked, mut failed) = (0, 0, 0);
         for (i, mut s) in moving.into_iter().enumerate() {
-            // Its blocks and worker state died with the replica.
+            // Its blocks and worker state died with the replica's step streams.
             s.blocks.clear();
             s.sent_blocks = 0;
             s.computed = 0;
             s.wid = 0;
-            s.logits_buf.clear();
+            if s.faults >= MAX_FAULTS {
+                failed += 1;
+                self.shared.metrics.request_done("error");
+                let _ = s.job.tx.send(GenEvent::Error(Status::internal(format!(
+                    "the request was running through {} replica faults (the last: {why}); it is not retried again",
+                    s.faults
+                ))));
+                continue;
+            }
             let target = (!others.is_empty()).then(|| &others[i % others.len()]);
             let s = match target {
                 Some(h) => match h.tx.try_send(Incoming::Moved(Box::new(s))) {
@@ -663,15 +894,28 @@ impl Replica {
                 },
                 None => s,
             };
-            failed += 1;
-            self.shared.metrics.request_done("error");
-            let _ = s.job.tx.send(GenEvent::Error(st.clone())).await;
+            parked += 1;
+            lock(&self.shared.parked).push(Parked {
+                seq: Box::new(s),
+                until: began + hold,
+                why: why.clone(),
+            });
         }
-        if moved + failed > 0 {
-            tracing::warn!(replica = me, moved, failed, "requests of a lost replica");
+        if moved + parked + failed > 0 {
+            tracing::warn!(
+                replica = me,
+                moved,
+                parked,
+                failed,
+                "requests of a replica in recovery"
+            );
+        }
+        if parked > 0 {
+            tokio::spawn(expire_parked(self.shared.clone()));
         }
         let blocks = self.shared.cfg.kv_blocks as u64;
         self.shared.set_replica_load(me, (0, 0, blocks));
+        tokio::spawn(rejoin(self.shared.clone(), me, began));
     }
 
     fn take(&mut self, m: Incoming) {
@@ -807,12 +1051,15 @@ impl Replica {
             // little for cancellations rather than spin.
             if !self.pending_free.is_empty() {
                 let free = std::mem::take(&mut self.pending_free);
-                self.step(vec![], free).await?;
+                self.step(vec![], free, 0).await?;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
             return Ok(());
         }
         let mut seqs = Vec::with_capacity(sched.len());
+        let vocab = self.shared.model.vocab_size;
+        // Logits the sampling rank returns: `n` rows of every sequence that asks for them.
+        let mut want_logits = 0;
         for &(i, n) in &sched {
             let first = self.running[i].wid == 0;
             if first {
@@ -834,22 +1081,43 @@ impl Replica {
                     seed: p.sampling.seed,
                 }),
                 sample: start + n == s.tokens.len(),
-                return_logits: p.prompt_logits && !s.prompt_logits_sent && start < s.prompt_len,
+                return_logits: p.prompt_logits
+                    && start < s.prompt_len
+                    && start + n > s.logit_rows_sent,
                 top_logprobs: p.top_logprobs,
             });
+            if seqs.last().is_some_and(|x| x.return_logits) {
+                want_logits += n * vocab;
+            }
             s.sent_blocks = s.blocks.len();
         }
         let free = std::mem::take(&mut self.pending_free);
-        let r = self.step(seqs, free).await?;
+        let returns: Vec<bool> = seqs.iter().map(|x| x.return_logits).collect();
+        let r = self.step(seqs, free, want_logits).await?;
+        if r.logits.len() != want_logits {
+            return Err(StepFailure::Failed(format!(
+                "the sampling rank returned {} logits, {want_logits} were asked for",
+                r.logits.len()
+            )));
+        }
         // Apply: advance every scheduled sequence, then handle sampled tokens.
-        let mut logits = r.logits;
-        let vocab = self.shared.model.vocab_size;
+        let mut off = 0;
         let mut done: Vec<(usize, GenEvent, &'static str)> = Vec::new();
-        for &(i, n) in &sched {
+        for (k, &(i, n)) in sched.iter().enumerate() {
             let s = &mut self.running[i];
-            if s.job.params.prompt_logits && !s.prompt_logits_sent && s.computed < s.prompt_len {
-                let take = (n * vocab).min(logits.len());
-                s.logits_buf.extend(logits.drain(..take));
+            if returns[k] {
+                // Rows start..start+n; deliver the prompt rows not delivered yet.
+                let rows = &r.logits[off..off + n * vocab];
+                off += n * vocab;
+                let start = s.computed;
+                let (from, to) = (s.logit_rows_sent.max(start), (start + n).min(s.prompt_len));
+                if from < to {
+                    let per = grok_proto::limits::rows_per_chunk(vocab) * vocab;
+                    for c in rows[(from - start) * vocab..(to - start) * vocab].chunks(per) {
+                        let _ = s.job.tx.send(GenEvent::PromptLogits(c.to_vec()));
+                    }
+                    s.logit_rows_sent = to;
+                }
             }
             s.computed += n;
             if s.computed < s.tokens.len() {
@@ -867,10 +1135,6 @@ impl Replica {
                 top: t.top.iter().map(|x| (x.token, x.logprob)).collect(),
                 ..Default::default()
             };
-            if s.job.params.prompt_logits && !s.prompt_logits_sent {
-                ev.prompt_logits = std::mem::take(&mut s.logits_buf);
-                s.prompt_logits_sent = true;
-            }
             let now = Instant::now();
             match s.last_token {
                 None => self
@@ -931,7 +1195,7 @@ impl Replica {
                     s.held.drain(..cut);
                 }
             }
-            let send_ok = s.job.tx.send(GenEvent::Token(ev)).await.is_ok();
+            let send_ok = s.job.tx.send(GenEvent::Token(ev)).is_ok();
             if let Some(reason) = reason {
                 let text = std::mem::take(&mut s.held);
                 let ev = GenEvent::Done {
@@ -963,6 +1227,7 @@ impl Replica {
         &mut self,
         seqs: Vec<pb::SeqStep>,
         free: Vec<u64>,
+        want_logits: usize,
     ) -> Result<pb::StepResult, StepFailure> {
         self.next_step += 1;
         // The step span: the child of the first request it computes, linked to the others.
@@ -1014,15 +1279,9 @@ impl Replica {
         let mut errors = Vec::new();
         let mut lost_err = None;
         for l in &mut self.links {
-            let msg = tokio::select! {
-                m = tokio::time::timeout(self.step_timeout, l.results.message()) => m,
+            let r = tokio::select! {
+                r = read_result(&mut l.results, self.step_timeout, want_logits) => r,
                 why = lost_signal(&mut self.lost_rx) => return Err(StepFailure::Lost(why)),
-            };
-            let r = match msg {
-                Err(_) => Err(format!("no answer within {:?}", self.step_timeout)),
-                Ok(Err(s)) => Err(s.message().to_string()),
-                Ok(Ok(None)) => Err("it closed its step stream".into()),
-                Ok(Ok(Some(r))) => Ok(r),
             };
             match r {
                 Err(why) => {
@@ -1064,6 +1323,37 @@ impl Replica {
             return Err(StepFailure::Failed(errors.join("; ")));
         }
         Ok(out.unwrap_or_default())
+    }
+}
+
+/// Reads one step's result from a worker: its messages up to the one without `more`, the
+/// logits concatenated (never more than the step asked for).
+async fn read_result(
+    results: &mut tonic::Streaming<pb::StepResult>,
+    timeout: Duration,
+    want_logits: usize,
+) -> Result<pb::StepResult, String> {
+    let mut logits = Vec::new();
+    loop {
+        let mut r = match tokio::time::timeout(timeout, results.message()).await {
+            Err(_) => return Err(format!("no answer within {timeout:?}")),
+            Ok(Err(s)) => return Err(s.message().to_string()),
+            Ok(Ok(None)) => return Err("it closed its step stream".into()),
+            Ok(Ok(Some(r))) => r,
+        };
+        if logits.len() + r.logits.len() > want_logits {
+            return Err(format!(
+                "it returned more than the {want_logits} logits the step asked for"
+            ));
+        }
+        if !r.more {
+            if !logits.is_empty() {
+                logits.append(&mut r.logits);
+                r.logits = logits;
+            }
+            return Ok(r);
+        }
+        logits.append(&mut r.logits);
     }
 }
 

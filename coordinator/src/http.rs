@@ -45,7 +45,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc::Receiver;
+use tokio::sync::mpsc::UnboundedReceiver as Receiver;
 
 /// The chat template. Grok-1 is a base model with no chat format of its own, so a
 /// conversation is rendered as plain text: every message as `"{Role}: {content}\n\n"` with
@@ -95,6 +95,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(api)
+        // Set on purpose (axum's default is 2 MB): a body over it gets 413 before parsing.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            grok_proto::limits::MAX_HTTP_BODY_BYTES,
+        ))
         .fallback(|| async {
             HttpError::new(
                 StatusCode::NOT_FOUND,
@@ -807,6 +811,8 @@ async fn collect(mut rx: Receiver<GenEvent>) -> Result<Collected, HttpError> {
                 });
             }
             Some(GenEvent::Error(s)) => return Err(HttpError::from_status(&s)),
+            // The HTTP API never asks for prompt logits.
+            Some(GenEvent::PromptLogits(_)) => {}
             None => {
                 return Err(HttpError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -1006,6 +1012,7 @@ impl Streamer {
             (a.api == Api::Completion || !t.is_empty()).then(|| t.to_string())
         };
         match ev {
+            Some(GenEvent::PromptLogits(_)) => Some(vec![]),
             Some(GenEvent::Token(t)) => {
                 let s = text(&mut self.strip, &t.text);
                 if s.as_deref().is_none_or(str::is_empty) && a.logprobs.is_none() && !a.token_ids {

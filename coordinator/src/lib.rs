@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod certs;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod discovery;

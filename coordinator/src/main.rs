@@ -52,6 +52,10 @@ struct Args {
     /// Tokens per step: decode tokens plus prefill chunks (chunked prefill budget).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
+    /// After a fault (a lost worker, a failed step), requests of a replica with no other
+    /// serving replica wait this long for it to rejoin, then end with a retryable UNAVAILABLE.
+    #[arg(long, default_value_t = 5000)]
+    fault_hold_ms: u64,
     /// The model name of the API (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -164,6 +168,7 @@ fn main() {
         max_queue: a.max_queue.max(1),
         max_seqs: a.max_seqs.max(1),
         max_batch_tokens: a.max_batch_tokens.max(1),
+        fault_hold_ms: a.fault_hold_ms,
         served_model_name: a.served_model_name.unwrap_or_else(|| {
             a.model
                 .file_name()

@@ -70,6 +70,13 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Replica faults (a lost worker, a failed step), replicas back in service after one, the
+    /// time from a fault's end (every worker back) to serving, and requests that resumed on a
+    /// replica that came back.
+    pub replica_faults: AtomicU64,
+    pub recoveries: AtomicU64,
+    pub recovery: Histogram,
+    pub resumed: AtomicU64,
     /// Routed tokens per (layer, expert).
     pub expert_tokens: Mutex<Vec<u64>>,
     pub num_experts: usize,
@@ -88,6 +95,10 @@ impl Metrics {
             generated_tokens: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
+            replica_faults: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+            recovery: Histogram::new(LATENCY_BOUNDS),
+            resumed: AtomicU64::new(0),
             expert_tokens: Mutex::new(vec![0; num_layers * num_experts]),
             num_experts,
         }
@@ -123,6 +134,11 @@ impl Metrics {
         self.itl.render(
             "grok_inter_token_latency_seconds",
             "Time between consecutive tokens of a request.",
+            &mut o,
+        );
+        self.recovery.render(
+            "grok_recovery_seconds",
+            "Time from a fault's end (every worker of the replica back) to the replica serving again.",
             &mut o,
         );
         let gauges = [
@@ -169,6 +185,21 @@ impl Metrics {
                 "grok_preemptions_total",
                 "Sequences preempted (recomputed later) for lack of KV blocks.",
                 &self.preemptions,
+            ),
+            (
+                "grok_replica_faults_total",
+                "Replica faults: a lost worker or a failed step.",
+                &self.replica_faults,
+            ),
+            (
+                "grok_replica_recoveries_total",
+                "Replicas serving again after a fault, with no operator action.",
+                &self.recoveries,
+            ),
+            (
+                "grok_resumed_requests_total",
+                "Requests that waited out a fault and resumed on a replica serving again.",
+                &self.resumed,
             ),
         ];
         for (n, h, v) in counters {

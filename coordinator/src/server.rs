@@ -14,10 +14,9 @@ use grok_shared::sharding::Layout;
 use grok_shared::tokenizer::Tokenizer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
@@ -36,6 +35,8 @@ pub struct CoordinatorConfig {
     pub max_seqs: usize,
     /// Tokens per step (decode tokens plus prefill chunks).
     pub max_batch_tokens: usize,
+    /// How long requests wait for a recovering replica when no other serves (milliseconds).
+    pub fault_hold_ms: u64,
     /// The model name clients use (`/v1/models`, the `model` field).
     pub served_model_name: String,
     /// HTTP (OpenAI-compatible API, health, metrics) listen address.
@@ -85,6 +86,17 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// (time, generated tokens, rate) of the last throughput sample.
     pub rate_sample: Mutex<(std::time::Instant, u64, f64)>,
+    /// This coordinator process's id, sent with every Load: a worker names the coordinator
+    /// that drives it, and only that one rejoins it by itself after a fault.
+    pub instance: String,
+    /// Per replica: a load is running (one at a time).
+    pub loading: Vec<AtomicBool>,
+    /// Per replica: it has served (a later load is a reload after a fault).
+    pub served: Vec<AtomicBool>,
+    /// Per replica: wakes its rejoin loop (a worker registered for one of its ranks).
+    pub rejoin: Vec<tokio::sync::Notify>,
+    /// Requests waiting for a replica to serve again (none was serving at their fault).
+    pub parked: Mutex<Vec<engine::Parked>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -342,9 +354,16 @@ pub fn admit(s: &Arc<Shared>, r: &pb::RegisterRequest) -> Result<pb::RegisterRes
     };
     tracing::info!(worker = %r.worker_id, rank, address = %r.address, "worker registered");
     if complete {
-        let shared = s.clone();
         let replica = rank / per_replica;
-        tokio::spawn(async move { engine::load_and_serve(shared, replica).await });
+        if s.served[replica].load(Ordering::Acquire) {
+            // A replacement for a lost rank: the replica's rejoin loop reloads it.
+            s.rejoin[replica].notify_one();
+        } else {
+            let shared = s.clone();
+            tokio::spawn(async move {
+                let _ = engine::load_and_serve(shared, replica).await;
+            });
+        }
     }
     Ok(pb::RegisterResponse {
         rank: rank as u32,
@@ -464,7 +483,7 @@ pub fn build_job(
     prompt: PromptInput,
     p: RequestParams,
     traceparent: Option<&str>,
-) -> Result<(Job, tokio::sync::mpsc::Receiver<GenEvent>), ApiError> {
+) -> Result<(Job, tokio::sync::mpsc::UnboundedReceiver<GenEvent>), ApiError> {
     let c = &s.model;
     let prompt = match prompt {
         PromptInput::Text(t) => {
@@ -556,7 +575,24 @@ pub fn build_job(
     if p.stop_strings.iter().any(|x| x.is_empty()) {
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    if p.prompt_logits {
+        let bytes = prompt.len() * c.vocab_size * 4;
+        if bytes > grok_proto::limits::MAX_PROMPT_LOGITS_BYTES {
+            return Err(ApiError::invalid(
+                "prompt_logits",
+                format!(
+                    "the logits of a {}-token prompt take {} MiB ({} x vocabulary {} x 4 bytes); at most {} MiB are returned: send at most {} prompt tokens",
+                    prompt.len(),
+                    bytes >> 20,
+                    prompt.len(),
+                    c.vocab_size,
+                    grok_proto::limits::MAX_PROMPT_LOGITS_BYTES >> 20,
+                    grok_proto::limits::MAX_PROMPT_LOGITS_BYTES / 4 / c.vocab_size.max(1)
+                ),
+            ));
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let span = tracing::info_span!(
         "request",
         prompt_tokens = prompt.len(),
@@ -617,6 +653,10 @@ pub fn submit(s: &Shared, job: Job) -> Result<(), Status> {
 
 fn to_pb(ev: GenEvent) -> Result<pb::GenerateResponse, Status> {
     match ev {
+        GenEvent::PromptLogits(prompt_logits) => Ok(pb::GenerateResponse {
+            prompt_logits,
+            ..Default::default()
+        }),
         GenEvent::Token(t) => Ok(pb::GenerateResponse {
             ids: vec![t.id],
             text: t.text,
@@ -632,7 +672,6 @@ fn to_pb(ev: GenEvent) -> Result<pb::GenerateResponse, Status> {
                         .collect(),
                 }]
             },
-            prompt_logits: t.prompt_logits,
             ..Default::default()
         }),
         GenEvent::Done {
@@ -701,7 +740,7 @@ impl pb::inference_server::Inference for Svc {
                 )
             })?;
         submit(&self.0, job)?;
-        let stream = ReceiverStream::new(rx).map(to_pb);
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(to_pb);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -773,7 +812,24 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
         metrics: crate::metrics::Metrics::new(model.num_layers, model.num_experts, kv_blocks),
         rate_sample: Mutex::new((std::time::Instant::now(), 0, 0.0)),
         model,
+        instance: instance_id(),
+        loading: (0..replicas).map(|_| AtomicBool::new(false)).collect(),
+        served: (0..replicas).map(|_| AtomicBool::new(false)).collect(),
+        rejoin: (0..replicas).map(|_| tokio::sync::Notify::new()).collect(),
+        parked: Mutex::new(Vec::new()),
     }))
+}
+
+/// A coordinator instance id: host name, process id and start time (unique per process).
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{host}-{}-{t:x}", std::process::id())
 }
 
 /// Serves until `shutdown` resolves, or `discovery` fails. Prints `listening on ADDR` on
@@ -866,13 +922,15 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .add_service(health)
         .add_service(reflection)
-        .add_service(pb::cluster_server::ClusterServer::new(svc.clone()))
-        .add_service(pb::admin_server::AdminServer::with_interceptor(
-            svc.clone(),
+        .add_service(grok_proto::limited!(
+            pb::cluster_server::ClusterServer::new(svc.clone())
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            grok_proto::limited!(pb::admin_server::AdminServer::new(svc.clone())),
             auth_check(&shared),
         ))
-        .add_service(pb::inference_server::InferenceServer::with_interceptor(
-            svc,
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            grok_proto::limited!(pb::inference_server::InferenceServer::new(svc)),
             auth_check(&shared),
         ))
         .serve_with_incoming_shutdown(

@@ -43,7 +43,7 @@ pub fn tls_args(tls: Option<&grok_proto::tls::TlsPaths>) -> Vec<std::ffi::OsStri
     out
 }
 
-fn sibling(name: &str) -> Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe().context("locating grokctl")?;
     let p = me.with_file_name(name);
     if !p.exists() {
@@ -56,7 +56,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {

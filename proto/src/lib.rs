@@ -3,6 +3,7 @@
 //! the binaries' logs and OpenTelemetry spans, whose context travels in the wire messages, and
 //! [`tls`]: mutual TLS between the coordinator and the workers.
 
+pub mod limits;
 pub mod membership;
 pub mod telemetry;
 pub mod tls;

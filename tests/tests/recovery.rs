@@ -353,3 +353,244 @@ async fn a_newer_load_takes_a_worker_over_from_the_old_coordinator() {
     assert!(e.message().contains("w0"), "{e:?}");
     wait_state(&endpoint, "recovering", 10).await;
 }
+
+/// A coordinator with extra flags; its gRPC endpoint and HTTP address.
+fn coordinator(model: &std::path::Path, args: &[&str]) -> (Proc, String, String) {
+    let mut c = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut c);
+    let addr = wait_line(&rx, "listening on ", 30);
+    let http = wait_line(&rx, "http listening on ", 30);
+    (Proc(c), addr, http)
+}
+
+/// Seeded streaming requests, each to its end: their ids, or the first error. `first` hears
+/// of each request's first token.
+async fn seeded(
+    client: &Client,
+    n: u32,
+    max_tokens: u32,
+    first: Option<tokio::sync::mpsc::Sender<()>>,
+) -> Vec<Result<Vec<u32>, tonic::Status>> {
+    let mut tasks = vec![];
+    for i in 0..n {
+        let mut c = client.clone();
+        let first = first.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = req(vec![4 + i, 8, 1], max_tokens);
+            r.temperature = 0.9;
+            r.seed = 7 + i as u64;
+            let mut s = c.generate(r).await?.into_inner();
+            let mut ids = vec![];
+            while let Some(m) = s.next().await {
+                ids.extend(m?.ids);
+                if ids.len() == 1 {
+                    if let Some(f) = &first {
+                        let _ = f.send(()).await;
+                    }
+                }
+            }
+            Ok::<_, tonic::Status>(ids)
+        }));
+    }
+    drop(first);
+    let mut out = vec![];
+    for t in tasks {
+        out.push(
+            tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("no request hangs")
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// A worker frozen past the health monitor's patience (SIGSTOP, then SIGCONT: a VM pause, a
+/// page-fault storm) is found lost, and rejoins by itself when it resumes: no process is
+/// restarted, no operator acts, the weights stay, and the requests in flight wait it out and
+/// finish with exactly the tokens of a fault-free run. The recovery is counted in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_rejoins_by_itself_and_requests_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let c = ModelConfig::preset("tiny", Some(2)).unwrap();
+    genmodel::generate(&c, GenDType::F32, 5, &model, 1 << 30, |_, _| {}).unwrap();
+    let (mut coord, addr, http) = coordinator(
+        &model,
+        &[
+            "--tp",
+            "2",
+            "--comm-timeout-ms",
+            "3000",
+            "--fault-hold-ms",
+            "60000",
+        ],
+    );
+    let endpoint = format!("http://{addr}");
+    let mut w0 = Proc(worker(&addr, "w0", 0));
+    let mut w1 = Proc(worker(&addr, "w1", 1));
+    wait_state(&endpoint, "ready", 60).await;
+    let client = Client::connect(endpoint.clone()).await.unwrap();
+    let want = seeded(&client, 8, 300, None).await;
+    let want: Vec<Vec<u32>> = want.into_iter().map(|r| r.unwrap()).collect();
+    assert!(want.iter().all(|ids| ids.len() == 300));
+
+    let (tx, mut first) = tokio::sync::mpsc::channel(8);
+    let run = tokio::spawn({
+        let client = client.clone();
+        async move { seeded(&client, 8, 300, Some(tx)).await }
+    });
+    for _ in 0..8 {
+        tokio::time::timeout(Duration::from_secs(60), first.recv())
+            .await
+            .expect("a first token")
+            .unwrap();
+    }
+    let pid = w1.0.id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_state(&endpoint, "recovering", 15).await;
+    let st = status(&endpoint).await;
+    assert_eq!(st.shards[1].state, "lost", "{:?}", st.shards[1]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resumed = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let took = wait_state(&endpoint, "ready", 30).await;
+    eprintln!("the frozen worker serves again {took:?} after it resumed");
+    let got: Vec<Vec<u32>> = run
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|s| panic!("a request failed: {s:?}")))
+        .collect();
+    assert_eq!(got, want, "resumed requests give the fault-free tokens");
+    let m = grok_tests::cluster::http_get(&http, "/metrics");
+    let metric = |n: &str| grok_tests::cluster::metric(&m, n).unwrap_or(-1.0);
+    assert!(metric("grok_replica_faults_total") >= 1.0, "{m}");
+    assert!(metric("grok_replica_recoveries_total") >= 1.0, "{m}");
+    assert!(metric("grok_recovery_seconds_count") >= 1.0, "{m}");
+    assert!(metric("grok_resumed_requests_total") >= 1.0, "{m}");
+    assert!(resumed.elapsed() < Duration::from_secs(60));
+    // Nobody was restarted.
+    for p in [&mut w0, &mut w1, &mut coord] {
+        assert!(p.0.try_wait().unwrap().is_none(), "a process exited");
+    }
+    let st = status(&endpoint).await;
+    assert!(
+        st.shards.iter().all(|s| s.state == "ready"),
+        "{:?}",
+        st.shards
+    );
+}
+
+/// Prompt logits over a 131072-token vocabulary (8 MiB for 16 tokens, twice the 4 MiB a gRPC
+/// message may carry by default) stream in chunks that a client with default limits reads,
+/// equal to the single-process run; a request for more than the cluster returns is refused up
+/// front naming the limit; the worker is never taken for lost, and the cluster serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_logits_past_the_message_limit_stream_in_chunks_and_the_cluster_stays_up() {
+    use grok_shared::checkpoint::Checkpoint;
+    use grok_shared::generate::{generate, GenerateOptions};
+    use grok_shared::model::Model;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let mut c = ModelConfig::preset("tiny", Some(1)).unwrap();
+    c.vocab_size = 131072;
+    c.max_position_embeddings = 1024;
+    genmodel::generate(&c, GenDType::F32, 6, &model, 1 << 30, |_, _| {}).unwrap();
+    let prompt: Vec<u32> = (0..16).map(|i| 1 + i * 7919).collect();
+    let m = Model::load(&Checkpoint::open(&model).unwrap()).unwrap();
+    let want = generate(
+        &m,
+        &prompt,
+        &GenerateOptions {
+            max_new_tokens: 1,
+            stop_at_eos: false,
+            prompt_logits: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap()
+    .prompt_logits
+    .unwrap();
+    drop(m);
+    let (_coord, addr, _http) = coordinator(&model, &["--tp", "2", "--comm-timeout-ms", "5000"]);
+    let endpoint = format!("http://{addr}");
+    let _w0 = Proc(worker(&addr, "w0", 0));
+    let _w1 = Proc(worker(&addr, "w1", 1));
+    wait_state(&endpoint, "ready", 90).await;
+    // tonic's default: 4 MiB per message decoded.
+    let mut client = Client::connect(endpoint.clone()).await.unwrap();
+    let mut s = client
+        .generate(pb::GenerateRequest {
+            prompt_logits: true,
+            ..req(prompt.clone(), 2)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut logits, mut ids, mut messages) = (vec![], vec![], 0);
+    while let Some(m) = s.next().await {
+        let m = m.unwrap();
+        assert!(m.prompt_logits.len() * 4 <= 1 << 20, "a chunk over 1 MiB");
+        assert!(
+            m.prompt_logits.is_empty() || ids.is_empty(),
+            "prompt logits come before the first token"
+        );
+        logits.extend(m.prompt_logits);
+        ids.extend(m.ids);
+        messages += 1;
+    }
+    assert_eq!(ids.len(), 2);
+    assert!(messages > 8, "8 MiB of logits came in {messages} messages");
+    assert_eq!(logits.len(), want.len());
+    let err = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
+    assert!(
+        err < 1e-4,
+        "prompt logits differ from the single process by {err}"
+    );
+
+    // 600 tokens x 131072 x 4 bytes = 300 MiB: refused up front, naming the limit.
+    let e = client
+        .generate(pb::GenerateRequest {
+            prompt_logits: true,
+            ..req((1..=600).collect(), 1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("256 MiB") && e.message().contains("prompt_logits"),
+        "{e:?}"
+    );
+    // The cluster never took a worker for lost and serves on.
+    let st = status(&endpoint).await;
+    assert_eq!(st.state, "ready", "{}", st.detail);
+    assert!(
+        st.shards.iter().all(|s| s.state == "ready"),
+        "{:?}",
+        st.shards
+    );
+    assert_eq!(greedy(&endpoint, vec![3, 4], 4).await.unwrap().len(), 4);
+}

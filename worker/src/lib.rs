@@ -63,6 +63,9 @@ struct Svc {
     /// Closes the open step stream: a newer `Load` (a new leader, or the reload after a lost
     /// peer) takes the worker over from whoever holds the stream.
     stream_stop: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+    /// The coordinator instance of the newest Load ("" before any): the one that drives this
+    /// worker, and the only one that rejoins it by itself after a fault.
+    owner: Arc<Mutex<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,6 +179,8 @@ impl pb::worker_server::Worker for Svc {
                     want.model_dir.display()
                 )));
             }
+            // The newest Load wins: from now on this worker is its caller's.
+            *lock(&self.owner) = r.coordinator_id.clone();
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let slot = self.slot.clone();
             std::thread::spawn(move || {
@@ -210,6 +215,7 @@ impl pb::worker_server::Worker for Svc {
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
         *lock(&self.rank) = Some(r.rank);
+        *lock(&self.owner) = r.coordinator_id.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let slot = self.slot.clone();
         let cuda_device = self.cuda_device;
@@ -302,7 +308,7 @@ impl pb::worker_server::Worker for Svc {
                     span.record("error", res.error.as_str());
                 }
                 drop(span);
-                if tx.blocking_send(Ok(res)).is_err() {
+                if send_result(&tx, res).is_err() {
                     break;
                 }
             }
@@ -355,8 +361,37 @@ impl pb::worker_server::Worker for Svc {
         Ok(Response::new(pb::HealthResponse {
             state: state.into(),
             rank: lock(&self.rank).unwrap_or(0),
+            owner: lock(&self.owner).clone(),
         }))
     }
+}
+
+/// Sends a step's result, its logits split into messages of at most
+/// [`grok_proto::limits::CHUNK_BYTES`] (all but the last with `more` set), so that no prompt
+/// can make a message reach the transport's limit.
+fn send_result(
+    tx: &tokio::sync::mpsc::Sender<Result<pb::StepResult, Status>>,
+    mut res: pb::StepResult,
+) -> Result<(), ()> {
+    let per = grok_proto::limits::CHUNK_BYTES / 4;
+    if res.logits.len() > per {
+        let logits = std::mem::take(&mut res.logits);
+        let mut chunks = grok_proto::limits::float_chunks(&logits).peekable();
+        while let Some(c) = chunks.next() {
+            if chunks.peek().is_none() {
+                res.logits = c.to_vec();
+                break;
+            }
+            let part = pb::StepResult {
+                step_id: res.step_id,
+                logits: c.to_vec(),
+                more: true,
+                ..Default::default()
+            };
+            tx.blocking_send(Ok(part)).map_err(|_| ())?;
+        }
+    }
+    tx.blocking_send(Ok(res)).map_err(|_| ())
 }
 
 /// A fresh NCCL unique id for a group this worker is the first rank of.
@@ -398,6 +433,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         rank: Arc::new(Mutex::new(None)),
         cuda_device: args.cuda_device,
         stream_stop: Arc::default(),
+        owner: Arc::default(),
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let mut builder = tonic::transport::Server::builder();
@@ -409,7 +445,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     }
     let server = tokio::spawn(
         builder
-            .add_service(pb::worker_server::WorkerServer::new(svc.clone()))
+            .add_service(grok_proto::limited!(pb::worker_server::WorkerServer::new(
+                svc.clone()
+            )))
             .serve_with_incoming(incoming),
     );
     let advertise = args.advertise.clone().unwrap_or_else(|| local.to_string());
@@ -474,7 +512,7 @@ async fn register(args: &WorkerArgs, coordinator: &str, req: pb::RegisterRequest
     let deadline = tokio::time::Instant::now() + args.register_timeout;
     let mut client = loop {
         match endpoint.connect().await {
-            Ok(c) => break pb::cluster_client::ClusterClient::new(c),
+            Ok(c) => break grok_proto::limited!(pb::cluster_client::ClusterClient::new(c)),
             Err(e) => {
                 let why = grok_proto::tls::error_chain(&e);
                 // A certificate problem does not go away by waiting.

@@ -452,6 +452,45 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Chaos soak: starts a local cluster, keeps it under load from streaming clients, and
+    /// injects a seeded schedule of faults (SIGKILL and restart of a worker, SIGSTOP/SIGCONT of
+    /// one), one at a time. Prints requests completed, failed with a retryable error (retried
+    /// until they succeed), lost (hung, non-retryable, or tokens other than the fault-free
+    /// run's), time to recover p50/max, and replicas left down; exits non-zero when anything
+    /// was lost or left down.
+    #[command(
+        after_help = "Examples:\n  grokctl gen-model --preset tiny --layers 2 --out /tmp/tiny\n  grokctl bench chaos --model /tmp/tiny --tp 2 --replicas 2 --clients 8 --duration-s 300 --seed 7\n  grokctl bench chaos --model /tmp/tiny --faults stop --duration-s 60 --json"
+    )]
+    Chaos {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        tp: usize,
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+        /// Concurrent streaming clients.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// How long faults are injected (the clients' last requests finish after).
+        #[arg(long, default_value_t = 120)]
+        duration_s: u64,
+        /// Seed of the fault schedule (which fault, which worker, how long).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Fault kinds to draw from.
+        #[arg(long, value_delimiter = ',', default_value = "kill,stop")]
+        faults: Vec<String>,
+        /// Mean seconds of load between a recovery and the next fault.
+        #[arg(long, default_value_t = 4.0)]
+        interval_s: f64,
+        /// Tokens per request.
+        #[arg(long, default_value_t = 48)]
+        max_tokens: u32,
+        #[arg(long, default_value_t = 1)]
+        threads_per_worker: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -910,6 +949,37 @@ fn run(cli: Cli) -> Result<()> {
                 json,
             ))
         }
+        Cmd::Bench {
+            serve:
+                Some(BenchCmd::Chaos {
+                    model,
+                    tp,
+                    replicas,
+                    clients,
+                    duration_s,
+                    seed,
+                    faults,
+                    interval_s,
+                    max_tokens,
+                    threads_per_worker,
+                    json,
+                }),
+            ..
+        } => rt()?.block_on(grok_coordinator::chaos::bench_chaos(
+            &grok_coordinator::chaos::ChaosArgs {
+                model,
+                tp,
+                replicas,
+                clients,
+                duration_s,
+                seed,
+                faults,
+                interval_s,
+                max_tokens,
+                threads_per_worker,
+                json,
+            },
+        )),
         Cmd::Bench {
             model: None,
             endpoint: Some(endpoint),

@@ -106,6 +106,14 @@ impl Net {
     }
 }
 
+impl Net {
+    /// Puts host number `index` back on the network after [`Net::partition`].
+    pub fn heal(&self, index: usize) -> Result<(), String> {
+        let (sw, port) = (format!("{}-sw", self.tag), format!("{}b{index}", self.tag));
+        ip(&["-n", &sw, "link", "set", &port, "up"])
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         if let Some(l) = &self.root_link {

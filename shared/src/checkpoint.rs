@@ -349,19 +349,27 @@ fn weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
                 path: index.clone(),
                 why: "no `weight_map` object".into(),
             })?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        files.sort();
-        files.dedup();
-        for f in &files {
-            if f.contains('/') || f.contains("..") {
+        let mut files = Vec::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| CheckpointError::Corrupt {
+                path: index.clone(),
+                why: format!("the file of tensor `{name}` is {f}, not a file name"),
+            })?;
+            if !is_plain_file_name(f) {
                 return Err(CheckpointError::Corrupt {
                     path: index.clone(),
                     why: format!("file name `{f}` must be a plain name inside the directory"),
                 });
             }
+            files.push(f.to_string());
+        }
+        files.sort();
+        files.dedup();
+        if files.is_empty() {
+            return Err(CheckpointError::Corrupt {
+                path: index.clone(),
+                why: "the `weight_map` names no file".into(),
+            });
         }
         return Ok(files);
     }
@@ -382,6 +390,12 @@ fn weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
         return Err(CheckpointError::NoWeights(dir.to_path_buf()));
     }
     Ok(files)
+}
+
+/// A file name that stays inside its directory: not empty, no separator, no `..`, no NUL. Index
+/// and manifest files name weight files; a name from a file must not reach outside.
+pub fn is_plain_file_name(f: &str) -> bool {
+    !f.is_empty() && f != "." && !f.contains(['/', '\\', '\0']) && !f.contains("..")
 }
 
 /// Maps a safetensors file and validates its header against the file size.
@@ -543,5 +557,35 @@ impl<W: Write> Write for CountingWriter<'_, W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_files_name_only_plain_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (map, why) in [
+            (r#"{"a": "../model.safetensors"}"#, "plain name"),
+            (r#"{"a": "/etc/passwd"}"#, "plain name"),
+            (r#"{"a": ""}"#, "plain name"),
+            (r#"{"a": "x\u0000y"}"#, "plain name"),
+            // A non-string was silently skipped before.
+            (r#"{"a": 7}"#, "not a file name"),
+            (r#"{}"#, "names no file"),
+        ] {
+            std::fs::write(
+                d.join("model.safetensors.index.json"),
+                format!(r#"{{"weight_map": {map}}}"#),
+            )
+            .unwrap();
+            let e = weight_files(d).unwrap_err().to_string();
+            assert!(e.contains(why), "{map}: {e}");
+        }
+        assert!(is_plain_file_name("model-00001-of-00002.safetensors"));
+        assert!(!is_plain_file_name(".."));
     }
 }

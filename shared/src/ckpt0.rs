@@ -6,9 +6,14 @@
 //! and the few globals those files use (numpy array and dtype reconstruction, `ml_dtypes`
 //! bfloat16, the dataclass); any other global is refused by name and nothing is ever executed.
 //! Array payloads are not copied: a parsed array refers to a byte range of the memory-mapped file,
-//! so converting one tensor at a time keeps memory bounded by the largest output tensor.
+//! so converting one tensor at a time keeps memory bounded by the largest output tensor. Arrays
+//! numpy pickled in Fortran order are read in C order through [`c_order`] (a copy of just the
+//! elements asked for). Every length, memo index and shape read from a file is checked, and the
+//! machine's values are bounded (see `MAX_VALUES`), so no pickle can make it panic or allocate
+//! more than its size justifies.
 
 use memmap2::Mmap;
+use std::borrow::Cow;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -53,14 +58,26 @@ impl NpDType {
     }
 }
 
-/// An array inside a mapped pickle: C-order, little-endian.
+/// An array inside a mapped pickle, little-endian. Its bytes are in C (row-major) order, or in
+/// Fortran (column-major) order when `fortran` is set: numpy pickles an F-contiguous array (a
+/// transposed one, `np.asfortranarray(x)`) that way. [`TensorFile::bytes`] always hands out C
+/// order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NpArray {
     pub dtype: NpDType,
     pub shape: Vec<usize>,
+    /// The data is stored in Fortran (column-major) order.
+    pub fortran: bool,
     /// Byte range of the data inside the file.
     pub start: usize,
     pub len: usize,
+}
+
+impl NpArray {
+    /// Number of elements (the product of the shape, checked when the array was parsed).
+    pub fn numel(&self) -> usize {
+        self.len / self.dtype.size()
+    }
 }
 
 /// One leaf of the parameter tree.
@@ -94,9 +111,77 @@ impl TensorFile {
         })
     }
 
-    pub fn bytes(&self, a: &NpArray) -> &[u8] {
+    /// The array's bytes as stored in the file (C or Fortran order).
+    pub fn raw_bytes(&self, a: &NpArray) -> &[u8] {
         &self.map[a.start..a.start + a.len]
     }
+
+    /// The whole array in C (row-major) order: a view of the mapping for a C-order array, a
+    /// reordered copy for a Fortran-order one.
+    pub fn bytes(&self, a: &NpArray) -> Cow<'_, [u8]> {
+        c_order(self.raw_bytes(a), a, 0, a.numel())
+    }
+
+    /// Elements `first..first + n` of the array in C order (e.g. one expert of a stacked
+    /// weight), zero-copy for a C-order array.
+    pub fn c_range(&self, a: &NpArray, first: usize, n: usize) -> Cow<'_, [u8]> {
+        c_order(self.raw_bytes(a), a, first, n)
+    }
+}
+
+/// Elements `first..first + n`, counted in C (row-major) order, of the array `a` whose stored
+/// bytes are `raw`. A C-order array (or one of fewer than two dimensions, where both orders
+/// agree) is borrowed; a Fortran-order one is gathered element by element into a copy of `n`
+/// elements, so slicing one expert out of a stacked weight never copies the whole stack.
+///
+/// Panics if the range is outside the array: callers check shapes first.
+pub fn c_order<'a>(raw: &'a [u8], a: &NpArray, first: usize, n: usize) -> Cow<'a, [u8]> {
+    let size = a.dtype.size();
+    let end = first
+        .checked_add(n)
+        .filter(|&e| e <= a.numel() && e * size <= raw.len())
+        .unwrap_or_else(|| {
+            panic!(
+                "elements {first}..+{n} outside the array of shape {:?}",
+                a.shape
+            )
+        });
+    if !a.fortran || a.shape.len() < 2 {
+        return Cow::Borrowed(&raw[first * size..end * size]);
+    }
+    let nd = a.shape.len();
+    // Fortran strides (in elements): the first axis varies fastest.
+    let mut fstride = vec![0usize; nd];
+    let mut s = 1usize;
+    for k in 0..nd {
+        fstride[k] = s;
+        s *= a.shape[k];
+    }
+    // The multi-index of element `first` (C order) and its offset in the stored data.
+    let mut idx = vec![0usize; nd];
+    let mut rem = first;
+    for k in (0..nd).rev() {
+        if a.shape[k] > 0 {
+            idx[k] = rem % a.shape[k];
+            rem /= a.shape[k];
+        }
+    }
+    let mut off: usize = idx.iter().zip(&fstride).map(|(i, s)| i * s).sum();
+    let mut out = Vec::with_capacity(n * size);
+    for _ in 0..n {
+        out.extend_from_slice(&raw[off * size..(off + 1) * size]);
+        // The next element in C order: the last axis moves first, carrying into the others.
+        for k in (0..nd).rev() {
+            idx[k] += 1;
+            off += fstride[k];
+            if idx[k] < a.shape[k] {
+                break;
+            }
+            off -= fstride[k] * a.shape[k];
+            idx[k] = 0;
+        }
+    }
+    Cow::Owned(out)
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +204,25 @@ enum V {
     Mark,
 }
 
+/// Number of values in `v`, itself included (what a copy of it costs).
+fn nodes(v: &V) -> usize {
+    match v {
+        V::Tuple(x) | V::List(x) => 1 + x.iter().map(nodes).sum::<usize>(),
+        V::Dict(d) => 1 + d.iter().map(|(k, v)| nodes(k) + nodes(v)).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// Bounds of the pickle machine. The release's pickles use a few dozen values and nest three
+/// deep; these limits only stop hostile files from exhausting memory (memo copies of a large
+/// list, over and over) or the stack (values nested thousands deep, dropped recursively).
+/// Operations that build or fill a container (each can nest one level deeper).
+const MAX_CONTAINER_OPS: usize = 1024;
+/// Values created or copied (memo reads and writes copy) over the whole pickle.
+const MAX_VALUES: usize = 1 << 16;
+/// Memo slots.
+const MAX_MEMO: usize = 4096;
+
 const ALLOWED: &[(&str, &str)] = &[
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -131,7 +235,8 @@ const ALLOWED: &[(&str, &str)] = &[
     ("numpy._core.numeric", "_frombuffer"),
 ];
 
-/// Parses one tensor pickle.
+/// Parses one tensor pickle. Never panics and allocates at most what the file's size and the
+/// machine's limits allow: every length and memo index read from the file is checked first.
 pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
     let err = |why: String| Ckpt0Error::Pickle {
         path: path.into(),
@@ -140,19 +245,32 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
     let mut st: Vec<V> = Vec::new();
     let mut memo: Vec<V> = Vec::new();
     let mut i = 0usize;
+    // Values created or copied, and container operations, so far.
+    let mut values = 0usize;
+    let mut containers = 0usize;
     let take = |i: &mut usize, n: usize| -> Result<usize, Ckpt0Error> {
         let s = *i;
-        if s + n > b.len() {
-            return Err(Ckpt0Error::Pickle {
+        match s.checked_add(n) {
+            Some(e) if e <= b.len() => {
+                *i = e;
+                Ok(s)
+            }
+            _ => Err(Ckpt0Error::Pickle {
                 path: path.into(),
-                why: format!("truncated at byte {s} (needs {n} more)"),
-            });
+                why: format!(
+                    "truncated at byte {s} (needs {n} more, the file has {})",
+                    b.len() - s
+                ),
+            }),
         }
-        *i += n;
-        Ok(s)
     };
-    let u32le = |s: usize| u32::from_le_bytes(b[s..s + 4].try_into().expect("4 bytes")) as usize;
-    let u64le = |s: usize| u64::from_le_bytes(b[s..s + 8].try_into().expect("8 bytes")) as usize;
+    let u32le = |s: usize| u32::from_le_bytes([b[s], b[s + 1], b[s + 2], b[s + 3]]) as usize;
+    let u64le = |s: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[s..s + 8]);
+        // Beyond the address space is beyond the file: `take` refuses it.
+        usize::try_from(u64::from_le_bytes(x)).unwrap_or(usize::MAX)
+    };
     let pop = |st: &mut Vec<V>| st.pop().ok_or_else(|| err("stack underflow".into()));
     let pop_mark = |st: &mut Vec<V>| -> Result<Vec<V>, Ckpt0Error> {
         let m = st
@@ -168,8 +286,30 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
             .map(str::to_string)
             .map_err(|_| err("invalid UTF-8 in a string".into()))
     };
+    // Charges `n` values against MAX_VALUES.
+    let charge = |values: &mut usize, n: usize| -> Result<(), Ckpt0Error> {
+        *values = values.saturating_add(n);
+        if *values > MAX_VALUES {
+            return Err(err(format!(
+                "more than {MAX_VALUES} values created or copied: not a tensor pickle"
+            )));
+        }
+        Ok(())
+    };
     loop {
         let op = b[take(&mut i, 1)?];
+        charge(&mut values, 1)?;
+        if matches!(
+            op,
+            b')' | b']' | b'}' | 0x85..=0x87 | b't' | b'a' | b'e' | b's' | b'u'
+        ) {
+            containers += 1;
+            if containers > MAX_CONTAINER_OPS {
+                return Err(err(format!(
+                    "more than {MAX_CONTAINER_OPS} tuple, list and dict operations: not a tensor pickle"
+                )));
+            }
+        }
         match op {
             0x80 => {
                 take(&mut i, 1)?;
@@ -208,34 +348,31 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
                 st.push(V::Bytes(s, n));
             }
             0x98 => {} // READONLY_BUFFER
-            0x94 => {
-                let top = st
-                    .last()
-                    .cloned()
-                    .ok_or_else(|| err("MEMOIZE on an empty stack".into()))?;
-                memo.push(top);
-            }
-            b'q' => {
-                let k = b[take(&mut i, 1)?] as usize;
-                let top = st
-                    .last()
-                    .cloned()
-                    .ok_or_else(|| err("BINPUT on an empty stack".into()))?;
-                if memo.len() <= k {
-                    memo.resize(k + 1, V::None);
+            0x94 | b'q' | b'r' => {
+                // MEMOIZE (the next slot), BINPUT, LONG_BINPUT (a given slot). Writers number
+                // the slots in order, so a slot past the next one is refused: an index read
+                // from the file never sizes an allocation.
+                let k = match op {
+                    0x94 => memo.len(),
+                    b'q' => b[take(&mut i, 1)?] as usize,
+                    _ => u32le(take(&mut i, 4)?),
+                };
+                if k > memo.len() || k >= MAX_MEMO {
+                    return Err(err(format!(
+                        "memo slot {k} is out of order (the memo holds {} values)",
+                        memo.len()
+                    )));
                 }
-                memo[k] = top;
-            }
-            b'r' => {
-                let k = u32le(take(&mut i, 4)?);
                 let top = st
                     .last()
-                    .cloned()
-                    .ok_or_else(|| err("LONG_BINPUT on an empty stack".into()))?;
-                if memo.len() <= k {
-                    memo.resize(k + 1, V::None);
+                    .ok_or_else(|| err("memo write on an empty stack".into()))?;
+                charge(&mut values, nodes(top))?;
+                let top = top.clone();
+                if k == memo.len() {
+                    memo.push(top);
+                } else {
+                    memo[k] = top;
                 }
-                memo[k] = top;
             }
             b'h' | b'j' => {
                 let k = if op == b'h' {
@@ -243,11 +380,11 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
                 } else {
                     u32le(take(&mut i, 4)?)
                 };
-                st.push(
-                    memo.get(k)
-                        .cloned()
-                        .ok_or_else(|| err(format!("memo {k} undefined")))?,
-                );
+                let v = memo
+                    .get(k)
+                    .ok_or_else(|| err(format!("memo {k} undefined")))?;
+                charge(&mut values, nodes(v))?;
+                st.push(v.clone());
             }
             0x93 | b'c' => {
                 let (module, name) = if op == 0x93 {
@@ -346,7 +483,7 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
             b'J' => {
                 let s = take(&mut i, 4)?;
                 st.push(V::Int(
-                    i32::from_le_bytes(b[s..s + 4].try_into().expect("4")) as i64,
+                    i32::from_le_bytes([b[s], b[s + 1], b[s + 2], b[s + 3]]) as i64,
                 ));
             }
             0x8a => {
@@ -407,13 +544,15 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
                         st.push(V::DType(dt));
                     }
                     "_frombuffer" => {
-                        // (buffer, dtype, shape, order)
+                        // (buffer, dtype, shape, order): protocol 5 pickles.
                         match a.as_slice() {
                             [V::Bytes(s, len), V::DType(Some(dt)), V::Tuple(shape), V::Str(order)]
-                                if order == "C" =>
+                                if order == "C" || order == "F" =>
                             {
                                 let shape = ints(shape).ok_or_else(|| err("bad shape".into()))?;
-                                st.push(V::Array(array(*dt, shape, *s, *len).map_err(err)?));
+                                st.push(V::Array(
+                                    array(*dt, shape, order == "F", *s, *len).map_err(err)?,
+                                ));
                             }
                             _ => return Err(err("unsupported _frombuffer arguments".into())),
                         }
@@ -425,16 +564,26 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
                 let state = pop(&mut st)?;
                 let obj = pop(&mut st)?;
                 let built = match obj {
-                    V::DType(d) => V::DType(d),
+                    V::DType(d) => {
+                        // (version, byte order, ...): only little-endian (or byte-sized) data.
+                        if let V::Tuple(t) = &state {
+                            if let Some(V::Str(o)) = t.get(1) {
+                                if o == ">" {
+                                    return Err(err(
+                                        "big-endian arrays are not supported (the release is little-endian)"
+                                            .into(),
+                                    ));
+                                }
+                            }
+                        }
+                        V::DType(d)
+                    }
                     V::EmptyArray => match state {
                         V::Tuple(t) => match t.as_slice() {
-                            [V::Int(1), V::Tuple(shape), V::DType(Some(dt)), V::Bool(false), V::Bytes(s, len)] =>
+                            [V::Int(1), V::Tuple(shape), V::DType(Some(dt)), V::Bool(fortran), V::Bytes(s, len)] =>
                             {
                                 let shape = ints(shape).ok_or_else(|| err("bad shape".into()))?;
-                                V::Array(array(*dt, shape, *s, *len).map_err(err)?)
-                            }
-                            [_, _, _, V::Bool(true), _] => {
-                                return Err(err("Fortran-order arrays are not supported".into()))
+                                V::Array(array(*dt, shape, *fortran, *s, *len).map_err(err)?)
                             }
                             _ => return Err(err("unexpected ndarray state".into())),
                         },
@@ -471,6 +620,12 @@ pub fn parse(b: &[u8], path: &Path) -> Result<Leaf, Ckpt0Error> {
                         if w.dtype != NpDType::I8 {
                             return Err(err("QuantizedWeight8bit.weight is not int8".into()));
                         }
+                        if s.dtype == NpDType::I8 {
+                            return Err(err(
+                                "QuantizedWeight8bit.scales are int8 (expected bfloat16 or f32)"
+                                    .into(),
+                            ));
+                        }
                         Ok(Leaf::Quantized {
                             weight: w,
                             scales: s,
@@ -503,17 +658,28 @@ fn ints(v: &[V]) -> Option<Vec<usize>> {
         .collect()
 }
 
-fn array(dtype: NpDType, shape: Vec<usize>, start: usize, len: usize) -> Result<NpArray, String> {
-    let n: usize = shape.iter().product();
-    if n * dtype.size() != len {
-        return Err(format!(
-            "array data is {len} bytes but shape {shape:?} of {dtype:?} needs {}",
-            n * dtype.size()
-        ));
+fn array(
+    dtype: NpDType,
+    shape: Vec<usize>,
+    fortran: bool,
+    start: usize,
+    len: usize,
+) -> Result<NpArray, String> {
+    let need = shape
+        .iter()
+        .try_fold(dtype.size(), |a, &d| a.checked_mul(d));
+    if need != Some(len) {
+        return Err(match need {
+            Some(n) => {
+                format!("array data is {len} bytes but shape {shape:?} of {dtype:?} needs {n}")
+            }
+            None => format!("array shape {shape:?} of {dtype:?} overflows"),
+        });
     }
     Ok(NpArray {
         dtype,
         shape,
+        fortran,
         start,
         len,
     })
@@ -606,12 +772,13 @@ fn expect(f: &TensorFile, name: &str, a: &NpArray, shape: &[usize]) -> Result<()
     Ok(())
 }
 
-/// A `[.., in, out]` matrix leaf (expert `e` of a stacked one when `e` is Some) as Hugging Face
-/// tensors `base.weight` `[out, in]` (+ `base.scales` `[nb, out]` for int8).
+/// A `[.., in, out]` matrix leaf (expert `e` of a stacked one of `n` experts when `expert` is
+/// `Some((e, n))`) as Hugging Face tensors `base.weight` `[out, in]` (+ `base.scales`
+/// `[nb, out]` for int8).
 fn matrix_out(
     f: &TensorFile,
     leaf: &str,
-    e: Option<usize>,
+    expert: Option<(usize, usize)>,
     inp: usize,
     out: usize,
     base: &str,
@@ -620,20 +787,19 @@ fn matrix_out(
         Leaf::Quantized { weight, scales } => (weight, Some(scales)),
         Leaf::Array(a) => (a, None),
     };
-    let lead: Vec<usize> = e
-        .map(|_| vec![w.shape.first().copied().unwrap_or(0)])
-        .unwrap_or_default();
+    // The stack must hold every expert the config names: its leading size is checked too.
+    let lead: Vec<usize> = expert.map(|(_, n)| vec![n]).unwrap_or_default();
+    let e = expert.map_or(0, |(e, _)| e);
     let mut want = lead.clone();
     want.extend([inp, out]);
     expect(f, leaf, w, &want)?;
-    let per = inp * out * w.dtype.size();
-    let off = e.unwrap_or(0) * per;
-    let data = &f.bytes(w)[off..off + per];
+    let per = inp * out;
+    let data = f.c_range(w, e * per, per);
     let mut v = vec![(
         format!("{base}.weight"),
         np_to_dtype(w.dtype),
         vec![out, inp],
-        transpose(data, inp, out, w.dtype.size()),
+        transpose(&data, inp, out, w.dtype.size()),
     )];
     if let Some(s) = s {
         let nb = *s.shape.get(s.shape.len().wrapping_sub(2)).unwrap_or(&0);
@@ -648,13 +814,12 @@ fn matrix_out(
             });
         }
         expect(f, &format!("{leaf} scales"), s, &want)?;
-        let sper = nb * out * s.dtype.size();
-        let soff = e.unwrap_or(0) * sper;
+        let sper = nb * out;
         v.push((
             format!("{base}.scales"),
             np_to_dtype(s.dtype),
             vec![nb, out],
-            f.bytes(s)[soff..soff + sper].to_vec(),
+            f.c_range(s, e * sper, sper).into_owned(),
         ));
     }
     Ok(v)
@@ -677,7 +842,7 @@ fn vector_out(
         name.into(),
         np_to_dtype(a.dtype),
         vec![d],
-        f.bytes(a).to_vec(),
+        f.bytes(a).into_owned(),
     )])
 }
 
@@ -736,7 +901,7 @@ pub fn convert_to_hf(
             "model.embed_tokens.weight".to_string(),
             np_to_dtype(a.dtype),
             vec![v, d],
-            emb.bytes(a).to_vec(),
+            emb.bytes(a).into_owned(),
         )];
         ts.extend(vector_out(
             &TensorFile::open(&files[1])?,
@@ -767,7 +932,7 @@ pub fn convert_to_hf(
                 ts.extend(matrix_out(
                     &lin,
                     &names[base],
-                    Some(x),
+                    Some((x, e)),
                     d,
                     f,
                     &format!("{eb}.linear"),
@@ -775,7 +940,7 @@ pub fn convert_to_hf(
                 ts.extend(matrix_out(
                     &lin1,
                     &names[base + 1],
-                    Some(x),
+                    Some((x, e)),
                     f,
                     d,
                     &format!("{eb}.linear_1"),
@@ -783,7 +948,7 @@ pub fn convert_to_hf(
                 ts.extend(matrix_out(
                     &linv,
                     &names[base + 2],
-                    Some(x),
+                    Some((x, e)),
                     d,
                     f,
                     &format!("{eb}.linear_v"),
@@ -848,7 +1013,7 @@ pub fn convert_to_hf(
                 format!("{p}.moe_block.gate.weight"),
                 np_to_dtype(a.dtype),
                 vec![e, d],
-                transpose(r.bytes(a), d, e, a.dtype.size()),
+                transpose(&r.bytes(a), d, e, a.dtype.size()),
             ));
             for t in &ts {
                 weight_map.insert(t.0.clone(), fname.clone().into());
@@ -895,5 +1060,136 @@ mod tests {
             leaf_names(11)[2 + 12 * 2],
             "transformer/decoder_layer_10/moe/linear/w"
         );
+    }
+
+    fn unhex(h: &str) -> Vec<u8> {
+        (0..h.len())
+            .step_by(2)
+            .map(|k| u8::from_str_radix(&h[k..k + 2], 16).unwrap())
+            .collect()
+    }
+
+    // `pickle.dumps(x)` (protocol 4) of x = np.arange(6, dtype=np.float32).reshape(2, 3), in C
+    // order and as np.asfortranarray(x); the same with protocol 5 (`_frombuffer`, order 'F');
+    // y = np.arange(24, dtype=np.int8).reshape(2, 3, 4) in both orders.
+    const HEAD: &str = "800495a3000000000000008c166e756d70792e5f636f72652e6d756c74696172726179948c0c5f7265636f6e7374727563749493948c056e756d7079948c076e6461727261799493944b0085944301629487945294284b014b024b03869468038c0564747970659493948c02663494898887945294284b038c013c944e4e4e4affffffff4affffffff4b00749462";
+    const C2: &str = "894318000000000000803f0000004000004040000080400000a040947494622e";
+    const F2: &str = "88431800000000000040400000803f00008040000000400000a040947494622e";
+    const F2_P5: &str = "8005958e000000000000008c136e756d70792e5f636f72652e6e756d65726963948c0b5f66726f6d6275666665729493942896180000000000000000000000000040400000803f00008040000000400000a040948c056e756d7079948c0564747970659493948c02663494898887945294284b038c013c944e4e4e4affffffff4affffffff4b007494624b024b0386948c014694749452942e";
+    const C3: &str = "800495a5000000000000008c166e756d70792e5f636f72652e6d756c74696172726179948c0c5f7265636f6e7374727563749493948c056e756d7079948c076e6461727261799493944b0085944301629487945294284b014b024b034b04879468038c0564747970659493948c02693194898887945294284b038c017c944e4e4e4affffffff4affffffff4b00749462894318000102030405060708090a0b0c0d0e0f1011121314151617947494622e";
+    const F3: &str = "800495a5000000000000008c166e756d70792e5f636f72652e6d756c74696172726179948c0c5f7265636f6e7374727563749493948c056e756d7079948c076e6461727261799493944b0085944301629487945294284b014b024b034b04879468038c0564747970659493948c02693194898887945294284b038c017c944e4e4e4affffffff4affffffff4b00749462884318000c04100814010d05110915020e06120a16030f07130b17947494622e";
+
+    fn array_of(b: &[u8]) -> NpArray {
+        match parse(b, Path::new("t")).unwrap() {
+            Leaf::Array(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn fortran_order_arrays_read_in_c_order() {
+        let want: Vec<f32> = (0..6).map(|x| x as f32).collect();
+        for (what, b) in [
+            ("C", unhex(&format!("{HEAD}{C2}"))),
+            ("F", unhex(&format!("{HEAD}{F2}"))),
+            ("F, protocol 5", unhex(F2_P5)),
+        ] {
+            let a = array_of(&b);
+            assert_eq!(a.shape, vec![2, 3], "{what}");
+            assert_eq!(a.fortran, what != "C", "{what}");
+            let raw = &b[a.start..a.start + a.len];
+            assert_eq!(f32s(&c_order(raw, &a, 0, 6)), want, "{what}");
+            // Any range in C order, e.g. the second row.
+            assert_eq!(f32s(&c_order(raw, &a, 3, 3)), want[3..], "{what}");
+            // C order stays a view of the file.
+            assert_eq!(
+                matches!(c_order(raw, &a, 0, 6), Cow::Borrowed(_)),
+                what == "C"
+            );
+        }
+        let want: Vec<u8> = (0..24).collect();
+        for b in [unhex(C3), unhex(F3)] {
+            let a = array_of(&b);
+            assert_eq!(a.shape, vec![2, 3, 4]);
+            let raw = &b[a.start..a.start + a.len];
+            assert_eq!(&*c_order(raw, &a, 0, 24), &want[..]);
+            // The second of a stack of two [3, 4] matrices, and a range across rows.
+            assert_eq!(&*c_order(raw, &a, 12, 12), &want[12..]);
+            assert_eq!(&*c_order(raw, &a, 5, 9), &want[5..14]);
+        }
+    }
+
+    #[test]
+    fn stacked_experts_in_either_order_convert_alike_and_missing_experts_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str, hex: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, unhex(hex)).unwrap();
+            TensorFile::open(&p).unwrap()
+        };
+        let (c, f) = (open("c", C3), open("f", F3));
+        for e in 0..2 {
+            let a = matrix_out(&c, "w", Some((e, 2)), 3, 4, "x").unwrap();
+            let b = matrix_out(&f, "w", Some((e, 2)), 3, 4, "x").unwrap();
+            assert_eq!(a, b);
+            // [in, out] = [3, 4] becomes [out, in].
+            assert_eq!(a[0].2, vec![4, 3]);
+            assert_eq!(
+                a[0].3[..3],
+                [12 * e as u8, 12 * e as u8 + 4, 12 * e as u8 + 8]
+            );
+        }
+        // A stack of 2 where the config says 8 experts: a shape error, not a slice past the end.
+        let e = matrix_out(&c, "w", Some((5, 8)), 3, 4, "x").unwrap_err();
+        assert!(matches!(e, Ckpt0Error::Shape { .. }), "{e}");
+    }
+
+    fn pickle_err(b: &[u8]) -> String {
+        let e = parse(b, Path::new("t")).unwrap_err().to_string();
+        assert!(e.starts_with("t: "), "{e}");
+        e
+    }
+
+    #[test]
+    fn lengths_indices_and_sizes_from_the_file_are_checked() {
+        // BINUNICODE8 of length 2^64 - 1: the end offset overflowed.
+        let mut b = b"\x80\x04\x8d".to_vec();
+        b.extend([0xff; 8]);
+        assert!(pickle_err(&b).contains("truncated"));
+        // LONG_BINPUT 0x7fffffff: resized the memo to 2^31 values.
+        let e = pickle_err(b"\x80\x04Nr\xff\xff\xff\x7f.");
+        assert!(e.contains("memo slot 2147483647 is out of order"), "{e}");
+        // A shape whose byte count overflows: (2^62, 8) of f32.
+        let ok = format!("{HEAD}{C2}");
+        let bad = ok.replace("4b024b0386", "8a0800000000000000404b0886");
+        assert_ne!(ok, bad);
+        assert!(pickle_err(&unhex(&bad)).contains("overflows"));
+        // Big-endian data would be read as garbage: refused.
+        let be = ok.replace("8c013c94", "8c013e94");
+        assert!(pickle_err(&unhex(&be)).contains("big-endian"));
+    }
+
+    #[test]
+    fn nesting_and_memo_copies_are_bounded() {
+        // 100000 nested tuples: dropping them recursed 100000 deep (a stack overflow).
+        let mut b = b"\x80\x04)".to_vec();
+        b.extend(std::iter::repeat_n(0x85u8, 100_000));
+        b.push(b'.');
+        assert!(pickle_err(&b).contains("tuple, list and dict operations"));
+        // A 1000-item list memoized, then copied 100000 times (10^8 values).
+        let mut b = b"\x80\x04](".to_vec();
+        b.extend(std::iter::repeat_n(b'N', 1000));
+        b.extend(b"e\x94");
+        for _ in 0..100_000 {
+            b.extend(b"h\x00");
+        }
+        b.push(b'.');
+        assert!(pickle_err(&b).contains("values created or copied"));
     }
 }

@@ -35,6 +35,13 @@ pub enum ConfigError {
     UnknownPreset(String),
 }
 
+/// The most parameters a configuration may describe (Grok-1 has 3.2e11): with 8 bytes each the
+/// byte count still fits in a u64.
+const MAX_PARAMS: u64 = 1 << 56;
+
+/// The most layers, heads or experts a configuration may have (Grok-1: 64, 48, 8, 8).
+const MAX_COUNT: usize = 1 << 16;
+
 /// The architecture hyperparameters of a Grok-1-style model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -156,6 +163,30 @@ impl ModelConfig {
         self.vocab_size as u64 * d + self.num_layers as u64 * per_layer + d
     }
 
+    /// [`Self::num_params`] with every product checked (None on overflow).
+    fn checked_num_params(&self) -> Option<u64> {
+        let u = |x: usize| u64::try_from(x).ok();
+        let d = u(self.emb_size)?;
+        let q = u(self.num_q_heads.checked_mul(self.key_size)?)?;
+        let kv = u(self.num_kv_heads.checked_mul(self.key_size)?)?;
+        let attn = d
+            .checked_mul(q)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?;
+        let experts = u(self.num_experts)?
+            .checked_mul(3)?
+            .checked_mul(d)?
+            .checked_mul(u(self.ffn_size)?)?;
+        let per_layer = attn
+            .checked_add(experts)?
+            .checked_add(d.checked_mul(u(self.num_experts)?)?)?
+            .checked_add(d.checked_mul(4)?)?;
+        u(self.vocab_size)?
+            .checked_mul(d)?
+            .checked_add(u(self.num_layers)?.checked_mul(per_layer)?)?
+            .checked_add(d)
+    }
+
     /// Parameters touched per decoded token, including the (tied) output matrix.
     pub fn active_params(&self) -> u64 {
         let d = self.emb_size as u64;
@@ -205,6 +236,36 @@ impl ModelConfig {
         if self.vocab_size > u32::MAX as usize {
             return Err(ConfigError::Inconsistent("vocab_size too large".into()));
         }
+        // Layers, heads and experts are counted one by one (shards list their experts, names
+        // are made per layer): a count read from a file must not size a huge list.
+        for (k, v) in [
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_q_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("num_experts", self.num_experts),
+        ] {
+            if v > MAX_COUNT {
+                return Err(ConfigError::Inconsistent(format!(
+                    "{k} ({v}) exceeds {MAX_COUNT}"
+                )));
+            }
+        }
+        // Every size derived from these numbers (head widths, tensor sizes, the parameter count
+        // and its bytes) must fit, so that no later arithmetic on a config read from a file
+        // overflows.
+        if self.checked_num_params().is_none_or(|n| n > MAX_PARAMS) {
+            return Err(ConfigError::Inconsistent(format!(
+                "the sizes describe more than 2^56 parameters (vocab_size {}, hidden_size {}, intermediate_size {}, num_hidden_layers {}, num_attention_heads {}, num_key_value_heads {}, head_dim {}, num_experts {})",
+                self.vocab_size,
+                self.emb_size,
+                self.ffn_size,
+                self.num_layers,
+                self.num_q_heads,
+                self.num_kv_heads,
+                self.key_size,
+                self.num_experts
+            )));
+        }
         for (k, v) in [
             ("attn_output_multiplier", self.attn_output_multiplier),
             (
@@ -246,6 +307,11 @@ impl ModelConfig {
         let key_size = match opt_usize(v, "head_dim", &["key_size"])? {
             Some(h) => h,
             None => {
+                if heads == 0 {
+                    return Err(ConfigError::Inconsistent(
+                        "num_attention_heads must be positive".into(),
+                    ));
+                }
                 if emb % heads != 0 {
                     return Err(ConfigError::Inconsistent(format!(
                         "head_dim is absent and hidden_size ({emb}) is not a multiple of num_attention_heads ({heads})"
@@ -276,9 +342,9 @@ impl ModelConfig {
                 .unwrap_or(8192),
             rms_norm_eps: opt_f64(v, "rms_norm_eps", &[])?.unwrap_or(1e-5),
             rope_theta: opt_f64(v, "rope_theta", &[])?.unwrap_or(10000.0),
-            pad_token_id: opt_usize(v, "pad_token_id", &[])?.unwrap_or(0) as u32,
-            bos_token_id: opt_usize(v, "bos_token_id", &[])?.unwrap_or(1) as u32,
-            eos_token_id: opt_usize(v, "eos_token_id", &[])?.unwrap_or(2) as u32,
+            pad_token_id: opt_u32(v, "pad_token_id")?.unwrap_or(0),
+            bos_token_id: opt_u32(v, "bos_token_id")?.unwrap_or(1),
+            eos_token_id: opt_u32(v, "eos_token_id")?.unwrap_or(2),
         };
         c.validate()?;
         Ok(c)
@@ -372,6 +438,20 @@ fn opt_usize(
     }
 }
 
+/// A token id: a u32 (a larger number was silently truncated before).
+fn opt_u32(v: &Value, key: &'static str) -> Result<Option<u32>, ConfigError> {
+    match opt_usize(v, key, &[])? {
+        None => Ok(None),
+        Some(n) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| ConfigError::BadValue {
+                key,
+                value: n.to_string(),
+                why: "a token id must fit in 32 bits".into(),
+            }),
+    }
+}
+
 fn req_usize(v: &Value, key: &'static str, aliases: &[&'static str]) -> Result<usize, ConfigError> {
     opt_usize(v, key, aliases)?.ok_or_else(|| ConfigError::Missing {
         key,
@@ -431,6 +511,51 @@ mod tests {
                 ..
             })
         ));
+        // Zero heads and no head_dim: was a division by zero.
+        let mut j = ModelConfig::grok1().to_hf_json();
+        j["num_attention_heads"] = 0.into();
+        j.as_object_mut().unwrap().remove("head_dim");
+        let e = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
+        assert!(e.contains("num_attention_heads must be positive"), "{e}");
+        // Sizes whose products overflow (q_size, num_params): refused, not a later panic.
+        for (k, n, why) in [
+            (
+                "num_attention_heads",
+                1u64 << 40,
+                "num_attention_heads (1099511627776) exceeds",
+            ),
+            ("head_dim", 1u64 << 62, "more than 2^56 parameters"),
+            ("intermediate_size", u64::MAX, "more than 2^56 parameters"),
+            ("intermediate_size", 1u64 << 40, "more than 2^56 parameters"),
+            (
+                "num_hidden_layers",
+                1u64 << 50,
+                "num_hidden_layers (1125899906842624) exceeds",
+            ),
+        ] {
+            let mut j = ModelConfig::grok1().to_hf_json();
+            j[k] = n.into();
+            if k == "num_attention_heads" {
+                j["num_key_value_heads"] = n.into();
+            }
+            let e = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
+            assert!(e.contains(why), "{k}: {e}");
+        }
+        // 2^40 experts of width 1 (few parameters): a shard listed every one of them.
+        let mut j = ModelConfig::preset("tiny", None).unwrap().to_hf_json();
+        j["num_experts"] = (1u64 << 40).into();
+        j["hidden_size"] = 2.into();
+        j["intermediate_size"] = 1.into();
+        let e = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
+        assert!(
+            e.contains("num_experts (1099511627776) exceeds 65536"),
+            "{e}"
+        );
+        // A token id past u32 was truncated to another id.
+        let mut j = ModelConfig::grok1().to_hf_json();
+        j["eos_token_id"] = ((1u64 << 32) + 2).into();
+        let e = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
+        assert!(e.contains("eos_token_id") && e.contains("32 bits"), "{e}");
         let mut j = ModelConfig::grok1().to_hf_json();
         j["hidden_size"] = "big".into();
         assert!(matches!(

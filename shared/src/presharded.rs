@@ -281,6 +281,18 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, PreshardError> {
     })
 }
 
+/// A rank's file name from the manifest, checked to stay inside the directory.
+fn plain<'a>(dir: &Path, file: &'a String) -> Result<&'a String, PreshardError> {
+    if crate::checkpoint::is_plain_file_name(file) {
+        Ok(file)
+    } else {
+        Err(PreshardError::Io {
+            path: dir.join("manifest.json").display().to_string(),
+            why: format!("rank file `{file}` must be a plain name inside the directory"),
+        })
+    }
+}
+
 pub fn is_presharded(dir: &Path) -> bool {
     dir.join("manifest.json").exists()
 }
@@ -313,7 +325,7 @@ pub fn open_rank(
             path: dir.display().to_string(),
             why: format!("the manifest has no rank {rank}"),
         })?;
-    let mut ck = Checkpoint::open_files(dir, std::slice::from_ref(&mr.file))?;
+    let mut ck = Checkpoint::open_files(dir, std::slice::from_ref(plain(dir, &mr.file)?))?;
     ck.config =
         crate::config::ModelConfig::from_hf_json(&man.config).map_err(CheckpointError::from)?;
     ck.presharded = true;
@@ -327,6 +339,20 @@ fn check_rank(ck: &Checkpoint, mr: &ManifestRank, verify: bool) -> Result<(), Pr
         name: name.into(),
         why,
     };
+    // The size the manifest records (a sum over ranks is reported by `verify`).
+    let path = ck.dir.join(&mr.file);
+    let len = std::fs::metadata(&path)
+        .map_err(|e| PreshardError::Io {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?
+        .len();
+    if len != mr.bytes {
+        return Err(bad(
+            "*",
+            format!("the file is {len} bytes, the manifest says {}", mr.bytes),
+        ));
+    }
     let n_file = ck.tensor_names().count();
     if n_file != mr.tensors.len() {
         return Err(bad(
@@ -372,9 +398,59 @@ pub fn verify(dir: &Path) -> Result<u64, PreshardError> {
     let man = read_manifest(dir)?;
     let mut bytes = 0;
     for mr in &man.ranks {
-        let ck = Checkpoint::open_files(dir, std::slice::from_ref(&mr.file))?;
+        let ck = Checkpoint::open_files(dir, std::slice::from_ref(plain(dir, &mr.file)?))?;
         check_rank(&ck, mr, true)?;
-        bytes += mr.bytes;
+        bytes = u64::saturating_add(bytes, mr.bytes);
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_files_outside_the_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // The rank's file is a real safetensors file one level up: it was opened before.
+        let inner = dir.path().join("shard");
+        std::fs::create_dir(&inner).unwrap();
+        write_safetensors(&dir.path().join("x.safetensors"), &[], |_, _| Ok(())).unwrap();
+        std::fs::write(
+            inner.join("manifest.json"),
+            r#"{"format": 1, "config": {}, "tp": 1, "ep": 1, "pp": 1,
+                "ranks": [{"rank": 0, "file": "../x.safetensors", "bytes": 8, "tensors": []}]}"#,
+        )
+        .unwrap();
+        let e = open_rank(&inner, Layout::new(1, 1, 1), 0, true)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("must be a plain name"), "{e}");
+        let e = verify(&inner).unwrap_err().to_string();
+        assert!(e.contains("must be a plain name"), "{e}");
+    }
+
+    #[test]
+    fn manifest_byte_counts_are_checked_against_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(&dir.path().join(rank_file(0)), &[], |_, _| Ok(())).unwrap();
+        let len = std::fs::metadata(dir.path().join(rank_file(0)))
+            .unwrap()
+            .len();
+        let manifest = |bytes: u64| {
+            format!(
+                r#"{{"format": 1, "config": {{}}, "tp": 2, "ep": 1, "pp": 1, "ranks": [
+                    {{"rank": 0, "file": "{f}", "bytes": {bytes}, "tensors": []}},
+                    {{"rank": 1, "file": "{f}", "bytes": {bytes}, "tensors": []}}]}}"#,
+                f = rank_file(0)
+            )
+        };
+        std::fs::write(dir.path().join("manifest.json"), manifest(len)).unwrap();
+        assert_eq!(verify(dir.path()).unwrap(), 2 * len);
+        // Two ranks of u64::MAX bytes: the sum overflowed (a panic in debug builds).
+        std::fs::write(dir.path().join("manifest.json"), manifest(u64::MAX)).unwrap();
+        let e = verify(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("the manifest says 18446744073709551615"), "{e}");
+    }
 }

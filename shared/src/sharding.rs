@@ -23,7 +23,7 @@ pub struct Layout {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("layout tp={tp} ep={ep} pp={pp} is not valid for this model: {rule}{}", suggestions_text(*.tp * *.pp, .suggestions))]
+#[error("layout tp={tp} ep={ep} pp={pp} is not valid for this model: {rule}{}", suggestions_text(.tp.saturating_mul(*.pp), .suggestions))]
 pub struct LayoutError {
     pub tp: usize,
     pub ep: usize,
@@ -47,6 +47,9 @@ fn suggestions_text(workers: usize, s: &[Layout]) -> String {
     }
 }
 
+/// The largest worker count [`Layout::candidates`] searches.
+pub const MAX_SUGGESTED_WORKERS: usize = 1 << 16;
+
 /// Where one rank sits in the replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RankPlace {
@@ -67,7 +70,7 @@ impl Layout {
 
     /// Workers per replica.
     pub fn world_size(&self) -> usize {
-        self.tp * self.pp
+        self.tp.saturating_mul(self.pp)
     }
 
     pub fn place(&self, rank: usize) -> RankPlace {
@@ -122,14 +125,21 @@ impl Layout {
         None
     }
 
-    /// All valid layouts with `workers` ranks per replica.
+    /// All valid layouts with `workers` ranks per replica (none past [`MAX_SUGGESTED_WORKERS`]:
+    /// the search is quadratic, and a layout read from a request must not stall its check).
     pub fn candidates(c: &ModelConfig, workers: usize) -> Vec<Layout> {
         let mut out = Vec::new();
-        for pp in 1..=workers {
+        if workers > MAX_SUGGESTED_WORKERS {
+            return out;
+        }
+        for pp in 1..=workers.min(c.num_layers) {
             if !workers.is_multiple_of(pp) {
                 continue;
             }
             let tp = workers / pp;
+            if !c.num_q_heads.is_multiple_of(tp) {
+                continue;
+            }
             for ep in 1..=tp {
                 let l = Layout::new(tp, ep, pp);
                 if tp.is_multiple_of(ep) && l.rule(c).is_none() {
@@ -216,6 +226,27 @@ mod tests {
         assert!(e.contains("ep (3) must divide tp (8)"), "{e}");
         let e = Layout::new(1, 1, 65).validate(&c).unwrap_err().to_string();
         assert!(e.contains("exceeds the number of layers"), "{e}");
+    }
+
+    #[test]
+    fn absurd_layouts_are_refused_at_once() {
+        let c = ModelConfig::grok1();
+        // pp = 2^32 - 1 (a LoadRequest's u32): the suggestion search looped over every pp and
+        // tp dividing 2^32 - 1 workers, for minutes.
+        let t = std::time::Instant::now();
+        for l in [
+            Layout::new(1, 1, u32::MAX as usize),
+            Layout::new(u32::MAX as usize, 1, u32::MAX as usize),
+            Layout::new(usize::MAX, 1, usize::MAX),
+            Layout::new(0, 0, 0),
+        ] {
+            let e = l.validate(&c).unwrap_err().to_string();
+            assert!(e.contains("is not valid for this model"), "{e}");
+        }
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+        // A searchable count still gets its suggestions.
+        let e = Layout::new(5, 1, 1).validate(&c).unwrap_err().to_string();
+        assert!(e.contains("tp=1 ep=1 pp=5"), "{e}");
     }
 
     #[test]

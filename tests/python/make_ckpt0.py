@@ -2,7 +2,10 @@
 haiku parameter tree, numpy arrays and QuantizedWeight8bit, GROK1_SPEC.md section 6) from an
 int8 Hugging Face-layout checkpoint written by `grokctl gen-model --dtype int8`.
 
-    python3 make_ckpt0.py HF_DIR OUT_DIR
+    python3 make_ckpt0.py HF_DIR OUT_DIR [--fortran]
+
+With --fortran every array of two or more dimensions (QuantizedWeight8bit weights and scales
+included) is pickled in Fortran (column-major) order, as numpy writes a transposed array.
 """
 import json
 import os
@@ -44,7 +47,9 @@ def read_safetensors(d):
     return out
 
 
-def main(src, dst):
+def main(src, dst, fortran=False):
+    # C order, as the release; or Fortran order (the same values, column-major bytes).
+    order = np.asfortranarray if fortran else np.ascontiguousarray
     cfg = json.load(open(os.path.join(src, "config.json")))
     t = read_safetensors(src)
     L, E = cfg["num_hidden_layers"], cfg["num_experts"]
@@ -53,13 +58,13 @@ def main(src, dst):
     def qw(base, experts=None):
         if experts is None:
             w, s = t[base + ".weight"], t[base + ".scales"]
-            return QuantizedWeight8bit(np.ascontiguousarray(w.T), np.ascontiguousarray(s))
+            return QuantizedWeight8bit(order(w.T), order(s))
         ws = np.stack([t[f"{b}.weight"].T for b in experts])
         ss = np.stack([t[f"{b}.scales"] for b in experts])
-        return QuantizedWeight8bit(np.ascontiguousarray(ws), np.ascontiguousarray(ss))
+        return QuantizedWeight8bit(order(ws), order(ss))
 
     leaves = [
-        t["model.embed_tokens.weight"].astype(np.float32),
+        order(t["model.embed_tokens.weight"].astype(np.float32)),
         t["model.norm.scale"].astype(np.float32),
     ]
     for layer in sorted(range(L), key=lambda i: f"decoder_layer_{i}"):
@@ -77,7 +82,7 @@ def main(src, dst):
             t[f"{p}.post_attn_norm.scale"].astype(np.float32),
             t[f"{p}.pre_moe_norm.scale"].astype(np.float32),
             t[f"{p}.post_moe_norm.scale"].astype(np.float32),
-            np.ascontiguousarray(t[f"{p}.moe_block.gate.weight"].astype(np.float32).T),
+            order(t[f"{p}.moe_block.gate.weight"].astype(np.float32).T),
         ]
     for i, leaf in enumerate(leaves):
         with open(os.path.join(dst, f"tensor{i:05d}_000"), "wb") as f:
@@ -86,4 +91,4 @@ def main(src, dst):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], fortran="--fortran" in sys.argv[3:])

@@ -338,12 +338,65 @@ pub fn rope(x: &mut [f64], t: usize, heads: usize, hd: usize, theta: f64) {
 }
 
 /// max |a - b| / max |b|.
+///
+/// Panics, naming the index, when either side holds a NaN or an infinity, and when `b` is all
+/// zeros (the ratio is undefined): a bound asserted on the result (`e < tol`, or `e > tol` to
+/// show that something moved) can then never pass by accident, as it did when `f64::max` folded
+/// NaN away.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
+    assert_eq!(a.len(), b.len(), "rel_err: lengths differ");
+    if let Some(i) = a.iter().position(|x| !x.is_finite()) {
+        panic!("rel_err: a[{i}] = {} is not finite", a[i]);
+    }
+    if let Some(i) = b.iter().position(|x| !x.is_finite()) {
+        panic!("rel_err: b[{i}] = {} is not finite", b[i]);
+    }
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(
+        scale > 0.0,
+        "rel_err: b is all zeros ({} values), the relative error is undefined",
+        b.len()
+    );
     let diff = a
         .iter()
         .zip(b)
         .fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
-    diff / scale
+    let e = diff / scale;
+    assert!(e.is_finite(), "rel_err: {diff} / {scale} is not finite");
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rel_err;
+
+    fn fails(a: &[f32], b: &[f64]) -> String {
+        let p = std::panic::catch_unwind(|| rel_err(a, b)).expect_err("must not return");
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn nan_and_infinity_fail_on_either_side() {
+        let b = [1.0f64, -2.0, 0.5];
+        assert_eq!(rel_err(&[1.0, -2.0, 0.5], &b), 0.0);
+        assert!((rel_err(&[1.0, -1.0, 0.5], &b) - 0.5).abs() < 1e-12);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let e = fails(&[1.0, bad, 0.5], &b);
+            assert!(e.contains("a[1]") && e.contains("not finite"), "{e}");
+        }
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let e = fails(&[1.0, -2.0, 0.5], &[1.0, -2.0, bad]);
+            assert!(e.contains("b[2]") && e.contains("not finite"), "{e}");
+        }
+        // NaN alone in the computed logits, where the old fold returned 0 for it.
+        let e = fails(&[f32::NAN; 3], &b);
+        assert!(e.contains("a[0]"), "{e}");
+        // An all-zero reference has no relative error (0 / 0 was NaN).
+        assert!(fails(&[0.0; 2], &[0.0; 2]).contains("all zeros"));
+        // Finite inputs whose ratio overflows.
+        assert!(fails(&[1e30], &[1e-300]).contains("not finite"));
+    }
 }

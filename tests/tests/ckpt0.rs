@@ -180,3 +180,95 @@ fn official_pickles_convert_to_identical_logits_and_bad_pickles_are_refused() {
     let o = grokctl(&["convert", "--from", &p("hf"), "--to", &p("conv5")]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an official ckpt-0 directory"));
 }
+
+/// Fortran-order arrays (numpy pickles a transposed array column-major): every leaf of a
+/// checkpoint written with `np.asfortranarray` (2-D attention, embedding and router matrices,
+/// 3-D expert stacks, QuantizedWeight8bit weights and scales) reads element for element as the
+/// same checkpoint in C order, and converts to byte-identical safetensors files.
+#[test]
+fn fortran_order_pickles_read_and_convert_like_c_order() {
+    use grok_shared::ckpt0::{convert_to_hf, list_files, Leaf, TensorFile};
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s);
+    let cfg = grok_shared::config::ModelConfig::preset("tiny8", None).unwrap();
+    grok_shared::genmodel::generate(
+        &cfg,
+        grok_shared::genmodel::GenDType::Int8,
+        4,
+        &p("hf"),
+        1 << 30,
+        |_, _| {},
+    )
+    .unwrap();
+    let s = |x: &Path| x.display().to_string();
+    python(&[&s(&p("hf")), &s(&p("ckpt-c"))]);
+    python(&[&s(&p("hf")), &s(&p("ckpt-f")), "--fortran"]);
+    let (cf, ff) = (
+        list_files(&p("ckpt-c")).unwrap(),
+        list_files(&p("ckpt-f")).unwrap(),
+    );
+    assert_eq!(cf.len(), ff.len());
+    let (mut fortran, mut ndims, mut quantized) = (0, std::collections::BTreeSet::new(), 0);
+    for (c, f) in cf.iter().zip(&ff) {
+        let (c, f) = (TensorFile::open(c).unwrap(), TensorFile::open(f).unwrap());
+        let pairs = match (&c.leaf, &f.leaf) {
+            (Leaf::Array(a), Leaf::Array(b)) => vec![(a, b)],
+            (
+                Leaf::Quantized {
+                    weight: wa,
+                    scales: sa,
+                },
+                Leaf::Quantized {
+                    weight: wb,
+                    scales: sb,
+                },
+            ) => {
+                quantized += 1;
+                vec![(wa, wb), (sa, sb)]
+            }
+            other => panic!("{}: leaves differ: {other:?}", f.path.display()),
+        };
+        for (a, b) in pairs {
+            assert!(!a.fortran);
+            assert_eq!((a.dtype, &a.shape), (b.dtype, &b.shape));
+            // numpy flags an array F-contiguous only when it is not also C-contiguous (a
+            // dimension > 1 besides the last).
+            let nontrivial = a.shape.iter().filter(|&&d| d > 1).count() > 1;
+            assert_eq!(b.fortran, nontrivial, "{}: {b:?}", f.path.display());
+            if b.fortran {
+                fortran += 1;
+                ndims.insert(b.shape.len());
+                // The stored bytes really are another order.
+                assert_ne!(c.raw_bytes(a), f.raw_bytes(b));
+            }
+            let size = a.dtype.size();
+            let (x, y) = (c.bytes(a), f.bytes(b));
+            assert_eq!(x.len(), y.len());
+            for (k, (u, v)) in x.chunks(size).zip(y.chunks(size)).enumerate() {
+                assert_eq!(u, v, "{}: element {k} of {:?}", f.path.display(), b.shape);
+            }
+        }
+    }
+    assert!(fortran > 20 && quantized > 0, "{fortran} {quantized}");
+    assert_eq!(
+        ndims.into_iter().collect::<Vec<_>>(),
+        vec![2, 3],
+        "2-D and 3-D"
+    );
+    // Converted, both give the same files, byte for byte.
+    convert_to_hf(&p("ckpt-c"), &p("conv-c"), &cfg, |_, _| {}).unwrap();
+    convert_to_hf(&p("ckpt-f"), &p("conv-f"), &cfg, |_, _| {}).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(p("conv-c"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert!(names.len() > 3);
+    for n in names {
+        assert_eq!(
+            std::fs::read(p("conv-c").join(&n)).unwrap(),
+            std::fs::read(p("conv-f").join(&n)).unwrap(),
+            "{n:?}"
+        );
+    }
+}

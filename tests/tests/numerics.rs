@@ -248,6 +248,8 @@ fn random_model_behaves_like_a_trained_one() {
             let dot: f64 = (0..c.head_dim)
                 .map(|e| q[i * c.q_heads * c.head_dim + e] * k[u * c.kv_heads * c.head_dim + e])
                 .sum();
+            // f64::max drops a NaN: check each logit, or a NaN would pass unseen.
+            assert!(dot.is_finite(), "attention logit ({i}, {u}) is {dot}");
             max_logit = max_logit.max((dot * c.attn_mult).abs());
         }
     }

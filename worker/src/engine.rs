@@ -31,6 +31,12 @@ struct SeqState {
     sampling: SamplingParams,
 }
 
+/// What [`Engine::admit`] recorded: the sequences it created and the table lengths before.
+struct Undo {
+    fresh: Vec<u64>,
+    tables: Vec<(u64, usize)>,
+}
+
 pub struct Engine {
     model: Model,
     kv: KvCache,
@@ -243,7 +249,7 @@ impl Engine {
             )));
         }
         std::hint::black_box(touch(&model));
-        let kv = KvCache::new(&model, spec.kv_blocks, spec.block_size);
+        let kv = KvCache::try_new(&model, spec.kv_blocks, spec.block_size)?;
         let bytes = model.weight_bytes() as u64;
         Ok((
             Engine {
@@ -368,21 +374,24 @@ impl Engine {
         Ok(res)
     }
 
-    fn step_inner(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
-        for id in &plan.free_seqs {
-            self.seqs.remove(id);
-            #[cfg(feature = "cuda")]
-            if let Some(c) = &mut self.cuda {
-                c.caches.remove(id);
-            }
-        }
-        let mut res = pb::StepResult::default();
-        if plan.seqs.is_empty() {
-            return Ok(res);
-        }
+    /// Checks the plan's sequences against the engine's state (new sequences need valid
+    /// sampling parameters, block ids must lie in the cache, a table never holds more blocks
+    /// than the cache has, a sequence appears once) and then, only if all of it holds, records
+    /// the new sequences and blocks. What it returns undoes that, for a plan the model then
+    /// refuses: a refused plan leaves no trace.
+    fn admit(&mut self, plan: &pb::StepPlan) -> Result<Undo, EngineError> {
+        let blocks = self.kv.num_blocks;
+        let mut seen = std::collections::HashSet::with_capacity(plan.seqs.len());
+        let mut fresh = Vec::new();
         for s in &plan.seqs {
-            let st = match self.seqs.get_mut(&s.seq_id) {
-                Some(st) => st,
+            if !seen.insert(s.seq_id) {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {} appears twice in step {}",
+                    s.seq_id, plan.step_id
+                )));
+            }
+            let held = match self.seqs.get(&s.seq_id) {
+                Some(st) => st.table.len(),
                 None => {
                     let sp = s.sampling.ok_or_else(|| {
                         EngineError::Invalid(format!(
@@ -396,14 +405,73 @@ impl Engine {
                         top_k: sp.top_k as usize,
                         seed: sp.seed,
                     };
-                    self.seqs.entry(s.seq_id).or_insert(SeqState {
-                        table: Vec::new(),
-                        sampling,
-                    })
+                    sampling
+                        .validate()
+                        .map_err(|e| EngineError::Invalid(format!("sequence {}: {e}", s.seq_id)))?;
+                    fresh.push((s.seq_id, sampling));
+                    0
                 }
             };
-            st.table.extend_from_slice(&s.new_blocks);
+            if let Some(b) = s.new_blocks.iter().find(|&&b| b as usize >= blocks) {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {}: block {b} outside the cache of {blocks} blocks",
+                    s.seq_id
+                )));
+            }
+            if held.saturating_add(s.new_blocks.len()) > blocks {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {}: {held} + {} new blocks exceed the cache of {blocks} blocks",
+                    s.seq_id,
+                    s.new_blocks.len()
+                )));
+            }
         }
+        let mut undo = Undo {
+            fresh: fresh.iter().map(|(id, _)| *id).collect(),
+            tables: Vec::new(),
+        };
+        for (id, sampling) in fresh {
+            self.seqs.insert(
+                id,
+                SeqState {
+                    table: Vec::new(),
+                    sampling,
+                },
+            );
+        }
+        for s in &plan.seqs {
+            if let Some(st) = self.seqs.get_mut(&s.seq_id) {
+                undo.tables.push((s.seq_id, st.table.len()));
+                st.table.extend_from_slice(&s.new_blocks);
+            }
+        }
+        Ok(undo)
+    }
+
+    fn undo(&mut self, u: Undo) {
+        for (id, len) in u.tables {
+            if let Some(st) = self.seqs.get_mut(&id) {
+                st.table.truncate(len);
+            }
+        }
+        for id in u.fresh {
+            self.seqs.remove(&id);
+        }
+    }
+
+    fn step_inner(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
+        for id in &plan.free_seqs {
+            self.seqs.remove(id);
+            #[cfg(feature = "cuda")]
+            if let Some(c) = &mut self.cuda {
+                c.caches.remove(id);
+            }
+        }
+        let mut res = pb::StepResult::default();
+        if plan.seqs.is_empty() {
+            return Ok(res);
+        }
+        let undo = self.admit(plan)?;
         #[cfg(feature = "cuda")]
         if self.cuda.is_some() {
             return self.cuda_step(plan);
@@ -417,17 +485,29 @@ impl Engine {
                 WantLogits::None
             }
         };
-        let inputs: Vec<SeqInput> = plan
-            .seqs
-            .iter()
-            .map(|s| SeqInput {
-                tokens: &s.tokens,
-                start_pos: s.start_pos as usize,
-                block_table: &self.seqs[&s.seq_id].table,
-                want: want(s),
-            })
-            .collect();
-        self.model.check_batch(&inputs, &self.kv)?;
+        fn inputs<'a>(
+            plan: &'a pb::StepPlan,
+            seqs: &'a HashMap<u64, SeqState>,
+            want: impl Fn(&pb::SeqStep) -> WantLogits,
+        ) -> Vec<SeqInput<'a>> {
+            plan.seqs
+                .iter()
+                .map(|s| SeqInput {
+                    tokens: &s.tokens,
+                    start_pos: s.start_pos as usize,
+                    block_table: &seqs[&s.seq_id].table,
+                    want: want(s),
+                })
+                .collect()
+        }
+        if let Err(e) = self
+            .model
+            .check_batch(&inputs(plan, &self.seqs, want), &self.kv)
+        {
+            self.undo(undo);
+            return Err(e.into());
+        }
+        let inputs = inputs(plan, &self.seqs, want);
         let d = self.model.config.emb_size;
         let rows: usize = inputs.iter().map(|s| s.tokens.len()).sum();
         let tp = self.layout.tp;
@@ -468,5 +548,157 @@ impl Engine {
             off += n;
         }
         Ok(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-worker engine on a random `tiny` model (4 KV blocks of 4 slots).
+    fn engine(name: &str) -> (std::path::PathBuf, Engine) {
+        let dir = std::env::temp_dir().join(format!("grok-engine-{name}-{}", std::process::id()));
+        let c = grok_shared::config::ModelConfig::preset("tiny", None).unwrap();
+        grok_shared::genmodel::generate(
+            &c,
+            grok_shared::genmodel::GenDType::F32,
+            1,
+            &dir,
+            1 << 30,
+            |_, _| {},
+        )
+        .unwrap();
+        let w = TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = LoadSpec {
+            model_dir: &dir,
+            layout: Layout::new(1, 1, 1),
+            rank: 0,
+            world_peers: vec![w.local_addr().unwrap()],
+            tp_peers: vec![t.local_addr().unwrap()],
+            kv_blocks: 4,
+            block_size: 4,
+            comm_timeout: Duration::from_secs(5),
+            cuda_device: None,
+        };
+        let e = Engine::load(spec, w, t, |_, _, _| {}).unwrap().0;
+        (dir, e)
+    }
+
+    fn seq(id: u64, tokens: Vec<u32>, start: u32, blocks: Vec<u32>, first: bool) -> pb::SeqStep {
+        pb::SeqStep {
+            seq_id: id,
+            tokens,
+            start_pos: start,
+            new_blocks: blocks,
+            sampling: first.then_some(pb::SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: 1,
+            }),
+            sample: true,
+            ..Default::default()
+        }
+    }
+
+    fn step(e: &mut Engine, seqs: Vec<pb::SeqStep>) -> pb::StepResult {
+        e.step(pb::StepPlan {
+            step_id: 1,
+            seqs,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn hostile_plans_are_refused_and_leave_no_trace() {
+        let (dir, mut e) = engine("plans");
+        // Blocks outside the cache, more blocks than the cache has, a sequence twice, NaN
+        // sampling: each a clear error. Before, blocks were appended to the table first (a
+        // table grew without bound, step after step) and NaN reached the sampler.
+        for (plan, why) in [
+            (
+                vec![seq(1, vec![5], 0, vec![9], true)],
+                "block 9 outside the cache of 4",
+            ),
+            (
+                vec![seq(1, vec![5], 0, vec![0; 100_000], true)],
+                "0 + 100000 new blocks exceed the cache of 4 blocks",
+            ),
+            (
+                vec![
+                    seq(1, vec![5], 0, vec![0], true),
+                    seq(1, vec![6], 1, vec![], false),
+                ],
+                "sequence 1 appears twice",
+            ),
+            (
+                vec![pb::SeqStep {
+                    sampling: Some(pb::SamplingParams {
+                        temperature: f32::NAN,
+                        ..Default::default()
+                    }),
+                    ..seq(1, vec![5], 0, vec![0], false)
+                }],
+                "temperature must be a finite number",
+            ),
+            // Refused by the model after the engine's own checks: undone too.
+            (
+                vec![seq(1, vec![5, 9999], 0, vec![0], true)],
+                "token id 9999 at position 1 is outside the vocabulary",
+            ),
+        ] {
+            let r = step(&mut e, plan);
+            assert!(
+                r.error.starts_with("rank 0: ") && r.error.contains(why),
+                "{}",
+                r.error
+            );
+        }
+        // Sequence 1 was never created: it still needs its sampling parameters...
+        let r = step(&mut e, vec![seq(1, vec![5], 0, vec![0], false)]);
+        assert!(
+            r.error.contains("starts without sampling parameters"),
+            "{}",
+            r.error
+        );
+        // ...and, started properly, its table holds exactly its own blocks (4 of 4).
+        let r = step(
+            &mut e,
+            vec![seq(1, vec![5, 6, 7, 8, 9], 0, vec![2, 3], true)],
+        );
+        assert!(r.error.is_empty(), "{}", r.error);
+        assert_eq!(r.tokens.len(), 1);
+        let r = step(&mut e, vec![seq(1, vec![1], 5, vec![0, 1], false)]);
+        assert!(r.error.is_empty(), "{}", r.error);
+        let r = step(&mut e, vec![seq(1, vec![1], 6, vec![1], false)]);
+        assert!(r.error.contains("4 + 1 new blocks exceed"), "{}", r.error);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn kv_cache_sizes_that_overflow_are_a_load_error() {
+        let (dir, _) = engine("kv");
+        let w = TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        // u32::MAX blocks of u32::MAX slots (a LoadRequest's fields): the cache's size
+        // overflowed (a panic in the load thread, or in release a tiny cache indexed past its
+        // end).
+        let spec = LoadSpec {
+            model_dir: &dir,
+            layout: Layout::new(1, 1, 1),
+            rank: 0,
+            world_peers: vec![w.local_addr().unwrap()],
+            tp_peers: vec![t.local_addr().unwrap()],
+            kv_blocks: u32::MAX as usize,
+            block_size: u32::MAX as usize,
+            comm_timeout: Duration::from_secs(5),
+            cuda_device: None,
+        };
+        let e = Engine::load(spec, w, t, |_, _, _| {})
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("do not fit in memory"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -173,20 +173,55 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache of the sizes the caller chose. Panics where [`KvCache::try_new`] errs.
     pub fn new(model: &Model, num_blocks: usize, block_size: usize) -> Self {
+        Self::try_new(model, num_blocks, block_size).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A cache of `num_blocks` blocks of `block_size` slots, or an error when the sizes (a
+    /// worker takes them from its `LoadRequest`) overflow or the memory cannot be had. The
+    /// memory is zeroed lazily by the allocator, so an unused cache costs no resident memory.
+    pub fn try_new(
+        model: &Model,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
         let nkv = model.shard.kv_heads.len();
         let ks = model.config.key_size;
-        let per = num_blocks * block_size * nkv * ks;
         let n = model.layers.len();
-        Self {
+        let too_big = || {
+            ModelError::Kv(format!(
+                "{num_blocks} blocks of {block_size} slots ({nkv} KV heads of {ks}, {n} layers) do not fit in memory"
+            ))
+        };
+        if block_size == 0 {
+            return Err(ModelError::Kv("block_size must be at least 1".into()));
+        }
+        let slots = num_blocks.checked_mul(block_size).ok_or_else(too_big)?;
+        let per = slots
+            .checked_mul(nkv)
+            .and_then(|x| x.checked_mul(ks))
+            .ok_or_else(too_big)?;
+        // Keys and values of every layer, in f32.
+        per.checked_mul(2 * 4)
+            .and_then(|x| x.checked_mul(n))
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(too_big)?;
+        let mut k = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            k.push(try_zeroed(per).ok_or_else(too_big)?);
+            v.push(try_zeroed(per).ok_or_else(too_big)?);
+        }
+        Ok(Self {
             block_size,
             num_blocks,
             num_kv_heads: nkv,
             key_size: ks,
-            k: (0..n).map(|_| vec![0f32; per]).collect(),
-            v: (0..n).map(|_| vec![0f32; per]).collect(),
-            visible: vec![false; num_blocks * block_size],
-        }
+            k,
+            v,
+            visible: try_zeroed(slots).ok_or_else(too_big)?,
+        })
     }
 
     /// Bytes one token takes in this cache.
@@ -197,6 +232,22 @@ impl KvCache {
     fn slot(&self, table: &[u32], pos: usize) -> usize {
         table[pos / self.block_size] as usize * self.block_size + pos % self.block_size
     }
+}
+
+/// `n` zeroed values, or None when the allocator refuses (`vec![0; n]` aborts the process then).
+fn try_zeroed<T: bytemuck::Zeroable>(n: usize) -> Option<Vec<T>> {
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Some((0..n).map(|_| T::zeroed()).collect());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    // SAFETY: the layout has a non-zero size (n > 0, T is not zero-sized).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` comes from the global allocator with the layout of `[T; n]`, and its `n`
+    // elements are initialized: all-zero bytes are a valid `T` (`Zeroable`).
+    Some(unsafe { Vec::from_raw_parts(p, n, n) })
 }
 
 /// Per-pass bookkeeping derived from the batch.
@@ -224,19 +275,19 @@ impl Model {
                 if t as usize >= c.vocab_size {
                     return Err(ModelError::TokenOutOfVocab {
                         id: t,
-                        pos: s.start_pos + i,
+                        pos: s.start_pos.saturating_add(i),
                         vocab: c.vocab_size,
                     });
                 }
             }
-            let end = s.start_pos + s.tokens.len();
+            let end = s.start_pos.saturating_add(s.tokens.len());
             if end > c.max_position_embeddings {
                 return Err(ModelError::ContextOverflow {
                     len: end,
                     max: c.max_position_embeddings,
                 });
             }
-            if s.block_table.len() * kv.block_size < end {
+            if s.block_table.len().saturating_mul(kv.block_size) < end {
                 return Err(ModelError::Kv(format!(
                     "block table of {} blocks cannot hold {end} positions",
                     s.block_table.len()
@@ -680,5 +731,79 @@ impl BlockAllocator {
     }
     pub fn release(&mut self, table: &mut Vec<u32>) {
         self.free.append(table);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+
+    fn tiny() -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ModelConfig::preset("tiny", None).unwrap();
+        crate::genmodel::generate(
+            &c,
+            crate::genmodel::GenDType::F32,
+            1,
+            dir.path(),
+            1 << 30,
+            |_, _| {},
+        )
+        .unwrap();
+        let m = Model::load(&Checkpoint::open(dir.path()).unwrap()).unwrap();
+        (dir, m)
+    }
+
+    #[test]
+    fn kv_cache_sizes_from_a_request_are_checked() {
+        let (_dir, m) = tiny();
+        assert!(KvCache::try_new(&m, 4, 16).is_ok());
+        // u32::MAX blocks of u32::MAX slots: the product overflowed (a panic, or a tiny cache
+        // that later indexing ran past).
+        for (blocks, bs) in [
+            (u32::MAX as usize, u32::MAX as usize),
+            (1 << 40, 1 << 20),
+            (1, 0),
+        ] {
+            let e = KvCache::try_new(&m, blocks, bs)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.starts_with("kv cache: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn positions_near_the_end_of_usize_are_a_context_error() {
+        let (_dir, m) = tiny();
+        let kv = KvCache::new(&m, 2, 4);
+        let table = [0u32, 1];
+        // start_pos + len overflowed (a panic in debug builds; in release a wrapped, small end
+        // passed the checks).
+        let e = m
+            .check_batch(
+                &[SeqInput {
+                    tokens: &[1, 2],
+                    start_pos: usize::MAX,
+                    block_table: &table,
+                    want: WantLogits::Last,
+                }],
+                &kv,
+            )
+            .unwrap_err();
+        assert!(matches!(e, ModelError::ContextOverflow { .. }), "{e}");
+        let e = m
+            .check_batch(
+                &[SeqInput {
+                    tokens: &[1, 100_000],
+                    start_pos: usize::MAX - 1,
+                    block_table: &table,
+                    want: WantLogits::Last,
+                }],
+                &kv,
+            )
+            .unwrap_err();
+        assert!(matches!(e, ModelError::TokenOutOfVocab { .. }), "{e}");
     }
 }

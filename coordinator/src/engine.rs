@@ -1129,6 +1129,12 @@ impl Replica {
                     s.wid
                 )));
             };
+            if t.token as usize >= vocab {
+                return Err(StepFailure::Failed(format!(
+                    "the sampling rank returned token {} for sequence {}, outside the vocabulary ({vocab})",
+                    t.token, s.wid
+                )));
+            }
             let mut ev = TokenEvent {
                 id: t.token,
                 logprob: t.logprob,

@@ -19,6 +19,9 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// The most prompt logits one request may ask for (prompt tokens x vocabulary x 4 bytes).
 pub const MAX_PROMPT_LOGITS_BYTES: usize = 256 << 20;
 
+// A chunk, with room to spare, fits in any message of the cluster.
+const _: () = assert!(CHUNK_BYTES * 4 < MAX_MESSAGE_BYTES);
+
 /// Floats per chunk of whole rows of `width` floats: at least one row, at most
 /// [`CHUNK_BYTES`] when a row fits.
 pub fn rows_per_chunk(width: usize) -> usize {
@@ -56,6 +59,5 @@ mod tests {
         let sizes: Vec<usize> = float_chunks(&v).map(|c| c.len()).collect();
         assert_eq!(sizes, [CHUNK_BYTES / 4, CHUNK_BYTES / 4, 3]);
         assert_eq!(float_chunks(&[]).count(), 0);
-        assert!(CHUNK_BYTES * 4 < MAX_MESSAGE_BYTES);
     }
 }

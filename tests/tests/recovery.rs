@@ -172,40 +172,13 @@ async fn a_replica_survives_a_lost_worker_and_comes_back_when_it_returns() {
     );
 }
 
-/// 16 seeded streaming requests, each to its end: their ids (or the first error).
+/// 16 seeded streaming requests, each to its end: their ids (a failure fails the test).
 async fn run_16(client: &Client, on_first: Option<tokio::sync::mpsc::Sender<()>>) -> Vec<Vec<u32>> {
-    let mut tasks = vec![];
-    for i in 0..16u32 {
-        let mut c = client.clone();
-        let first = on_first.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut r = req(vec![2 + i, 9, 4], 400);
-            r.temperature = 0.8;
-            r.seed = 100 + i as u64;
-            let mut s = c.generate(r).await?.into_inner();
-            let mut ids = vec![];
-            while let Some(m) = s.next().await {
-                ids.extend(m?.ids);
-                if ids.len() == 1 {
-                    if let Some(f) = &first {
-                        let _ = f.send(()).await;
-                    }
-                }
-            }
-            Ok::<_, tonic::Status>(ids)
-        }));
-    }
-    drop(on_first);
-    let mut out = vec![];
-    for t in tasks {
-        let ids = tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .expect("no request hangs")
-            .unwrap()
-            .unwrap_or_else(|s| panic!("a request failed: {s:?}"));
-        out.push(ids);
-    }
-    out
+    seeded(client, 16, 400, on_first)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|s| panic!("a request failed: {s:?}")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,7 +424,13 @@ async fn a_frozen_worker_rejoins_by_itself_and_requests_resume() {
     let (tx, mut first) = tokio::sync::mpsc::channel(8);
     let run = tokio::spawn({
         let client = client.clone();
-        async move { seeded(&client, 8, 300, Some(tx)).await }
+        async move {
+            seeded(&client, 8, 300, Some(tx))
+                .await
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|s| panic!("a request failed: {s:?}")))
+                .collect::<Vec<_>>()
+        }
     });
     for _ in 0..8 {
         tokio::time::timeout(Duration::from_secs(60), first.recv())
@@ -470,12 +449,7 @@ async fn a_frozen_worker_rejoins_by_itself_and_requests_resume() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let took = wait_state(&endpoint, "ready", 30).await;
     eprintln!("the frozen worker serves again {took:?} after it resumed");
-    let got: Vec<Vec<u32>> = run
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|s| panic!("a request failed: {s:?}")))
-        .collect();
+    let got = run.await.unwrap();
     assert_eq!(got, want, "resumed requests give the fault-free tokens");
     let m = grok_tests::cluster::http_get(&http, "/metrics");
     let metric = |n: &str| grok_tests::cluster::metric(&m, n).unwrap_or(-1.0);

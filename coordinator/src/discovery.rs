@@ -9,10 +9,11 @@
 //!   finds keep their weights and only reconnect). While etcd is away the cluster goes on
 //!   serving; the watch and the leader's lease resume when it returns.
 
-use crate::server::{admit, lock, Shared};
+use crate::server::{admit, Shared};
 use grok_proto::membership::{
     EtcdConfig, MembershipError, WorkerRecord, KEEPALIVE, LEASE_TTL_S, RETRY,
 };
+use grok_shared::sync::lock;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -20,9 +20,10 @@
 //! rebuilds its collectives) and the requests resume by re-prefilling. The coordinator stays up
 //! and answers status throughout.
 
-use crate::server::{follow_load, lock, Shared, WorkerEntry};
+use crate::server::{follow_load, Shared, WorkerEntry};
 use grok_proto::v1 as pb;
 use grok_shared::sampling::SamplingParams;
+use grok_shared::sync::lock;
 use grok_shared::tokenizer::StreamDecoder;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;

@@ -28,7 +28,7 @@
 //! and frees the sequence.
 
 use crate::engine::{FinishReason, GenEvent, RequestParams, TokenEvent};
-use crate::server::{build_job, lock, submit, ApiError, PromptInput, Shared};
+use crate::server::{build_job, submit, ApiError, PromptInput, Shared};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -38,6 +38,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use grok_shared::sampling::SamplingParams;
+use grok_shared::sync::lock;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -119,7 +120,7 @@ async fn require_token(
             .headers()
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        if !crate::auth::bearer_matches(t, h) {
+        if !grok_proto::auth::bearer_matches(t, h) {
             return HttpError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token: send `Authorization: Bearer <token>`",

@@ -67,24 +67,8 @@ struct Args {
     /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics on this address.
     #[arg(long, env = "GROK_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
-    #[arg(long, value_parser = ["text", "json"], default_value = "text", env = "GROK_LOG_FORMAT")]
-    log_format: String,
-    /// Export OpenTelemetry spans (a request, its steps) to this OTLP/gRPC collector, e.g.
-    /// http://127.0.0.1:4317. The batch delay follows OTEL_BSP_SCHEDULE_DELAY (ms).
-    #[arg(long, env = "GROK_OTLP_ENDPOINT")]
-    otlp_endpoint: Option<String>,
-    /// CA certificate (PEM) that signs the cluster's certificates. With --tls-cert and
-    /// --tls-key (all three or none) the gRPC port serves TLS: a worker registers only with a
-    /// certificate signed by this CA, and clients connect with https (`grokctl ... --tls-ca`).
-    #[arg(long, env = "GROK_TLS_CA", value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-    /// This coordinator's certificate (PEM, signed by the CA; `grokctl certs` makes one). It is
-    /// also its client certificate towards the workers.
-    #[arg(long, env = "GROK_TLS_CERT", value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// This coordinator's private key (PEM; read from the file, never logged).
-    #[arg(long, env = "GROK_TLS_KEY", value_name = "FILE")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    member: grok_proto::process::MemberArgs,
     /// Membership in etcd (URL[,URL...]): workers announce themselves there (grok-worker
     /// --etcd), and coordinators of the same --cluster elect a leader; the others stand by and
     /// take over within seconds when it goes. Without it the coordinator is the registry.
@@ -110,30 +94,8 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
-    let _telemetry = match grok_proto::telemetry::init(&grok_proto::telemetry::TelemetryConfig {
-        service: "grok-coordinator".into(),
-        json: a.log_format == "json",
-        default_level: "info".into(),
-        otlp_endpoint: a.otlp_endpoint.clone(),
-    }) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
-    let tls_paths = grok_proto::tls::TlsPaths::new(a.tls_ca, a.tls_cert, a.tls_key);
-    if let Err(e) = tls_paths.check_member() {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    }
-    let tls = match grok_proto::tls::Tls::load(&tls_paths) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1);
-        }
-    };
+    let (_telemetry, tls) =
+        grok_proto::process::start_member("grok-coordinator", "info", &a.member);
     let discovery: Box<dyn Discovery> = match &a.etcd {
         None => Box::new(Static),
         Some(urls) => match EtcdConfig::new(
@@ -148,10 +110,7 @@ fn main() {
                 cfg,
                 advertise: a.advertise.clone(),
             }),
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(2);
-            }
+            Err(e) => grok_proto::process::exit(2, e),
         },
     };
     let cfg = CoordinatorConfig {
@@ -176,13 +135,8 @@ fn main() {
                 .unwrap_or_else(|| "grok-1".into())
         }),
         http_listen: a.http_listen,
-        api_token: match grok_coordinator::auth::load_token(a.api_token_file.as_deref()) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::exit(1);
-            }
-        },
+        api_token: grok_proto::auth::load_token(a.api_token_file.as_deref())
+            .unwrap_or_else(|e| grok_proto::process::exit(1, e)),
         tls,
     };
     let shared = match server::prepare(cfg) {
@@ -200,7 +154,7 @@ fn main() {
     if let Err(e) = rt.block_on(server::serve(
         shared,
         discovery,
-        grok_coordinator::shutdown_signal(),
+        grok_proto::process::shutdown_signal(),
     )) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

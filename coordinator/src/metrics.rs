@@ -105,13 +105,13 @@ impl Metrics {
     }
 
     pub fn request_done(&self, outcome: &str) {
-        *crate::server::lock(&self.requests)
+        *grok_shared::sync::lock(&self.requests)
             .entry(outcome.to_string())
             .or_default() += 1;
     }
 
     pub fn add_expert_counts(&self, first_layer: usize, counts: &[u64]) {
-        let mut e = crate::server::lock(&self.expert_tokens);
+        let mut e = grok_shared::sync::lock(&self.expert_tokens);
         let off = first_layer * self.num_experts;
         for (i, c) in counts.iter().enumerate() {
             if let Some(slot) = e.get_mut(off + i) {
@@ -123,7 +123,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "# HELP grok_requests_total Finished requests by outcome.\n# TYPE grok_requests_total counter");
-        for (k, v) in crate::server::lock(&self.requests).iter() {
+        for (k, v) in grok_shared::sync::lock(&self.requests).iter() {
             let _ = writeln!(o, "grok_requests_total{{outcome=\"{k}\"}} {v}");
         }
         self.ttft.render(
@@ -213,7 +213,7 @@ impl Metrics {
             o,
             "# HELP grok_expert_routed_tokens_total Tokens routed to each expert of each layer.\n# TYPE grok_expert_routed_tokens_total counter"
         );
-        let e = crate::server::lock(&self.expert_tokens);
+        let e = grok_shared::sync::lock(&self.expert_tokens);
         for (i, v) in e.iter().enumerate() {
             let _ = writeln!(
                 o,

@@ -11,6 +11,7 @@ use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
 use grok_shared::sampling::SamplingParams;
 use grok_shared::sharding::Layout;
+use grok_shared::sync::lock;
 use grok_shared::tokenizer::Tokenizer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -97,10 +98,6 @@ pub struct Shared {
     pub rejoin: Vec<tokio::sync::Notify>,
     /// Requests waiting for a replica to serve again (none was serving at their fault).
     pub parked: Mutex<Vec<engine::Parked>>,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
@@ -822,9 +819,7 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Shared>> {
 
 /// A coordinator instance id: host name, process id and start time (unique per process).
 fn instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
+    let host = grok_proto::process::hostname();
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -955,7 +950,7 @@ fn auth_check(shared: &Shared) -> impl Fn(Request<()>) -> Result<Request<()>, St
                 .metadata()
                 .get("authorization")
                 .and_then(|v| v.to_str().ok());
-            if crate::auth::bearer_matches(t, h) {
+            if grok_proto::auth::bearer_matches(t, h) {
                 Ok(req)
             } else {
                 Err(Status::unauthenticated(

@@ -1,10 +1,13 @@
 //! grok-proto: the gRPC wire types and services of grok-cluster, generated at build time from
 //! `proto/*.proto` with a pure-Rust protobuf compiler (no system protoc), and [`telemetry`]:
 //! the binaries' logs and OpenTelemetry spans, whose context travels in the wire messages, and
-//! [`tls`]: mutual TLS between the coordinator and the workers.
+//! [`tls`]: mutual TLS between the coordinator and the workers, [`auth`]: the client APIs'
+//! bearer token, and [`process`]: the start-up and shutdown every long-running binary shares.
 
+pub mod auth;
 pub mod limits;
 pub mod membership;
+pub mod process;
 pub mod telemetry;
 pub mod tls;
 

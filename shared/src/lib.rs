@@ -24,5 +24,6 @@ pub mod planner;
 pub mod presharded;
 pub mod sampling;
 pub mod sharding;
+pub mod sync;
 pub mod threads;
 pub mod tokenizer;

@@ -158,14 +158,13 @@ fn text_assets_parse_and_use_real_flags() {
 
 #[test]
 fn the_example_cluster_config_is_valid() {
-    let f =
-        grok_coordinator::config::ClusterFile::load(&root().join("deploy/cluster.example.toml"))
-            .unwrap();
-    let s = grok_coordinator::config::resolve_up(&f, &Default::default(), &|_| None).unwrap();
+    let f = grokctl::cluster_file::ClusterFile::load(&root().join("deploy/cluster.example.toml"))
+        .unwrap();
+    let s = grokctl::cluster_file::resolve_up(&f, &Default::default(), &|_| None).unwrap();
     assert_eq!((s.tp, s.ep, s.pp), (8, 8, 1));
     assert_eq!(s.http_listen.as_deref(), Some("0.0.0.0:8000"));
     assert_eq!(f.hosts[0].devices.len(), 8);
-    let l = grok_coordinator::config::resolve_launch(&f, &|_| None).unwrap();
+    let l = grokctl::cluster_file::resolve_launch(&f, &|_| None).unwrap();
     assert_eq!(l.ssh_options[0], "-i");
     assert_eq!(l.log_dir, std::path::Path::new("/tmp"));
 }

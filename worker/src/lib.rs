@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use engine::{Engine, LoadSpec};
 use grok_proto::v1 as pb;
 use grok_shared::sharding::Layout;
+use grok_shared::sync::lock;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -66,10 +67,6 @@ struct Svc {
     /// The coordinator instance of the newest Load ("" before any): the one that drives this
     /// worker, and the only one that rejoins it by itself after a fault.
     owner: Arc<Mutex<String>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn parse_addrs(v: &[String]) -> Result<Vec<SocketAddr>, Status> {
@@ -500,7 +497,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     }
     tokio::select! {
         r = server => { r??; }
-        _ = shutdown_signal() => { eprintln!("worker {}: shutting down", args.worker_id); }
+        _ = grok_proto::process::shutdown_signal() => { eprintln!("worker {}: shutting down", args.worker_id); }
     }
     Ok(())
 }
@@ -561,13 +558,4 @@ async fn register(args: &WorkerArgs, coordinator: &str, req: pb::RegisterRequest
         args.worker_id, reg.rank, reg.world_size, req.address
     );
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

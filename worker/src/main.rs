@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -59,52 +58,13 @@ struct Args {
     /// worker holds the whole model on one GPU, layouts tp=1 pp=1).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Log format on stderr.
-    #[arg(long, value_parser = ["text", "json"], default_value = "text", env = "GROK_LOG_FORMAT")]
-    log_format: String,
-    /// Export OpenTelemetry spans (this worker's part of each step) to this OTLP/gRPC
-    /// collector, e.g. http://127.0.0.1:4317.
-    #[arg(long, env = "GROK_OTLP_ENDPOINT")]
-    otlp_endpoint: Option<String>,
-    /// CA certificate (PEM) that signs the cluster's certificates. With --tls-cert and
-    /// --tls-key (all three or none) the worker registers over TLS with its certificate, and its
-    /// own gRPC service accepts only clients with a certificate signed by this CA.
-    #[arg(long, env = "GROK_TLS_CA", value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-    /// This worker's certificate (PEM, signed by the CA, naming the advertised host).
-    #[arg(long, env = "GROK_TLS_CERT", value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
-    /// This worker's private key (PEM; read from the file, never logged).
-    #[arg(long, env = "GROK_TLS_KEY", value_name = "FILE")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    member: grok_proto::process::MemberArgs,
 }
 
 fn main() {
     let a = Args::parse();
-    let _telemetry = match grok_proto::telemetry::init(&grok_proto::telemetry::TelemetryConfig {
-        service: "grok-worker".into(),
-        json: a.log_format == "json",
-        default_level: "warn".into(),
-        otlp_endpoint: a.otlp_endpoint.clone(),
-    }) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
-    let tls_paths = grok_proto::tls::TlsPaths::new(a.tls_ca, a.tls_cert, a.tls_key);
-    if let Err(e) = tls_paths.check_member() {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    }
-    let tls = match grok_proto::tls::Tls::load(&tls_paths) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1);
-        }
-    };
+    let (_telemetry, tls) = grok_proto::process::start_member("grok-worker", "warn", &a.member);
     let cuda_device = match parse_device(&a.device) {
         Ok(Device::Cpu) => None,
         Ok(Device::Cuda(ordinal)) => {
@@ -117,14 +77,19 @@ fn main() {
         }
     };
     if a.threads > 0 {
-        if let Err(e) = rayon_threads(a.threads) {
-            eprintln!("error: {e}");
-            std::process::exit(1);
+        if let Err(e) = grok_shared::threads::init(a.threads) {
+            grok_proto::process::exit(1, e);
         }
     }
-    let id =
-        a.id.clone()
-            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let id = a.id.clone().unwrap_or_else(|| {
+        let host = grok_proto::process::hostname();
+        let host = if host.is_empty() {
+            "worker".into()
+        } else {
+            host
+        };
+        format!("{host}-{}", std::process::id())
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -213,14 +178,4 @@ fn check_cuda(ordinal: usize) {
 fn check_cuda(ordinal: usize) {
     eprintln!("error: cuda:{ordinal}: this build has no CUDA support (build with --features cuda)");
     std::process::exit(1);
-}
-
-fn rayon_threads(n: usize) -> Result<(), String> {
-    grok_shared::threads::init(n).map_err(|e| e.to_string())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "worker".into())
 }

@@ -224,7 +224,7 @@ pub async fn up(a: &UpArgs) -> Result<()> {
     let _ = std::io::stdout().flush();
     loop {
         tokio::select! {
-            _ = crate::shutdown_signal() => {
+            _ = grok_proto::process::shutdown_signal() => {
                 eprintln!("stopping the cluster");
                 break;
             }

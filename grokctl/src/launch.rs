@@ -9,7 +9,7 @@
 //! COMMAND` (ssh keeps the first value of an option, so `ssh_options` may override these two).
 //! The remote processes write their logs to `launch.log_dir` (default /tmp) on their host.
 
-use crate::config::{ClusterFile, HostSection, LaunchSettings};
+use crate::cluster_file::{ClusterFile, HostSection, LaunchSettings};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -94,11 +94,11 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
     }
     let file = ClusterFile::load(&a.config)?;
     let env = |k: &str| std::env::var(k).ok();
-    let s = crate::config::resolve_up(&file, &Default::default(), &env)?;
+    let s = crate::cluster_file::resolve_up(&file, &Default::default(), &env)?;
     let LaunchSettings {
         ssh_options,
         log_dir,
-    } = crate::config::resolve_launch(&file, &env)?;
+    } = crate::cluster_file::resolve_launch(&file, &env)?;
     let ssh = Ssh {
         program: &a.ssh,
         options: &ssh_options,
@@ -284,7 +284,8 @@ fn stop(a: &LaunchArgs) -> Result<()> {
         .with_context(|| format!("{} is not a launch record", state.display()))?;
     // The ssh options of the config (and GROK_SSH_OPTIONS) apply to stopping too.
     let file = ClusterFile::load(&a.config)?;
-    let ssh_options = crate::config::resolve_launch(&file, &|k| std::env::var(k).ok())?.ssh_options;
+    let ssh_options =
+        crate::cluster_file::resolve_launch(&file, &|k| std::env::var(k).ok())?.ssh_options;
     let ssh = Ssh {
         program: &a.ssh,
         options: &ssh_options,

@@ -16,13 +16,7 @@ use std::time::Instant;
 
 /// Sets the size of the global compute pool (0 = one thread per core).
 pub fn init_threads(threads: usize) -> Result<()> {
-    if threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .context("cannot start the compute thread pool")?;
-    }
-    Ok(())
+    grok_shared::threads::init(threads).context("cannot start the compute thread pool")
 }
 
 pub struct GenModelArgs {

@@ -130,22 +130,42 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
 pub struct SimArgs {
+    #[arg(long, default_value = "grok-1")]
     pub model: String,
+    #[arg(long, default_value = "h100-sxm")]
     pub gpu: String,
+    #[arg(long, default_value_t = 8)]
     pub gpus_per_node: usize,
+    #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    #[arg(long, default_value = "int8")]
     pub dtype: String,
+    /// Layout of one replica as TP,EP,PP (default: the smallest fitting one).
+    #[arg(long, value_parser = parse_layout)]
     pub layout: Option<(usize, usize, usize)>,
+    /// Poisson arrival rate, requests per second.
+    #[arg(long, default_value_t = 2.0)]
     pub rate: f64,
+    #[arg(long, default_value_t = 500)]
     pub requests: usize,
+    /// N or MIN:MAX (uniform).
+    #[arg(long, default_value = "200:2000", value_parser = parse_range)]
     pub prompt_len: (usize, usize),
+    #[arg(long, default_value = "50:400", value_parser = parse_range)]
     pub gen_len: (usize, usize),
+    #[arg(long, default_value_t = 2000.0)]
     pub ttft_ms: f64,
+    #[arg(long, default_value_t = 100.0)]
     pub itl_ms: f64,
+    #[arg(long, default_value_t = 64)]
     pub max_seqs: usize,
+    #[arg(long, default_value_t = 2048)]
     pub max_batch_tokens: usize,
+    #[arg(long)]
     pub catalog: Option<PathBuf>,
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -498,12 +518,20 @@ impl HostCalibration {
     }
 }
 
+#[derive(clap::Args)]
 pub struct ValidateArgs {
+    #[arg(long)]
     pub model: PathBuf,
+    /// TP,EP,PP; repeat for several layouts.
+    #[arg(long, value_parser = parse_layout, default_value = "1,1,1")]
     pub layouts: Vec<(usize, usize, usize)>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
     pub requests: usize,
+    #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
     pub gen_len: usize,
 }
 

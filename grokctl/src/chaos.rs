@@ -22,19 +22,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
+#[derive(clap::Args)]
 pub struct ChaosArgs {
+    #[arg(long)]
     pub model: PathBuf,
+    #[arg(long, default_value_t = 2)]
     pub tp: usize,
+    #[arg(long, default_value_t = 2)]
     pub replicas: usize,
+    /// Concurrent streaming clients.
+    #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    /// How long faults are injected (the clients' last requests finish after).
+    #[arg(long, default_value_t = 120)]
     pub duration_s: u64,
+    /// Seed of the fault schedule (which fault, which worker, how long).
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Fault kinds to draw from: "kill", "stop".
+    /// Fault kinds to draw from.
+    #[arg(long, value_delimiter = ',', default_value = "kill,stop")]
     pub faults: Vec<String>,
-    /// Seconds of load between the end of one fault's recovery and the next fault.
+    /// Mean seconds of load between a recovery and the next fault.
+    #[arg(long, default_value_t = 4.0)]
     pub interval_s: f64,
+    /// Tokens per request.
+    #[arg(long, default_value_t = 48)]
     pub max_tokens: u32,
+    #[arg(long, default_value_t = 1)]
     pub threads_per_worker: usize,
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -273,13 +289,13 @@ pub async fn run(a: &ChaosArgs) -> Result<ChaosReport> {
                     .await;
                     match r {
                         Err(_) => {
-                            crate::server::lock(&lost)
+                            grok_shared::sync::lock(&lost)
                                 .push(format!("request {k} hung past {REQUEST_DEADLINE:?}"));
                         }
                         Ok(Ok(ids)) if ids == reference[k] => {
                             counts[0].fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(Ok(ids)) => crate::server::lock(&lost).push(format!(
+                        Ok(Ok(ids)) => grok_shared::sync::lock(&lost).push(format!(
                             "request {k}: {} tokens other than the fault-free run's",
                             ids.iter()
                                 .zip(reference[k].iter())
@@ -292,7 +308,7 @@ pub async fn run(a: &ChaosArgs) -> Result<ChaosReport> {
                             tokio::time::sleep(Duration::from_millis(250)).await;
                             continue;
                         }
-                        Ok(Err(s)) => crate::server::lock(&lost).push(format!(
+                        Ok(Err(s)) => grok_shared::sync::lock(&lost).push(format!(
                             "request {k}: {:?}: {}",
                             s.code(),
                             s.message()
@@ -385,7 +401,7 @@ pub async fn run(a: &ChaosArgs) -> Result<ChaosReport> {
     report.completed = counts[0].load(Ordering::Relaxed);
     report.failed_retryable = counts[1].load(Ordering::Relaxed);
     report.retries_exhausted = counts[2].load(Ordering::Relaxed);
-    report.lost_detail = crate::server::lock(&lost).clone();
+    report.lost_detail = grok_shared::sync::lock(&lost).clone();
     report.lost = report.lost_detail.len() as u64;
     let mut s = report.recover_s.clone();
     s.sort_by(f64::total_cmp);

@@ -2,7 +2,7 @@
 # GPU host check of the CUDA backend, in one run (a few minutes):
 #   scripts/gpu-check.sh OUT [--quick]
 # Run from the repository root of a copy that holds the prebuilt binaries in dist/
-# (dist/grok-gpu-check: `cargo build --release --features grok-worker/cuda --bin grok-gpu-check`).
+# (dist/grok-gpu-check: `cargo build --release --features grok-tools/cuda --bin grok-gpu-check`).
 # Needs the NVIDIA driver; NVRTC and cuBLAS 13 from a CUDA toolkit or the Python nvidia-* wheels;
 # python3 with PyTorch for the baseline. No Rust, no network.
 #
@@ -107,7 +107,7 @@ fi
 step "3. dist/grok-gpu-check"
 BIN=dist/grok-gpu-check
 if [ ! -x "$BIN" ]; then
-  echo "missing $BIN (build: cargo build --release --features grok-worker/cuda --bin grok-gpu-check)"
+  echo "missing $BIN (build: cargo build --release --features grok-tools/cuda --bin grok-gpu-check)"
   FAILED+=("grok-gpu-check: binary missing")
 else
   ONLY=()

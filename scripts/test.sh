@@ -43,6 +43,6 @@ python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 # The ckpt-0 tests write official-format pickles with numpy and ml_dtypes (bfloat16).
 python3 -c 'import numpy, ml_dtypes' 2>/dev/null || python3 -m pip install --quiet numpy ml_dtypes
 
-cargo build --workspace --bins --features grok-worker/cuda --locked
+cargo build --workspace --bins --features grok-worker/cuda,grok-tools/cuda --locked
 cargo build --workspace --bins --locked
 cargo test --workspace --locked

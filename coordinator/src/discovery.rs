@@ -9,7 +9,9 @@
 //!   finds keep their weights and only reconnect). While etcd is away the cluster goes on
 //!   serving; the watch and the leader's lease resume when it returns.
 
-use crate::server::{admit, Shared};
+use crate::cluster::Cluster;
+use crate::membership::admit;
+use crate::state::{ClusterState, WorkerState};
 use grok_proto::membership::{
     EtcdConfig, MembershipError, WorkerRecord, KEEPALIVE, LEASE_TTL_S, RETRY,
 };
@@ -32,7 +34,7 @@ pub enum DiscoveryError {
 pub trait Discovery: Send + Sync {
     fn name(&self) -> &'static str;
     /// Runs for the life of the coordinator (bound at `bound`); an error ends the process.
-    fn run(self: Box<Self>, shared: Arc<Shared>, bound: std::net::SocketAddr) -> Run;
+    fn run(self: Box<Self>, shared: Arc<Cluster>, bound: std::net::SocketAddr) -> Run;
 }
 
 /// Workers register over gRPC; nothing else runs.
@@ -42,7 +44,7 @@ impl Discovery for Static {
     fn name(&self) -> &'static str {
         "static"
     }
-    fn run(self: Box<Self>, _shared: Arc<Shared>, _bound: std::net::SocketAddr) -> Run {
+    fn run(self: Box<Self>, _shared: Arc<Cluster>, _bound: std::net::SocketAddr) -> Run {
         Box::pin(std::future::pending())
     }
 }
@@ -59,7 +61,7 @@ impl Discovery for Etcd {
     fn name(&self) -> &'static str {
         "etcd"
     }
-    fn run(self: Box<Self>, shared: Arc<Shared>, bound: std::net::SocketAddr) -> Run {
+    fn run(self: Box<Self>, shared: Arc<Cluster>, bound: std::net::SocketAddr) -> Run {
         Box::pin(async move { self.lead(shared, bound).await })
     }
 }
@@ -67,13 +69,13 @@ impl Discovery for Etcd {
 impl Etcd {
     async fn lead(
         self,
-        shared: Arc<Shared>,
+        shared: Arc<Cluster>,
         bound: std::net::SocketAddr,
     ) -> Result<(), DiscoveryError> {
         let cfg = self.cfg.clone();
         let advertise = self.advertise.clone().unwrap_or_else(|| bound.to_string());
         shared.set_state(
-            "standby",
+            ClusterState::Standby,
             format!(
                 "campaigning for the leadership of cluster `{}` in etcd",
                 cfg.cluster
@@ -94,7 +96,7 @@ impl Etcd {
             {
                 Ok(x) => break x,
                 Err(e) => {
-                    shared.set_state("standby", format!("{e}; retrying"));
+                    shared.set_state(ClusterState::Standby, format!("{e}; retrying"));
                     tokio::time::sleep(RETRY).await;
                 }
             }
@@ -110,7 +112,7 @@ impl Etcd {
                         if let Some(kv) = r.kv() {
                             let who = String::from_utf8_lossy(kv.value()).to_string();
                             shared.set_state(
-                                "standby",
+                                ClusterState::Standby,
                                 format!("standby of cluster `{}`: the leader is {who}; this coordinator takes over if it goes", cfg.cluster),
                             );
                         }
@@ -138,7 +140,7 @@ impl Etcd {
         }
         tracing::info!(cluster = %cfg.cluster, "leading the cluster");
         shared.set_state(
-            "waiting_for_workers",
+            ClusterState::WaitingForWorkers,
             format!(
                 "leader of cluster `{}`; waiting for the workers announced in etcd",
                 cfg.cluster
@@ -197,7 +199,7 @@ async fn keep_lease(
 async fn watch_workers(
     cfg: EtcdConfig,
     client: etcd_client::Client,
-    shared: Arc<Shared>,
+    shared: Arc<Cluster>,
 ) -> Result<(), DiscoveryError> {
     let prefix = cfg.workers_prefix();
     loop {
@@ -253,7 +255,7 @@ async fn watch_workers(
 }
 
 /// A worker's key was written: admit it, unless it is already registered as announced.
-fn put(shared: &Arc<Shared>, value: &[u8]) {
+fn put(shared: &Arc<Cluster>, value: &[u8]) {
     let rec: WorkerRecord = match serde_json::from_slice(value) {
         Ok(r) => r,
         Err(e) => {
@@ -264,7 +266,7 @@ fn put(shared: &Arc<Shared>, value: &[u8]) {
     let known = lock(&shared.workers)
         .iter()
         .flatten()
-        .any(|w| w.id == rec.id && w.address == rec.address && w.state != "lost");
+        .any(|w| w.id == rec.id && w.address == rec.address && w.state != WorkerState::Lost);
     if known {
         return;
     }
@@ -275,11 +277,11 @@ fn put(shared: &Arc<Shared>, value: &[u8]) {
 
 /// A worker's key expired or was deleted. A serving worker is the health monitor's to judge;
 /// one that is only registered gives its rank back.
-fn gone(shared: &Arc<Shared>, id: &str) {
+fn gone(shared: &Arc<Cluster>, id: &str) {
     let mut ws = lock(&shared.workers);
     for w in ws.iter_mut() {
         if w.as_ref()
-            .is_some_and(|w| w.id == id && w.state == "registered")
+            .is_some_and(|w| w.id == id && w.state == WorkerState::Registered)
         {
             tracing::info!(worker = %id, "left before its replica loaded");
             *w = None;

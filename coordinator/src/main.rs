@@ -1,8 +1,8 @@
 //! `grok-coordinator`: the cluster coordinator process.
 
 use clap::Parser;
+use grok_coordinator::config::CoordinatorConfig;
 use grok_coordinator::discovery::{Discovery, Etcd, Static};
-use grok_coordinator::server::{self, CoordinatorConfig};
 use grok_proto::membership::EtcdConfig;
 use grok_shared::sharding::Layout;
 use std::net::SocketAddr;
@@ -139,7 +139,7 @@ fn main() {
             .unwrap_or_else(|e| grok_proto::process::exit(1, e)),
         tls,
     };
-    let shared = match server::prepare(cfg) {
+    let shared = match grok_coordinator::cluster::prepare(cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -151,7 +151,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = rt.block_on(server::serve(
+    if let Err(e) = rt.block_on(grok_coordinator::serve::serve(
         shared,
         discovery,
         grok_proto::process::shutdown_signal(),

@@ -1398,7 +1398,7 @@ fn fuzz_http_json_bodies() {
             .to_string(),
     )
     .unwrap();
-    let cfg = grok_coordinator::server::CoordinatorConfig {
+    let cfg = grok_coordinator::config::CoordinatorConfig {
         model_dir: tmp.path().to_path_buf(),
         layout: grok_shared::sharding::Layout::new(1, 1, 1),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -1415,8 +1415,8 @@ fn fuzz_http_json_bodies() {
         api_token: None,
         tls: None,
     };
-    let shared = grok_coordinator::server::prepare(cfg).unwrap();
-    let mut router = grok_coordinator::http::router(shared);
+    let shared = grok_coordinator::cluster::prepare(cfg).unwrap();
+    let mut router = grok_coordinator::api::http::router(shared);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -702,7 +702,8 @@ fn all_reduce_rows(tp: &dyn Communicator, buf: &mut [f32], d: usize) -> Result<(
     Ok(())
 }
 
-/// A free list of KV blocks (the single-process generator's block manager).
+/// A free list of KV blocks: the block manager of the single-process generator and of the
+/// coordinator's scheduler.
 pub struct BlockAllocator {
     free: Vec<u32>,
 }
@@ -731,6 +732,17 @@ impl BlockAllocator {
     }
     pub fn release(&mut self, table: &mut Vec<u32>) {
         self.free.append(table);
+    }
+    /// One free block, if any.
+    pub fn alloc(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+    /// The free blocks (the next one handed out last).
+    pub fn free_list(&self) -> &[u32] {
+        &self.free
     }
 }
 

@@ -1,0 +1,334 @@
+//! The HTTP API of the coordinator (axum): OpenAI-compatible completions and chat completions,
+//! `/v1/models`, `/health`, `/ready` and Prometheus `/metrics`.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /health` | 200 `ok` while the process runs (liveness) |
+//! | `GET /ready` | 200 once every shard is loaded, else 503; a JSON body with the state |
+//! | `GET /metrics` | the Prometheus text exposition (`text/plain; version=0.0.4`) |
+//! | `GET /v1/models` | the one served model (`--served-model-name`, default the model directory's name) |
+//! | `POST /v1/completions` | OpenAI completions, streaming (SSE) or not |
+//! | `POST /v1/chat/completions` | OpenAI chat completions over the chat template below |
+//!
+//! Requests follow OpenAI's schemas. Besides OpenAI's fields, `top_k` (0 = off),
+//! `stop_token_ids`, `ignore_eos` and `return_token_ids` (each choice, and each streamed
+//! chunk, gets the generated `token_ids`) are accepted; unknown fields are ignored. Defaults
+//! are OpenAI's: `temperature` 1, `top_p` 1, `max_tokens` 16 for completions and, for chat,
+//! as many as the context (and KV cache) leave after the prompt. Only `n = 1` is served.
+//! Prompts are a string, a list of one string, a list of token ids or a list of one list of
+//! token ids; text needs the cluster's tokenizer.
+//!
+//! Every job is built by [`crate::request::build_job`] (the same validation as gRPC) and
+//! queued by [`crate::router::submit`]. Errors use OpenAI's body
+//! `{"error": {"message", "type", "param", "code"}}`; gRPC codes map to HTTP statuses:
+//! INVALID_ARGUMENT / FAILED_PRECONDITION 400, RESOURCE_EXHAUSTED 429 (a full queue),
+//! UNAVAILABLE 503 (not serving), UNAUTHENTICATED 401, anything else 500. An error after a
+//! stream has started is sent as one SSE event `data: {"error": {...}}` that ends the stream.
+//! A client that goes away drops the request's event receiver, which the engine notices
+//! and frees the sequence.
+
+mod answer;
+mod errors;
+mod parse;
+
+pub use parse::{chat_prompt, CHAT_STOP};
+
+use crate::cluster::Cluster;
+use crate::request::{build_job, GenEvent, PromptInput, RequestParams};
+use crate::router;
+use answer::{collect, sse, Answer, Api};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use errors::HttpError;
+use grok_shared::sync::lock;
+use parse::{parse_chat, parse_completion, JsonBody, CHAT_STOP as STOP};
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedReceiver as Receiver;
+
+struct App {
+    shared: Arc<Cluster>,
+    /// Unix time the API started (the model's `created`).
+    created: u64,
+}
+
+type AppState = State<Arc<App>>;
+
+pub fn router(shared: Arc<Cluster>) -> Router {
+    let app = Arc::new(App {
+        shared,
+        created: now(),
+    });
+    // The API needs the bearer token when one is configured; the probes and metrics stay open.
+    let api = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        // Set on purpose (axum's default is 2 MB): a body over it gets 413 before parsing.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            grok_proto::limits::MAX_HTTP_BODY_BYTES,
+        ))
+        .fallback(|| async {
+            HttpError::new(
+                StatusCode::NOT_FOUND,
+                "no such route; see /v1/models, /v1/completions, /v1/chat/completions",
+                None,
+            )
+        })
+        .with_state(app)
+}
+
+async fn require_token(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(t) = &app.shared.cfg.api_token {
+        let h = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !grok_proto::auth::bearer_matches(t, h) {
+            return HttpError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: send `Authorization: Bearer <token>`",
+                None,
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A unique, unpredictable-looking id: `{prefix}-{24 hex digits}`.
+fn new_id(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let r = grok_shared::sampling::Rng::new(nanos ^ n.rotate_left(40) ^ std::process::id() as u64)
+        .next_u64();
+    format!("{prefix}-{r:016x}{:08x}", n as u32)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain routes
+
+async fn ready(State(app): AppState) -> Response {
+    let (state, detail) = lock(&app.shared.state).clone();
+    let state = state.as_str();
+    let code = if state == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(json!({"state": state, "detail": detail}))).into_response()
+}
+
+async fn metrics(State(app): AppState) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.shared.metrics.render(),
+    )
+        .into_response()
+}
+
+fn model_card(app: &App) -> Value {
+    json!({
+        "id": app.shared.cfg.served_model_name,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "grok-cluster",
+        "max_model_len": app.shared.model.max_position_embeddings,
+    })
+}
+
+async fn models(State(app): AppState) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&app)]}))
+}
+
+async fn model(State(app): AppState, Path(id): Path<String>) -> Response {
+    if id == app.shared.cfg.served_model_name {
+        Json(model_card(&app)).into_response()
+    } else {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("model `{id}` is not served here"),
+            Some("model"),
+        )
+        .into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completions and chat completions
+
+/// The W3C `traceparent` header of a request, if any.
+fn traceparent(h: &axum::http::HeaderMap) -> Option<String> {
+    h.get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+async fn completions(
+    State(app): AppState,
+    headers: axum::http::HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Response {
+    respond(completion_request(&app, body, traceparent(&headers))).await
+}
+
+async fn chat_completions(
+    State(app): AppState,
+    headers: axum::http::HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Response {
+    respond(chat_request(&app, body, traceparent(&headers))).await
+}
+
+/// A validated request: the receiver of its events, how to answer, and whether to stream.
+type Started = Result<(Receiver<GenEvent>, Answer, bool), HttpError>;
+
+async fn respond(r: Started) -> Response {
+    let (rx, answer, stream) = match r {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    if stream {
+        sse(rx, answer)
+    } else {
+        match collect(rx).await {
+            Ok(c) => Json(answer.full(c)).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+/// Builds the job through `build_job` (counting a refusal as `rejected`) and queues it.
+fn start(
+    app: &App,
+    prompt: PromptInput,
+    params: RequestParams,
+    rename: &dyn Fn(&'static str) -> &'static str,
+    traceparent: Option<&str>,
+) -> Result<Receiver<GenEvent>, HttpError> {
+    let s = &app.shared;
+    let (job, rx) = build_job(
+        &s.model,
+        s.tokenizer.as_ref(),
+        s.cfg.kv_tokens(),
+        prompt,
+        params,
+        traceparent,
+    )
+    .map_err(|e| {
+        s.metrics.request_done("rejected");
+        HttpError::from_api(e, rename)
+    })?;
+    router::submit(s, job).map_err(|e| HttpError::from_status(&e))?;
+    Ok(rx)
+}
+
+fn rejected<T>(app: &App, r: Result<T, HttpError>) -> Result<T, HttpError> {
+    if r.is_err() {
+        app.shared.metrics.request_done("rejected");
+    }
+    r
+}
+
+fn completion_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Started {
+    let (c, prompt, logprobs) = rejected(
+        app,
+        parse_completion(&app.shared.cfg.served_model_name, body),
+    )?;
+    let params = c.params(c.max_tokens.unwrap_or(16), logprobs.unwrap_or(0));
+    let mt = c.max_tokens_name;
+    let rename = |f: &'static str| if f == "max_tokens" { mt } else { f };
+    let rx = start(app, prompt, params, &rename, tp.as_deref())?;
+    Ok((
+        rx,
+        Answer {
+            api: Api::Completion,
+            id: new_id("cmpl"),
+            created: now(),
+            model: app.shared.cfg.served_model_name.clone(),
+            logprobs,
+            token_ids: c.token_ids,
+            include_usage: c.include_usage,
+            shared: app.shared.clone(),
+        },
+        c.stream,
+    ))
+}
+
+fn chat_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Started {
+    let (mut c, text, logprobs) =
+        rejected(app, parse_chat(&app.shared.cfg.served_model_name, body))?;
+    c.stop.extend(STOP.iter().map(|s| s.to_string()));
+    // The default length needs the prompt's length: tokenize here when the cluster can.
+    let s = &app.shared;
+    let (prompt, max_tokens) = match &s.tokenizer {
+        Some(tok) => {
+            let ids = rejected(
+                app,
+                tok.encode(&text)
+                    .map_err(|e| HttpError::invalid("messages", format!("messages: {e}"))),
+            )?;
+            let room = s
+                .model
+                .max_position_embeddings
+                .min(s.cfg.kv_blocks * s.cfg.block_size);
+            let mt = c
+                .max_tokens
+                .unwrap_or_else(|| room.saturating_sub(ids.len()).max(1));
+            (PromptInput::Ids(ids), mt)
+        }
+        // build_job refuses text without a tokenizer.
+        None => (PromptInput::Text(text), c.max_tokens.unwrap_or(1)),
+    };
+    let params = c.params(max_tokens, logprobs.unwrap_or(0));
+    let mt = c.max_tokens_name;
+    let rename = |f: &'static str| match f {
+        "prompt" => "messages",
+        "max_tokens" => mt,
+        "logprobs" => "top_logprobs",
+        f => f,
+    };
+    let rx = start(app, prompt, params, &rename, tp.as_deref())?;
+    Ok((
+        rx,
+        Answer {
+            api: Api::Chat,
+            id: new_id("chatcmpl"),
+            created: now(),
+            model: s.cfg.served_model_name.clone(),
+            logprobs,
+            token_ids: c.token_ids,
+            include_usage: c.include_usage,
+            shared: s.clone(),
+        },
+        c.stream,
+    ))
+}

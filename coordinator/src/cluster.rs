@@ -1,0 +1,277 @@
+//! The coordinator's view of its cluster: the configuration, every rank's worker, the
+//! state of the cluster and of each replica, the serving replicas' queues, the load, the
+//! metrics. Membership, the APIs and the replicas' step loops share it.
+
+use crate::config::CoordinatorConfig;
+use crate::metrics::Metrics;
+use crate::replica::handle::ReplicaHandle;
+use crate::replica::seq::Parked;
+use crate::state::{derive_cluster, ClusterState, ReplicaState, WorkerState};
+use grok_proto::v1 as pb;
+use grok_shared::config::ModelConfig;
+use grok_shared::sync::lock;
+use grok_shared::tokenizer::Tokenizer;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, Default)]
+pub struct WorkerEntry {
+    pub id: String,
+    pub address: String,
+    /// "cpu" or "cuda:N".
+    pub device: String,
+    pub world_comm: String,
+    pub tp_comm: String,
+    pub state: WorkerState,
+    pub detail: String,
+    pub fraction: f32,
+    pub weight_bytes: u64,
+    pub resident_bytes: u64,
+    pub step_seconds: f64,
+    pub comm_seconds: f64,
+    pub steps: u64,
+}
+
+/// Everything the coordinator knows of its cluster, shared by the APIs, membership and the
+/// replicas' step loops. Each field is locked on its own, briefly, never across an await.
+pub struct Cluster {
+    pub cfg: CoordinatorConfig,
+    pub model: ModelConfig,
+    pub tokenizer: Option<Tokenizer>,
+    pub workers: Mutex<Vec<Option<WorkerEntry>>>,
+    /// The cluster's state and its detail (derived from the replicas' but for `standby`).
+    pub state: Mutex<(ClusterState, String)>,
+    /// The serving replicas (None: not serving: loading, recovering, failed).
+    pub replicas: Mutex<Vec<Option<ReplicaHandle>>>,
+    /// (state, detail) of each replica; the cluster state is derived from them.
+    pub replica_states: Mutex<Vec<(ReplicaState, String)>>,
+    /// Round-robin cursor over the serving replicas.
+    pub next_replica: std::sync::atomic::AtomicUsize,
+    /// Each replica's (running, waiting inside the engine, free KV blocks); the metrics' gauges
+    /// are their sums.
+    pub replica_load: Mutex<Vec<(u64, u64, u64)>>,
+    pub generated: AtomicU64,
+    pub metrics: Metrics,
+    /// (time, generated tokens, rate) of the last throughput sample.
+    pub rate_sample: Mutex<(std::time::Instant, u64, f64)>,
+    /// This coordinator process's id, sent with every Load: a worker names the coordinator
+    /// that drives it, and only that one rejoins it by itself after a fault.
+    pub instance: String,
+    /// Per replica: its supervisor runs (one at a time: it loads, serves, and rejoins after
+    /// faults).
+    pub supervised: Vec<AtomicBool>,
+    /// Per replica: it has served (a later load is a reload after a fault).
+    pub served: Vec<AtomicBool>,
+    /// Per replica: wakes its rejoin loop (a worker registered for one of its ranks).
+    pub rejoin: Vec<tokio::sync::Notify>,
+    /// Requests waiting for a replica to serve again (none was serving at their fault).
+    pub parked: Mutex<Vec<Parked>>,
+}
+
+impl Cluster {
+    pub fn state(&self) -> ClusterState {
+        lock(&self.state).0
+    }
+
+    pub fn set_state(&self, state: ClusterState, detail: impl Into<String>) {
+        let detail = detail.into();
+        if state == ClusterState::Failed {
+            tracing::error!(%detail, "cluster failed");
+        } else {
+            tracing::info!(%state, %detail, "cluster state");
+        }
+        *lock(&self.state) = (state, detail);
+    }
+
+    /// Sets one replica's state and derives the cluster's ([`derive_cluster`]).
+    pub fn set_replica_state(&self, r: usize, state: ReplicaState, detail: impl Into<String>) {
+        let (cluster, summary) = {
+            let mut rs = lock(&self.replica_states);
+            rs[r] = (state, detail.into());
+            derive_cluster(&rs, self.state() == ClusterState::Draining)
+        };
+        if cluster == ClusterState::Draining {
+            // Quietly: the drain was logged when it began.
+            *lock(&self.state) = (cluster, summary);
+        } else {
+            self.set_state(cluster, summary);
+        }
+    }
+
+    /// Records one replica's load and sets the gauges to the sums over the replicas.
+    pub fn set_replica_load(&self, r: usize, load: (u64, u64, u64)) {
+        let (running, free, blocks) = {
+            let mut l = lock(&self.replica_load);
+            l[r] = load;
+            (
+                l.iter().map(|x| x.0).sum::<u64>(),
+                l.iter().map(|x| x.2).sum::<u64>(),
+                (self.cfg.kv_blocks * l.len()) as u64,
+            )
+        };
+        let m = &self.metrics;
+        m.running.store(running, Ordering::Relaxed);
+        m.kv_free.store(free, Ordering::Relaxed);
+        m.kv_used.store(blocks - free, Ordering::Relaxed);
+    }
+
+    pub fn set_worker(&self, rank: usize, f: impl FnOnce(&mut WorkerEntry)) {
+        if let Some(Some(w)) = lock(&self.workers).get_mut(rank) {
+            f(w);
+        }
+    }
+
+    /// Generated tokens per second since the previous sample (taken at most once a second).
+    pub fn tokens_per_s(&self) -> f64 {
+        let now = std::time::Instant::now();
+        let total = self.generated.load(Ordering::Relaxed);
+        let mut s = lock(&self.rate_sample);
+        let dt = (now - s.0).as_secs_f64();
+        if dt >= 1.0 {
+            s.2 = (total - s.1) as f64 / dt;
+            *s = (now, total, s.2);
+        }
+        s.2
+    }
+
+    /// What `grokctl status` shows: the cluster, every rank's worker and shard, the load.
+    pub fn status(&self) -> pb::ClusterStatusResponse {
+        let (state, detail) = lock(&self.state).clone();
+        let l = self.cfg.layout;
+        let workers = lock(&self.workers).clone();
+        let shards = (0..workers.len())
+            .map(|r| {
+                let (replica, local) = (r / l.world_size(), r % l.world_size());
+                let p = l.place(local);
+                let s = l.shard(&self.model, local);
+                let w = workers[r].clone().unwrap_or_default();
+                let experts: Vec<String> = s
+                    .experts
+                    .iter()
+                    .map(|(e, f)| {
+                        if f.len() == self.model.ffn_size {
+                            e.to_string()
+                        } else {
+                            format!("{e}[{}..{}]", f.start, f.end)
+                        }
+                    })
+                    .collect();
+                pb::ShardStatus {
+                    rank: r as u32,
+                    worker_id: w.id,
+                    address: w.address,
+                    state: w.state.to_string(),
+                    detail: w.detail,
+                    stage: p.stage as u32,
+                    tp_rank: p.tp_rank as u32,
+                    layers: format!("{}..{}", s.layers.start, s.layers.end),
+                    heads: format!(
+                        "q {}..{} kv {}..{}",
+                        s.q_heads.start, s.q_heads.end, s.kv_heads.start, s.kv_heads.end
+                    ),
+                    experts: experts.join(","),
+                    weight_bytes: w.weight_bytes,
+                    load_fraction: w.fraction,
+                    resident_bytes: w.resident_bytes,
+                    step_seconds: w.step_seconds,
+                    comm_seconds: w.comm_seconds,
+                    steps: w.steps,
+                    replica: replica as u32,
+                }
+            })
+            .collect();
+        pb::ClusterStatusResponse {
+            model: self.cfg.model_dir.display().to_string(),
+            layout: Some(pb::Layout {
+                tp: l.tp as u32,
+                ep: l.ep as u32,
+                pp: l.pp as u32,
+                replicas: l.replicas as u32,
+            }),
+            state: state.to_string(),
+            detail,
+            shards,
+            generated_tokens: self.generated.load(Ordering::Relaxed),
+            kv_blocks_used: self.metrics.kv_used.load(Ordering::Relaxed),
+            kv_blocks_free: self.metrics.kv_free.load(Ordering::Relaxed),
+            running_sequences: self.metrics.running.load(Ordering::Relaxed),
+            // Waiting in the queues and inside the engines (admitted but not yet running).
+            queued_requests: self.metrics.queue_depth.load(Ordering::Relaxed)
+                + lock(&self.replica_load).iter().map(|l| l.1).sum::<u64>(),
+            tokens_per_s: self.tokens_per_s(),
+        }
+    }
+}
+
+/// Why a coordinator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("reading the model at {dir}: {why}")]
+    Model { dir: PathBuf, why: String },
+    #[error("{0}")]
+    Layout(String),
+    #[error("the tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Validates the configuration (layout against the model) before anything starts.
+pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
+    let model = ModelConfig::from_file(&cfg.model_dir.join("config.json")).map_err(|e| {
+        StartError::Model {
+            dir: cfg.model_dir.clone(),
+            why: e.to_string(),
+        }
+    })?;
+    cfg.layout
+        .validate(&model)
+        .map_err(|e| StartError::Layout(e.to_string()))?;
+    let tok_path = cfg.tokenizer.clone().or_else(|| {
+        let p = cfg.model_dir.join("tokenizer.model");
+        p.exists().then_some(p)
+    });
+    let tokenizer = match tok_path {
+        Some(p) => {
+            Some(Tokenizer::from_file(&p).map_err(|e| StartError::Tokenizer(e.to_string()))?)
+        }
+        None => None,
+    };
+    let replicas = cfg.layout.replicas.max(1);
+    let world = cfg.layout.world_size() * replicas;
+    let kv_blocks = cfg.kv_blocks;
+    Ok(Arc::new(Cluster {
+        cfg,
+        tokenizer,
+        workers: Mutex::new(vec![None; world]),
+        state: Mutex::new((
+            ClusterState::WaitingForWorkers,
+            format!("0 of {world} workers registered"),
+        )),
+        replicas: Mutex::new(vec![None; replicas]),
+        replica_states: Mutex::new(vec![
+            (ReplicaState::WaitingForWorkers, String::new());
+            replicas
+        ]),
+        next_replica: std::sync::atomic::AtomicUsize::new(0),
+        replica_load: Mutex::new(vec![(0, 0, kv_blocks as u64); replicas]),
+        generated: AtomicU64::new(0),
+        metrics: Metrics::new(model.num_layers, model.num_experts, kv_blocks),
+        rate_sample: Mutex::new((std::time::Instant::now(), 0, 0.0)),
+        model,
+        instance: instance_id(),
+        supervised: (0..replicas).map(|_| AtomicBool::new(false)).collect(),
+        served: (0..replicas).map(|_| AtomicBool::new(false)).collect(),
+        rejoin: (0..replicas).map(|_| tokio::sync::Notify::new()).collect(),
+        parked: Mutex::new(Vec::new()),
+    }))
+}
+
+/// A coordinator instance id: host name, process id and start time (unique per process).
+fn instance_id() -> String {
+    let host = grok_proto::process::hostname();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{host}-{}-{t:x}", std::process::id())
+}

@@ -1,0 +1,252 @@
+//! Loading a replica: the NCCL ids of its groups (GPU replicas), a `Load` to every worker with
+//! its peers, the progress of each, then the step streams.
+
+use super::workers::{connect_worker, WorkerClient, WorkerLink, Workers};
+use crate::cluster::{Cluster, WorkerEntry};
+use crate::state::{ReplicaState, WorkerState};
+use grok_proto::v1 as pb;
+use grok_shared::sync::lock;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+/// Whether a replica on these devices talks NCCL: all of them GPUs.
+pub fn uses_nccl(devices: &[&str]) -> bool {
+    !devices.is_empty() && devices.iter().all(|d| d.starts_with("cuda"))
+}
+
+/// The NCCL ids rank `rank` (inside the replica) gets: its world group's and its stage's
+/// tensor-parallel group's (empty where the group does not exist).
+pub fn nccl_ids_of(
+    l: &grok_shared::sharding::Layout,
+    rank: usize,
+    ids: &std::collections::HashMap<String, Vec<u8>>,
+) -> (Vec<u8>, Vec<u8>) {
+    let stage = l.place(rank).stage;
+    (
+        ids.get("world").cloned().unwrap_or_default(),
+        ids.get(&format!("tp{stage}")).cloned().unwrap_or_default(),
+    )
+}
+
+/// Tells every worker of replica `ri` to load its shard (or, when it holds it already, to
+/// reconnect its collectives), then opens the step streams. Ranks in messages and in
+/// `Cluster.workers` are global (`ri * world + rank`); workers are told their rank inside the
+/// replica. A worker that fails is marked `failed` on a first load and `lost` on a reload
+/// (so that a replacement can register for its rank).
+pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, String> {
+    let reload = shared.served[ri].load(Ordering::Acquire);
+    let l = shared.cfg.layout;
+    let world = l.world_size();
+    let base = ri * world;
+    let workers: Vec<WorkerEntry> = lock(&shared.workers)[base..base + world]
+        .iter()
+        .map(|w| w.clone().ok_or("a rank of the replica has no worker"))
+        .collect::<Result<_, _>>()?;
+    shared.set_replica_state(
+        ri,
+        ReplicaState::Loading,
+        format!("{world} workers loading their shards"),
+    );
+    let world_peers: Vec<String> = workers.iter().map(|w| w.world_comm.clone()).collect();
+    // GPU replicas of more than one worker: each NCCL group's first rank makes its unique id.
+    let devices: Vec<&str> = workers.iter().map(|w| w.device.as_str()).collect();
+    let nccl = if uses_nccl(&devices) && world > 1 {
+        let mut ids = std::collections::HashMap::new();
+        for g in grok_shared::collective::bootstrap::groups(&l) {
+            let w = &workers[g.root];
+            let r: Result<Vec<u8>, String> = async {
+                let mut c = connect_worker(shared, &w.address).await?;
+                let id = c
+                    .nccl_unique_id(pb::NcclIdRequest {})
+                    .await
+                    .map_err(|s| s.message().to_string())?
+                    .into_inner()
+                    .id;
+                grok_shared::collective::bootstrap::check_id(&g.name, &id)
+                    .map_err(|e| e.to_string())?;
+                Ok(id)
+            }
+            .await;
+            match r {
+                Ok(id) => {
+                    ids.insert(g.name.clone(), id);
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "worker `{}` (rank {}) gave no NCCL id for group {}: {e}",
+                        w.id,
+                        base + g.root,
+                        g.name
+                    ));
+                }
+            }
+        }
+        Some(ids)
+    } else {
+        None
+    };
+    let mut tasks = Vec::new();
+    for (rank, w) in workers.iter().enumerate() {
+        let p = l.place(rank);
+        let (world_nccl_id, tp_nccl_id) = nccl
+            .as_ref()
+            .map(|ids| nccl_ids_of(&l, rank, ids))
+            .unwrap_or_default();
+        let tp_peers: Vec<String> = (0..l.tp)
+            .map(|t| workers[p.stage * l.tp + t].tp_comm.clone())
+            .collect();
+        let req = pb::LoadRequest {
+            model_dir: shared.cfg.model_dir.display().to_string(),
+            layout: Some(pb::Layout {
+                tp: l.tp as u32,
+                ep: l.ep as u32,
+                pp: l.pp as u32,
+                replicas: 1,
+            }),
+            rank: rank as u32,
+            world_peers: world_peers.clone(),
+            tp_peers,
+            kv_blocks: shared.cfg.kv_blocks as u32,
+            block_size: shared.cfg.block_size as u32,
+            comm_timeout_ms: shared.cfg.comm_timeout_ms,
+            world_nccl_id,
+            tp_nccl_id,
+            coordinator_id: shared.instance.clone(),
+        };
+        let addr = w.address.clone();
+        let id = w.id.clone();
+        let shared = shared.clone();
+        let rank = base + rank;
+        tasks.push(tokio::spawn(async move {
+            let r: Result<WorkerClient, String> = async {
+                let mut c = connect_worker(&shared, &addr).await.map_err(|e| {
+                    format!("cannot reach worker `{id}` (rank {rank}) at {addr}: {e}")
+                })?;
+                let s = c
+                    .load(req)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "worker `{id}` (rank {rank}) at {addr} refused to load: {}",
+                            e.message()
+                        )
+                    })?
+                    .into_inner();
+                follow_load(&shared, rank, s).await.map_err(|e| {
+                    format!("worker `{id}` (rank {rank}) at {addr} failed to load: {e}")
+                })?;
+                Ok(c)
+            }
+            .await;
+            if let Err(e) = &r {
+                shared.set_worker(rank, |w| {
+                    w.state = if reload {
+                        WorkerState::Lost
+                    } else {
+                        WorkerState::Failed
+                    };
+                    w.detail = e.clone();
+                });
+            }
+            r
+        }));
+    }
+    let mut clients = Vec::new();
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(c)) => clients.push(c),
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(format!("load task failed: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    let mut links = Vec::new();
+    for (local, mut c) in clients.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(4);
+        let rank = base + local;
+        match c.step(ReceiverStream::new(rx)).await {
+            Ok(resp) => links.push(WorkerLink {
+                rank,
+                id: workers[local].id.clone(),
+                address: workers[local].address.clone(),
+                plans: tx,
+                results: resp.into_inner(),
+                client: c.clone(),
+            }),
+            Err(e) => {
+                return Err(format!(
+                    "worker `{}` (rank {rank}) refused the step stream: {}",
+                    workers[local].id,
+                    e.message()
+                ));
+            }
+        }
+    }
+    for r in base..base + world {
+        shared.set_worker(r, |w| w.state = WorkerState::Ready);
+    }
+    let sampler = base + (l.pp - 1) * l.tp;
+    Ok(Workers::new(shared.clone(), links, sampler))
+}
+
+/// Drains a load-progress stream into the worker's entry.
+async fn follow_load(
+    shared: &Cluster,
+    rank: usize,
+    mut s: tonic::Streaming<pb::LoadProgress>,
+) -> Result<(), String> {
+    loop {
+        match s.next().await {
+            Some(Ok(p)) => {
+                let ready = p.stage == "ready";
+                shared.set_worker(rank, |w| {
+                    w.state = WorkerState::from_stage(&p.stage);
+                    w.detail = p.detail.clone();
+                    w.fraction = p.fraction;
+                    w.resident_bytes = p.resident_bytes;
+                    if ready {
+                        w.weight_bytes = p.weight_bytes;
+                    }
+                });
+                if ready {
+                    return Ok(());
+                }
+            }
+            Some(Err(e)) => return Err(e.message().to_string()),
+            None => return Err("the worker closed the load stream before it was ready".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nccl_bootstrap_goes_to_gpu_replicas_and_each_rank_gets_its_groups() {
+        assert!(uses_nccl(&["cuda:0", "cuda:1"]));
+        assert!(!uses_nccl(&["cuda:0", "cpu"]));
+        assert!(!uses_nccl(&[]));
+        let l = grok_shared::sharding::Layout::new(2, 1, 2);
+        let mut ids = std::collections::HashMap::new();
+        for g in grok_shared::collective::bootstrap::groups(&l) {
+            ids.insert(g.name.clone(), vec![g.root as u8; 128]);
+        }
+        // Rank 3 is stage 1, tp rank 1: the world id (root 0) and tp1's (root 2).
+        let (w, t) = nccl_ids_of(&l, 3, &ids);
+        assert_eq!((w[0], t[0]), (0, 2));
+        let (w, t) = nccl_ids_of(&l, 1, &ids);
+        assert_eq!((w[0], t[0]), (0, 0));
+        // tp = 1: no tensor-parallel group, an empty id.
+        let l1 = grok_shared::sharding::Layout::new(1, 1, 2);
+        let ids1: std::collections::HashMap<String, Vec<u8>> =
+            [("world".to_string(), vec![9u8; 128])].into();
+        assert!(nccl_ids_of(&l1, 1, &ids1).1.is_empty());
+    }
+}

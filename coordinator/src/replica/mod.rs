@@ -1,0 +1,459 @@
+//! A replica: one copy of the model over tp x ep x pp workers, and the loop that serves it.
+//!
+//! [`supervise`] owns a replica's life: load it ([`load`]), serve until a fault, bring its
+//! workers back ([`rejoin`]), reload, serve again, with no operator. Serving is the step loop
+//! of continuous-batching servers: each iteration the [`scheduler`] plans a step (decode
+//! tokens first, then prefill chunks, under a token budget, a cap on running sequences and
+//! the free KV blocks), [`workers`] sends the plan to every worker over its long-lived `Step`
+//! stream and gathers the answers, and [`output`] turns the sampled tokens into the clients'
+//! events. Requests wait in a bounded queue ([`handle`]); a full queue refuses at once.
+//!
+//! Sampling is stateless per position (`Rng::for_token`), so a seeded request gives the same
+//! tokens alone, in any batch, after preemption, and after moving to another replica.
+//!
+//! A fault (a broken step stream, a worker the health monitor finds lost, a step that fails)
+//! puts the replica in `recovering`; its requests move to another serving replica, or wait
+//! for this one for `--fault-hold-ms`, and resume by re-prefilling. The coordinator stays up
+//! and answers status throughout.
+
+pub mod handle;
+pub mod load;
+pub mod output;
+pub mod rejoin;
+pub mod scheduler;
+pub mod seq;
+pub mod workers;
+
+use crate::cluster::Cluster;
+use crate::request::GenEvent;
+use crate::state::ReplicaState;
+use grok_proto::v1 as pb;
+use grok_shared::sync::lock;
+use handle::{Incoming, ReplicaHandle};
+use output::OutputRules;
+use scheduler::{Budget, Scheduler};
+use seq::{Parked, Seq};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Status;
+use workers::{StepFailure, Workers};
+
+/// A request running through this many replica faults ends (it may be their cause).
+const MAX_FAULTS: u32 = 3;
+/// How often a recovering replica asks its workers whether they are back, at first; the
+/// period doubles after each failed reload, up to `REJOIN_MAX_PERIOD`.
+const REJOIN_PERIOD: Duration = Duration::from_millis(250);
+const REJOIN_MAX_PERIOD: Duration = Duration::from_secs(8);
+
+/// The life of replica `ri`: load it, serve until a fault, wait for its workers, reload,
+/// serve again. One runs per replica (a second call returns at once). A first load that fails
+/// leaves the replica `failed` (a registration that completes it again starts a new
+/// supervisor); a reload that fails leaves it `recovering` and is tried again, the period
+/// doubling. The time from a fault's end (every worker back) to serving goes to the log and
+/// `/metrics`.
+pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
+    if cluster.supervised[ri].swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // When the fault being recovered from began.
+    let mut fault: Option<Instant> = None;
+    let mut period = REJOIN_PERIOD;
+    let mut ended = None;
+    loop {
+        if fault.is_some() {
+            rejoin::wait_for_workers(&cluster, ri, period, &mut ended).await;
+        }
+        let workers = match load::load_replica(&cluster, ri).await {
+            Ok(w) => w,
+            Err(e) if fault.is_some() => {
+                tracing::warn!(replica = ri, "rejoining failed: {e}; trying again");
+                cluster.set_replica_state(ri, ReplicaState::Recovering, e);
+                period = (period * 2).min(REJOIN_MAX_PERIOD);
+                continue;
+            }
+            Err(e) => {
+                cluster.set_replica_state(ri, ReplicaState::Failed, e);
+                break;
+            }
+        };
+        let replica = Replica::start(cluster.clone(), ri, workers);
+        if let Some(began) = fault.take() {
+            let took = ended
+                .take()
+                .map_or(Duration::ZERO, |t: Instant| t.elapsed());
+            cluster.metrics.recovery.observe(took.as_secs_f64());
+            cluster.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                replica = ri,
+                "serving again {:.2} s after the fault ended ({:.2} s after it began)",
+                took.as_secs_f64(),
+                began.elapsed().as_secs_f64()
+            );
+            period = REJOIN_PERIOD;
+        }
+        match replica.run().await {
+            Some(began) => fault = Some(began),
+            None => break,
+        }
+    }
+    cluster.supervised[ri].store(false, Ordering::Release);
+}
+
+struct Replica {
+    /// Which replica of the cluster this is.
+    index: usize,
+    cluster: Arc<Cluster>,
+    workers: Workers,
+    sched: Scheduler<Seq>,
+    rx: mpsc::Receiver<Incoming>,
+}
+
+impl Replica {
+    /// Opens the replica's queue and starts taking requests: those parked by a fault first.
+    fn start(cluster: Arc<Cluster>, ri: usize, workers: Workers) -> Self {
+        let cfg = &cluster.cfg;
+        let (handle, rx) = ReplicaHandle::channel(cfg.max_queue);
+        let budget = Budget {
+            max_batch_tokens: cfg.max_batch_tokens,
+            max_seqs: cfg.max_seqs,
+            block_size: cfg.block_size,
+        };
+        let mut sched = Scheduler::new(budget, cfg.kv_blocks);
+        let parked = std::mem::take(&mut *lock(&cluster.parked));
+        let resumed = parked.len();
+        for p in parked {
+            sched.push_back(*p.seq);
+        }
+        cluster
+            .metrics
+            .resumed
+            .fetch_add(resumed as u64, Ordering::Relaxed);
+        let reload = cluster.served[ri].swap(true, Ordering::AcqRel);
+        lock(&cluster.replicas)[ri] = Some(handle);
+        let world = cfg.layout.world_size();
+        cluster.set_replica_state(
+            ri,
+            ReplicaState::Ready,
+            if reload {
+                format!("serving again with {world} workers")
+            } else {
+                format!("serving with {world} workers")
+            },
+        );
+        if resumed > 0 {
+            tracing::info!(replica = ri, resumed, "requests resume after a fault");
+        }
+        Replica {
+            index: ri,
+            cluster,
+            workers,
+            sched,
+            rx,
+        }
+    }
+
+    /// Serves until a fault; returns when it began (`None`: the queue closed).
+    async fn run(mut self) -> Option<Instant> {
+        loop {
+            let cap = self.cluster.cfg.max_seqs;
+            if self.sched.is_idle() {
+                self.update_gauges();
+                // Idle: a worker lost now is noticed before the next request needs it.
+                tokio::select! {
+                    job = self.rx.recv() => match job {
+                        Some(job) => self.take(job),
+                        None => return None,
+                    },
+                    why = self.workers.lost() => return Some(self.fault(why).await),
+                }
+            }
+            // Take from the bounded queue only what the batch can admit, so that the queue
+            // bound is what callers see.
+            while self.sched.num_waiting() + self.sched.running().len() < cap {
+                match self.rx.try_recv() {
+                    Ok(job) => self.take(job),
+                    Err(_) => break,
+                }
+            }
+            self.reap_cancelled();
+            match self.iteration().await {
+                Ok(()) => {}
+                Err(StepFailure::Lost(why)) => return Some(self.fault(why).await),
+                // A failed step may have left the collectives broken (a peer's deadline): the
+                // workers reconnect and the sequences resume, as after a lost worker.
+                Err(StepFailure::Failed(e)) => {
+                    return Some(self.fault(format!("a step failed: {e}")).await)
+                }
+            }
+            self.update_gauges();
+        }
+    }
+
+    fn update_gauges(&self) {
+        let mine = (
+            self.sched.running().len() as u64,
+            self.sched.num_waiting() as u64,
+            self.sched.free_blocks() as u64,
+        );
+        self.cluster.set_replica_load(self.index, mine);
+    }
+
+    /// Ends a request (its blocks are free already) with its last event.
+    fn finish(&self, seq: Seq, ev: GenEvent, outcome: &str) {
+        self.cluster.metrics.request_done(outcome);
+        seq.job.span.record("outcome", outcome);
+        seq.job.span.record("completion_tokens", seq.generated);
+        // The load seen by the next request's routing counts this one as gone before its
+        // client can send another.
+        self.update_gauges();
+        let _ = seq.job.tx.send(ev);
+    }
+
+    fn take(&mut self, m: Incoming) {
+        match m {
+            Incoming::New(job) => {
+                self.cluster
+                    .metrics
+                    .queue_depth
+                    .fetch_sub(1, Ordering::Relaxed);
+                self.sched.push_back(Seq::new(job));
+            }
+            // A request moved from a replica in recovery goes first: it has waited already.
+            Incoming::Moved(s) => self.sched.push_front(*s),
+        }
+    }
+
+    /// Ends requests whose client went away, freeing their blocks at once.
+    fn reap_cancelled(&mut self) {
+        for s in self.sched.remove_where(|s| s.job.tx.is_closed()) {
+            self.finish(
+                s,
+                GenEvent::Error(Status::cancelled("cancelled")),
+                "cancelled",
+            );
+        }
+    }
+
+    /// One iteration: schedule, run the step on every worker, apply the results.
+    async fn iteration(&mut self) -> Result<(), StepFailure> {
+        let cluster = self.cluster.clone();
+        let m = &cluster.metrics;
+        let plan = self.sched.schedule();
+        m.preemptions
+            .fetch_add(plan.preempted as u64, Ordering::Relaxed);
+        m.prompt_tokens
+            .fetch_add(plan.admitted_tokens as u64, Ordering::Relaxed);
+        for s in plan.too_long {
+            let st = Status::resource_exhausted(format!(
+                "the sequence needs more than the {} KV blocks of {} tokens the cache holds",
+                cluster.cfg.kv_blocks, cluster.cfg.block_size
+            ));
+            self.finish(s, GenEvent::Error(st), "error");
+        }
+        if plan.slots.is_empty() {
+            // Nothing fits now (every block is held by sequences that cannot run): free what
+            // finished, then wait a little for cancellations rather than spin.
+            if !plan.free.is_empty() {
+                self.workers.step(vec![], plan.free, 0, &[]).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            return Ok(());
+        }
+        let vocab = cluster.model.vocab_size;
+        // Logits the sampling rank returns: `n` rows of every sequence that asks for them.
+        let mut want_logits = 0;
+        let mut seqs = Vec::with_capacity(plan.slots.len());
+        let mut returns = Vec::with_capacity(plan.slots.len());
+        for slot in &plan.slots {
+            let s = &self.sched.running()[slot.index].seq;
+            let p = &s.job.params;
+            let return_logits = output::wants_prompt_logits(s, slot.start, slot.n);
+            if return_logits {
+                want_logits += slot.n * vocab;
+            }
+            returns.push(return_logits);
+            seqs.push(pb::SeqStep {
+                seq_id: slot.wid,
+                tokens: s.tokens[slot.start..slot.start + slot.n].to_vec(),
+                start_pos: slot.start as u32,
+                new_blocks: slot.new_blocks.clone(),
+                sampling: slot.first.then_some(pb::SamplingParams {
+                    temperature: p.sampling.temperature,
+                    top_p: p.sampling.top_p,
+                    top_k: p.sampling.top_k as u32,
+                    seed: p.sampling.seed,
+                }),
+                sample: slot.start + slot.n == s.tokens.len(),
+                return_logits,
+                top_logprobs: p.top_logprobs,
+            });
+        }
+        let r = {
+            let running = self.sched.running();
+            let spans: Vec<&tracing::Span> = plan
+                .slots
+                .iter()
+                .map(|x| &running[x.index].seq.job.span)
+                .collect();
+            self.workers
+                .step(seqs, plan.free, want_logits, &spans)
+                .await?
+        };
+        if r.logits.len() != want_logits {
+            return Err(StepFailure::Failed(format!(
+                "the sampling rank returned {} logits, {want_logits} were asked for",
+                r.logits.len()
+            )));
+        }
+        let rules = OutputRules {
+            eos: cluster.model.eos_token_id,
+            max_positions: cluster.model.max_position_embeddings,
+            tokenizer: cluster.tokenizer.as_ref(),
+        };
+        // Apply: advance every scheduled sequence, then handle sampled tokens.
+        let mut off = 0;
+        let mut done: Vec<(usize, GenEvent, &'static str)> = Vec::new();
+        for (k, slot) in plan.slots.iter().enumerate() {
+            self.sched.advance(slot);
+            let e = &mut self.sched.running_mut()[slot.index];
+            if returns[k] {
+                let rows = &r.logits[off..off + slot.n * vocab];
+                off += slot.n * vocab;
+                output::deliver_prompt_logits(&mut e.seq, rows, slot.start, vocab);
+            }
+            if e.computed() < e.seq.tokens.len() {
+                continue;
+            }
+            let Some(t) = r.tokens.iter().find(|t| t.seq_id == slot.wid) else {
+                return Err(StepFailure::Failed(format!(
+                    "the sampling rank returned no token for sequence {}",
+                    slot.wid
+                )));
+            };
+            if t.token as usize >= vocab {
+                return Err(StepFailure::Failed(format!(
+                    "the sampling rank returned token {} for sequence {}, outside the vocabulary ({vocab})",
+                    t.token, slot.wid
+                )));
+            }
+            let s = &mut e.seq;
+            let now = Instant::now();
+            match s.last_token {
+                None => m.ttft.observe((now - s.job.arrived).as_secs_f64()),
+                Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
+            }
+            s.last_token = Some(now);
+            m.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            cluster.generated.fetch_add(1, Ordering::Relaxed);
+            let top = t.top.iter().map(|x| (x.token, x.logprob)).collect();
+            let (ev, reason) = rules.on_token(s, t.token, t.logprob, top);
+            let send_ok = s.job.tx.send(GenEvent::Token(ev)).is_ok();
+            if let Some(reason) = reason {
+                done.push((slot.index, output::done(s, reason), reason.as_str()));
+            } else if !send_ok {
+                let ev = GenEvent::Error(Status::cancelled("cancelled"));
+                done.push((slot.index, ev, "cancelled"));
+            }
+        }
+        // Remove finished sequences (highest index first keeps the others' indices valid).
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        for (i, ev, outcome) in done {
+            let s = self.sched.finish(i);
+            self.finish(s, ev, outcome);
+        }
+        Ok(())
+    }
+
+    /// A fault (a lost worker, a failed step): the survivors' step streams close and the
+    /// replica is `recovering` until [`supervise`] has its workers back. Its requests move to
+    /// another serving replica, which re-prefills their tokens so far and goes on (seeded
+    /// sampling depends on positions only, so the output is the one they would have had);
+    /// with none serving, they wait for this one for `--fault-hold-ms`, then end with a
+    /// retryable UNAVAILABLE. A request running through [`MAX_FAULTS`] faults ends alone with
+    /// INTERNAL (it may be their cause). Returns when the fault began.
+    async fn fault(self, why: String) -> Instant {
+        let Replica {
+            index: me,
+            cluster,
+            workers,
+            mut sched,
+            mut rx,
+        } = self;
+        let began = Instant::now();
+        lock(&cluster.replicas)[me] = None;
+        cluster
+            .metrics
+            .replica_faults
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(replica = me, "{why}");
+        cluster.set_replica_state(
+            me,
+            ReplicaState::Recovering,
+            format!("{why}; rejoining its workers"),
+        );
+        drop(workers);
+        let (mut moving, waiting) = sched.drain();
+        for s in &mut moving {
+            s.faults += 1;
+        }
+        moving.extend(waiting);
+        rx.close();
+        while let Some(m) = rx.recv().await {
+            match m {
+                Incoming::New(j) => {
+                    cluster.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                    moving.push(Seq::new(j));
+                }
+                Incoming::Moved(s) => moving.push(*s),
+            }
+        }
+        let others: Vec<ReplicaHandle> =
+            lock(&cluster.replicas).iter().flatten().cloned().collect();
+        let hold = Duration::from_millis(cluster.cfg.fault_hold_ms);
+        let (mut moved, mut parked, mut failed) = (0, 0, 0);
+        for (i, s) in moving.into_iter().enumerate() {
+            if s.faults >= MAX_FAULTS {
+                failed += 1;
+                cluster.metrics.request_done("error");
+                let _ = s.job.tx.send(GenEvent::Error(Status::internal(format!(
+                    "the request was running through {} replica faults (the last: {why}); it is not retried again",
+                    s.faults
+                ))));
+                continue;
+            }
+            let s = match others.get(i % others.len().max(1)) {
+                Some(h) => match h.take_over(Box::new(s)) {
+                    Ok(()) => {
+                        moved += 1;
+                        continue;
+                    }
+                    Err(s) => s,
+                },
+                None => Box::new(s),
+            };
+            parked += 1;
+            lock(&cluster.parked).push(Parked {
+                seq: s,
+                until: began + hold,
+                why: why.clone(),
+            });
+        }
+        if moved + parked + failed > 0 {
+            tracing::warn!(
+                replica = me,
+                moved,
+                parked,
+                failed,
+                "requests of a replica in recovery"
+            );
+        }
+        if parked > 0 {
+            tokio::spawn(rejoin::expire_parked(cluster.clone()));
+        }
+        let blocks = cluster.cfg.kv_blocks as u64;
+        cluster.set_replica_load(me, (0, 0, blocks));
+        began
+    }
+}

@@ -1,0 +1,544 @@
+//! The replica's scheduler, as continuous-batching servers run it, in plain data: sequences
+//! and the KV block free list in, a step plan out. No I/O, no clock, no channel: the step
+//! loop ([`super::Replica`]) sends the plan to the workers and reports back what they
+//! computed.
+//!
+//! Each step takes running sequences first (a decode token each, or the next chunk of a
+//! prefill), then admits waiting ones (their first prefill chunk) while the per-step token
+//! budget, the cap on running sequences and the free KV blocks allow. The KV cache is paged:
+//! a sequence gets blocks as it grows, and a plan names only the blocks appended since the
+//! last one. When a running sequence needs a block and none is free, the most recently
+//! admitted sequence is preempted (its blocks freed, its tokens kept: it goes back to the
+//! front of the queue and is recomputed when it is admitted again).
+//!
+//! Invariants (unit-tested below): every block is either free or held by exactly one
+//! sequence; a sequence's worker id is fresh after each admission and is freed on the
+//! workers exactly once; a plan never exceeds the token budget or the cap.
+
+use grok_shared::model::BlockAllocator;
+use std::collections::VecDeque;
+
+/// What a scheduled sequence is to the scheduler: its length (prompt and generated tokens).
+pub trait Tokens {
+    fn num_tokens(&self) -> usize;
+}
+
+/// The limits of one step.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Tokens per step (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    pub max_seqs: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+/// A sequence and its place in the KV cache.
+pub struct Entry<T> {
+    pub seq: T,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    /// Blocks already announced to the workers.
+    sent_blocks: usize,
+    /// Its id on the workers (new after each admission); 0 = not started.
+    wid: u64,
+}
+
+impl<T> Entry<T> {
+    fn new(seq: T) -> Self {
+        Entry {
+            seq,
+            computed: 0,
+            blocks: Vec::new(),
+            sent_blocks: 0,
+            wid: 0,
+        }
+    }
+
+    /// Tokens whose keys and values are in the cache.
+    pub fn computed(&self) -> usize {
+        self.computed
+    }
+
+    /// Its id on the workers (0 before its first step).
+    pub fn wid(&self) -> u64 {
+        self.wid
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Index in [`Scheduler::running`].
+    pub index: usize,
+    /// Its id on the workers.
+    pub wid: u64,
+    /// First position computed, and how many.
+    pub start: usize,
+    pub n: usize,
+    /// Blocks appended since its previous step.
+    pub new_blocks: Vec<u32>,
+    /// Its first step since admission (the workers learn its sampling parameters).
+    pub first: bool,
+}
+
+/// What one step computes.
+pub struct Plan<T> {
+    pub slots: Vec<Slot>,
+    /// Worker-side sequence ids to free with this step (finished or preempted sequences).
+    pub free: Vec<u64>,
+    /// Sequences that the whole cache cannot hold even alone: the caller ends them.
+    pub too_long: Vec<T>,
+    /// Tokens of the sequences admitted by this plan.
+    pub admitted_tokens: usize,
+    /// Sequences preempted to make room.
+    pub preempted: usize,
+}
+
+pub struct Scheduler<T> {
+    budget: Budget,
+    blocks: BlockAllocator,
+    kv_blocks: usize,
+    waiting: VecDeque<Entry<T>>,
+    running: Vec<Entry<T>>,
+    next_wid: u64,
+    /// Worker-side ids to free in the next plan.
+    pending_free: Vec<u64>,
+}
+
+enum Grow {
+    Ok,
+    /// The sequence itself was the most recent one and went back to the queue.
+    SelfPreempted,
+    /// Alone and still out of blocks.
+    Impossible,
+}
+
+impl<T: Tokens> Scheduler<T> {
+    pub fn new(budget: Budget, kv_blocks: usize) -> Self {
+        Scheduler {
+            budget: Budget {
+                max_batch_tokens: budget.max_batch_tokens.max(1),
+                max_seqs: budget.max_seqs.max(1),
+                block_size: budget.block_size.max(1),
+            },
+            blocks: BlockAllocator::new(kv_blocks),
+            kv_blocks,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_wid: 1,
+            pending_free: Vec::new(),
+        }
+    }
+
+    /// Queues a new sequence behind the others.
+    pub fn push_back(&mut self, seq: T) {
+        self.waiting.push_back(Entry::new(seq));
+    }
+
+    /// Queues a sequence before the others (one that waited elsewhere already).
+    pub fn push_front(&mut self, seq: T) {
+        self.waiting.push_front(Entry::new(seq));
+    }
+
+    pub fn running(&self) -> &[Entry<T>] {
+        &self.running
+    }
+
+    pub fn running_mut(&mut self) -> &mut [Entry<T>] {
+        &mut self.running
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.blocks.num_free()
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self) -> Plan<T> {
+        let Budget {
+            max_batch_tokens: mut budget,
+            max_seqs: cap,
+            block_size: bs,
+        } = self.budget;
+        let mut plan = Plan {
+            slots: Vec::new(),
+            free: Vec::new(),
+            too_long: Vec::new(),
+            admitted_tokens: 0,
+            preempted: 0,
+        };
+        // (index in running, tokens this step)
+        let mut sched: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let e = &self.running[i];
+            let n = (e.seq.num_tokens() - e.computed).min(budget);
+            let end = e.computed + n;
+            match self.grow(i, end, &mut plan.preempted) {
+                Grow::Ok => {}
+                Grow::SelfPreempted => break,
+                Grow::Impossible => {
+                    let e = self.remove(i);
+                    plan.too_long.push(e);
+                    continue;
+                }
+            }
+            sched.push((i, n));
+            budget -= n;
+            i += 1;
+        }
+        // Admit waiting sequences while blocks for their first chunk are free.
+        while budget > 0 && self.running.len() < cap {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let n = (front.seq.num_tokens() - front.computed).min(budget);
+            let need = n.div_ceil(bs);
+            if need > self.blocks.num_free() {
+                break;
+            }
+            let mut e = self.waiting.pop_front().expect("front exists");
+            for _ in 0..need {
+                e.blocks.push(self.blocks.alloc().expect("counted"));
+            }
+            plan.admitted_tokens += e.seq.num_tokens();
+            self.running.push(e);
+            sched.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        for (index, n) in sched {
+            let e = &mut self.running[index];
+            let first = e.wid == 0;
+            if first {
+                e.wid = self.next_wid;
+                self.next_wid += 1;
+            }
+            plan.slots.push(Slot {
+                index,
+                wid: e.wid,
+                start: e.computed,
+                n,
+                new_blocks: e.blocks[e.sent_blocks..].to_vec(),
+                first,
+            });
+            e.sent_blocks = e.blocks.len();
+        }
+        plan.free = std::mem::take(&mut self.pending_free);
+        plan
+    }
+
+    /// Records that the workers computed `slot` (after the step succeeded).
+    pub fn advance(&mut self, slot: &Slot) {
+        self.running[slot.index].computed += slot.n;
+    }
+
+    /// Ends `running[index]`: its blocks are free and its worker state is freed with the next
+    /// plan. (Indices after it shift down: end the highest first.)
+    pub fn finish(&mut self, index: usize) -> T {
+        self.remove(index)
+    }
+
+    /// Ends every sequence, running or waiting, that `keep` rejects (their blocks freed),
+    /// returning them: running ones first.
+    pub fn remove_where(&mut self, mut drop: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            if drop(&self.running[i].seq) {
+                out.push(self.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let (gone, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|e| drop(&e.seq));
+        self.waiting = keep;
+        for mut e in gone {
+            self.release(&mut e);
+            out.push(e.seq);
+        }
+        out
+    }
+
+    /// Takes every sequence out (the workers' state is gone: a fault): running ones, then
+    /// waiting ones, in order. The cache is empty after.
+    pub fn drain(&mut self) -> (Vec<T>, Vec<T>) {
+        let running = self.running.drain(..).map(|e| e.seq).collect();
+        let waiting = self.waiting.drain(..).map(|e| e.seq).collect();
+        self.blocks = BlockAllocator::new(self.kv_blocks);
+        self.pending_free.clear();
+        (running, waiting)
+    }
+
+    fn remove(&mut self, index: usize) -> T {
+        let mut e = self.running.remove(index);
+        self.release(&mut e);
+        e.seq
+    }
+
+    fn release(&mut self, e: &mut Entry<T>) {
+        self.blocks.release(&mut e.blocks);
+        e.sent_blocks = 0;
+        e.computed = 0;
+        if e.wid != 0 {
+            self.pending_free.push(e.wid);
+            e.wid = 0;
+        }
+    }
+
+    /// Gives `running[i]` blocks for `positions`, preempting the most recently admitted
+    /// sequences when none are free (sequence `i` itself when it is the most recent).
+    fn grow(&mut self, i: usize, positions: usize, preempted: &mut usize) -> Grow {
+        let bs = self.budget.block_size;
+        while self.running[i].blocks.len() * bs < positions {
+            if let Some(b) = self.blocks.alloc() {
+                self.running[i].blocks.push(b);
+                continue;
+            }
+            if self.running.len() == 1 {
+                return Grow::Impossible;
+            }
+            let mut victim = self.running.pop().expect("len > 1");
+            self.release(&mut victim);
+            *preempted += 1;
+            self.waiting.push_front(victim);
+            if self.running.len() == i {
+                return Grow::SelfPreempted;
+            }
+        }
+        Grow::Ok
+    }
+
+    /// Checks the invariants (tests): every block free or held once, ids unique.
+    #[cfg(test)]
+    fn check(&self) {
+        let mut seen = vec![false; self.kv_blocks];
+        let held = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .flat_map(|e| &e.blocks);
+        for &b in held.chain(self.blocks.free_list()) {
+            assert!(!seen[b as usize], "block {b} held twice");
+            seen[b as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "a block was lost");
+        assert!(self
+            .waiting
+            .iter()
+            .all(|e| e.blocks.is_empty() && e.wid == 0));
+        let mut wids: Vec<u64> = self
+            .running
+            .iter()
+            .map(|e| e.wid)
+            .filter(|&w| w != 0)
+            .collect();
+        wids.extend(&self.pending_free);
+        let n = wids.len();
+        wids.sort_unstable();
+        wids.dedup();
+        assert_eq!(wids.len(), n, "a worker id in use twice");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sequence of `len` tokens that generates up to `max` more.
+    #[derive(Debug, Clone, PartialEq)]
+    struct S {
+        id: usize,
+        len: usize,
+    }
+
+    impl Tokens for S {
+        fn num_tokens(&self) -> usize {
+            self.len
+        }
+    }
+
+    fn sched(max_batch_tokens: usize, max_seqs: usize, kv_blocks: usize) -> Scheduler<S> {
+        Scheduler::new(
+            Budget {
+                max_batch_tokens,
+                max_seqs,
+                block_size: 4,
+            },
+            kv_blocks,
+        )
+    }
+
+    /// Runs one step as the replica does: every slot computed, and the sequences whose
+    /// last token was computed get one more token.
+    fn step(s: &mut Scheduler<S>) -> Plan<S> {
+        let plan = s.schedule();
+        for slot in &plan.slots {
+            s.advance(slot);
+            let e = &mut s.running_mut()[slot.index];
+            if e.computed() == e.seq.len {
+                e.seq.len += 1;
+            }
+        }
+        s.check();
+        plan
+    }
+
+    #[test]
+    fn decodes_go_first_and_prefill_is_chunked_under_the_budget() {
+        let mut s = sched(8, 4, 64);
+        s.push_back(S { id: 0, len: 3 });
+        let p = step(&mut s);
+        assert_eq!(p.slots.len(), 1);
+        assert_eq!(
+            (p.slots[0].start, p.slots[0].n, p.slots[0].first),
+            (0, 3, true)
+        );
+        assert_eq!(p.admitted_tokens, 3);
+        // A 20-token prompt arrives: the running sequence's decode token first, then 7 of it.
+        s.push_back(S { id: 1, len: 20 });
+        let p = step(&mut s);
+        let parts: Vec<(usize, usize, usize)> =
+            p.slots.iter().map(|x| (x.index, x.start, x.n)).collect();
+        assert_eq!(parts, vec![(0, 3, 1), (1, 0, 7)]);
+        assert!(!p.slots[0].first && p.slots[1].first);
+        // Then 7 and 6 more: the prefill completes in chunks, never over the budget.
+        let p = step(&mut s);
+        assert_eq!(p.slots[1].start, 7);
+        assert!(p.slots.iter().map(|x| x.n).sum::<usize>() <= 8);
+        let p = step(&mut s);
+        assert_eq!((p.slots[1].start, p.slots[1].n), (14, 6));
+        let p = step(&mut s);
+        assert_eq!(p.slots.iter().map(|x| x.n).collect::<Vec<_>>(), vec![1, 1]);
+    }
+
+    #[test]
+    fn the_cap_and_the_free_blocks_bound_admission() {
+        let mut s = sched(100, 2, 64);
+        for id in 0..3 {
+            s.push_back(S { id, len: 4 });
+        }
+        let p = step(&mut s);
+        assert_eq!(p.slots.len(), 2);
+        assert_eq!(s.num_waiting(), 1);
+        // Two blocks only: the second 8-token prompt waits for the first to finish.
+        let mut s = sched(100, 4, 3);
+        s.push_back(S { id: 0, len: 8 });
+        s.push_back(S { id: 1, len: 8 });
+        let p = step(&mut s);
+        assert_eq!(p.slots.len(), 1);
+        assert_eq!(s.free_blocks(), 1);
+        let done = s.finish(0);
+        assert_eq!(done.id, 0);
+        assert_eq!(s.free_blocks(), 3);
+        let p = step(&mut s);
+        assert_eq!(
+            p.free,
+            vec![1],
+            "the finished sequence's worker state is freed"
+        );
+        assert_eq!((p.slots.len(), p.slots[0].wid), (1, 2));
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_most_recent_and_recomputes_it_later() {
+        // 4 blocks of 4 tokens; two sequences of 7 tokens hold 2 each.
+        let mut s = sched(100, 4, 4);
+        s.push_back(S { id: 0, len: 7 });
+        s.push_back(S { id: 1, len: 7 });
+        let p = step(&mut s);
+        assert_eq!(p.slots.len(), 2);
+        assert_eq!(s.free_blocks(), 0);
+        // Both reach 8 tokens (fits); at 9 the first needs a third block: the second goes.
+        step(&mut s);
+        let p = step(&mut s);
+        assert_eq!(p.preempted, 1);
+        assert_eq!(p.slots.len(), 1);
+        assert_eq!(p.slots[0].new_blocks.len(), 1);
+        assert_eq!(
+            p.free,
+            vec![2],
+            "the preempted sequence's worker state is freed"
+        );
+        assert_eq!(s.num_waiting(), 1);
+        // Once the first finishes, the second is admitted again from position 0 (new id).
+        s.finish(0);
+        let p = step(&mut s);
+        assert_eq!(p.slots.len(), 1);
+        assert_eq!((p.slots[0].start, p.slots[0].n, p.slots[0].wid), (0, 9, 3));
+        assert!(p.slots[0].first);
+    }
+
+    #[test]
+    fn a_sequence_the_whole_cache_cannot_hold_is_returned() {
+        let mut s = sched(100, 4, 2);
+        s.push_back(S { id: 7, len: 8 });
+        step(&mut s);
+        let p = step(&mut s);
+        assert_eq!(p.too_long.len(), 1);
+        assert_eq!(p.too_long[0].id, 7);
+        assert!(p.slots.is_empty());
+        assert_eq!(s.free_blocks(), 2);
+        assert_eq!(p.free, vec![1]);
+    }
+
+    #[test]
+    fn cancelled_and_drained_sequences_give_their_blocks_back() {
+        let mut s = sched(6, 4, 16);
+        for id in 0..4 {
+            s.push_back(S { id, len: 5 });
+        }
+        step(&mut s);
+        let gone = s.remove_where(|x| x.id % 2 == 1);
+        assert_eq!(gone.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1, 3]);
+        s.check();
+        let (running, waiting) = s.drain();
+        assert_eq!(running.len() + waiting.len(), 2);
+        assert_eq!(s.free_blocks(), 16);
+        assert!(s.is_idle());
+        assert!(s.schedule().free.is_empty());
+    }
+
+    #[test]
+    fn random_loads_keep_every_invariant() {
+        let mut rng = grok_shared::sampling::Rng::new(11);
+        for round in 0..40 {
+            let cap = 1 + (rng.next_u64() % 6) as usize;
+            let budget = 1 + (rng.next_u64() % 40) as usize;
+            let blocks = 8 + (rng.next_u64() % 24) as usize;
+            let mut s = sched(budget, cap, blocks);
+            let mut next = 0;
+            for _ in 0..200 {
+                if rng.next_u64().is_multiple_of(3) {
+                    let len = 1 + (rng.next_u64() % 40) as usize;
+                    s.push_back(S { id: next, len });
+                    next += 1;
+                }
+                let p = step(&mut s);
+                let tokens: usize = p.slots.iter().map(|x| x.n).sum();
+                assert!(
+                    tokens <= budget,
+                    "round {round}: {tokens} tokens > {budget}"
+                );
+                assert!(s.running().len() <= cap);
+                // Finish a random running sequence now and then.
+                if !s.running().is_empty() && rng.next_u64().is_multiple_of(4) {
+                    let i = (rng.next_u64() as usize) % s.running().len();
+                    s.finish(i);
+                    s.check();
+                }
+            }
+        }
+    }
+}

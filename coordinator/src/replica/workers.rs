@@ -1,0 +1,281 @@
+//! A serving replica's workers: a client and a step stream each, the health monitor, and the
+//! fan-out of one step plan to every worker with its answers gathered.
+
+use crate::cluster::Cluster;
+use crate::state::WorkerState;
+use grok_proto::v1 as pb;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+pub type WorkerClient = pb::worker_client::WorkerClient<tonic::transport::Channel>;
+
+/// Every worker's health is asked this often; one that refuses the connection is lost at
+/// once, one that has not answered for `LOST_AFTER` (a network partition) is lost then.
+const HEALTH_PERIOD: Duration = Duration::from_millis(500);
+const LOST_AFTER: Duration = Duration::from_secs(4);
+
+/// One worker of a serving replica.
+pub struct WorkerLink {
+    /// Global rank (`replica * world + rank`).
+    pub rank: usize,
+    pub id: String,
+    pub address: String,
+    pub plans: mpsc::Sender<pb::StepPlan>,
+    pub results: tonic::Streaming<pb::StepResult>,
+    /// For the health monitor.
+    pub client: WorkerClient,
+}
+
+/// Why a step did not complete.
+pub enum StepFailure {
+    /// A worker's stream broke or the monitor found it lost: the replica is gone.
+    Lost(String),
+    /// A worker reported an error for this step (or answered out of protocol).
+    Failed(String),
+}
+
+/// The workers of one serving replica.
+pub struct Workers {
+    cluster: Arc<Cluster>,
+    links: Vec<WorkerLink>,
+    /// The global rank that samples (the last stage's first tensor-parallel rank).
+    sampler: usize,
+    /// A lost worker, as reported by the health monitor.
+    lost_rx: watch::Receiver<Option<String>>,
+    step_timeout: Duration,
+    next_step: u64,
+}
+
+impl Workers {
+    pub fn new(cluster: Arc<Cluster>, links: Vec<WorkerLink>, sampler: usize) -> Self {
+        let lost_rx = spawn_monitor(cluster.clone(), &links);
+        let step_timeout = Duration::from_millis(cluster.cfg.comm_timeout_ms as u64 + 10_000);
+        Workers {
+            cluster,
+            links,
+            sampler,
+            lost_rx,
+            step_timeout,
+            next_step: 0,
+        }
+    }
+
+    /// Resolves when the monitor reports a lost worker.
+    pub async fn lost(&mut self) -> String {
+        lost_signal(&mut self.lost_rx).await
+    }
+
+    /// Sends one plan to every worker and waits for every answer; returns the sampling rank's.
+    /// `spans`: the requests the step computes (the step's span is the first one's child and
+    /// links to the others).
+    pub async fn step(
+        &mut self,
+        seqs: Vec<pb::SeqStep>,
+        free: Vec<u64>,
+        want_logits: usize,
+        spans: &[&tracing::Span],
+    ) -> Result<pb::StepResult, StepFailure> {
+        self.next_step += 1;
+        let span = tracing::info_span!(
+            "step",
+            step_id = self.next_step,
+            seqs = seqs.len(),
+            rows = seqs.iter().map(|s| s.tokens.len()).sum::<usize>()
+        );
+        // Trace context only when spans are exported: this runs every step.
+        let traceparent = if grok_proto::telemetry::exporting() {
+            for (k, s) in spans.iter().enumerate() {
+                if k == 0 {
+                    grok_proto::telemetry::set_parent_span(&span, s);
+                } else {
+                    grok_proto::telemetry::add_link(&span, s);
+                }
+            }
+            grok_proto::telemetry::traceparent(&span)
+        } else {
+            String::new()
+        };
+        let plan = pb::StepPlan {
+            step_id: self.next_step,
+            seqs,
+            free_seqs: free,
+            traceparent,
+        };
+        for l in &self.links {
+            if l.plans.send(plan.clone()).await.is_err() {
+                self.cluster.set_worker(l.rank, |w| {
+                    w.state = WorkerState::Lost;
+                    w.detail = "its step stream is closed".into();
+                });
+                return Err(StepFailure::Lost(format!(
+                    "worker `{}` (rank {}, {}) was lost: its step stream is closed",
+                    l.id, l.rank, l.address
+                )));
+            }
+        }
+        let mut out = None;
+        let mut errors = Vec::new();
+        let mut lost_err = None;
+        for l in &mut self.links {
+            let r = tokio::select! {
+                r = read_result(&mut l.results, self.step_timeout, want_logits) => r,
+                why = lost_signal(&mut self.lost_rx) => return Err(StepFailure::Lost(why)),
+            };
+            match r {
+                Err(why) => {
+                    if lost_err.is_none() {
+                        lost_err = Some(StepFailure::Lost(format!(
+                            "worker `{}` (rank {}, {}) was lost: {why}",
+                            l.id, l.rank, l.address
+                        )));
+                    }
+                    self.cluster.set_worker(l.rank, |w| {
+                        w.state = WorkerState::Lost;
+                        w.detail = why.clone();
+                    });
+                }
+                Ok(r) => {
+                    self.cluster.set_worker(l.rank, |w| {
+                        w.steps += 1;
+                        w.step_seconds += r.compute_seconds;
+                        w.comm_seconds += r.comm_seconds;
+                    });
+                    if !r.expert_counts.is_empty() {
+                        self.cluster
+                            .metrics
+                            .add_expert_counts(r.first_layer as usize, &r.expert_counts);
+                    }
+                    if !r.error.is_empty() {
+                        errors.push(r.error.clone());
+                    }
+                    if l.rank == self.sampler {
+                        out = Some(r);
+                    }
+                }
+            }
+        }
+        if let Some(e) = lost_err {
+            return Err(e);
+        }
+        if !errors.is_empty() {
+            return Err(StepFailure::Failed(errors.join("; ")));
+        }
+        Ok(out.unwrap_or_default())
+    }
+}
+
+/// Watches every worker's health until the replica ends; reports the first lost one.
+fn spawn_monitor(cluster: Arc<Cluster>, links: &[WorkerLink]) -> watch::Receiver<Option<String>> {
+    let workers: Vec<(usize, String, String, WorkerClient)> = links
+        .iter()
+        .map(|l| (l.rank, l.id.clone(), l.address.clone(), l.client.clone()))
+        .collect();
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let mut last_ok = vec![Instant::now(); workers.len()];
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HEALTH_PERIOD) => {}
+                _ = tx.closed() => return,
+            }
+            let answers =
+                futures_util::future::join_all(
+                    workers.iter().map(|w| {
+                        let mut c = w.3.clone();
+                        async move {
+                            tokio::time::timeout(LOST_AFTER, c.health(pb::HealthRequest {})).await
+                        }
+                    }),
+                )
+                .await;
+            for (i, a) in answers.into_iter().enumerate() {
+                let why = match a {
+                    Ok(Ok(_)) => {
+                        last_ok[i] = Instant::now();
+                        continue;
+                    }
+                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                        format!("it is unreachable ({})", s.message())
+                    }
+                    _ if last_ok[i].elapsed() >= LOST_AFTER => format!(
+                        "no health answer for {:.1} s",
+                        last_ok[i].elapsed().as_secs_f64()
+                    ),
+                    _ => continue,
+                };
+                let (rank, id, address, _) = &workers[i];
+                cluster.set_worker(*rank, |w| {
+                    w.state = WorkerState::Lost;
+                    w.detail = why.clone();
+                });
+                let _ = tx.send(Some(format!(
+                    "worker `{id}` (rank {rank}, {address}) was lost: {why}"
+                )));
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Resolves when the monitor reports a lost worker.
+async fn lost_signal(rx: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(why) = rx.borrow_and_update().clone() {
+            return why;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A client of the worker at `addr`: over TLS with the coordinator's certificate as client
+/// identity when the cluster uses TLS (workers accept only CA-signed clients), plaintext
+/// otherwise.
+pub async fn connect_worker(cluster: &Cluster, addr: &str) -> Result<WorkerClient, String> {
+    let tls = cluster.cfg.tls.as_ref();
+    let ep = grok_proto::tls::endpoint(addr, tls).map_err(|e| e.to_string())?;
+    let ch = ep
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(4))
+        .connect()
+        .await
+        .map_err(|e| grok_proto::tls::explain(grok_proto::tls::error_chain(&e), tls.is_some()))?;
+    Ok(grok_proto::limited!(pb::worker_client::WorkerClient::new(
+        ch
+    )))
+}
+
+/// Reads one step's result from a worker: its messages up to the one without `more`, the
+/// logits concatenated (never more than the step asked for).
+async fn read_result(
+    results: &mut tonic::Streaming<pb::StepResult>,
+    timeout: Duration,
+    want_logits: usize,
+) -> Result<pb::StepResult, String> {
+    let mut logits = Vec::new();
+    loop {
+        let mut r = match tokio::time::timeout(timeout, results.message()).await {
+            Err(_) => return Err(format!("no answer within {timeout:?}")),
+            Ok(Err(s)) => return Err(s.message().to_string()),
+            Ok(Ok(None)) => return Err("it closed its step stream".into()),
+            Ok(Ok(Some(r))) => r,
+        };
+        if logits.len() + r.logits.len() > want_logits {
+            return Err(format!(
+                "it returned more than the {want_logits} logits the step asked for"
+            ));
+        }
+        if !r.more {
+            if !logits.is_empty() {
+                logits.append(&mut r.logits);
+                r.logits = logits;
+            }
+            return Ok(r);
+        }
+        logits.append(&mut r.logits);
+    }
+}

@@ -1,7 +1,7 @@
 //! The command line of `grokctl`: every command, flag and example of its help.
 
 use clap::{Parser, Subcommand};
-use grok_shared::genmodel::GenDType;
+use grok_shared::formats::genmodel::GenDType;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -234,45 +234,8 @@ pub enum Cmd {
     Plan {
         #[command(subcommand)]
         sub: Option<PlanCmd>,
-        /// `grok-1`, or a model directory / config.json.
-        #[arg(long, default_value = "grok-1")]
-        model: String,
-        #[arg(long, default_value = "h100-sxm")]
-        gpu: String,
-        #[arg(long, default_value_t = 8)]
-        gpus_per_node: usize,
-        #[arg(long, default_value_t = 1)]
-        nodes: usize,
-        /// bf16, int8, fp8 (or f32).
-        #[arg(long, default_value = "int8")]
-        dtype: String,
-        /// Context length (default: the model's).
-        #[arg(long)]
-        context: Option<usize>,
-        #[arg(long, default_value_t = 1000)]
-        prompt_len: usize,
-        #[arg(long, default_value_t = 200)]
-        gen_len: usize,
-        /// Sequences in flight across the cluster.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Time-to-first-token objective.
-        #[arg(long)]
-        ttft_ms: Option<f64>,
-        /// Inter-token latency objective.
-        #[arg(long)]
-        itl_ms: Option<f64>,
-        /// A TOML file of extra or replacement devices (same fields as the built-in catalog).
-        #[arg(long)]
-        catalog: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-        /// Say why the top layout wins and what limits it.
-        #[arg(long)]
-        explain: bool,
-        /// Rows of the table.
-        #[arg(long, default_value_t = 15)]
-        top: usize,
+        #[command(flatten)]
+        args: grokctl::plan::PlanArgs,
     },
     /// Start the cluster of a config file on its hosts over ssh (or stop it with --stop).
     #[command(

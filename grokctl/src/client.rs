@@ -285,7 +285,7 @@ pub async fn generate(a: &RemoteGenerate) -> Result<()> {
             bail!("the cluster returned no prompt logits");
         }
         let vocab = out.prompt_logits.len() / out.prompt_len;
-        grok_shared::npy::write_f32(path, &[out.prompt_len, vocab], &out.prompt_logits)
+        grok_shared::formats::npy::write_f32(path, &[out.prompt_len, vocab], &out.prompt_logits)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if json {

@@ -3,10 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use grok_shared::backend::cpu::measure_read_bandwidth;
-use grok_shared::checkpoint::Checkpoint;
 use grok_shared::config::ModelConfig;
+use grok_shared::formats::checkpoint::Checkpoint;
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_shared::generate::{generate, GenerateOptions};
-use grok_shared::genmodel::{self, GenDType};
 use grok_shared::model::Model;
 use grok_shared::sampling::SamplingParams;
 use grok_shared::tokenizer::{StreamDecoder, Tokenizer};
@@ -168,7 +168,7 @@ pub fn run_generate(a: &GenerateArgs) -> Result<()> {
         tracing::warn!("could not decode generated ids: {e}");
     }
     if let (Some(path), Some(l)) = (&a.logits_out, &out.prompt_logits) {
-        grok_shared::npy::write_f32(path, &[prompt.len(), model.config.vocab_size], l)
+        grok_shared::formats::npy::write_f32(path, &[prompt.len(), model.config.vocab_size], l)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let text = match &tok {

@@ -99,7 +99,7 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     to.clone()
                 };
-                grok_shared::ckpt0::convert_to_hf(&from, &out, &cfg, |done, total| {
+                grok_shared::formats::ckpt0::convert_to_hf(&from, &out, &cfg, |done, total| {
                     eprintln!("  converting ckpt-0: {done}/{total} groups written");
                 })?;
                 out
@@ -110,11 +110,12 @@ fn run(cli: Cli) -> Result<()> {
                 from.clone()
             };
             if let Some(tp) = tp {
-                let src = grok_shared::checkpoint::Checkpoint::open(&hf)?;
+                let src = grok_shared::formats::checkpoint::Checkpoint::open(&hf)?;
                 let layout = grok_shared::sharding::Layout::new(tp, ep, pp);
-                let man = grok_shared::presharded::write(&src, &to, layout, |done, total| {
-                    eprintln!("  pre-sharding: rank {done}/{total} written");
-                })?;
+                let man =
+                    grok_shared::formats::presharded::write(&src, &to, layout, |done, total| {
+                        eprintln!("  pre-sharding: rank {done}/{total} written");
+                    })?;
                 if official {
                     std::fs::remove_dir_all(&hf).ok();
                 }
@@ -174,7 +175,7 @@ fn run(cli: Cli) -> Result<()> {
             rt()?.block_on(client::drain(&endpoint, worker, resume, timeout_s))
         }
         Cmd::Verify { dir } => {
-            let bytes = grok_shared::presharded::verify(&dir)?;
+            let bytes = grok_shared::formats::presharded::verify(&dir)?;
             println!(
                 "{}: every tensor matches the manifest ({:.1} MB checked)",
                 dir.display(),
@@ -306,40 +307,7 @@ fn run(cli: Cli) -> Result<()> {
             sub: Some(PlanCmd::Validate(a)),
             ..
         } => rt()?.block_on(grokctl::plan::validate(&a)),
-        Cmd::Plan {
-            sub: None,
-            model,
-            gpu,
-            gpus_per_node,
-            nodes,
-            dtype,
-            context,
-            prompt_len,
-            gen_len,
-            concurrency,
-            ttft_ms,
-            itl_ms,
-            catalog,
-            json,
-            explain,
-            top,
-        } => grokctl::plan::run(&grokctl::plan::PlanArgs {
-            model,
-            gpu,
-            gpus_per_node,
-            nodes,
-            dtype,
-            context,
-            prompt_len,
-            gen_len,
-            concurrency,
-            ttft_ms,
-            itl_ms,
-            catalog,
-            json,
-            explain,
-            top,
-        }),
+        Cmd::Plan { sub: None, args } => grokctl::plan::run(&args),
         Cmd::Status {
             endpoint,
             wait_ready,

@@ -5,21 +5,46 @@ use grok_shared::config::ModelConfig;
 use grok_shared::planner::{self, Catalog, PlanDType, PlanInput};
 use std::path::{Path, PathBuf};
 
+#[derive(clap::Args)]
 pub struct PlanArgs {
+    /// `grok-1`, or a model directory / config.json.
+    #[arg(long, default_value = "grok-1")]
     pub model: String,
+    #[arg(long, default_value = "h100-sxm")]
     pub gpu: String,
+    #[arg(long, default_value_t = 8)]
     pub gpus_per_node: usize,
+    #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// bf16, int8, fp8 (or f32).
+    #[arg(long, default_value = "int8")]
     pub dtype: String,
+    /// Context length (default: the model's).
+    #[arg(long)]
     pub context: Option<usize>,
+    #[arg(long, default_value_t = 1000)]
     pub prompt_len: usize,
+    #[arg(long, default_value_t = 200)]
     pub gen_len: usize,
+    /// Sequences in flight across the cluster.
+    #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Time-to-first-token objective.
+    #[arg(long)]
     pub ttft_ms: Option<f64>,
+    /// Inter-token latency objective.
+    #[arg(long)]
     pub itl_ms: Option<f64>,
+    /// A TOML file of extra or replacement devices (same fields as the built-in catalog).
+    #[arg(long)]
     pub catalog: Option<PathBuf>,
+    #[arg(long)]
     pub json: bool,
+    /// Say why the top layout wins and what limits it.
+    #[arg(long)]
     pub explain: bool,
+    /// Rows of the table.
+    #[arg(long, default_value_t = 15)]
     pub top: usize,
 }
 
@@ -353,7 +378,7 @@ pub struct HostCalibration {
 
 fn bf16_linear(out: usize, inp: usize) -> grok_shared::backend::cpu::Linear {
     use grok_shared::backend::cpu::{Linear, Weights};
-    use grok_shared::checkpoint::Buf;
+    use grok_shared::formats::checkpoint::Buf;
     let mut r = grok_shared::sampling::Rng::new(9);
     let w: Vec<u16> = (0..out * inp)
         .map(|_| half::bf16::from_f32(r.next_f64() as f32 - 0.5).to_bits())

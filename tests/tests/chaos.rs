@@ -10,7 +10,7 @@
 
 use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
-use grok_shared::genmodel::{self, GenDType};
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_tests::cluster::{bin, lines_of, status, wait_line, Proc};
 use grok_tests::netns::{in_ns, Net};
 use std::process::Stdio;

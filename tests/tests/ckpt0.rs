@@ -187,13 +187,13 @@ fn official_pickles_convert_to_identical_logits_and_bad_pickles_are_refused() {
 /// same checkpoint in C order, and converts to byte-identical safetensors files.
 #[test]
 fn fortran_order_pickles_read_and_convert_like_c_order() {
-    use grok_shared::ckpt0::{convert_to_hf, list_files, Leaf, TensorFile};
+    use grok_shared::formats::ckpt0::{convert_to_hf, list_files, Leaf, TensorFile};
     let tmp = tempfile::tempdir().unwrap();
     let p = |s: &str| tmp.path().join(s);
     let cfg = grok_shared::config::ModelConfig::preset("tiny8", None).unwrap();
-    grok_shared::genmodel::generate(
+    grok_shared::formats::genmodel::generate(
         &cfg,
-        grok_shared::genmodel::GenDType::Int8,
+        grok_shared::formats::genmodel::GenDType::Int8,
         4,
         &p("hf"),
         1 << 30,

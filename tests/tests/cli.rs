@@ -80,7 +80,7 @@ fn generate_json_and_logits_match_reference() {
         .collect();
     assert_eq!(ids.len(), 6);
     assert!(last.get("text").is_none(), "no tokenizer, so no text");
-    let (shape, logits) = grok_shared::npy::read_f32(&npy).unwrap();
+    let (shape, logits) = grok_shared::formats::npy::read_f32(&npy).unwrap();
     assert_eq!(shape, vec![6, 256]);
     let r = RefModel::load(&model);
     let prompt = [5u32, 0, 17, 99, 3, 250];

@@ -2,10 +2,10 @@
 //! greedy ids and logits; a killed worker ends the request with UNAVAILABLE naming it; bad
 //! layouts, extra workers, duplicate ranks and unreadable models are clear errors.
 
-use grok_shared::checkpoint::Checkpoint;
 use grok_shared::config::ModelConfig;
+use grok_shared::formats::checkpoint::Checkpoint;
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_shared::generate::{generate, GenerateOptions};
-use grok_shared::genmodel::{self, GenDType};
 use grok_shared::model::Model;
 use grok_tests::cluster::{bin, json_ids, lines_of, wait_line, Proc};
 use grok_tests::netns::{in_ns, Net};
@@ -118,7 +118,7 @@ fn every_layout_matches_the_single_process_run() {
         );
         let ids = json_ids(&out.stdout);
         assert_eq!(ids, want.ids, "tp={tp} ep={ep} pp={pp}: greedy ids differ");
-        let (shape, logits) = grok_shared::npy::read_f32(&npy).unwrap();
+        let (shape, logits) = grok_shared::formats::npy::read_f32(&npy).unwrap();
         assert_eq!(shape, vec![prompt.len(), v]);
         for p in 0..prompt.len() {
             let w: Vec<f64> = want_logits[p * v..(p + 1) * v]

@@ -5,7 +5,7 @@
 //! standby serves within 10 s with the workers it finds.
 
 use grok_shared::config::ModelConfig;
-use grok_shared::genmodel::{self, GenDType};
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_tests::cluster::{bin, greedy, json_ids, lines_of, status, wait_line, wait_state, Proc};
 use grok_tests::etcd::EtcdServer;
 use std::path::Path;

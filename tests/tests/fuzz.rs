@@ -438,15 +438,15 @@ fn json_input(r: &mut R, seeds: &[Value]) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Seeds: models, checkpoints and ckpt-0 pickles
 
-fn tiny_model(dir: &Path, preset: &str, dtype: grok_shared::genmodel::GenDType) {
+fn tiny_model(dir: &Path, preset: &str, dtype: grok_shared::formats::genmodel::GenDType) {
     let c = grok_shared::config::ModelConfig::preset(preset, None).unwrap();
-    grok_shared::genmodel::generate(&c, dtype, 7, dir, 1 << 30, |_, _| {}).unwrap();
+    grok_shared::formats::genmodel::generate(&c, dtype, 7, dir, 1 << 30, |_, _| {}).unwrap();
 }
 
 /// numpy's pickles (protocol 4 as `pickle.dump` writes them, or protocol 5 `_frombuffer`), with
 /// the same memo use as CPython's pickler.
 mod pickle {
-    use grok_shared::ckpt0::NpDType;
+    use grok_shared::formats::ckpt0::NpDType;
     use std::collections::HashMap;
 
     #[derive(Default)]
@@ -653,7 +653,7 @@ fn random_bytes(r: &mut R, n: usize) -> Vec<u8> {
 /// Valid ckpt-0 pickles (each with its leaf's C-order bytes) of every kind the release has,
 /// in both orders and both protocols.
 fn pickle_seeds() -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
-    use grok_shared::ckpt0::NpDType;
+    use grok_shared::formats::ckpt0::NpDType;
     let mut r = R(Rng::new(1));
     let mut out = Vec::new();
     for (dt, shape) in [
@@ -690,16 +690,18 @@ fn pickle_seeds() -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
 }
 
 /// The arrays of a leaf.
-fn leaf_arrays(l: &grok_shared::ckpt0::Leaf) -> Vec<&grok_shared::ckpt0::NpArray> {
+fn leaf_arrays(
+    l: &grok_shared::formats::ckpt0::Leaf,
+) -> Vec<&grok_shared::formats::ckpt0::NpArray> {
     match l {
-        grok_shared::ckpt0::Leaf::Array(a) => vec![a],
-        grok_shared::ckpt0::Leaf::Quantized { weight, scales } => vec![weight, scales],
+        grok_shared::formats::ckpt0::Leaf::Array(a) => vec![a],
+        grok_shared::formats::ckpt0::Leaf::Quantized { weight, scales } => vec![weight, scales],
     }
 }
 
 /// What an accepted array must satisfy: inside the input, as many bytes as its shape needs, and
 /// readable in C order (whole and a slice).
-fn check_array(input: &[u8], a: &grok_shared::ckpt0::NpArray) -> Result<Vec<u8>, String> {
+fn check_array(input: &[u8], a: &grok_shared::formats::ckpt0::NpArray) -> Result<Vec<u8>, String> {
     let end = a.start.checked_add(a.len).filter(|&e| e <= input.len());
     let Some(end) = end else {
         return Err(format!("accepted an array outside the input: {a:?}"));
@@ -713,9 +715,9 @@ fn check_array(input: &[u8], a: &grok_shared::ckpt0::NpArray) -> Result<Vec<u8>,
         return Err(format!("accepted {} bytes for shape {:?}", a.len, a.shape));
     }
     let raw = &input[a.start..end];
-    let all = grok_shared::ckpt0::c_order(raw, a, 0, numel).into_owned();
+    let all = grok_shared::formats::ckpt0::c_order(raw, a, 0, numel).into_owned();
     let half = numel / 2;
-    let tail = grok_shared::ckpt0::c_order(raw, a, half, numel - half);
+    let tail = grok_shared::formats::ckpt0::c_order(raw, a, half, numel - half);
     if tail[..] != all[half * a.dtype.size()..] {
         return Err(format!("a slice of {a:?} differs from the whole"));
     }
@@ -728,7 +730,7 @@ fn check_array(input: &[u8], a: &grok_shared::ckpt0::NpArray) -> Result<Vec<u8>,
 #[test]
 fn ckpt0_pickle_seeds_read_back_exactly() {
     for (k, (b, want)) in pickle_seeds().iter().enumerate() {
-        let leaf = grok_shared::ckpt0::parse(b, Path::new("seed")).unwrap();
+        let leaf = grok_shared::formats::ckpt0::parse(b, Path::new("seed")).unwrap();
         let got: Vec<Vec<u8>> = leaf_arrays(&leaf)
             .into_iter()
             .map(|a| check_array(b, a).unwrap())
@@ -750,7 +752,7 @@ fn fuzz_ckpt0_pickle() {
             b
         },
         |b| {
-            match grok_shared::ckpt0::parse(b, Path::new("tensor00000_000")) {
+            match grok_shared::formats::ckpt0::parse(b, Path::new("tensor00000_000")) {
                 Ok(leaf) => {
                     for a in leaf_arrays(&leaf) {
                         check_array(b, a)?;
@@ -770,7 +772,7 @@ fn fuzz_ckpt0_pickle() {
 
 /// A whole (random) ckpt-0 directory of the `tiny` shape, leaves in random orders.
 fn write_ckpt0(dir: &Path, c: &grok_shared::config::ModelConfig, r: &mut R) {
-    use grok_shared::ckpt0::NpDType;
+    use grok_shared::formats::ckpt0::NpDType;
     std::fs::create_dir_all(dir).unwrap();
     let (d, v, f, e) = (c.emb_size, c.vocab_size, c.ffn_size, c.num_experts);
     let (q, kv) = (c.q_size(), c.kv_size());
@@ -822,8 +824,9 @@ fn fuzz_ckpt0_convert() {
     let c = grok_shared::config::ModelConfig::preset("tiny", None).unwrap();
     let src = tmp.path().join("ckpt-0");
     write_ckpt0(&src, &c, &mut R(Rng::new(base_seed())));
-    let files = grok_shared::ckpt0::list_files(&src).unwrap();
-    grok_shared::ckpt0::convert_to_hf(&src, &tmp.path().join("ok"), &c, |_, _| {}).unwrap();
+    let files = grok_shared::formats::ckpt0::list_files(&src).unwrap();
+    grok_shared::formats::ckpt0::convert_to_hf(&src, &tmp.path().join("ok"), &c, |_, _| {})
+        .unwrap();
     let originals: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     let total: usize = originals.iter().map(Vec::len).sum();
     let which = Cell::new(0);
@@ -850,7 +853,7 @@ fn fuzz_ckpt0_convert() {
             std::fs::write(&files[which], b).map_err(|e| e.to_string())?;
             let dst = tmp.path().join("out");
             let _ = std::fs::remove_dir_all(&dst);
-            let res = grok_shared::ckpt0::convert_to_hf(&src, &dst, &c, |_, _| {});
+            let res = grok_shared::formats::ckpt0::convert_to_hf(&src, &dst, &c, |_, _| {});
             std::fs::write(&files[which], &originals[which]).map_err(|e| e.to_string())?;
             if let Err(e) = res {
                 clear(e)?;
@@ -863,7 +866,7 @@ fn fuzz_ckpt0_convert() {
 
 /// Small safetensors files (a few tensors of every dtype) written by the project's writer.
 fn safetensors_seeds(dir: &Path) -> Vec<Vec<u8>> {
-    use grok_shared::checkpoint::{write_safetensors, DType, PendingTensor};
+    use grok_shared::formats::checkpoint::{write_safetensors, DType, PendingTensor};
     let mut out = Vec::new();
     for (k, set) in [
         vec![("a.weight", DType::F32, vec![3usize, 4])],
@@ -893,7 +896,7 @@ fn safetensors_seeds(dir: &Path) -> Vec<Vec<u8>> {
 }
 
 /// Every way the loader reads a checkpoint's tensors.
-fn read_all(ck: &grok_shared::checkpoint::Checkpoint) -> Result<(), String> {
+fn read_all(ck: &grok_shared::formats::checkpoint::Checkpoint) -> Result<(), String> {
     let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
     for n in &names {
         let info = ck.get(n).ok_or("a listed tensor is missing")?;
@@ -920,7 +923,11 @@ fn fuzz_safetensors_header() {
     let mut seeds = safetensors_seeds(tmp.path());
     // And the real files of a small model (mutated mostly in the header).
     let model = tmp.path().join("model");
-    tiny_model(&model, "tiny", grok_shared::genmodel::GenDType::Int8);
+    tiny_model(
+        &model,
+        "tiny",
+        grok_shared::formats::genmodel::GenDType::Int8,
+    );
     for e in std::fs::read_dir(&model).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "safetensors") {
@@ -954,7 +961,7 @@ fn fuzz_safetensors_header() {
         },
         |b| {
             std::fs::write(tmp.path().join(&name), b).map_err(|e| e.to_string())?;
-            match grok_shared::checkpoint::Checkpoint::open_files(
+            match grok_shared::formats::checkpoint::Checkpoint::open_files(
                 tmp.path(),
                 std::slice::from_ref(&name),
             ) {
@@ -972,9 +979,9 @@ fn fuzz_safetensors_index() {
     let model = tmp.path().join("model");
     let c = grok_shared::config::ModelConfig::preset("tiny", None).unwrap();
     // Small files, so the model comes with an index.
-    grok_shared::genmodel::generate(
+    grok_shared::formats::genmodel::generate(
         &c,
-        grok_shared::genmodel::GenDType::Bf16,
+        grok_shared::formats::genmodel::GenDType::Bf16,
         3,
         &model,
         64 << 10,
@@ -993,7 +1000,7 @@ fn fuzz_safetensors_index() {
         |r| json_input(r, std::slice::from_ref(&seed)),
         |b| {
             std::fs::write(&index, b).map_err(|e| e.to_string())?;
-            match grok_shared::checkpoint::Checkpoint::open(&model) {
+            match grok_shared::formats::checkpoint::Checkpoint::open(&model) {
                 Ok(ck) => {
                     read_all(&ck)?;
                     if let Err(e) = grok_shared::model::Model::load(&ck) {
@@ -1074,7 +1081,11 @@ fn fuzz_model_load() {
     use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    tiny_model(&model, "tiny", grok_shared::genmodel::GenDType::Int8);
+    tiny_model(
+        &model,
+        "tiny",
+        grok_shared::formats::genmodel::GenDType::Int8,
+    );
     let file = model.join("model.safetensors");
     let orig = std::fs::read(&file).unwrap();
     let header = 8 + u64::from_le_bytes(orig[..8].try_into().unwrap()) as usize;
@@ -1100,7 +1111,7 @@ fn fuzz_model_load() {
         },
         |b| {
             std::fs::write(&file, b).map_err(|e| e.to_string())?;
-            let ck = match grok_shared::checkpoint::Checkpoint::open(&model) {
+            let ck = match grok_shared::formats::checkpoint::Checkpoint::open(&model) {
                 Ok(ck) => ck,
                 Err(e) => return clear(e).map(|_| 0),
             };
@@ -1194,11 +1205,15 @@ fn fuzz_presharded_manifest() {
     use grok_shared::sharding::Layout;
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    tiny_model(&model, "tiny", grok_shared::genmodel::GenDType::Int8);
+    tiny_model(
+        &model,
+        "tiny",
+        grok_shared::formats::genmodel::GenDType::Int8,
+    );
     let dst = tmp.path().join("pre");
     let layout = Layout::new(2, 1, 1);
-    let ck = grok_shared::checkpoint::Checkpoint::open(&model).unwrap();
-    grok_shared::presharded::write(&ck, &dst, layout, |_, _| {}).unwrap();
+    let ck = grok_shared::formats::checkpoint::Checkpoint::open(&model).unwrap();
+    grok_shared::formats::presharded::write(&ck, &dst, layout, |_, _| {}).unwrap();
     drop(ck);
     let mpath = dst.join("manifest.json");
     let seed: Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
@@ -1218,10 +1233,10 @@ fn fuzz_presharded_manifest() {
         |b| {
             let (rank, verify) = (rank.get(), verify.get());
             std::fs::write(&mpath, b).map_err(|e| e.to_string())?;
-            if let Err(e) = grok_shared::presharded::verify(&dst) {
+            if let Err(e) = grok_shared::formats::presharded::verify(&dst) {
                 clear(e)?;
             }
-            match grok_shared::presharded::open_rank(&dst, layout, rank, verify) {
+            match grok_shared::formats::presharded::open_rank(&dst, layout, rank, verify) {
                 Ok(ck) => {
                     // As a worker goes on: the layout against the manifest's config, then the
                     // rank's shard.
@@ -1676,7 +1691,11 @@ mod worker {
     #[test]
     fn fuzz_worker_step_plans() {
         let tmp = tempfile::tempdir().unwrap();
-        tiny_model(tmp.path(), "tiny", grok_shared::genmodel::GenDType::F32);
+        tiny_model(
+            tmp.path(),
+            "tiny",
+            grok_shared::formats::genmodel::GenDType::F32,
+        );
         let mut eng = engine(tmp.path(), BLOCKS, BS);
         let p = std::cell::RefCell::new(Planner {
             vocab: 256,
@@ -1766,10 +1785,15 @@ mod worker {
     fn fuzz_worker_load_requests() {
         let tmp = tempfile::tempdir().unwrap();
         let model = tmp.path().join("model");
-        tiny_model(&model, "tiny", grok_shared::genmodel::GenDType::Bf16);
+        tiny_model(
+            &model,
+            "tiny",
+            grok_shared::formats::genmodel::GenDType::Bf16,
+        );
         let pre = tmp.path().join("pre");
-        let ck = grok_shared::checkpoint::Checkpoint::open(&model).unwrap();
-        grok_shared::presharded::write(&ck, &pre, Layout::new(1, 1, 1), |_, _| {}).unwrap();
+        let ck = grok_shared::formats::checkpoint::Checkpoint::open(&model).unwrap();
+        grok_shared::formats::presharded::write(&ck, &pre, Layout::new(1, 1, 1), |_, _| {})
+            .unwrap();
         drop(ck);
         let dirs = vec![model.clone(), pre.clone(), tmp.path().join("missing")];
         let seeds: Vec<pb::LoadRequest> = dirs

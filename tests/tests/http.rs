@@ -5,7 +5,7 @@
 //! `openai` Python client works against it (tests/python/test_openai.py).
 
 use grok_shared::config::ModelConfig;
-use grok_shared::genmodel::{self, GenDType};
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_tests::cluster::{bin, Proc};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};

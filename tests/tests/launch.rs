@@ -216,9 +216,9 @@ fn launch_over_openssh_to_hosts_in_network_namespaces() {
 
     let model = dir.join("m");
     let c = grok_shared::config::ModelConfig::preset("tiny", None).unwrap();
-    grok_shared::genmodel::generate(
+    grok_shared::formats::genmodel::generate(
         &c,
-        grok_shared::genmodel::GenDType::F32,
+        grok_shared::formats::genmodel::GenDType::F32,
         3,
         &model,
         1 << 30,

@@ -1,10 +1,10 @@
 //! The whole model against the float64 reference: f32, bf16 and int8 weights, full forward,
 //! KV-cache decoding, chunked prefill, batching, and prompts containing the pad id 0.
 
-use grok_shared::checkpoint::Checkpoint;
 use grok_shared::collective::SingleRank;
 use grok_shared::config::ModelConfig;
-use grok_shared::genmodel::{generate, GenDType};
+use grok_shared::formats::checkpoint::Checkpoint;
+use grok_shared::formats::genmodel::{generate, GenDType};
 use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
 use grok_tests::reference::{rel_err, RefModel};
 use std::path::Path;

@@ -1,8 +1,8 @@
 //! The capacity planner's memory accounting agrees with the real loader to the byte.
 
-use grok_shared::checkpoint::Checkpoint;
 use grok_shared::config::ModelConfig;
-use grok_shared::genmodel::{self, GenDType};
+use grok_shared::formats::checkpoint::Checkpoint;
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_shared::model::Model;
 use grok_shared::planner::{shard_weight_bytes, PlanDType};
 use grok_shared::sharding::Layout;

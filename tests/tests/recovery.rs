@@ -6,7 +6,7 @@
 
 use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
-use grok_shared::genmodel::{self, GenDType};
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_tests::cluster::{bin, greedy, lines_of, status, wait_line, wait_state, Proc};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -476,7 +476,7 @@ async fn a_frozen_worker_rejoins_by_itself_and_requests_resume() {
 /// front naming the limit; the worker is never taken for lost, and the cluster serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_logits_past_the_message_limit_stream_in_chunks_and_the_cluster_stays_up() {
-    use grok_shared::checkpoint::Checkpoint;
+    use grok_shared::formats::checkpoint::Checkpoint;
     use grok_shared::generate::{generate, GenerateOptions};
     use grok_shared::model::Model;
     let tmp = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@
 use grok_proto::tls::{Tls, TlsPaths};
 use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
-use grok_shared::genmodel::{self, GenDType};
+use grok_shared::formats::genmodel::{self, GenDType};
 use grok_tests::cluster::{bin, lines_of, wait_line, Proc};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -3,9 +3,9 @@
 
 use grok_proto::v1 as pb;
 use grok_shared::backend::cpu::{Linear, Weights};
-use grok_shared::checkpoint::Checkpoint;
 use grok_shared::collective::Communicator;
 use grok_shared::collective::{TcpComm, TcpConfig};
+use grok_shared::formats::checkpoint::Checkpoint;
 use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
 use grok_shared::sampling::{logprob_of, sample, top_logprobs, Rng, SamplingParams};
 use grok_shared::sharding::{Layout, RankPlace};
@@ -159,13 +159,13 @@ impl Engine {
         let dir = spec.model_dir;
         let layout = spec.layout;
         // A pre-sharded directory: open only this rank's file, checked against the manifest.
-        let ck = if grok_shared::presharded::is_presharded(dir) {
-            grok_shared::presharded::open_rank(dir, layout, spec.rank, true).map_err(|e| {
-                EngineError::Model {
+        let ck = if grok_shared::formats::presharded::is_presharded(dir) {
+            grok_shared::formats::presharded::open_rank(dir, layout, spec.rank, true).map_err(
+                |e| EngineError::Model {
                     dir: dir.display().to_string(),
                     why: e.to_string(),
-                }
-            })?
+                },
+            )?
         } else {
             Checkpoint::open(dir).map_err(|e| EngineError::Model {
                 dir: dir.display().to_string(),
@@ -559,9 +559,9 @@ mod tests {
     fn engine(name: &str) -> (std::path::PathBuf, Engine) {
         let dir = std::env::temp_dir().join(format!("grok-engine-{name}-{}", std::process::id()));
         let c = grok_shared::config::ModelConfig::preset("tiny", None).unwrap();
-        grok_shared::genmodel::generate(
+        grok_shared::formats::genmodel::generate(
             &c,
-            grok_shared::genmodel::GenDType::F32,
+            grok_shared::formats::genmodel::GenDType::F32,
             1,
             &dir,
             1 << 30,

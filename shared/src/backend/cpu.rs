@@ -8,7 +8,7 @@
 //! copy, and every output element is computed by the same arithmetic whatever the batch.
 
 use super::simd::{dot_rows, WeightElem};
-use crate::checkpoint::Buf;
+use crate::formats::checkpoint::Buf;
 use rayon::prelude::*;
 use std::sync::Arc;
 

@@ -4,7 +4,7 @@
 use super::names::{self, ExpertProj, Norm, Proj};
 use super::{Expert, Layer, Model, ModelError, ShardSpec};
 use crate::backend::cpu::{Linear, Weights};
-use crate::checkpoint::{Buf, Checkpoint, CheckpointError, DType, TensorInfo};
+use crate::formats::checkpoint::{Buf, Checkpoint, CheckpointError, DType, TensorInfo};
 use std::ops::Range;
 use std::sync::Arc;
 

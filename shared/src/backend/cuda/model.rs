@@ -16,8 +16,8 @@
 
 use super::{CudaBackend, CudaError, CudaSlice, DeviceLinear, DeviceWeights};
 use crate::backend::cpu::{Linear, Weights};
-use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+use crate::formats::checkpoint::Checkpoint;
 use crate::model::{Model, ShardSpec};
 use crate::sampling::{sample, Rng, SamplingParams};
 use half::bf16;

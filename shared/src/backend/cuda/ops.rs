@@ -79,6 +79,40 @@ fn launch(name: &str, mut args: LaunchArgs<'_>, shape: LaunchShape) -> Result<()
 }
 
 impl CudaBackend {
+    /// Lets `f` use `smem` bytes of dynamic shared memory (beside `static_bytes` of its own)
+    /// for an attention over `keys` keys: over the default limit it opts in, up to what the
+    /// device allows; more is a clear error.
+    fn opt_in_shared_mem(
+        &self,
+        f: &CudaFunction,
+        op: &str,
+        smem: usize,
+        static_bytes: usize,
+        keys: usize,
+    ) -> Result<(), CudaError> {
+        if smem <= shapes::DEFAULT_MAX_DYNAMIC_SMEM {
+            return Ok(());
+        }
+        let max = self.info().max_shared_mem_per_block_optin.max(0) as usize;
+        if smem + static_bytes > max {
+            return Err(CudaError::invalid(
+                op,
+                format!("{keys} keys need {smem} bytes of shared memory; the device allows {max}"),
+            ));
+        }
+        guarded(op, || {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(drv(format!(
+                "{op}: opt in to {smem} bytes of shared memory"
+            )))
+        })
+    }
+}
+
+impl CudaBackend {
     /// Uploads a CPU linear layer (bf16 or int8 weights; f32 weights are not supported on the
     /// device yet).
     pub fn upload_linear(&self, name: &str, lin: &Linear) -> Result<DeviceLinear, CudaError> {
@@ -317,27 +351,8 @@ impl CudaBackend {
         need_len(op, "out", out.len(), nq * head_dim)?;
         let f = self.func(op)?;
         let smem = shape.shared_mem_bytes as usize;
-        if smem > shapes::DEFAULT_MAX_DYNAMIC_SMEM {
-            let max = self.info().max_shared_mem_per_block_optin.max(0) as usize;
-            // The kernel's static shared memory (32 floats) also counts against the limit.
-            if smem + 128 > max {
-                return Err(CudaError::invalid(
-                    op,
-                    format!(
-                        "{len} keys need {smem} bytes of shared memory; the device allows {max}"
-                    ),
-                ));
-            }
-            guarded(op, || {
-                f.set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(drv(format!(
-                    "{op}: opt in to {smem} bytes of shared memory"
-                )))
-            })?;
-        }
+        // The kernel's static shared memory (32 floats) also counts against the limit.
+        self.opt_in_shared_mem(f, op, smem, 128, len)?;
         let (len_i, nq_i, nkv_i, hd_i) = (
             i32_of(op, "len", len)?,
             nq as i32,
@@ -561,26 +576,7 @@ impl CudaBackend {
             return Err(CudaError::invalid(op, "the soft-cap must be positive"));
         }
         let f = self.func(op)?;
-        if smem > shapes::DEFAULT_MAX_DYNAMIC_SMEM {
-            let max = self.info().max_shared_mem_per_block_optin.max(0) as usize;
-            if smem + 512 > max {
-                return Err(CudaError::invalid(
-                    op,
-                    format!(
-                        "{end} keys need {smem} bytes of shared memory; the device allows {max}"
-                    ),
-                ));
-            }
-            guarded(op, || {
-                f.set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(drv(format!(
-                    "{op}: opt in to {smem} bytes of shared memory"
-                )))
-            })?;
-        }
+        self.opt_in_shared_mem(f, op, smem, 512, end)?;
         let (s_i, e_i) = (i32_of(op, "start", start)?, i32_of(op, "end", end)?);
         let (nq_i, nkv_i, hd_i) = (nq as i32, nkv as i32, hd as i32);
         let mut b = self.stream().launch_builder(f);

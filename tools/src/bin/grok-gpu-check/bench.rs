@@ -5,7 +5,7 @@ use grok_shared::backend::cpu::{Linear, Weights};
 use grok_shared::backend::cuda::{
     bf16, shapes, CudaBackend, CudaError, DeviceLinear, GemvKernel, GemvWeights,
 };
-use grok_shared::checkpoint::Buf;
+use grok_shared::formats::checkpoint::Buf;
 use grok_shared::sampling::Rng;
 use serde_json::{json, Value};
 use std::collections::HashMap;

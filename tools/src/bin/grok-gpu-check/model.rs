@@ -86,7 +86,7 @@ pub(crate) fn model_check(
 ) -> Result<(), CudaError> {
     use grok_shared::backend::cuda::CudaModel;
     use grok_shared::collective::SingleRank;
-    use grok_shared::genmodel::{self, GenDType};
+    use grok_shared::formats::genmodel::{self, GenDType};
     use grok_shared::model::{BlockAllocator, KvCache, SeqInput, WantLogits};
     use grok_shared::sampling::SamplingParams;
     let c = model_test_config();
@@ -109,7 +109,7 @@ pub(crate) fn model_check(
         let dir = temp_model_dir(name);
         genmodel::generate(&c, dt, seed_of(args.seed, name), &dir, 1 << 30, |_, _| {})
             .map_err(|e| io_err("generate the test model", e))?;
-        let ckpt = grok_shared::checkpoint::Checkpoint::open(&dir)
+        let ckpt = grok_shared::formats::checkpoint::Checkpoint::open(&dir)
             .map_err(|e| io_err("open the test model", e))?;
         // CPU reference: greedy ids, then one pass over prompt + ids with every logit.
         let cpu = Model::load(&ckpt).map_err(|e| io_err("load the CPU model", e))?;
@@ -298,7 +298,7 @@ pub(crate) fn model_check(
 
 pub(crate) fn model_perf(be: &CudaBackend, args: &Args, rep: &mut Report) -> Result<(), CudaError> {
     use grok_shared::backend::cuda::CudaModel;
-    use grok_shared::genmodel::{self, GenDType};
+    use grok_shared::formats::genmodel::{self, GenDType};
     let layers = 1;
     let c = ModelConfig::preset("grok-1", Some(layers)).expect("grok-1 preset");
     let copy_gbps = match rep.copy_gbps {
@@ -328,7 +328,7 @@ pub(crate) fn model_perf(be: &CudaBackend, args: &Args, rep: &mut Report) -> Res
         genmodel::generate(&c, dt, seed_of(args.seed, dname), &dir, 4 << 30, |_, _| {})
             .map_err(|e| io_err("generate the grok-1 model", e))?;
         let gen_s = t0.elapsed().as_secs_f64();
-        let ckpt = grok_shared::checkpoint::Checkpoint::open(&dir)
+        let ckpt = grok_shared::formats::checkpoint::Checkpoint::open(&dir)
             .map_err(|e| io_err("open the grok-1 model", e))?;
         let t1 = Instant::now();
         let mut gm = CudaModel::load(be, &ckpt, &ShardSpec::full(&c), 1024)?;

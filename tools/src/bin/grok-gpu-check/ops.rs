@@ -3,8 +3,8 @@
 use crate::common::*;
 use grok_shared::backend::cpu::{self, Linear, Weights};
 use grok_shared::backend::cuda::{CudaBackend, CudaError};
-use grok_shared::checkpoint::Buf;
 use grok_shared::config::ModelConfig;
+use grok_shared::formats::checkpoint::Buf;
 use grok_shared::model::{Layer, Model, ShardSpec};
 use rayon::prelude::*;
 use serde_json::json;

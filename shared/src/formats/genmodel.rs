@@ -13,8 +13,8 @@
 //! output column (`nb = 1`), the attention output and `linear_1` with 8 blocks along the input
 //! dimension (`nb = 8`); the embedding is stored as bf16.
 
-use crate::checkpoint::{write_safetensors, DType, PendingTensor};
 use crate::config::ModelConfig;
+use crate::formats::checkpoint::{write_safetensors, DType, PendingTensor};
 use crate::model::names::{self, ExpertProj, Norm, Proj};
 use crate::sampling::Rng;
 use rayon::prelude::*;

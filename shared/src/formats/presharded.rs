@@ -7,7 +7,9 @@
 //! directory made for one layout refuses every other layout, naming the one it was made for.
 
 use crate::backend::cpu::{Linear, Weights};
-use crate::checkpoint::{write_safetensors, Checkpoint, CheckpointError, DType, PendingTensor};
+use crate::formats::checkpoint::{
+    write_safetensors, Checkpoint, CheckpointError, DType, PendingTensor,
+};
 use crate::model::names::{self, ExpertProj, Norm, Proj};
 use crate::model::{Model, ModelError};
 use crate::sharding::Layout;
@@ -283,7 +285,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, PreshardError> {
 
 /// A rank's file name from the manifest, checked to stay inside the directory.
 fn plain<'a>(dir: &Path, file: &'a String) -> Result<&'a String, PreshardError> {
-    if crate::checkpoint::is_plain_file_name(file) {
+    if crate::formats::checkpoint::is_plain_file_name(file) {
         Ok(file)
     } else {
         Err(PreshardError::Io {

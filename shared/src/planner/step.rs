@@ -1,0 +1,176 @@
+//! What one replica holds and how long its steps take: the weight bytes of each rank (the
+//! loader's own accounting) and the roofline step-time model.
+
+use super::catalog::{Device, PlanDType};
+use crate::config::ModelConfig;
+use crate::model::ShardSpec;
+use crate::sharding::Layout;
+
+/// Bytes of a `[rows, cols]` matrix slice of a `[out, in]` weight whose int8 scales have `nb`
+/// blocks along `in`, exactly as the loader holds it.
+fn matrix(dt: PlanDType, rows: u64, cols: u64, full_in: u64, nb: u64, col_start: u64) -> u64 {
+    let mut b = rows * cols * dt.matrix_bytes();
+    if dt.quantized() {
+        let bs = full_in / nb;
+        let new_nb = if col_start.is_multiple_of(bs) && cols.is_multiple_of(bs) {
+            cols / bs
+        } else {
+            1
+        };
+        b += 4 * new_nb * rows;
+    }
+    b
+}
+
+/// Weight bytes the loader holds for `shard` (norms, router and embedding included).
+pub fn shard_weight_bytes(c: &ModelConfig, dt: PlanDType, s: &ShardSpec) -> u64 {
+    let d = c.emb_size as u64;
+    let ks = c.key_size as u64;
+    let mut b = 0u64;
+    if s.embed || s.logits {
+        b += c.vocab_size as u64 * d * dt.embed_bytes();
+    }
+    if s.logits {
+        b += 4 * d;
+    }
+    let nq = s.q_heads.len() as u64 * ks;
+    let nkv = s.kv_heads.len() as u64 * ks;
+    let nb_o = if c.q_size().is_multiple_of(8) { 8 } else { 1 };
+    let nb_d = if c.ffn_size.is_multiple_of(8) { 8 } else { 1 };
+    for _ in s.layers.clone() {
+        b += 4 * 4 * d; // norms
+        b += matrix(dt, nq, d, d, 1, 0) + 2 * matrix(dt, nkv, d, d, 1, 0);
+        b += matrix(
+            dt,
+            d,
+            nq,
+            c.q_size() as u64,
+            nb_o,
+            s.q_heads.start as u64 * ks,
+        );
+        b += 4 * c.num_experts as u64 * d; // router
+        for (_, f) in &s.experts {
+            let fl = f.len() as u64;
+            b += 2 * matrix(dt, fl, d, d, 1, 0);
+            b += matrix(dt, d, fl, c.ffn_size as u64, nb_d, f.start as u64);
+        }
+    }
+    b
+}
+
+/// Time of one forward step of `rows` new tokens per sequence for `batch` sequences attending to
+/// `ctx` positions, and what bounds it.
+pub(super) fn step_time(
+    c: &ModelConfig,
+    dt: PlanDType,
+    dev: &Device,
+    layout: &Layout,
+    gpus_per_node: usize,
+    batch: f64,
+    rows: f64,
+    ctx: f64,
+) -> (f64, &'static str) {
+    let bw = dev.mem_bw_gbs * 1e9;
+    let peak = dt.peak(dev);
+    let tokens = batch * rows;
+    let (tp, ep, pp) = (layout.tp as f64, layout.ep as f64, layout.pp as f64);
+    let d = c.emb_size as f64;
+    let e = c.num_experts as f64;
+    let k = c.num_selected_experts as f64;
+    let wb = dt.matrix_bytes() as f64;
+    let layers_per_stage = (c.num_layers as f64 / pp).ceil();
+    // Per rank, per layer.
+    let attn_params = (2.0 * d * c.q_size() as f64 + 2.0 * d * c.kv_size() as f64) / tp;
+    let expert_params = 3.0 * d * c.ffn_size as f64 / (tp / ep); // one local expert slice
+    let local_experts = e / ep;
+    let p_hit = 1.0 - (1.0 - k / e).powf(tokens);
+    let touched_experts = local_experts * p_hit;
+    let kv_per_token_layer = 2.0 * (c.kv_size() as f64 / tp).max(c.key_size as f64) * 2.0; // bf16
+    let bytes_layer =
+        attn_params * wb + touched_experts * expert_params * wb + batch * ctx * kv_per_token_layer;
+    // Each token runs k experts; a given expert is local to this rank with probability 1/ep.
+    let flops_layer = 2.0 * tokens * (attn_params + k / ep * expert_params)
+        + 4.0 * tokens * ctx * (c.q_size() as f64 / tp);
+    let t_mem = layers_per_stage * bytes_layer / bw;
+    let t_cmp = layers_per_stage * flops_layer / peak;
+    // Call by call: the projections see every token, a touched expert only its share of them
+    // (tokens x k / experts, given that it is touched), and a call with few rows reaches less
+    // than the peak (the device's measured curve). Each call streams its weights or computes,
+    // whichever is slower; the KV cache streams once.
+    let expert_rows = (tokens * k / e / p_hit.max(1e-9)).max(1.0);
+    let t_attn_call =
+        (attn_params * wb / bw).max(2.0 * tokens * attn_params / dev.matmul_rate(peak, tokens));
+    let t_expert_call = (expert_params * wb / bw)
+        .max(2.0 * expert_rows * expert_params / dev.matmul_rate(peak, expert_rows));
+    let t_core = 4.0 * tokens * ctx * (c.q_size() as f64 / tp) / dev.matmul_rate(peak, tokens);
+    let t_calls_layer = t_attn_call
+        + touched_experts * t_expert_call
+        + t_core
+        + batch * ctx * kv_per_token_layer / bw;
+    let t_layers = (layers_per_stage * t_calls_layer).max(t_mem.max(t_cmp));
+    // Output projection on the sampling rank.
+    let out_bytes = c.vocab_size as f64 * d * dt.embed_bytes() as f64;
+    let t_out = (out_bytes / bw)
+        .max(2.0 * batch * c.vocab_size as f64 * d / dev.matmul_rate(peak, batch))
+        + batch * c.vocab_size as f64 * dev.sample_ns_per_logit * 1e-9;
+    // Collectives: two all-reduces per layer over tp, one send/recv per stage boundary.
+    let (link, lat) = if layout.tp <= gpus_per_node {
+        (dev.intra_node_gbs * 1e9, dev.intra_node_latency_us * 1e-6)
+    } else {
+        (dev.inter_node_gbs * 1e9, dev.inter_node_latency_us * 1e-6)
+    };
+    let ar_bytes = tokens * d * 2.0;
+    let t_ar = if layout.tp > 1 {
+        2.0 * (tp - 1.0) / tp * ar_bytes / link + 2.0 * (tp - 1.0) * lat
+    } else {
+        0.0
+    };
+    let t_coll = 2.0 * c.num_layers as f64 * t_ar;
+    let (plink, plat) = if layout.tp * layout.pp <= gpus_per_node {
+        (dev.intra_node_gbs * 1e9, dev.intra_node_latency_us * 1e-6)
+    } else {
+        (dev.inter_node_gbs * 1e9, dev.inter_node_latency_us * 1e-6)
+    };
+    let t_p2p = (pp - 1.0) * (ar_bytes / plink + plat);
+    // Fixed cost per matmul call: q, k, v, o, router, and three per touched expert.
+    let calls = layers_per_stage * (5.0 + 3.0 * touched_experts) + 1.0;
+    let t_calls = calls * dev.launch_overhead_us * 1e-6;
+    let t_compute = pp * (t_layers + t_calls) + t_out;
+    let total = t_compute + t_coll + t_p2p;
+    let bound = if t_coll + t_p2p > t_compute {
+        "links"
+    } else if t_cmp > t_mem {
+        "compute"
+    } else {
+        "memory bandwidth"
+    };
+    (total, bound)
+}
+
+/// The roofline step-time model of one replica, for the simulator and the validation.
+pub struct StepModel<'a> {
+    pub model: &'a ModelConfig,
+    pub dtype: PlanDType,
+    pub device: &'a Device,
+    pub layout: Layout,
+    pub gpus_per_node: usize,
+}
+
+impl StepModel<'_> {
+    /// Seconds for one step running `tokens` new tokens over `seqs` sequences whose KV caches
+    /// hold about `ctx` positions each.
+    pub fn time(&self, seqs: f64, tokens: f64, ctx: f64) -> f64 {
+        let seqs = seqs.max(1.0);
+        step_time(
+            self.model,
+            self.dtype,
+            self.device,
+            &self.layout,
+            self.gpus_per_node,
+            seqs,
+            tokens / seqs,
+            ctx,
+        )
+        .0
+    }
+}

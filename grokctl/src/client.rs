@@ -6,14 +6,6 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
-pub fn endpoint_url(e: &str) -> String {
-    if e.starts_with("http://") || e.starts_with("https://") {
-        e.to_string()
-    } else {
-        format!("http://{e}")
-    }
-}
-
 static CLIENT_TLS: std::sync::OnceLock<Option<grok_proto::tls::Tls>> = std::sync::OnceLock::new();
 
 /// Sets the TLS settings (the cluster's CA, optionally a client certificate) `grokctl` uses

@@ -208,11 +208,6 @@ impl Tls {
         }))
     }
 
-    /// Whether this process presents a certificate.
-    pub fn has_identity(&self) -> bool {
-        self.identity.is_some()
-    }
-
     pub fn paths(&self) -> &TlsPaths {
         &self.paths
     }

@@ -158,9 +158,6 @@ impl<T: bytemuck::Pod> Buf<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn is_mapped(&self) -> bool {
-        matches!(self, Buf::Mapped { .. })
-    }
 }
 
 struct MappedFile {
@@ -323,11 +320,6 @@ impl Checkpoint {
                 })
             }
         })
-    }
-
-    /// Bytes of all tensors.
-    pub fn total_bytes(&self) -> usize {
-        self.tensors.values().map(|t| t.end - t.start).sum()
     }
 }
 

@@ -330,26 +330,27 @@ __device__ __forceinline__ void gemv_mma(const void* __restrict__ wptr,
 #endif
 }
 
+// The entry points of a GEMV family, `gemv_{bf16,i8}_KIND_{1..8}` (m activation rows; rows
+// 5..8 with the `HI` launch bounds): bf16 weights, or int8 weights with `nb` scale blocks.
+#define GEMV_ENTRY(KIND, BOUNDS, M)                                                                 \
+  extern "C" __global__ void BOUNDS gemv_bf16_##KIND##_##M(const void* w, const float* x, float* y, \
+                                                           int m, int out, int k) {                 \
+    gemv_##KIND<M, false>(w, nullptr, 1, x, y, m, out, k);                                          \
+  }                                                                                                 \
+  extern "C" __global__ void BOUNDS gemv_i8_##KIND##_##M(const void* w, const float* s, int nb,     \
+                                                         const float* x, float* y, int m, int out,  \
+                                                         int k) {                                   \
+    gemv_##KIND<M, true>(w, s, nb, x, y, m, out, k);                                                \
+  }
+#define GEMV_ENTRIES(KIND, LO, HI)                                                                  \
+  GEMV_ENTRY(KIND, LO, 1) GEMV_ENTRY(KIND, LO, 2) GEMV_ENTRY(KIND, LO, 3) GEMV_ENTRY(KIND, LO, 4)   \
+  GEMV_ENTRY(KIND, HI, 5) GEMV_ENTRY(KIND, HI, 6) GEMV_ENTRY(KIND, HI, 7) GEMV_ENTRY(KIND, HI, 8)
+
 #define GEMV_MMA_BOUNDS __launch_bounds__(256, 2)
 #define GEMV_MMA_BOUNDS_WIDE __launch_bounds__(256, 1)
 
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_bf16_mma_1(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<1, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_bf16_mma_2(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<2, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_bf16_mma_3(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<3, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_bf16_mma_4(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<4, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_bf16_mma_5(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<5, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_bf16_mma_6(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<6, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_bf16_mma_7(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<7, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_bf16_mma_8(const void* w, const float* x, float* y, int m, int out, int k) { gemv_mma<8, false>(w, nullptr, 1, x, y, m, out, k); }
+GEMV_ENTRIES(mma, GEMV_MMA_BOUNDS, GEMV_MMA_BOUNDS_WIDE)
 
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_i8_mma_1(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<1, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_i8_mma_2(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<2, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_i8_mma_3(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<3, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS gemv_i8_mma_4(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<4, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_i8_mma_5(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<5, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_i8_mma_6(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<6, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_i8_mma_7(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<7, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_MMA_BOUNDS_WIDE gemv_i8_mma_8(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_mma<8, true>(w, s, nb, x, y, m, out, k); }
 
 // ---------------------------------------------------------------------------------------------
 // Weight-only GEMV on CUDA cores (the simple, exact-f32 variant; also the fallback and the
@@ -433,23 +434,8 @@ __device__ __forceinline__ void gemv_simt(const void* __restrict__ wptr,
 
 #define GEMV_SIMT_BOUNDS __launch_bounds__(256)
 
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_1(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<1, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_2(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<2, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_3(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<3, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_4(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<4, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_5(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<5, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_6(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<6, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_7(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<7, false>(w, nullptr, 1, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_bf16_simt_8(const void* w, const float* x, float* y, int m, int out, int k) { gemv_simt<8, false>(w, nullptr, 1, x, y, m, out, k); }
+GEMV_ENTRIES(simt, GEMV_SIMT_BOUNDS, GEMV_SIMT_BOUNDS)
 
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_1(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<1, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_2(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<2, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_3(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<3, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_4(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<4, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_5(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<5, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_6(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<6, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_7(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<7, true>(w, s, nb, x, y, m, out, k); }
-extern "C" __global__ void GEMV_SIMT_BOUNDS gemv_i8_simt_8(const void* w, const float* s, int nb, const float* x, float* y, int m, int out, int k) { gemv_simt<8, true>(w, s, nb, x, y, m, out, k); }
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: out[r, i] = gain[i] * (x[r, i] * inv_r), inv_r = 1 / sqrt(mean_i x[r, i]^2 + eps).

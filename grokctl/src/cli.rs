@@ -137,45 +137,11 @@ pub enum Cmd {
         /// environment variables (GROK_MODEL, GROK_TP, ...) override both.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Model directory [env: GROK_MODEL]
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Tensor-parallel ranks per stage [default: 1] [env: GROK_TP]
-        #[arg(long)]
-        tp: Option<usize>,
-        /// Expert groups per stage [default: 1] [env: GROK_EP]
-        #[arg(long)]
-        ep: Option<usize>,
-        /// Pipeline stages [default: 1] [env: GROK_PP]
-        #[arg(long)]
-        pp: Option<usize>,
-        /// Model replicas, each tp*pp workers [default: 1] [env: GROK_REPLICAS]
-        #[arg(long)]
-        replicas: Option<usize>,
-        /// Coordinator address; port 0 picks a free one [default: 127.0.0.1:50051] [env: GROK_LISTEN]
-        #[arg(long)]
-        listen: Option<String>,
-        /// SentencePiece tokenizer.model [env: GROK_TOKENIZER]
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// KV cache blocks per worker, 16 tokens each [default: 512] [env: GROK_KV_BLOCKS]
-        #[arg(long)]
-        kv_blocks: Option<usize>,
         /// Give up when the cluster is not ready after this many seconds.
         #[arg(long, default_value_t = 600)]
         ready_timeout_s: u64,
-        /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics here [env: GROK_HTTP_LISTEN]
-        #[arg(long)]
-        http_listen: Option<String>,
-        /// Requests waiting beyond this are refused at once [env: GROK_MAX_QUEUE]
-        #[arg(long)]
-        max_queue: Option<usize>,
-        /// Sequences in the running batch [env: GROK_MAX_SEQS]
-        #[arg(long)]
-        max_seqs: Option<usize>,
-        /// Tokens per step, the chunked-prefill budget [env: GROK_MAX_BATCH_TOKENS]
-        #[arg(long)]
-        max_batch_tokens: Option<usize>,
+        #[command(flatten)]
+        flags: grokctl::cluster_file::UpFlags,
     },
     /// Convert the official release (ckpt-0 pickles) into the safetensors layout the workers load.
     #[command(

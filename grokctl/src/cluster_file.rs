@@ -288,19 +288,43 @@ impl ClusterFile {
 }
 
 /// Values given on the command line (None = not given).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct UpFlags {
+    /// Model directory [env: GROK_MODEL]
+    #[arg(long)]
     pub model: Option<PathBuf>,
-    pub tokenizer: Option<PathBuf>,
+    /// Tensor-parallel ranks per stage [default: 1] [env: GROK_TP]
+    #[arg(long)]
     pub tp: Option<usize>,
+    /// Expert groups per stage [default: 1] [env: GROK_EP]
+    #[arg(long)]
     pub ep: Option<usize>,
+    /// Pipeline stages [default: 1] [env: GROK_PP]
+    #[arg(long)]
     pub pp: Option<usize>,
+    /// Model replicas, each tp*pp workers [default: 1] [env: GROK_REPLICAS]
+    #[arg(long)]
     pub replicas: Option<usize>,
+    /// Coordinator address; port 0 picks a free one [default: 127.0.0.1:50051] [env: GROK_LISTEN]
+    #[arg(long)]
     pub listen: Option<String>,
-    pub http_listen: Option<String>,
+    /// SentencePiece tokenizer.model [env: GROK_TOKENIZER]
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// KV cache blocks per worker, 16 tokens each [default: 512] [env: GROK_KV_BLOCKS]
+    #[arg(long)]
     pub kv_blocks: Option<usize>,
-    pub max_seqs: Option<usize>,
+    /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics here [env: GROK_HTTP_LISTEN]
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// Requests waiting beyond this are refused at once [env: GROK_MAX_QUEUE]
+    #[arg(long)]
     pub max_queue: Option<usize>,
+    /// Sequences in the running batch [env: GROK_MAX_SEQS]
+    #[arg(long)]
+    pub max_seqs: Option<usize>,
+    /// Tokens per step, the chunked-prefill budget [env: GROK_MAX_BATCH_TOKENS]
+    #[arg(long)]
     pub max_batch_tokens: Option<usize>,
 }
 

@@ -195,38 +195,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Up {
             config,
-            model,
-            tp,
-            ep,
-            pp,
-            replicas,
-            listen,
-            tokenizer,
-            kv_blocks,
             ready_timeout_s,
-            http_listen,
-            max_queue,
-            max_seqs,
-            max_batch_tokens,
+            flags,
         } => {
             use grokctl::cluster_file as cf;
             let file = match &config {
                 Some(p) => cf::ClusterFile::load(p)?,
                 None => cf::ClusterFile::default(),
-            };
-            let flags = cf::UpFlags {
-                model,
-                tokenizer,
-                tp,
-                ep,
-                pp,
-                replicas,
-                listen,
-                http_listen,
-                kv_blocks,
-                max_seqs,
-                max_queue,
-                max_batch_tokens,
             };
             let s = cf::resolve_up(&file, &flags, &|k| std::env::var(k).ok())?;
             let tls = cluster_tls(&tls_flags, &file, true)?;

@@ -5,8 +5,9 @@ use grok_shared::config::ModelConfig;
 use grok_shared::planner::{self, Catalog, PlanDType, PlanInput};
 use std::path::{Path, PathBuf};
 
+/// The model and the hardware a plan is for.
 #[derive(clap::Args)]
-pub struct PlanArgs {
+pub struct Hardware {
     /// `grok-1`, or a model directory / config.json.
     #[arg(long, default_value = "grok-1")]
     pub model: String,
@@ -19,6 +20,12 @@ pub struct PlanArgs {
     /// bf16, int8, fp8 (or f32).
     #[arg(long, default_value = "int8")]
     pub dtype: String,
+}
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub hw: Hardware,
     /// Context length (default: the model's).
     #[arg(long)]
     pub context: Option<usize>,
@@ -64,18 +71,18 @@ pub fn model_config(m: &str) -> Result<ModelConfig> {
 }
 
 pub fn run(a: &PlanArgs) -> Result<()> {
-    let c = model_config(&a.model)?;
+    let c = model_config(&a.hw.model)?;
     let mut cat = Catalog::builtin();
     if let Some(f) = &a.catalog {
         let text = std::fs::read_to_string(f)
             .with_context(|| format!("reading catalog {}", f.display()))?;
         cat.extend(Catalog::parse(&text, &f.display().to_string())?);
     }
-    let dtype: PlanDType = a.dtype.parse()?;
+    let dtype: PlanDType = a.hw.dtype.parse()?;
     let input = PlanInput {
-        device: cat.get(&a.gpu)?.clone(),
-        gpus_per_node: a.gpus_per_node,
-        nodes: a.nodes,
+        device: cat.get(&a.hw.gpu)?.clone(),
+        gpus_per_node: a.hw.gpus_per_node,
+        nodes: a.hw.nodes,
         dtype,
         context: a.context.unwrap_or(c.max_position_embeddings),
         prompt_len: a.prompt_len,
@@ -88,8 +95,8 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     let plans = planner::plan(&c, &input)?;
     if a.json {
         let j = serde_json::json!({
-            "model": a.model, "gpu": a.gpu, "gpus_per_node": a.gpus_per_node, "nodes": a.nodes,
-            "dtype": a.dtype, "context": input.context, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
+            "model": a.hw.model, "gpu": a.hw.gpu, "gpus_per_node": a.hw.gpus_per_node, "nodes": a.hw.nodes,
+            "dtype": a.hw.dtype, "context": input.context, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
             "concurrency": a.concurrency, "layouts": plans,
             "explanation": planner::explain(&c, &input, &plans),
         });
@@ -98,10 +105,10 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     }
     println!(
         "{} on {} x {} x {} ({:?}), context {}, prompt {} -> {} tokens, {} concurrent",
-        a.model,
-        a.nodes,
-        a.gpus_per_node,
-        a.gpu,
+        a.hw.model,
+        a.hw.nodes,
+        a.hw.gpus_per_node,
+        a.hw.gpu,
         dtype,
         input.context,
         a.prompt_len,
@@ -157,16 +164,8 @@ pub fn run(a: &PlanArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct SimArgs {
-    #[arg(long, default_value = "grok-1")]
-    pub model: String,
-    #[arg(long, default_value = "h100-sxm")]
-    pub gpu: String,
-    #[arg(long, default_value_t = 8)]
-    pub gpus_per_node: usize,
-    #[arg(long, default_value_t = 1)]
-    pub nodes: usize,
-    #[arg(long, default_value = "int8")]
-    pub dtype: String,
+    #[command(flatten)]
+    pub hw: Hardware,
     /// Layout of one replica as TP,EP,PP (default: the smallest fitting one).
     #[arg(long, value_parser = parse_layout)]
     pub layout: Option<(usize, usize, usize)>,
@@ -228,7 +227,7 @@ pub fn parse_range(s: &str) -> Result<(usize, usize), String> {
 }
 
 pub fn simulate(a: &SimArgs) -> Result<()> {
-    let c = model_config(&a.model)?;
+    let c = model_config(&a.hw.model)?;
     let mut cat = Catalog::builtin();
     if let Some(f) = &a.catalog {
         let text = std::fs::read_to_string(f)
@@ -238,12 +237,12 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
     if a.rate.is_nan() || a.rate <= 0.0 || a.requests == 0 {
         anyhow::bail!("--rate and --requests must be positive");
     }
-    let dtype: PlanDType = a.dtype.parse()?;
-    let dev = cat.get(&a.gpu)?.clone();
+    let dtype: PlanDType = a.hw.dtype.parse()?;
+    let dev = cat.get(&a.hw.gpu)?.clone();
     let input = PlanInput {
         device: dev.clone(),
-        gpus_per_node: a.gpus_per_node,
-        nodes: a.nodes,
+        gpus_per_node: a.hw.gpus_per_node,
+        nodes: a.hw.nodes,
         dtype,
         context: c.max_position_embeddings,
         prompt_len: a.prompt_len.1,
@@ -264,7 +263,7 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
             p.tp == tp
                 && p.ep == ep
                 && p.pp == pp
-                && p.replicas == a.gpus_per_node * a.nodes / (tp * pp)
+                && p.replicas == a.hw.gpus_per_node * a.hw.nodes / (tp * pp)
         }),
         None => plans.iter().filter(|p| p.fits).min_by_key(|p| p.tp * p.pp),
     }
@@ -275,7 +274,7 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
             chosen.tp,
             chosen.ep,
             chosen.pp,
-            a.gpu
+            a.hw.gpu
         );
     }
     let layout = grok_shared::sharding::Layout::new(chosen.tp, chosen.ep, chosen.pp);
@@ -284,9 +283,9 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
         dtype,
         device: &dev,
         layout,
-        gpus_per_node: a.gpus_per_node,
+        gpus_per_node: a.hw.gpus_per_node,
     };
-    let max_replicas = (a.gpus_per_node * a.nodes) / layout.world_size();
+    let max_replicas = (a.hw.gpus_per_node * a.hw.nodes) / layout.world_size();
     let sim = planner::SimInput {
         rate: a.rate,
         requests: a.requests,
@@ -319,7 +318,7 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
     }
     println!(
         "{} replica layout tp={} ep={} pp={} on {}; {} requests at {} req/s, prompt {:?}, output {:?}; SLO TTFT {} ms, ITL {} ms",
-        a.model, layout.tp, layout.ep, layout.pp, a.gpu, a.requests, a.rate, a.prompt_len, a.gen_len, a.ttft_ms, a.itl_ms
+        a.hw.model, layout.tp, layout.ep, layout.pp, a.hw.gpu, a.requests, a.rate, a.prompt_len, a.gen_len, a.ttft_ms, a.itl_ms
     );
     println!(
         "{:>8} {:>10} {:>10} {:>9} {:>9} {:>12} {:>9} {:>11}",

@@ -70,48 +70,7 @@ pub enum Cmd {
     #[command(
         after_help = "Examples:\n  grokctl generate --model /tmp/tiny --prompt-ids 5,17,99 --max-new-tokens 8 --json\n  grokctl generate --model /tmp/small --tokenizer tokenizer.model --prompt 'The answer is' --temperature 0.8 --top-p 0.95 --seed 1\n  grokctl generate --model /tmp/tiny --prompt-ids 5,0,9 --max-new-tokens 1 --logits-out logits.npy"
     )]
-    Generate {
-        /// Model directory (config.json + safetensors): run in this process.
-        #[arg(
-            long,
-            required_unless_present = "endpoint",
-            conflicts_with = "endpoint"
-        )]
-        model: Option<PathBuf>,
-        /// A running cluster's coordinator (HOST:PORT or URL).
-        #[arg(long, env = "GROK_ENDPOINT")]
-        endpoint: Option<String>,
-        /// Prompt text (needs a tokenizer).
-        #[arg(long, conflicts_with = "prompt_ids")]
-        prompt: Option<String>,
-        /// Prompt as comma-separated token ids.
-        #[arg(long)]
-        prompt_ids: Option<String>,
-        /// SentencePiece tokenizer.model (default: MODEL/tokenizer.model when present).
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        #[arg(long, default_value_t = 32)]
-        max_new_tokens: usize,
-        /// 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// 0 disables.
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Keep generating after the end-of-sequence token.
-        #[arg(long)]
-        ignore_eos: bool,
-        /// Print one JSON object {"ids": [...], "text": "..."} as the last line of stdout.
-        #[arg(long)]
-        json: bool,
-        /// Write the logits of every prompt position as float32 .npy [prompt_len, vocab].
-        #[arg(long)]
-        logits_out: Option<PathBuf>,
-    },
+    Generate(GenerateCmd),
     /// Encode JSON lines {"text": ...} from stdin into {"ids": [...]} lines.
     #[command(
         after_help = "Example:\n  echo '{\"text\": \"hello world\"}' | grokctl tokenize --tokenizer tokenizer.model"
@@ -337,4 +296,49 @@ pub enum BenchCmd {
         after_help = "Examples:\n  grokctl gen-model --preset tiny --layers 2 --out /tmp/tiny\n  grokctl bench chaos --model /tmp/tiny --tp 2 --replicas 2 --clients 8 --duration-s 300 --seed 7\n  grokctl bench chaos --model /tmp/tiny --faults stop --duration-s 60 --json"
     )]
     Chaos(grokctl::chaos::ChaosArgs),
+}
+
+/// `grokctl generate`: in this process (`--model`) or on a cluster (`--endpoint`).
+#[derive(clap::Args)]
+pub struct GenerateCmd {
+    /// Model directory (config.json + safetensors): run in this process.
+    #[arg(
+        long,
+        required_unless_present = "endpoint",
+        conflicts_with = "endpoint"
+    )]
+    pub model: Option<PathBuf>,
+    /// A running cluster's coordinator (HOST:PORT or URL).
+    #[arg(long, env = "GROK_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Prompt text (needs a tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long)]
+    pub prompt_ids: Option<String>,
+    /// SentencePiece tokenizer.model (default: MODEL/tokenizer.model when present).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object {"ids": [...], "text": "..."} as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the logits of every prompt position as float32 .npy [prompt_len, vocab].
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
 }

@@ -171,15 +171,13 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
     })
 }
 
+#[derive(Clone)]
 pub struct RemoteGenerate {
     pub endpoint: String,
     pub prompt: Option<String>,
     pub prompt_ids: Option<Vec<u32>>,
     pub max_new_tokens: usize,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: usize,
-    pub seed: u64,
+    pub sampling: grok_shared::sampling::SamplingParams,
     pub ignore_eos: bool,
     pub json: bool,
     pub logits_out: Option<std::path::PathBuf>,
@@ -213,10 +211,10 @@ pub async fn generate_stream(
         .generate(crate::auth::request(pb::GenerateRequest {
             prompt: Some(prompt),
             max_tokens: a.max_new_tokens as u32,
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k as u32,
-            seed: a.seed,
+            temperature: a.sampling.temperature,
+            top_p: a.sampling.top_p,
+            top_k: a.sampling.top_k as u32,
+            seed: a.sampling.seed,
             ignore_eos: a.ignore_eos,
             prompt_logits: a.logits_out.is_some(),
             ..Default::default()
@@ -314,10 +312,12 @@ pub async fn bench(endpoint: &str, prompt_len: usize, gen_len: usize, json: bool
         prompt: None,
         prompt_ids: Some(ids),
         max_new_tokens: gen_len + 1,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
+        sampling: grok_shared::sampling::SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        },
         ignore_eos: true,
         json: false,
         logits_out: None,
@@ -379,17 +379,8 @@ pub async fn bench(endpoint: &str, prompt_len: usize, gen_len: usize, json: bool
 
 fn clone_gen(a: &RemoteGenerate) -> RemoteGenerate {
     RemoteGenerate {
-        endpoint: a.endpoint.clone(),
-        prompt: a.prompt.clone(),
-        prompt_ids: a.prompt_ids.clone(),
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        seed: a.seed,
-        ignore_eos: a.ignore_eos,
-        json: a.json,
         logits_out: None,
+        ..a.clone()
     }
 }
 

@@ -7,7 +7,7 @@ use grok_shared::sampling::SamplingParams;
 use grokctl::{client, local, up};
 
 mod cli;
-use cli::{BenchCmd, Cli, Cmd, PlanCmd};
+use cli::{BenchCmd, Cli, Cmd, GenerateCmd, PlanCmd};
 
 fn main() {
     let cli = Cli::parse();
@@ -291,40 +291,7 @@ fn run(cli: Cli) -> Result<()> {
             cluster_tls(&tls_flags, &no_file, false)?;
             rt()?.block_on(client::status(&endpoint, wait_ready, json))
         }
-        Cmd::Generate {
-            model: None,
-            endpoint: Some(endpoint),
-            prompt,
-            prompt_ids,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            ignore_eos,
-            json,
-            logits_out,
-            tokenizer,
-        } => {
-            if tokenizer.is_some() {
-                anyhow::bail!("--tokenizer applies to single-process generation (--model); the cluster uses its own tokenizer");
-            }
-            let prompt_ids = prompt_ids.as_deref().map(local::parse_ids).transpose()?;
-            cluster_tls(&tls_flags, &no_file, false)?;
-            rt()?.block_on(client::generate(&client::RemoteGenerate {
-                endpoint,
-                prompt,
-                prompt_ids,
-                max_new_tokens,
-                temperature,
-                top_p,
-                top_k,
-                seed,
-                ignore_eos,
-                json,
-                logits_out,
-            }))
-        }
+        Cmd::Generate(g) => generate(g, &tls_flags, &no_file, rt),
         Cmd::Bench {
             serve:
                 Some(BenchCmd::Serve {
@@ -380,36 +347,6 @@ fn run(cli: Cli) -> Result<()> {
             out,
             max_file_mb,
         }),
-        Cmd::Generate {
-            model: Some(model),
-            prompt,
-            prompt_ids,
-            tokenizer,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            ignore_eos,
-            json,
-            logits_out,
-            ..
-        } => local::run_generate(&local::GenerateArgs {
-            model,
-            prompt,
-            prompt_ids,
-            tokenizer,
-            max_new_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_p,
-                top_k,
-                seed,
-            },
-            json,
-            logits_out,
-            ignore_eos,
-        }),
         Cmd::Tokenize { tokenizer } => local::run_tokenize(&tokenizer),
         Cmd::Detokenize { tokenizer } => local::run_detokenize(&tokenizer),
         Cmd::Bench {
@@ -426,8 +363,54 @@ fn run(cli: Cli) -> Result<()> {
             json,
             bandwidth_mb,
         }),
-        Cmd::Generate { .. } | Cmd::Bench { .. } => {
+        Cmd::Bench { .. } => {
             anyhow::bail!("give exactly one of --model or --endpoint")
         }
+    }
+}
+
+/// `grokctl generate`: in this process or on a cluster.
+fn generate(
+    g: GenerateCmd,
+    tls_flags: &TlsPaths,
+    no_file: &grokctl::cluster_file::ClusterFile,
+    rt: impl Fn() -> std::io::Result<tokio::runtime::Runtime>,
+) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: g.top_k,
+        seed: g.seed,
+    };
+    match (g.model, g.endpoint) {
+        (Some(model), None) => local::run_generate(&local::GenerateArgs {
+            model,
+            prompt: g.prompt,
+            prompt_ids: g.prompt_ids,
+            tokenizer: g.tokenizer,
+            max_new_tokens: g.max_new_tokens,
+            sampling,
+            json: g.json,
+            logits_out: g.logits_out,
+            ignore_eos: g.ignore_eos,
+        }),
+        (None, Some(endpoint)) => {
+            if g.tokenizer.is_some() {
+                anyhow::bail!("--tokenizer applies to single-process generation (--model); the cluster uses its own tokenizer");
+            }
+            let prompt_ids = g.prompt_ids.as_deref().map(local::parse_ids).transpose()?;
+            cluster_tls(tls_flags, no_file, false)?;
+            rt()?.block_on(client::generate(&client::RemoteGenerate {
+                endpoint,
+                prompt: g.prompt,
+                prompt_ids,
+                max_new_tokens: g.max_new_tokens,
+                sampling,
+                ignore_eos: g.ignore_eos,
+                json: g.json,
+                logits_out: g.logits_out,
+            }))
+        }
+        _ => anyhow::bail!("give exactly one of --model or --endpoint"),
     }
 }

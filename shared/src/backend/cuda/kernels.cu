@@ -41,40 +41,39 @@ __device__ __forceinline__ float warp_max_f32(float v) {
     return v;
 }
 
-// Block-wide sum / max; blockDim.x is a multiple of 32 (at most 1024). Every thread gets the
-// result. The warps' partials are added in warp order, so the result is deterministic.
-// `scratch` holds 32 floats of shared memory; the leading barrier lets calls follow each other.
-__device__ float block_sum_f32(float v, float* scratch) {
+// Block-wide reduction; blockDim.x is a multiple of 32 (at most 1024). Every thread gets the
+// result. The warps' partials are combined in warp order, so the result is deterministic.
+// `scratch` holds 32 values of shared memory; the leading barrier lets calls follow each other.
+// `Warp` reduces within a warp, `combine` adds one warp's partial.
+template <typename T, typename Warp, typename Combine>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, Warp warp_reduce, Combine combine) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum_f32(v);
+    v = warp_reduce(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = 0.f;
-    for (int w = 0; w < nw; ++w) t += scratch[w];
+    T t = scratch[0];
+    for (int w = 1; w < nw; ++w) t = combine(t, scratch[w]);
     return t;
+}
+
+struct AddF32 { __device__ float operator()(float a, float b) const { return a + b; } };
+struct MaxF32 { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+struct AddF64 { __device__ double operator()(double a, double b) const { return a + b; } };
+struct WarpSumF32 { __device__ float operator()(float v) const { return warp_sum_f32(v); } };
+struct WarpMaxF32 { __device__ float operator()(float v) const { return warp_max_f32(v); } };
+struct WarpSumF64 { __device__ double operator()(double v) const { return warp_sum_f64(v); } };
+
+__device__ float block_sum_f32(float v, float* scratch) {
+    return block_reduce(v, scratch, WarpSumF32(), AddF32());
 }
 
 __device__ float block_max_f32(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max_f32(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = scratch[0];
-    for (int w = 1; w < nw; ++w) t = fmaxf(t, scratch[w]);
-    return t;
+    return block_reduce(v, scratch, WarpMaxF32(), MaxF32());
 }
 
 __device__ double block_sum_f64(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum_f64(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    double t = 0.0;
-    for (int w = 0; w < nw; ++w) t += scratch[w];
-    return t;
+    return block_reduce(v, scratch, WarpSumF64(), AddF64());
 }
 
 // 16-byte load of weights that are read exactly once: read-only path, not kept in L1 (the

@@ -340,7 +340,26 @@ mod tests {
         assert!(KERNELS_SRC.len() > 1000);
         let names = kernel_names();
         assert_eq!(names.len(), 42);
+        // The GEMV entry points `gemv_{bf16,i8}_{KIND}_{1..8}` come from one
+        // `GEMV_ENTRIES(KIND, ...)` line per kind (a macro of two extern "C" definitions per
+        // row count); every other entry point is written out.
+        let mut generated = 0;
         for n in &names {
+            let family = n
+                .strip_prefix("gemv_bf16_")
+                .or_else(|| n.strip_prefix("gemv_i8_"))
+                .and_then(|rest| rest.rsplit_once('_'))
+                .filter(|(_, m)| matches!(m.parse::<u32>(), Ok(1..=8)));
+            if let Some((kind, _)) = family {
+                let line = format!("\nGEMV_ENTRIES({kind}, ");
+                assert_eq!(
+                    KERNELS_SRC.matches(&line).count(),
+                    1,
+                    "kernels.cu has no single GEMV_ENTRIES line for {n}"
+                );
+                generated += 1;
+                continue;
+            }
             let decl = format!(" {n}(");
             assert!(
                 KERNELS_SRC.contains(&decl),
@@ -352,9 +371,14 @@ mod tests {
                 "{n} is defined more than once"
             );
         }
-        // Each entry point is extern "C" (unmangled names for cuModuleGetFunction).
+        assert_eq!(
+            generated, 32,
+            "two GEMV kinds x two weight types x 8 row counts"
+        );
+        // Each entry point is extern "C" (unmangled names for cuModuleGetFunction): the
+        // written ones, and the two in the GEMV macro.
         let externs = KERNELS_SRC.matches("extern \"C\" __global__").count();
-        assert_eq!(externs, names.len());
+        assert_eq!(externs, names.len() - generated + 2);
         // Self-contained: NVRTC gets no include paths.
         assert!(!KERNELS_SRC
             .lines()

@@ -200,6 +200,8 @@ impl Cluster {
             queued_requests: self.metrics.queue_depth.load(Ordering::Relaxed)
                 + lock(&self.replica_load).iter().map(|l| l.1).sum::<u64>(),
             tokens_per_s: self.tokens_per_s(),
+            coordinator_step_seconds: self.metrics.coordinator_step.mean(),
+            pipelined_steps: self.metrics.pipelined_steps.load(Ordering::Relaxed),
         }
     }
 }

@@ -23,6 +23,15 @@ impl Histogram {
         }
     }
 
+    /// Mean of the observations (0 before any).
+    pub fn mean(&self) -> f64 {
+        let n = self.count.load(Ordering::Relaxed);
+        if n == 0 {
+            return 0.0;
+        }
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6 / n as f64
+    }
+
     pub fn observe(&self, seconds: f64) {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             if seconds <= *b {
@@ -57,6 +66,10 @@ impl Histogram {
 const LATENCY_BOUNDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// The coordinator's own time per step is microseconds to milliseconds.
+const STEP_OVERHEAD_BOUNDS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+];
 
 pub struct Metrics {
     /// Finished requests by outcome: stop, length, context_length, cancelled, error, rejected.
@@ -77,6 +90,11 @@ pub struct Metrics {
     pub recoveries: AtomicU64,
     pub recovery: Histogram,
     pub resumed: AtomicU64,
+    /// The coordinator's own time per step (planning it, applying its result; not the
+    /// workers'), and steps sent while another step of the replica was in flight (pipeline
+    /// parallelism).
+    pub coordinator_step: Histogram,
+    pub pipelined_steps: AtomicU64,
     /// Routed tokens per (layer, expert).
     pub expert_tokens: Mutex<Vec<u64>>,
     pub num_experts: usize,
@@ -99,6 +117,8 @@ impl Metrics {
             recoveries: AtomicU64::new(0),
             recovery: Histogram::new(LATENCY_BOUNDS),
             resumed: AtomicU64::new(0),
+            coordinator_step: Histogram::new(STEP_OVERHEAD_BOUNDS),
+            pipelined_steps: AtomicU64::new(0),
             expert_tokens: Mutex::new(vec![0; num_layers * num_experts]),
             num_experts,
         }
@@ -139,6 +159,11 @@ impl Metrics {
         self.recovery.render(
             "grok_recovery_seconds",
             "Time from a fault's end (every worker of the replica back) to the replica serving again.",
+            &mut o,
+        );
+        self.coordinator_step.render(
+            "grok_coordinator_step_seconds",
+            "The coordinator's own time per step: planning it and applying its result (not the workers' time).",
             &mut o,
         );
         let gauges = [
@@ -200,6 +225,11 @@ impl Metrics {
                 "grok_resumed_requests_total",
                 "Requests that waited out a fault and resumed on a replica serving again.",
                 &self.resumed,
+            ),
+            (
+                "grok_pipelined_steps_total",
+                "Steps sent while another step of the same replica was in flight (pipeline parallelism).",
+                &self.pipelined_steps,
             ),
         ];
         for (n, h, v) in counters {

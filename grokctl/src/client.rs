@@ -53,7 +53,7 @@ pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
 pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
     let l = s.layout.unwrap_or_default();
     let mut out = format!(
-        "model   {}\nlayout  tp={} ep={} pp={} replicas={}\nstate   {}{}\ntokens  {} generated, {:.1} tokens/s\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\n\n",
+        "model   {}\nlayout  tp={} ep={} pp={} replicas={}\nstate   {}{}\ntokens  {} generated, {:.1} tokens/s\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\nsteps   {:.0} us of coordinator time each, {} pipelined\n\n",
         s.model,
         l.tp,
         l.ep,
@@ -70,7 +70,9 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
         s.running_sequences,
         s.queued_requests,
         s.kv_blocks_used,
-        s.kv_blocks_free
+        s.kv_blocks_free,
+        s.coordinator_step_seconds * 1e6,
+        s.pipelined_steps
     );
     out += &format!(
         "{:<5} {:<7} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10} {:>10}  {}\n",
@@ -163,6 +165,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
         "generated_tokens": s.generated_tokens, "tokens_per_s": s.tokens_per_s,
         "kv_blocks_used": s.kv_blocks_used, "kv_blocks_free": s.kv_blocks_free,
         "running_sequences": s.running_sequences, "queued_requests": s.queued_requests,
+        "coordinator_step_seconds": s.coordinator_step_seconds, "pipelined_steps": s.pipelined_steps,
         "shards": s.shards.iter().map(|x| serde_json::json!({
             "rank": x.rank, "stage": x.stage, "tp_rank": x.tp_rank, "state": x.state, "detail": x.detail,
             "worker_id": x.worker_id, "address": x.address, "layers": x.layers, "heads": x.heads,

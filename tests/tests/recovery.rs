@@ -183,6 +183,19 @@ async fn run_16(client: &Client, on_first: Option<tokio::sync::mpsc::Sender<()>>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_of_a_lost_replica_complete_on_the_other() {
+    lost_replica_moves_its_requests("2", "1").await;
+}
+
+/// The same with two pipeline stages per replica: the lost worker is a stage of a replica
+/// with steps in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_stage_with_steps_in_flight_moves_its_requests() {
+    lost_replica_moves_its_requests("1", "2").await;
+}
+
+/// Two replicas of two workers (`tp` x `pp`); a worker of replica 1 is killed while 16
+/// seeded streams run: every request completes with the output it has without the fault.
+async fn lost_replica_moves_its_requests(tp: &str, pp: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     let c = ModelConfig::preset("tiny", Some(2)).unwrap();
@@ -194,7 +207,9 @@ async fn requests_of_a_lost_replica_complete_on_the_other() {
             "--listen",
             "127.0.0.1:0",
             "--tp",
-            "2",
+            tp,
+            "--pp",
+            pp,
             "--replicas",
             "2",
             "--kv-blocks",

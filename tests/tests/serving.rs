@@ -755,3 +755,79 @@ async fn new_requests_go_to_the_least_loaded_replica() {
         "steps before {before:?}, after {after:?}: the short requests all ran on the idle replica"
     );
 }
+
+/// Pipeline parallelism with steps in flight: pp 2 and pp 3 keep up to pp steps in flight
+/// (each over its own sequences) and give exactly the outputs of pp 1 to 32 concurrent
+/// greedy and seeded streams, with a cache small enough to force preemptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_stages_with_steps_in_flight_give_the_single_stage_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    // Six layers: two per stage at pp 3.
+    let cfg = ModelConfig::preset("tiny", Some(6)).unwrap();
+    genmodel::generate(&cfg, GenDType::F32, 29, &m, 1 << 30, |_, _| {}).unwrap();
+    let ps = prompts();
+    let request = |k: usize| {
+        let (p, n) = &ps[k % 8];
+        let mut r = req(p, *n);
+        if (k / 8) % 2 == 1 {
+            r.temperature = 0.8;
+            r.top_p = 0.9;
+            r.seed = 5 + k as u64 % 8;
+        }
+        r
+    };
+    // The reference: each of the 16 requests alone on one stage.
+    let mut want = vec![];
+    {
+        let c = up(&m, &[]);
+        let cl = client(&c).await;
+        for k in 0..16 {
+            want.push(run(cl.clone(), request(k)).await.unwrap().0);
+        }
+    }
+    for pp in ["2", "3"] {
+        let c = up(
+            &m,
+            &[
+                "--pp",
+                pp,
+                "--kv-blocks",
+                "24",
+                "--max-batch-tokens",
+                "32",
+                "--max-seqs",
+                "32",
+                "--http-listen",
+                "127.0.0.1:0",
+            ],
+        );
+        let cl = client(&c).await;
+        let mut tasks = vec![];
+        for k in 0..32 {
+            let cl = cl.clone();
+            let r = request(k % 16);
+            tasks.push(tokio::spawn(async move { (k, run(cl, r).await) }));
+        }
+        for t in tasks {
+            let (k, res) = t.await.unwrap();
+            let (ids, finish, _) = res.unwrap();
+            assert_eq!(ids, want[k % 16], "pp {pp}: stream {k} differs from pp 1");
+            assert_eq!(finish, "length");
+        }
+        let s = status(&c).await;
+        assert!(
+            s.pipelined_steps > 0,
+            "pp {pp}: no step was sent while another was in flight"
+        );
+        assert!(s.coordinator_step_seconds > 0.0 && s.coordinator_step_seconds.is_finite());
+        let body = grok_tests::cluster::http_get(c.http.as_deref().unwrap(), "/metrics");
+        let preempted = grok_tests::cluster::metric(&body, "grok_preemptions_total").unwrap();
+        assert!(
+            preempted > 0.0,
+            "pp {pp}: the small cache forced no preemption"
+        );
+        let s = wait_kv_free(&c).await;
+        assert_eq!(s.kv_blocks_used, 0, "pp {pp}: blocks still used at the end");
+    }
+}

@@ -33,6 +33,7 @@ use handle::{Incoming, ReplicaHandle};
 use output::OutputRules;
 use scheduler::{Budget, Scheduler};
 use seq::{Parked, Seq};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,6 +102,18 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
     cluster.supervised[ri].store(false, Ordering::Release);
 }
 
+/// A step sent to the workers whose result has not been applied yet.
+struct InFlight {
+    slots: Vec<scheduler::Slot>,
+    /// Per slot: the step returns its logits.
+    returns: Vec<bool>,
+    want_logits: usize,
+    /// The coordinator's time planning it.
+    coordinator: Duration,
+    /// The step's span, open until its result is applied.
+    _span: tracing::Span,
+}
+
 struct Replica {
     /// Which replica of the cluster this is.
     index: usize,
@@ -155,10 +168,16 @@ impl Replica {
     }
 
     /// Serves until a fault; returns when it began (`None`: the queue closed).
+    ///
+    /// With `pp` stages, up to `pp` steps are in flight, each over its own sequences: while
+    /// the last stage works on one step, the stage before works on the next, and the loop
+    /// applies each result as it arrives (in order) and sends the next step at once.
     async fn run(mut self) -> Option<Instant> {
+        let depth = self.cluster.cfg.layout.pp.max(1);
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
         loop {
             let cap = self.cluster.cfg.max_seqs;
-            if self.sched.is_idle() {
+            if self.sched.is_idle() && inflight.is_empty() {
                 self.update_gauges();
                 // Idle: a worker lost now is noticed before the next request needs it.
                 tokio::select! {
@@ -178,7 +197,29 @@ impl Replica {
                 }
             }
             self.reap_cancelled();
-            match self.iteration().await {
+            let r = async {
+                // Fill the pipeline, then apply the oldest step's result.
+                while inflight.len() < depth {
+                    match self
+                        .launch(depth - inflight.len(), !inflight.is_empty())
+                        .await?
+                    {
+                        Some(f) => inflight.push_back(f),
+                        None => break,
+                    }
+                }
+                match inflight.pop_front() {
+                    Some(f) => self.complete(f).await,
+                    None => {
+                        // Nothing fits now (every block is held by sequences that cannot run):
+                        // wait a little for cancellations rather than spin.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        Ok(())
+                    }
+                }
+            }
+            .await;
+            match r {
                 Ok(()) => {}
                 Err(StepFailure::Lost(why)) => return Some(self.fault(why).await),
                 // A failed step may have left the collectives broken (a peer's deadline): the
@@ -236,11 +277,17 @@ impl Replica {
         }
     }
 
-    /// One iteration: schedule, run the step on every worker, apply the results.
-    async fn iteration(&mut self) -> Result<(), StepFailure> {
+    /// Plans a step (this step's share of the runnable sequences, `parts` steps being still
+    /// to form) and sends it. `None`: nothing to send.
+    async fn launch(
+        &mut self,
+        parts: usize,
+        pipelined: bool,
+    ) -> Result<Option<InFlight>, StepFailure> {
+        let began = Instant::now();
         let cluster = self.cluster.clone();
         let m = &cluster.metrics;
-        let plan = self.sched.schedule();
+        let plan = self.sched.schedule(parts);
         m.preemptions
             .fetch_add(plan.preempted as u64, Ordering::Relaxed);
         m.prompt_tokens
@@ -252,14 +299,8 @@ impl Replica {
             ));
             self.finish(s, GenEvent::Error(st), "error");
         }
-        if plan.slots.is_empty() {
-            // Nothing fits now (every block is held by sequences that cannot run): free what
-            // finished, then wait a little for cancellations rather than spin.
-            if !plan.free.is_empty() {
-                self.workers.step(vec![], plan.free, 0, &[]).await?;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            return Ok(());
+        if plan.slots.is_empty() && plan.free.is_empty() {
+            return Ok(None);
         }
         let vocab = cluster.model.vocab_size;
         // Logits the sampling rank returns: `n` rows of every sequence that asks for them.
@@ -290,23 +331,41 @@ impl Replica {
                 top_logprobs: p.top_logprobs,
             });
         }
-        let r = {
-            let running = self.sched.running();
-            let spans: Vec<&tracing::Span> = plan
-                .slots
-                .iter()
-                .map(|x| &running[x.index].seq.job.span)
-                .collect();
-            self.workers
-                .step(seqs, plan.free, want_logits, &spans)
-                .await?
-        };
+        let running = self.sched.running();
+        let spans: Vec<&tracing::Span> = plan
+            .slots
+            .iter()
+            .map(|x| &running[x.index].seq.job.span)
+            .collect();
+        let coordinator = began.elapsed();
+        let span = self.workers.send(seqs, plan.free, &spans).await?;
+        if pipelined {
+            m.pipelined_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(InFlight {
+            slots: plan.slots,
+            returns,
+            want_logits,
+            coordinator,
+            _span: span,
+        }))
+    }
+
+    /// Waits for a step's result and applies it: prompt logits, sampled tokens, finished
+    /// requests.
+    async fn complete(&mut self, f: InFlight) -> Result<(), StepFailure> {
+        let r = self.workers.receive(f.want_logits).await?;
+        let began = Instant::now();
+        let cluster = self.cluster.clone();
+        let m = &cluster.metrics;
+        let want_logits = f.want_logits;
         if r.logits.len() != want_logits {
             return Err(StepFailure::Failed(format!(
                 "the sampling rank returned {} logits, {want_logits} were asked for",
                 r.logits.len()
             )));
         }
+        let vocab = cluster.model.vocab_size;
         let rules = OutputRules {
             eos: cluster.model.eos_token_id,
             max_positions: cluster.model.max_position_embeddings,
@@ -315,10 +374,15 @@ impl Replica {
         // Apply: advance every scheduled sequence, then handle sampled tokens.
         let mut off = 0;
         let mut done: Vec<(usize, GenEvent, &'static str)> = Vec::new();
-        for (k, slot) in plan.slots.iter().enumerate() {
-            self.sched.advance(slot);
-            let e = &mut self.sched.running_mut()[slot.index];
-            if returns[k] {
+        for (k, slot) in f.slots.iter().enumerate() {
+            let Some(i) = self.sched.complete(slot) else {
+                return Err(StepFailure::Failed(format!(
+                    "sequence {} of the step is not running",
+                    slot.wid
+                )));
+            };
+            let e = &mut self.sched.running_mut()[i];
+            if f.returns[k] {
                 let rows = &r.logits[off..off + slot.n * vocab];
                 off += slot.n * vocab;
                 output::deliver_prompt_logits(&mut e.seq, rows, slot.start, vocab);
@@ -351,10 +415,10 @@ impl Replica {
             let (ev, reason) = rules.on_token(s, t.token, t.logprob, top);
             let send_ok = s.job.tx.send(GenEvent::Token(ev)).is_ok();
             if let Some(reason) = reason {
-                done.push((slot.index, output::done(s, reason), reason.as_str()));
+                done.push((i, output::done(s, reason), reason.as_str()));
             } else if !send_ok {
                 let ev = GenEvent::Error(Status::cancelled("cancelled"));
-                done.push((slot.index, ev, "cancelled"));
+                done.push((i, ev, "cancelled"));
             }
         }
         // Remove finished sequences (highest index first keeps the others' indices valid).
@@ -363,6 +427,9 @@ impl Replica {
             let s = self.sched.finish(i);
             self.finish(s, ev, outcome);
         }
+        // The coordinator's own time for this step: planning it and applying its result.
+        m.coordinator_step
+            .observe((f.coordinator + began.elapsed()).as_secs_f64());
         Ok(())
     }
 

@@ -11,9 +11,17 @@
 //! admitted sequence is preempted (its blocks freed, its tokens kept: it goes back to the
 //! front of the queue and is recomputed when it is admitted again).
 //!
+//! Pipeline parallelism: with `pp` stages the step loop keeps up to `pp` steps in flight, each
+//! over its own sequences. A scheduled sequence is *busy* until its step's result is applied
+//! ([`Scheduler::complete`]): it is in no other plan, and it is never preempted or removed
+//! meanwhile. [`Scheduler::schedule`] takes `parts`, the number of steps still to form to fill
+//! the pipeline, and gives this step its share of the sequences that can run (micro-batches
+//! balanced by count; with `parts` 1 it takes all, as a single-stage replica does).
+//!
 //! Invariants (unit-tested below): every block is either free or held by exactly one
 //! sequence; a sequence's worker id is fresh after each admission and is freed on the
-//! workers exactly once; a plan never exceeds the token budget or the cap.
+//! workers exactly once; a plan never exceeds the token budget or the cap; no sequence is in
+//! two steps in flight.
 
 use grok_shared::model::BlockAllocator;
 use std::collections::VecDeque;
@@ -44,6 +52,8 @@ pub struct Entry<T> {
     sent_blocks: usize,
     /// Its id on the workers (new after each admission); 0 = not started.
     wid: u64,
+    /// In a step in flight.
+    busy: bool,
 }
 
 impl<T> Entry<T> {
@@ -54,6 +64,7 @@ impl<T> Entry<T> {
             blocks: Vec::new(),
             sent_blocks: 0,
             wid: 0,
+            busy: false,
         }
     }
 
@@ -71,7 +82,8 @@ impl<T> Entry<T> {
 /// One sequence's part of a step.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slot {
-    /// Index in [`Scheduler::running`].
+    /// Index in [`Scheduler::running`] when the plan was made (indices move as sequences
+    /// finish: a step's result finds its sequences by `wid`).
     pub index: usize,
     /// Its id on the workers.
     pub wid: u64,
@@ -114,6 +126,11 @@ enum Grow {
     SelfPreempted,
     /// Alone and still out of blocks.
     Impossible,
+}
+
+/// Whether the entries are in a step in flight.
+fn is_busy<T>(e: &Entry<T>) -> bool {
+    e.busy
 }
 
 impl<T: Tokens> Scheduler<T> {
@@ -159,12 +176,18 @@ impl<T: Tokens> Scheduler<T> {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
+    /// Sequences in steps in flight.
+    pub fn num_busy(&self) -> usize {
+        self.running.iter().filter(|e| is_busy(e)).count()
+    }
+
     pub fn free_blocks(&self) -> usize {
         self.blocks.num_free()
     }
 
-    /// Plans the next step.
-    pub fn schedule(&mut self) -> Plan<T> {
+    /// Plans the next step: this step's share (1 / `parts`) of the sequences that can run,
+    /// running ones first, then admissions.
+    pub fn schedule(&mut self, parts: usize) -> Plan<T> {
         let Budget {
             max_batch_tokens: mut budget,
             max_seqs: cap,
@@ -177,16 +200,23 @@ impl<T: Tokens> Scheduler<T> {
             admitted_tokens: 0,
             preempted: 0,
         };
+        let ready = self.running.len() - self.num_busy();
+        let mut share = (ready + self.waiting.len()).div_ceil(parts.max(1));
         // (index in running, tokens this step)
         let mut sched: Vec<(usize, usize)> = Vec::new();
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && budget > 0 && share > 0 {
             let e = &self.running[i];
+            if e.busy {
+                i += 1;
+                continue;
+            }
             let n = (e.seq.num_tokens() - e.computed).min(budget);
             let end = e.computed + n;
             match self.grow(i, end, &mut plan.preempted) {
                 Grow::Ok => {}
-                Grow::SelfPreempted => break,
+                // `i` went back to the queue; the entries after it are busy.
+                Grow::SelfPreempted => continue,
                 Grow::Impossible => {
                     let e = self.remove(i);
                     plan.too_long.push(e);
@@ -195,10 +225,11 @@ impl<T: Tokens> Scheduler<T> {
             }
             sched.push((i, n));
             budget -= n;
+            share -= 1;
             i += 1;
         }
         // Admit waiting sequences while blocks for their first chunk are free.
-        while budget > 0 && self.running.len() < cap {
+        while budget > 0 && share > 0 && self.running.len() < cap {
             let Some(front) = self.waiting.front() else {
                 break;
             };
@@ -215,6 +246,7 @@ impl<T: Tokens> Scheduler<T> {
             self.running.push(e);
             sched.push((self.running.len() - 1, n));
             budget -= n;
+            share -= 1;
         }
         for (index, n) in sched {
             let e = &mut self.running[index];
@@ -223,6 +255,7 @@ impl<T: Tokens> Scheduler<T> {
                 e.wid = self.next_wid;
                 self.next_wid += 1;
             }
+            e.busy = true;
             plan.slots.push(Slot {
                 index,
                 wid: e.wid,
@@ -237,9 +270,17 @@ impl<T: Tokens> Scheduler<T> {
         plan
     }
 
-    /// Records that the workers computed `slot` (after the step succeeded).
-    pub fn advance(&mut self, slot: &Slot) {
-        self.running[slot.index].computed += slot.n;
+    /// Records that the workers computed `slot` (its step's result arrived): the sequence is
+    /// no longer busy. Returns its index in [`Scheduler::running`] now.
+    pub fn complete(&mut self, slot: &Slot) -> Option<usize> {
+        let i = self
+            .running
+            .iter()
+            .position(|e| e.wid == slot.wid && e.busy)?;
+        let e = &mut self.running[i];
+        e.computed += slot.n;
+        e.busy = false;
+        Some(i)
     }
 
     /// Ends `running[index]`: its blocks are free and its worker state is freed with the next
@@ -248,13 +289,14 @@ impl<T: Tokens> Scheduler<T> {
         self.remove(index)
     }
 
-    /// Ends every sequence, running or waiting, that `keep` rejects (their blocks freed),
-    /// returning them: running ones first.
+    /// Ends every sequence, running (but not busy) or waiting, that `drop` selects (their
+    /// blocks freed), returning them: running ones first. A busy one is ended once its step
+    /// is complete.
     pub fn remove_where(&mut self, mut drop: impl FnMut(&T) -> bool) -> Vec<T> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < self.running.len() {
-            if drop(&self.running[i].seq) {
+            if !self.running[i].busy && drop(&self.running[i].seq) {
                 out.push(self.remove(i));
             } else {
                 i += 1;
@@ -298,7 +340,8 @@ impl<T: Tokens> Scheduler<T> {
     }
 
     /// Gives `running[i]` blocks for `positions`, preempting the most recently admitted
-    /// sequences when none are free (sequence `i` itself when it is the most recent).
+    /// sequences that are not busy when none are free (sequence `i` itself when it is the most
+    /// recent of those).
     fn grow(&mut self, i: usize, positions: usize, preempted: &mut usize) -> Grow {
         let bs = self.budget.block_size;
         while self.running[i].blocks.len() * bs < positions {
@@ -309,11 +352,16 @@ impl<T: Tokens> Scheduler<T> {
             if self.running.len() == 1 {
                 return Grow::Impossible;
             }
-            let mut victim = self.running.pop().expect("len > 1");
+            // `i` is not busy, so there is one; it is `i` or one admitted after it.
+            let j = (i..self.running.len())
+                .rev()
+                .find(|&j| !self.running[j].busy)
+                .unwrap_or(i);
+            let mut victim = self.running.remove(j);
             self.release(&mut victim);
             *preempted += 1;
             self.waiting.push_front(victim);
-            if self.running.len() == i {
+            if j == i {
                 return Grow::SelfPreempted;
             }
         }
@@ -383,16 +431,23 @@ mod tests {
     /// Runs one step as the replica does: every slot computed, and the sequences whose
     /// last token was computed get one more token.
     fn step(s: &mut Scheduler<S>) -> Plan<S> {
-        let plan = s.schedule();
+        let plan = s.schedule(1);
+        apply(s, &plan);
+        plan
+    }
+
+    /// Applies a plan's result as the replica does.
+    fn apply(s: &mut Scheduler<S>, plan: &Plan<S>) {
         for slot in &plan.slots {
-            s.advance(slot);
-            let e = &mut s.running_mut()[slot.index];
+            let i = s
+                .complete(slot)
+                .expect("a scheduled sequence is running and busy");
+            let e = &mut s.running_mut()[i];
             if e.computed() == e.seq.len {
                 e.seq.len += 1;
             }
         }
         s.check();
-        plan
     }
 
     #[test]
@@ -507,7 +562,110 @@ mod tests {
         assert_eq!(running.len() + waiting.len(), 2);
         assert_eq!(s.free_blocks(), 16);
         assert!(s.is_idle());
-        assert!(s.schedule().free.is_empty());
+        assert!(s.schedule(1).free.is_empty());
+    }
+
+    #[test]
+    fn steps_in_flight_take_disjoint_shares() {
+        let mut s = sched(100, 8, 64);
+        for id in 0..5 {
+            s.push_back(S { id, len: 3 });
+        }
+        step(&mut s);
+        // Two stages: the first step takes half (3 of 5), the second the rest.
+        let a = s.schedule(2);
+        assert_eq!(a.slots.len(), 3);
+        let b = s.schedule(1);
+        assert_eq!(b.slots.len(), 2);
+        let wa: Vec<u64> = a.slots.iter().map(|x| x.wid).collect();
+        assert!(b.slots.iter().all(|x| !wa.contains(&x.wid)));
+        // Everything is in flight: nothing more to plan, nothing cancellable meanwhile.
+        assert!(s.schedule(1).slots.is_empty());
+        assert_eq!(s.num_busy(), 5);
+        assert!(s.remove_where(|_| true).is_empty());
+        // Results arrive in order; a sequence of the first step finishing moves the indices
+        // of the second step's sequences, whose result still finds them.
+        apply(&mut s, &a);
+        s.finish(a.slots[0].index);
+        apply(&mut s, &b);
+        assert_eq!(s.num_busy(), 0);
+        assert_eq!(s.running().len(), 4);
+    }
+
+    #[test]
+    fn busy_sequences_are_never_preempted() {
+        // 4 blocks of 4 tokens: a 2-token sequence holds one, a 12-token one three.
+        let mut s = sched(100, 4, 4);
+        s.push_back(S { id: 0, len: 2 });
+        s.push_back(S { id: 1, len: 12 });
+        step(&mut s);
+        assert_eq!(s.free_blocks(), 0);
+        // Two stages: the first (still within its block) is in flight; the second needs a
+        // fourth block: it goes back to the queue itself, the busy one keeps its blocks.
+        let one = s.schedule(2);
+        assert_eq!(one.slots.len(), 1);
+        assert_eq!(one.slots[0].index, 0);
+        let p = s.schedule(1);
+        assert!(p.slots.is_empty());
+        assert_eq!(p.preempted, 1);
+        assert_eq!(s.num_waiting(), 1);
+        assert_eq!(s.running().len(), 1);
+        assert_eq!(s.running()[0].wid(), one.slots[0].wid);
+        apply(&mut s, &one);
+    }
+
+    #[test]
+    fn random_pipelines_keep_every_invariant() {
+        let mut rng = grok_shared::sampling::Rng::new(5);
+        for round in 0..30 {
+            let depth = 1 + (rng.next_u64() % 3) as usize;
+            let cap = 1 + (rng.next_u64() % 8) as usize;
+            let budget = 1 + (rng.next_u64() % 40) as usize;
+            let blocks = 8 + (rng.next_u64() % 24) as usize;
+            let mut s = sched(budget, cap, blocks);
+            let mut inflight: std::collections::VecDeque<Plan<S>> = Default::default();
+            let mut next = 0;
+            for _ in 0..300 {
+                if rng.next_u64().is_multiple_of(3) {
+                    let len = 1 + (rng.next_u64() % 40) as usize;
+                    s.push_back(S { id: next, len });
+                    next += 1;
+                }
+                while inflight.len() < depth {
+                    let p = s.schedule(depth - inflight.len());
+                    s.check();
+                    let tokens: usize = p.slots.iter().map(|x| x.n).sum();
+                    assert!(
+                        tokens <= budget,
+                        "round {round}: {tokens} tokens > {budget}"
+                    );
+                    for q in &inflight {
+                        assert!(
+                            p.slots
+                                .iter()
+                                .all(|x| q.slots.iter().all(|y| y.wid != x.wid)),
+                            "round {round}: a sequence in two steps in flight"
+                        );
+                    }
+                    if p.slots.is_empty() {
+                        break;
+                    }
+                    inflight.push_back(p);
+                }
+                assert!(s.running().len() <= cap);
+                if let Some(p) = inflight.pop_front() {
+                    apply(&mut s, &p);
+                }
+                if !s.running().is_empty() && rng.next_u64().is_multiple_of(4) {
+                    let i = (rng.next_u64() as usize) % s.running().len();
+                    if s.running()[i].busy {
+                        continue;
+                    }
+                    s.finish(i);
+                    s.check();
+                }
+            }
+        }
     }
 
     #[test]

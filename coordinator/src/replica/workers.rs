@@ -66,16 +66,15 @@ impl Workers {
         lost_signal(&mut self.lost_rx).await
     }
 
-    /// Sends one plan to every worker and waits for every answer; returns the sampling rank's.
+    /// Sends one plan to every worker (they answer in order: [`Workers::receive`]).
     /// `spans`: the requests the step computes (the step's span is the first one's child and
-    /// links to the others).
-    pub async fn step(
+    /// links to the others). Returns the step's span, to keep until its result arrives.
+    pub async fn send(
         &mut self,
         seqs: Vec<pb::SeqStep>,
         free: Vec<u64>,
-        want_logits: usize,
         spans: &[&tracing::Span],
-    ) -> Result<pb::StepResult, StepFailure> {
+    ) -> Result<tracing::Span, StepFailure> {
         self.next_step += 1;
         let span = tracing::info_span!(
             "step",
@@ -114,6 +113,12 @@ impl Workers {
                 )));
             }
         }
+        Ok(span)
+    }
+
+    /// Waits for every worker's answer to the oldest step sent and not yet received; returns
+    /// the sampling rank's.
+    pub async fn receive(&mut self, want_logits: usize) -> Result<pb::StepResult, StepFailure> {
         let mut out = None;
         let mut errors = Vec::new();
         let mut lost_err = None;

@@ -164,14 +164,11 @@ impl Layout {
         }
     }
 
-    /// Layers of a pipeline stage.
+    /// Layers of a pipeline stage: see [`stage_bounds`].
     pub fn stage_layers(&self, c: &ModelConfig, stage: usize) -> std::ops::Range<usize> {
-        let (l, pp) = (c.num_layers, self.pp);
-        let base = l / pp;
-        let extra = l % pp;
-        let start = stage * base + stage.min(extra);
-        let len = base + usize::from(stage < extra);
-        start..start + len
+        let b = stage_bounds(c, self.pp);
+        let stage = stage.min(b.len() - 2);
+        b[stage]..b[stage + 1]
     }
 
     /// The shard of `rank` (validate first).
@@ -206,9 +203,122 @@ impl Layout {
     }
 }
 
+/// Where the pipeline stages start: `pp + 1` increasing bounds from 0 to the number of layers,
+/// every stage at least one layer. With steps in flight the slowest stage sets the pace, so the
+/// split balances the work per token: a layer costs its active parameters (attention, router,
+/// the selected experts), and the last stage also runs the output projection (`vocab x d`, as
+/// much as several layers of a small model). The split minimises the largest stage, then the
+/// spread (sum of squares); ties give earlier stages more layers. With no output cost this is
+/// the even split, extra layers first (Grok-1's 64 layers split evenly for any pp that divides
+/// them: its output projection is 0.6 of a layer).
+pub fn stage_bounds(c: &ModelConfig, pp: usize) -> Vec<usize> {
+    let l = c.num_layers.max(1);
+    let pp = pp.clamp(1, l);
+    let d = c.emb_size as u128;
+    let layer = 2 * d * (c.q_size() as u128 + c.kv_size() as u128)
+        + d * c.num_experts as u128
+        + c.num_selected_experts as u128 * 3 * d * c.ffn_size as u128;
+    let layer = layer.max(1);
+    let out = c.vocab_size as u128 * d;
+    let cost = |from: usize, to: usize| (to - from) as u128 * layer + if to == l { out } else { 0 };
+    // The smallest possible largest stage: by bisection on it, a greedy check that stages
+    // fit (layers are contiguous and every stage needs one).
+    let fits = |cap: u128| -> bool {
+        let (mut start, mut stages) = (0, 0);
+        while start < l {
+            stages += 1;
+            if stages > pp {
+                return false;
+            }
+            // The longest run from `start` within `cap`, leaving a layer for each later stage.
+            let max_end = l - (pp - stages);
+            let mut end = start;
+            while end < max_end && cost(start, end + 1) <= cap {
+                end += 1;
+            }
+            if end == start {
+                return false;
+            }
+            start = end;
+        }
+        true
+    };
+    let (mut lo, mut hi) = (0u128, cost(0, l));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let cap = lo;
+    // Among the splits within `cap`: the least sum of squares, ties to larger earlier stages.
+    // best[s][i]: (sum of squares, previous bound) of the first `i` layers in `s` stages.
+    let inf = u128::MAX;
+    let mut best = vec![vec![(inf, 0usize); l + 1]; pp + 1];
+    best[0][0] = (0, 0);
+    for st in 1..=pp {
+        for i in st..=l {
+            for j in (st - 1..i).rev() {
+                let (prev, _) = best[st - 1][j];
+                let c = cost(j, i);
+                if prev == inf || c > cap {
+                    continue;
+                }
+                // Costs are at most ~1e11 (Grok-1): squares stay far inside u128.
+                let v = prev.saturating_add(c.saturating_mul(c));
+                if v < best[st][i].0 {
+                    best[st][i] = (v, j);
+                }
+            }
+        }
+    }
+    let mut bounds = vec![l; pp + 1];
+    let mut i = l;
+    for st in (1..=pp).rev() {
+        bounds[st] = i;
+        i = best[st][i].1;
+    }
+    bounds[0] = 0;
+    bounds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stages_balance_the_work_per_token() {
+        let grok = ModelConfig::grok1();
+        // Grok-1: the output projection is 0.6 of a layer; splits stay even.
+        assert_eq!(stage_bounds(&grok, 1), vec![0, 64]);
+        assert_eq!(stage_bounds(&grok, 2), vec![0, 32, 64]);
+        assert_eq!(stage_bounds(&grok, 4), vec![0, 16, 32, 48, 64]);
+        assert_eq!(stage_bounds(&grok, 3), vec![0, 22, 43, 64]);
+        // `small`: the output projection (131072 x 1024) weighs about six layers, so the last
+        // stage keeps one layer at pp 2.
+        let small = ModelConfig::preset("small", None).unwrap();
+        assert_eq!(stage_bounds(&small, 2), vec![0, 7, 8]);
+        // Any model and pp: contiguous, every stage at least one layer, all layers covered.
+        for name in ["tiny", "tiny8", "small"] {
+            for layers in 1..=12 {
+                let c = ModelConfig::preset(name, Some(layers)).unwrap();
+                for pp in 1..=layers {
+                    let b = stage_bounds(&c, pp);
+                    assert_eq!(b.len(), pp + 1);
+                    assert_eq!((b[0], b[pp]), (0, layers));
+                    assert!(
+                        b.windows(2).all(|w| w[0] < w[1]),
+                        "{name} {layers} {pp}: {b:?}"
+                    );
+                    let l = Layout::new(1, 1, pp);
+                    let got: Vec<usize> = (0..pp).flat_map(|s| l.stage_layers(&c, s)).collect();
+                    assert_eq!(got, (0..layers).collect::<Vec<_>>());
+                }
+            }
+        }
+    }
 
     #[test]
     fn grok1_layouts() {

@@ -12,8 +12,11 @@
 //! Step time model (decode, one replica, batch `B`): per stage, `max(bytes / bandwidth, flops /
 //! peak)` where bytes are the weights the step touches (attention, router, the experts that `B`
 //! tokens are expected to hit, the output matrix on the sampling rank) plus the KV cache read,
-//! and flops are `2 x touched parameters x B` plus attention; stages run one after the other (no
-//! micro-batching), each boundary costs one send/recv; each layer costs two all-reduces of
+//! and flops are `2 x touched parameters x B` plus attention; a step's stages run one after the
+//! other, each boundary costs one send/recv. Decode keeps up to `pp` micro-batches in flight as
+//! the engine does ([`Pipelined`]): a token of a sequence takes its micro-batch (`B / pp`
+//! sequences) through every stage, the other micro-batches keep the other stages busy, so the
+//! replica gives `B` tokens per such pass; fewer sequences than stages leave a bubble; each layer costs two all-reduces of
 //! `B x d_model` in bf16 over the tensor-parallel group: a ring, `2 (tp-1)/tp x bytes / link +
 //! 2 (tp-1) x latency`. Prefill (TTFT) is the same with `B x prompt_len` rows (compute-bound).
 
@@ -23,13 +26,13 @@ mod step;
 
 pub use catalog::{Catalog, Device, PlanDType, PlanError, BUILTIN_CATALOG};
 pub use sim::{simulate, SimInput, SimResult};
-pub use step::{shard_weight_bytes, StepModel};
+pub use step::{shard_weight_bytes, Pipelined, StepModel};
 
 use crate::config::ModelConfig;
 use crate::model::ShardSpec;
 use crate::sharding::Layout;
 use serde::Serialize;
-use step::step_time;
+use step::{pipelined_decode, step_time};
 
 /// What to plan for.
 #[derive(Clone, Debug)]
@@ -156,16 +159,17 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Vec<LayoutPlan>, PlanError
                 batch
             };
             let ctx_mid = p.prompt_len as f64 + p.gen_len as f64 / 2.0;
-            let (itl, bound) = step_time(
+            // Decode as the engine runs it: with pp stages, up to pp micro-batches in flight.
+            let dec = pipelined_decode(
                 c,
                 p.dtype,
                 &p.device,
                 &l,
                 p.gpus_per_node,
                 b_eff as f64,
-                1.0,
                 ctx_mid,
             );
+            let (itl, bound) = (dec.itl, dec.bound);
             let (ttft, _) = step_time(
                 c,
                 p.dtype,
@@ -249,10 +253,22 @@ pub fn explain(c: &ModelConfig, p: &PlanInput, plans: &[LayoutPlan]) -> String {
         "tp={} ep={} pp={} with {} replica(s) wins at ${:.2} per million output tokens: {:.1} GB of weights per device leaves room for {} tokens of KV cache ({} full-context sequences). ",
         best.tp, best.ep, best.pp, best.replicas, best.cost_per_million_output_tokens, gb(best.weight_bytes_per_gpu), best.kv_capacity_tokens, best.kv_capacity_sequences
     );
-    s += &format!(
-        "A decode step of {} sequences takes {:.1} ms and is bound by {}; ",
-        best.batch_per_replica, best.itl_ms, best.decode_bound
-    );
+    if best.pp > 1 {
+        let mb = best.batch_per_replica.min(best.pp).max(1);
+        s += &format!(
+            "Its {} sequences run as {mb} micro-batch(es) in flight over {} stages (a bubble of {:.0}% of the stages' time); a token takes {:.1} ms and the step is bound by {}; ",
+            best.batch_per_replica,
+            best.pp,
+            100.0 * (1.0 - mb as f64 / best.pp as f64),
+            best.itl_ms,
+            best.decode_bound
+        );
+    } else {
+        s += &format!(
+            "A decode step of {} sequences takes {:.1} ms and is bound by {}; ",
+            best.batch_per_replica, best.itl_ms, best.decode_bound
+        );
+    }
     s += &format!(
         "prefill of {} tokens takes {:.0} ms. ",
         p.prompt_len, best.ttft_ms
@@ -296,6 +312,35 @@ mod tests {
         let slow = step_time(&c, PlanDType::Bf16, &d, &l, 1, 1.0, 32.0, 32.0).0;
         let fast = step_time(&c, PlanDType::Bf16, &flat, &l, 1, 1.0, 32.0, 32.0).0;
         assert!(slow > 1.2 * fast, "{slow} vs {fast}");
+    }
+
+    #[test]
+    fn pipelined_decode_fills_the_stages_with_micro_batches() {
+        let c = ModelConfig::grok1();
+        let dev = Catalog::builtin().get("h100-sxm").unwrap().clone();
+        let m = |pp: usize| StepModel {
+            model: &c,
+            dtype: PlanDType::Int8,
+            device: &dev,
+            layout: Layout::new(8, 1, pp),
+            gpus_per_node: 8,
+        };
+        // One stage: the plain step.
+        let one = m(1).pipelined(16.0, 1000.0);
+        assert_eq!(one.itl, m(1).time(16.0, 16.0, 1000.0));
+        assert_eq!(one.bubble, 0.0);
+        // Two stages, one sequence: one micro-batch, half the stages' time idle.
+        let lone = m(2).pipelined(1.0, 1000.0);
+        assert_eq!(lone.bubble, 0.5);
+        assert_eq!(lone.itl, m(2).time(1.0, 1.0, 1000.0));
+        // Two stages, 16 sequences: two micro-batches of 8 in flight, no bubble, and more
+        // tokens per second than running all 16 through both stages in one step.
+        let full = m(2).pipelined(16.0, 1000.0);
+        assert_eq!(full.bubble, 0.0);
+        assert_eq!(full.itl, m(2).time(8.0, 8.0, 1000.0));
+        let unpipelined = 16.0 / m(2).time(16.0, 16.0, 1000.0);
+        assert!(full.tokens_per_s > unpipelined, "{full:?} vs {unpipelined}");
+        assert!(full.itl.is_finite() && full.itl > 0.0);
     }
 
     fn input(dev: &str, gpn: usize, nodes: usize, dt: PlanDType) -> PlanInput {

@@ -147,6 +147,53 @@ pub(super) fn step_time(
     (total, bound)
 }
 
+/// Decode with pipeline parallelism as the engine runs it: `seqs` sequences in up to `pp`
+/// micro-batches, one step in flight per stage. A sequence's micro-batch goes through every
+/// stage once per token (stages one after the other), while the other micro-batches keep the
+/// other stages busy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pipelined {
+    /// Seconds between two tokens of a sequence.
+    pub itl: f64,
+    /// Output tokens per second of the replica.
+    pub tokens_per_s: f64,
+    /// Share of the stages' time idle: fewer micro-batches than stages.
+    pub bubble: f64,
+    /// What bounds a stage's step.
+    pub bound: &'static str,
+}
+
+/// [`Pipelined`] decode of `seqs` sequences at context `ctx`.
+pub(super) fn pipelined_decode(
+    c: &ModelConfig,
+    dt: PlanDType,
+    dev: &Device,
+    layout: &Layout,
+    gpus_per_node: usize,
+    seqs: f64,
+    ctx: f64,
+) -> Pipelined {
+    let pp = layout.pp.max(1) as f64;
+    let seqs = seqs.max(1.0);
+    let micro_batches = seqs.min(pp).floor().max(1.0);
+    let (itl, bound) = step_time(
+        c,
+        dt,
+        dev,
+        layout,
+        gpus_per_node,
+        seqs / micro_batches,
+        1.0,
+        ctx,
+    );
+    Pipelined {
+        itl,
+        tokens_per_s: seqs / itl,
+        bubble: 1.0 - micro_batches / pp,
+        bound,
+    }
+}
+
 /// The roofline step-time model of one replica, for the simulator and the validation.
 pub struct StepModel<'a> {
     pub model: &'a ModelConfig,
@@ -172,5 +219,18 @@ impl StepModel<'_> {
             ctx,
         )
         .0
+    }
+
+    /// Decode of `seqs` sequences at context `ctx` with up to `pp` steps in flight.
+    pub fn pipelined(&self, seqs: f64, ctx: f64) -> Pipelined {
+        pipelined_decode(
+            self.model,
+            self.dtype,
+            self.device,
+            &self.layout,
+            self.gpus_per_node,
+            seqs,
+            ctx,
+        )
     }
 }

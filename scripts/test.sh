@@ -38,6 +38,8 @@ command -v ip >/dev/null 2>&1 || apt_install iproute2
 
 # The HTTP API test drives the official `openai` Python client.
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai
+# The reflection test uses grpcio's own reflection client (v1alpha).
+python3 -c 'import grpc_reflection' 2>/dev/null || python3 -m pip install --quiet grpcio grpcio-reflection
 # The deploy/ tests parse the Kubernetes manifests with PyYAML.
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 # The ckpt-0 tests write official-format pickles with numpy and ml_dtypes (bfloat16).

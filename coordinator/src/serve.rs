@@ -83,11 +83,19 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(grok_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions clients speak: v1, and v1alpha (grpcio's reflection client,
+    // grpcurl before 1.9, many tools).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(grok_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service (v1alpha)")?;
     let mut server = tonic::transport::Server::builder();
     if let Some(t) = &shared.cfg.tls {
         // Client certificates are optional at the handshake (clients share this port with the
@@ -100,7 +108,8 @@ pub async fn serve(
     server
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(grok_proto::limited!(
             pb::cluster_server::ClusterServer::new(svc.clone())
         ))

@@ -425,14 +425,39 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
         .collect();
     assert_eq!(got, want_s);
 
-    // Unknown fields are ignored; the default max_tokens is 16.
+    // Fields that cannot change the output are accepted; the default max_tokens is 16.
     let r = post(
         h,
         "/v1/completions",
-        &json!({"prompt": [5, 6], "ignore_eos": true, "frobnicate": {"x": 1}, "user": "me"}),
+        &json!({"prompt": [5, 6], "ignore_eos": true, "user": "me", "metadata": {"k": "v"},
+            "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+            "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}),
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 16);
+    // A field the server does not implement, with a value that would change the output, is
+    // refused naming it, never silently ignored.
+    for (field, value) in [
+        ("frobnicate", json!({"x": 1})),
+        ("frequency_penalty", json!(0.5)),
+        ("presence_penalty", json!(-1)),
+        ("repetition_penalty", json!(1.2)),
+        ("logit_bias", json!({"5": 100})),
+        ("min_tokens", json!(4)),
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+    ] {
+        let mut body = json!({"prompt": [5, 6], "max_tokens": 2});
+        body[field] = value;
+        assert_bad(&post(h, "/v1/completions", &body), Some(field), field);
+        let mut chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        chat[field] = body[field].clone();
+        let r = post(h, "/v1/chat/completions", &chat);
+        assert_eq!(r.status, 400, "chat {field}: {}", r.body);
+    }
 
     // Bad input: 400, OpenAI's error body, the field named.
     let long: Vec<u32> = (0..600).map(|i| 1 + i % 200).collect();
@@ -627,6 +652,54 @@ fn text_and_chat_with_the_real_tokenizer() {
     real_vocab_model(&model);
     let c = up(&model, Some(&tok_path));
     let h = c.http.as_str();
+
+    // /tokenize and /detokenize (vLLM's): the ids generation sees, and back.
+    let t = post(
+        h,
+        "/tokenize",
+        &json!({"model": "grok-text", "prompt": "The capital of France is"}),
+    )
+    .json();
+    let want_prompt_ids: Vec<u64> = tok
+        .encode("The capital of France is")
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(ids_of(&t["tokens"]), want_prompt_ids, "{t}");
+    assert_eq!(t["count"], json!(want_prompt_ids.len()));
+    assert!(t["max_model_len"].as_u64().is_some_and(|m| m > 0), "{t}");
+    let d = post(h, "/detokenize", &json!({"tokens": t["tokens"]})).json();
+    assert_eq!(d["prompt"], json!("The capital of France is"), "{d}");
+    let conv = json!({"messages": [{"role": "user", "content": "Hi"}]});
+    let t = post(h, "/tokenize", &conv).json();
+    let want: Vec<u64> = tok
+        .encode(&grok_coordinator::api::http::chat_prompt(&[(
+            "User".to_string(),
+            "Hi".to_string(),
+        )]))
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(ids_of(&t["tokens"]), want, "{t}");
+    for (path, body, param) in [
+        ("/tokenize", json!({}), "prompt"),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "add_special_tokens": true}),
+            "add_special_tokens",
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "model": "other"}),
+            "model",
+        ),
+        ("/detokenize", json!({"tokens": "abc"}), "tokens"),
+        ("/detokenize", json!({"tokens": [1, 99999999]}), "tokens"),
+    ] {
+        assert_bad(&post(h, path, &body), Some(param), path);
+    }
 
     // Text completion == gRPC, streaming == not.
     let prompt = "The capital of France is";

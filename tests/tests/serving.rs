@@ -344,6 +344,20 @@ async fn bad_requests_name_the_field_and_health_and_reflection_answer() {
         listed.contains("grok.v1.Inference") && listed.contains("grpc.health.v1.Health"),
         "{listed}"
     );
+    // And v1alpha, through grpcio's own reflection client.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/test_reflection.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(c.endpoint.trim_start_matches("http://"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{} failed (scripts/test.sh installs grpcio and grpcio-reflection):\n{}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Stop strings and stop ids: a stop id ends the request with "stop" and is not counted past it.
     let (ids, _, _) = run(cl.clone(), req(&[5, 6], 6)).await.unwrap();
     let stop_at = ids[2];

@@ -9,10 +9,13 @@
 //! | `GET /v1/models` | the one served model (`--served-model-name`, default the model directory's name) |
 //! | `POST /v1/completions` | OpenAI completions, streaming (SSE) or not |
 //! | `POST /v1/chat/completions` | OpenAI chat completions over the chat template below |
+//! | `POST /tokenize`, `POST /detokenize` | vLLM's: text (or a conversation) to the ids generation sees, and ids to text |
 //!
 //! Requests follow OpenAI's schemas. Besides OpenAI's fields, `top_k` (0 = off),
 //! `stop_token_ids`, `ignore_eos` and `return_token_ids` (each choice, and each streamed
-//! chunk, gets the generated `token_ids`) are accepted; unknown fields are ignored. Defaults
+//! chunk, gets the generated `token_ids`) are accepted. A field the server does not implement
+//! is refused with 400 naming it, unless its value cannot change the output (`user`,
+//! `metadata`, zero penalties, an empty `logit_bias`, `response_format` text, no tools). Defaults
 //! are OpenAI's: `temperature` 1, `top_p` 1, `max_tokens` 16 for completions and, for chat,
 //! as many as the context (and KV cache) leave after the prompt. Only `n = 1` is served.
 //! Prompts are a string, a list of one string, a list of token ids or a list of one list of
@@ -44,7 +47,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use errors::HttpError;
 use grok_shared::sync::lock;
-use parse::{parse_chat, parse_completion, JsonBody, CHAT_STOP as STOP};
+use parse::{
+    parse_chat, parse_completion, parse_detokenize, parse_tokenize, JsonBody, CHAT_STOP as STOP,
+};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,6 +75,8 @@ pub fn router(shared: Arc<Cluster>) -> Router {
         .route("/v1/models/{*id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             require_token,
@@ -180,6 +187,62 @@ async fn model(State(app): AppState, Path(id): Path<String>) -> Response {
         )
         .into_response()
     }
+}
+
+/// `POST /tokenize` (as vLLM names it): `{"prompt": TEXT}` or `{"messages": [...]}` →
+/// `{"count", "max_model_len", "tokens"}`, the ids generation would see.
+async fn tokenize(State(app): AppState, JsonBody(body): JsonBody) -> Response {
+    let s = &app.shared;
+    let r = parse_tokenize(&s.cfg.served_model_name, body).and_then(|text| {
+        let tok = tokenizer(&app)?;
+        let ids = tok
+            .encode(&text)
+            .map_err(|e| HttpError::invalid("prompt", format!("prompt: {e}")))?;
+        Ok(json!({
+            "count": ids.len(),
+            "max_model_len": s.model.max_position_embeddings,
+            "tokens": ids,
+        }))
+    });
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /detokenize` (as vLLM names it): `{"tokens": [ids]}` → `{"prompt": TEXT}`.
+async fn detokenize(State(app): AppState, JsonBody(body): JsonBody) -> Response {
+    let s = &app.shared;
+    let vocab = s.model.vocab_size;
+    let r = parse_detokenize(&s.cfg.served_model_name, body).and_then(|ids| {
+        if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            return Err(HttpError::invalid(
+                "tokens",
+                format!(
+                    "tokens: id {id} at position {pos} is outside the vocabulary (size {vocab})"
+                ),
+            ));
+        }
+        let text = tokenizer(&app)?
+            .decode(&ids)
+            .map_err(|e| HttpError::invalid("tokens", format!("tokens: {e}")))?;
+        Ok(json!({ "prompt": text }))
+    });
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The cluster's tokenizer, or the error a request that needs one gets.
+fn tokenizer(app: &App) -> Result<&grok_shared::tokenizer::Tokenizer, HttpError> {
+    app.shared.tokenizer.as_ref().ok_or_else(|| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "this cluster has no tokenizer: start it with --tokenizer",
+            None,
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -88,6 +88,47 @@ impl Fields {
         self.take(name)
             .map_err(|_| HttpError::invalid(name, format!("{name} must be {what}")))
     }
+
+    /// Refuses every field not taken yet, unless it cannot change the output: a field the
+    /// server does not implement is never silently ignored.
+    pub(crate) fn refuse_rest(self) -> Result<(), HttpError> {
+        let mut names: Vec<(String, Value)> = self.0.into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, v) in names {
+            if has_no_effect(&name, &v) {
+                continue;
+            }
+            return Err(HttpError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                format!("{name}: this field is not supported by this server (its value would change the output, so it is not ignored)"),
+                Some(&name),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a field the server does not implement may be ignored: it names the caller or asks
+/// for storage (`user`, `metadata`, `store`, `service_tier`), or its value is the one that
+/// changes nothing (no penalties, no bias, plain text, no tools).
+fn has_no_effect(name: &str, v: &Value) -> bool {
+    let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
+    let empty = |v: &Value| {
+        v.is_null()
+            || v.as_array().is_some_and(|a| a.is_empty())
+            || v.as_object().is_some_and(|o| o.is_empty())
+    };
+    match name {
+        "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
+        "frequency_penalty" | "presence_penalty" => zero(v),
+        "repetition_penalty" => v.is_null() || v.as_f64() == Some(1.0),
+        "min_tokens" => zero(v),
+        "logit_bias" | "tools" | "functions" => empty(v),
+        "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none"),
+        "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
+        "modalities" => v.is_null() || v == &serde_json::json!(["text"]),
+        _ => false,
+    }
 }
 
 #[derive(Deserialize)]
@@ -162,7 +203,8 @@ pub(crate) struct Common {
     pub(crate) token_ids: bool,
 }
 
-pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> {
+/// Checks the optional `model` field against the served model's name.
+fn check_model(f: &mut Fields, served: &str) -> Result<(), HttpError> {
     if let Some(m) = f.take::<String>("model")? {
         if m != served {
             return Err(HttpError::invalid(
@@ -171,6 +213,47 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
             ));
         }
     }
+    Ok(())
+}
+
+/// `/tokenize` (vLLM's): the text whose tokens are asked for, a `prompt` or `messages` (a
+/// conversation, rendered with the chat template as `/v1/chat/completions` renders it).
+pub(crate) fn parse_tokenize(served: &str, body: Map<String, Value>) -> Result<String, HttpError> {
+    let mut f = Fields(body);
+    check_model(&mut f, served)?;
+    let text = if f.0.contains_key("messages") {
+        if f.0.contains_key("prompt") {
+            return Err(HttpError::invalid(
+                "prompt",
+                "prompt: give a prompt or messages, not both",
+            ));
+        }
+        chat_prompt(&chat_turns(&mut f)?)
+    } else {
+        f.take::<String>("prompt")?.ok_or_else(|| {
+            HttpError::invalid("prompt", "prompt: the request has no prompt (or messages)")
+        })?
+    };
+    f.refuse_rest()?;
+    Ok(text)
+}
+
+/// `/detokenize` (vLLM's): the token ids to turn into text.
+pub(crate) fn parse_detokenize(
+    served: &str,
+    body: Map<String, Value>,
+) -> Result<Vec<u32>, HttpError> {
+    let mut f = Fields(body);
+    check_model(&mut f, served)?;
+    let ids = f
+        .take_as::<Vec<u32>>("tokens", "a list of token ids")?
+        .ok_or_else(|| HttpError::invalid("tokens", "tokens: the request has no tokens"))?;
+    f.refuse_rest()?;
+    Ok(ids)
+}
+
+pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> {
+    check_model(f, served)?;
     if let Some(n) = f.take::<u64>("n")? {
         if n != 1 {
             return Err(HttpError::invalid(
@@ -185,9 +268,12 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
             "best_of: only best_of = 1 is supported",
         ));
     }
-    let (max_tokens, max_tokens_name) = match f.take::<usize>("max_completion_tokens")? {
+    // `max_completion_tokens` is OpenAI's newer name of `max_tokens`; it wins when both come.
+    let newer = f.take::<usize>("max_completion_tokens")?;
+    let older = f.take::<usize>("max_tokens")?;
+    let (max_tokens, max_tokens_name) = match newer {
         Some(m) => (Some(m), "max_completion_tokens"),
-        None => (f.take::<usize>("max_tokens")?, "max_tokens"),
+        None => (older, "max_tokens"),
     };
     // Absurd values stay absurd (build_job refuses them) without overflowing its arithmetic.
     let max_tokens = max_tokens.map(|m| m.min(usize::MAX / 4));
@@ -311,6 +397,7 @@ pub(crate) fn parse_completion(
         Some(CompletionLogprobs::Flag(true)) => Some(0),
         Some(CompletionLogprobs::N(n)) => Some(n),
     };
+    f.refuse_rest()?;
     Ok((c, prompt, logprobs))
 }
 
@@ -376,5 +463,6 @@ pub(crate) fn parse_chat(served: &str, body: Map<String, Value>) -> Result<ChatP
         ));
     }
     let logprobs = want_logprobs.then(|| top.unwrap_or(0));
+    f.refuse_rest()?;
     Ok((c, chat_prompt(&turns), logprobs))
 }

@@ -3,7 +3,7 @@
 
 use grok_shared::config::ModelConfig;
 pub use grok_shared::generate::FinishReason;
-use grok_shared::sampling::SamplingParams;
+use grok_shared::sampling::{Penalties, SamplingParams};
 use grok_shared::tokenizer::Tokenizer;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -21,6 +21,9 @@ pub struct RequestParams {
     pub top_logprobs: u32,
     /// Return the logits of every prompt position with the first token (tests).
     pub prompt_logits: bool,
+    /// Logit bias and penalties (`stop_ids` unset: the replica fills in EOS and the request's
+    /// stop ids for `min_tokens`).
+    pub penalties: Penalties,
 }
 
 /// One sampled token as the client sees it.
@@ -168,6 +171,28 @@ pub fn build_job(
         return Err(ApiError::invalid(
             "top_p",
             format!("top_p must be in (0, 1], got {}", p.sampling.top_p),
+        ));
+    }
+    if let Err(e) = p.penalties.validate(c.vocab_size) {
+        // The message names the field first ("presence_penalty must be ...").
+        let field = [
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "logit_bias",
+        ]
+        .into_iter()
+        .find(|f| e.starts_with(f))
+        .unwrap_or("logit_bias");
+        return Err(ApiError::invalid(field, e));
+    }
+    if p.penalties.min_tokens as usize > p.max_tokens {
+        return Err(ApiError::invalid(
+            "min_tokens",
+            format!(
+                "min_tokens ({}) exceeds max_tokens ({})",
+                p.penalties.min_tokens, p.max_tokens
+            ),
         ));
     }
     if p.top_logprobs > 20 {

@@ -80,6 +80,144 @@ impl SamplingParams {
     }
 }
 
+/// What changes the logits before sampling, with OpenAI's and vLLM's meanings: a bias per
+/// token, penalties on the tokens generated so far (presence: once; frequency: per
+/// occurrence), vLLM's repetition penalty on every token seen (prompt and generated: positive
+/// logits divided by it, negative ones multiplied), and a minimum number of tokens before EOS
+/// or a stop id may be sampled. `Default` changes nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Penalties {
+    /// `(token, bias)`, added to the token's logit; bias in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
+    /// In [-2, 2].
+    pub presence: f32,
+    /// In [-2, 2].
+    pub frequency: f32,
+    /// Greater than 0; 1 is off.
+    pub repetition: f32,
+    /// EOS and `stop_ids` are masked until this many tokens were generated.
+    pub min_tokens: u32,
+    /// The tokens `min_tokens` masks (EOS and the request's stop ids).
+    pub stop_ids: Vec<u32>,
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Self {
+            logit_bias: Vec::new(),
+            presence: 0.0,
+            frequency: 0.0,
+            repetition: 1.0,
+            min_tokens: 0,
+            stop_ids: Vec::new(),
+        }
+    }
+}
+
+/// Tokens a sequence has seen: every token of the prompt and the output, and how often each
+/// was generated.
+#[derive(Clone, Debug, Default)]
+pub struct SeenTokens {
+    pub generated: std::collections::HashMap<u32, u32>,
+    pub seen: std::collections::HashSet<u32>,
+    /// Tokens generated so far.
+    pub num_generated: usize,
+}
+
+impl SeenTokens {
+    /// Records `token` at `position`; positions from `prompt_len` on are generated.
+    pub fn record(&mut self, token: u32, position: usize, prompt_len: usize) {
+        self.seen.insert(token);
+        if position >= prompt_len {
+            *self.generated.entry(token).or_default() += 1;
+            self.num_generated += 1;
+        }
+    }
+}
+
+impl Penalties {
+    /// Whether any of them changes a logit.
+    pub fn is_active(&self) -> bool {
+        *self != Self::default()
+    }
+
+    /// Checks the ranges (`vocab`: the model's vocabulary size).
+    pub fn validate(&self, vocab: usize) -> Result<(), String> {
+        let in_range = |v: f32, lo: f32, hi: f32| v.is_finite() && (lo..=hi).contains(&v);
+        if !in_range(self.presence, -2.0, 2.0) {
+            return Err(format!(
+                "presence_penalty must be in [-2, 2], got {}",
+                self.presence
+            ));
+        }
+        if !in_range(self.frequency, -2.0, 2.0) {
+            return Err(format!(
+                "frequency_penalty must be in [-2, 2], got {}",
+                self.frequency
+            ));
+        }
+        if !(self.repetition.is_finite() && self.repetition > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition
+            ));
+        }
+        if self.logit_bias.len() > 1024 {
+            return Err(format!(
+                "logit_bias has {} entries; at most 1024",
+                self.logit_bias.len()
+            ));
+        }
+        for &(t, b) in &self.logit_bias {
+            if t as usize >= vocab {
+                return Err(format!(
+                    "logit_bias: token {t} is outside the vocabulary (size {vocab})"
+                ));
+            }
+            if !in_range(b, -100.0, 100.0) {
+                return Err(format!(
+                    "logit_bias: the bias of token {t} must be in [-100, 100], got {b}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies them to one row of logits, for the token that follows `seen`.
+    pub fn apply(&self, logits: &mut [f32], seen: &SeenTokens) {
+        if self.repetition != 1.0 {
+            for &t in &seen.seen {
+                if let Some(v) = logits.get_mut(t as usize) {
+                    *v = if *v > 0.0 {
+                        *v / self.repetition
+                    } else {
+                        *v * self.repetition
+                    };
+                }
+            }
+        }
+        if self.presence != 0.0 || self.frequency != 0.0 {
+            for (&t, &n) in &seen.generated {
+                if let Some(v) = logits.get_mut(t as usize) {
+                    *v -= self.presence + self.frequency * n as f32;
+                }
+            }
+        }
+        for &(t, b) in &self.logit_bias {
+            if let Some(v) = logits.get_mut(t as usize) {
+                *v += b;
+            }
+        }
+        if seen.num_generated < self.min_tokens as usize {
+            for &t in &self.stop_ids {
+                if let Some(v) = logits.get_mut(t as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+}
+
 /// The sampled token and its log-probability under the (temperature-scaled) distribution.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampled {
@@ -208,6 +346,86 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> Sampled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn penalties_have_their_openai_and_vllm_meanings() {
+        let mut seen = SeenTokens::default();
+        // Prompt [1, 2], then 3 generated twice and 1 once.
+        for (pos, t) in [1u32, 2, 3, 3, 1].into_iter().enumerate() {
+            seen.record(t, pos, 2);
+        }
+        assert_eq!(seen.num_generated, 3);
+        let row = vec![1.0f32, 2.0, -2.0, 4.0, 0.5];
+        let p = Penalties {
+            presence: 0.5,
+            frequency: 0.25,
+            ..Default::default()
+        };
+        let mut r = row.clone();
+        p.apply(&mut r, &seen);
+        // Token 3: generated twice (4 - 0.5 - 2 x 0.25); token 1 once; 2 only in the prompt.
+        assert_eq!(r, vec![1.0, 2.0 - 0.75, -2.0, 3.0, 0.5]);
+        let p = Penalties {
+            repetition: 2.0,
+            ..Default::default()
+        };
+        let mut r = row.clone();
+        p.apply(&mut r, &seen);
+        // Every token seen (prompt or output): positive halved, negative doubled.
+        assert_eq!(r, vec![1.0, 1.0, -4.0, 2.0, 0.5]);
+        let p = Penalties {
+            logit_bias: vec![(4, 100.0)],
+            min_tokens: 4,
+            stop_ids: vec![3],
+            ..Default::default()
+        };
+        let mut r = row.clone();
+        p.apply(&mut r, &seen);
+        assert_eq!(argmax(&r), 4);
+        assert_eq!(
+            r[3],
+            f32::NEG_INFINITY,
+            "3 tokens generated: the stop id is masked"
+        );
+        seen.record(0, 5, 2);
+        let mut r = row.clone();
+        p.apply(&mut r, &seen);
+        assert_eq!(
+            r[3], 4.0,
+            "the fourth token generated: the stop id is free again"
+        );
+        assert!(!Penalties::default().is_active());
+        assert!(Penalties {
+            presence: 3.0,
+            ..Default::default()
+        }
+        .validate(10)
+        .is_err());
+        assert!(Penalties {
+            repetition: 0.0,
+            ..Default::default()
+        }
+        .validate(10)
+        .is_err());
+        assert!(Penalties {
+            logit_bias: vec![(10, 1.0)],
+            ..Default::default()
+        }
+        .validate(10)
+        .is_err());
+        assert!(Penalties {
+            logit_bias: vec![(9, 101.0)],
+            ..Default::default()
+        }
+        .validate(10)
+        .is_err());
+        assert!(Penalties {
+            logit_bias: vec![(9, -100.0)],
+            ..Default::default()
+        }
+        .validate(10)
+        .is_ok());
+    }
 
     #[test]
     fn greedy_and_seeded() {

@@ -4,7 +4,8 @@
 Usage: test_openai.py BASE_URL MODEL   (e.g. http://127.0.0.1:8000/v1 grok-1)
 
 Run by tests/tests/http.rs against a cluster with a tokenizer: a completion, a streaming
-completion and a streaming chat completion (plus the model list and a refused request).
+completion and a streaming chat completion, logit bias, penalties and min_tokens (plus the model
+list and refused requests).
 Exits non-zero when an assertion fails.
 """
 
@@ -99,6 +100,36 @@ def main() -> int:
     assert r.choices[0].message.content == content, (r.choices[0].message.content, content)
     assert r.choices[0].finish_reason == finish[0]
     assert r.usage.completion_tokens == usage.completion_tokens, (r.usage, usage)
+
+    # Logit bias and penalties (OpenAI's meanings) through the client's own parameters, and
+    # vLLM's min_tokens through extra_body. Token ids come back with return_token_ids.
+    def ids_of(c):
+        return (c.choices[0].model_extra or {}).get("token_ids")
+
+    def complete(max_tokens=12, **kw):
+        extra = {"return_token_ids": True, "ignore_eos": True}
+        extra.update(kw.pop("extra_body", {}))
+        return client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra, **kw
+        )
+
+    assert ids_of(complete(logit_bias={"1000": 100})) == [1000] * 12
+    both = {"1000": 100, "1001": 90}
+    assert ids_of(complete(logit_bias=both)) == [1000] * 12
+    # 1000 pays 2 per occurrence: within 64 tokens (126 of penalty against a bias gap of 10
+    # plus the model's own difference) the other biased token takes over.
+    penalized = ids_of(complete(max_tokens=64, logit_bias=both, frequency_penalty=2))
+    assert penalized[0] == 1000 and 1001 in penalized, penalized
+    assert set(penalized) <= {1000, 1001}, penalized
+    eos = complete(logit_bias={"2": 100}, extra_body={"ignore_eos": False, "min_tokens": 3})
+    assert eos.choices[0].finish_reason == "stop", eos
+    assert eos.usage.completion_tokens == 4, eos.usage
+    try:
+        complete(frequency_penalty=2.5)
+    except openai.BadRequestError as e:
+        assert e.param == "frequency_penalty", e.body
+    else:
+        raise AssertionError("frequency_penalty 2.5 was accepted")
 
     # A refused request raises BadRequestError naming the field.
     try:

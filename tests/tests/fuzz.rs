@@ -1587,6 +1587,9 @@ mod worker {
                         top_p: *r.pick(&[0.0, 0.9, 1.0]),
                         top_k: *r.pick(&[0, 5]),
                         seed: r.u64(),
+                        presence_penalty: *r.pick(&[0.0, 0.5]),
+                        min_tokens: r.below(3) as u32,
+                        ..Default::default()
                     }),
                     sample: r.pct(80),
                     return_logits: r.pct(20),
@@ -1631,6 +1634,13 @@ mod worker {
                         top_p: *r.pick(&[f32::NAN, -0.5, 2.0, f32::INFINITY, 1e-45]),
                         top_k: odd32(r),
                         seed: r.u64(),
+                        logit_bias: [(odd32(r), *r.pick(&[f32::NAN, 1e9, -1e9]))].into(),
+                        presence_penalty: *r.pick(&[f32::NAN, 3.0, -1e30]),
+                        frequency_penalty: *r.pick(&[f32::NAN, f32::INFINITY]),
+                        repetition_penalty: *r.pick(&[-1.0, f32::NAN, f32::INFINITY]),
+                        min_tokens: odd32(r),
+                        min_tokens_stop_ids: vec![odd32(r)],
+                        prompt_len: odd32(r),
                     })
                 }
                 10 => s.sampling = None,

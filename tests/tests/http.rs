@@ -439,16 +439,12 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
     // refused naming it, never silently ignored.
     for (field, value) in [
         ("frobnicate", json!({"x": 1})),
-        ("frequency_penalty", json!(0.5)),
-        ("presence_penalty", json!(-1)),
-        ("repetition_penalty", json!(1.2)),
-        ("logit_bias", json!({"5": 100})),
-        ("min_tokens", json!(4)),
         ("response_format", json!({"type": "json_object"})),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
         ),
+        ("tool_choice", json!("auto")),
     ] {
         let mut body = json!({"prompt": [5, 6], "max_tokens": 2});
         body[field] = value;
@@ -475,6 +471,41 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
             Some("temperature"),
         ),
         ("top_p 0", base(json!({"top_p": 0})), Some("top_p")),
+        (
+            "presence_penalty 3",
+            base(json!({"presence_penalty": 3})),
+            Some("presence_penalty"),
+        ),
+        (
+            "frequency_penalty -2.5",
+            base(json!({"frequency_penalty": -2.5})),
+            Some("frequency_penalty"),
+        ),
+        (
+            "repetition_penalty 0",
+            base(json!({"repetition_penalty": 0})),
+            Some("repetition_penalty"),
+        ),
+        (
+            "logit_bias 101",
+            base(json!({"logit_bias": {"5": 101}})),
+            Some("logit_bias"),
+        ),
+        (
+            "logit_bias outside the vocabulary",
+            base(json!({"logit_bias": {"99999999": 1}})),
+            Some("logit_bias"),
+        ),
+        (
+            "logit_bias key not an id",
+            base(json!({"logit_bias": {"abc": 1}})),
+            Some("logit_bias"),
+        ),
+        (
+            "min_tokens past max_tokens",
+            base(json!({"min_tokens": 3})),
+            Some("min_tokens"),
+        ),
         ("top_p 1.5", base(json!({"top_p": 1.5})), Some("top_p")),
         (
             "max_tokens 0",

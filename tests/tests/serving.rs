@@ -845,3 +845,109 @@ async fn pipeline_stages_with_steps_in_flight_give_the_single_stage_outputs() {
         assert_eq!(s.kv_blocks_used, 0, "pp {pp}: blocks still used at the end");
     }
 }
+
+/// Logit bias, penalties and min_tokens change what is sampled as OpenAI and vLLM define them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn biases_penalties_and_min_tokens_steer_sampling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let eos = ModelConfig::preset("tiny", None).unwrap().eos_token_id;
+    let c = up(&m, &["--tp", "2"]);
+    let cl = client(&c).await;
+    let base = req(&[5, 6, 7], 24);
+    // A bias of +100 makes a token win every greedy step.
+    let (ids, _, _) = run(
+        cl.clone(),
+        pb::GenerateRequest {
+            logit_bias: [(42, 100.0)].into(),
+            ..base.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids, vec![42; 24]);
+    // Biased 10 above the next one, a token pays 2 per occurrence (frequency penalty): it wins
+    // first, and the other biased token takes over within a few steps.
+    let biased = [(42, 100.0), (43, 90.0)];
+    let (ids, _, _) = run(
+        cl.clone(),
+        pb::GenerateRequest {
+            logit_bias: biased.into(),
+            frequency_penalty: 2.0,
+            ..base.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids[0], 42, "{ids:?}");
+    assert!(ids.contains(&43), "{ids:?}");
+    assert!(ids.iter().all(|&t| t == 42 || t == 43), "{ids:?}");
+    let (plain, _, _) = run(
+        cl.clone(),
+        pb::GenerateRequest {
+            logit_bias: biased.into(),
+            ..base.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        plain,
+        vec![42; 24],
+        "without the penalty the first bias always wins"
+    );
+    // EOS pushed to the top ends a request at once, unless min_tokens holds it back.
+    let eos_first = pb::GenerateRequest {
+        logit_bias: [(eos, 100.0)].into(),
+        ignore_eos: false,
+        ..base.clone()
+    };
+    let (ids, finish, n) = run(cl.clone(), eos_first.clone()).await.unwrap();
+    assert_eq!(
+        (ids.as_slice(), finish.as_str(), n),
+        (&[eos][..], "stop", 1)
+    );
+    let (ids, finish, n) = run(
+        cl.clone(),
+        pb::GenerateRequest {
+            min_tokens: 5,
+            ..eos_first
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((finish.as_str(), n), ("stop", 6), "{ids:?}");
+    assert!(
+        ids[..5].iter().all(|&t| t != eos) && ids[5] == eos,
+        "{ids:?}"
+    );
+    // Out of range: INVALID_ARGUMENT naming the field.
+    for (r, field) in [
+        (
+            pb::GenerateRequest {
+                presence_penalty: 2.5,
+                ..base.clone()
+            },
+            "presence_penalty",
+        ),
+        (
+            pb::GenerateRequest {
+                logit_bias: [(1 << 30, 1.0)].into(),
+                ..base.clone()
+            },
+            "logit_bias",
+        ),
+        (
+            pb::GenerateRequest {
+                min_tokens: 25,
+                ..base.clone()
+            },
+            "min_tokens",
+        ),
+    ] {
+        let e = run(cl.clone(), r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+}

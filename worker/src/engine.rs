@@ -7,7 +7,9 @@ use grok_shared::collective::Communicator;
 use grok_shared::collective::{TcpComm, TcpConfig};
 use grok_shared::formats::checkpoint::Checkpoint;
 use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
-use grok_shared::sampling::{logprob_of, sample, top_logprobs, Rng, SamplingParams};
+use grok_shared::sampling::{
+    logprob_of, sample, top_logprobs, Penalties, Rng, SamplingParams, SeenTokens,
+};
 use grok_shared::sharding::{Layout, RankPlace};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -29,6 +31,26 @@ pub enum EngineError {
 struct SeqState {
     table: Vec<u32>,
     sampling: SamplingParams,
+    /// Logit changes before sampling, with what they count (only when any is active).
+    penalties: Option<Box<PenaltyState>>,
+}
+
+/// A sequence's penalties and the tokens they look at.
+struct PenaltyState {
+    p: Penalties,
+    prompt_len: usize,
+    seen: SeenTokens,
+}
+
+impl SeqState {
+    /// Counts the tokens of a step (before its sampling: they precede the sampled token).
+    fn record(&mut self, s: &pb::SeqStep) {
+        if let Some(ps) = &mut self.penalties {
+            for (i, &t) in s.tokens.iter().enumerate() {
+                ps.seen.record(t, s.start_pos as usize + i, ps.prompt_len);
+            }
+        }
+    }
 }
 
 /// What [`Engine::admit`] recorded: the sequences it created and the table lengths before.
@@ -116,13 +138,20 @@ fn bytemuck_bytes<T: Copy>(s: &[T]) -> &[u8] {
 
 /// Samples the token that follows step `s` of a sequence from its last logits row; the
 /// generator is seeded by position, so the token does not depend on the batch.
+///
+/// Penalties and biases change the row that is sampled from; the log-probabilities returned
+/// are the model's own (of the unchanged row), as vLLM returns them by default.
 fn sample_step(st: &SeqState, s: &pb::SeqStep, row: &[f32]) -> pb::SampledToken {
     let pos = s.start_pos as usize + s.tokens.len();
-    let out = sample(
-        row,
-        &st.sampling,
-        &mut Rng::for_token(st.sampling.seed, pos),
-    );
+    let mut rng = Rng::for_token(st.sampling.seed, pos);
+    let out = match &st.penalties {
+        Some(ps) => {
+            let mut changed = row.to_vec();
+            ps.p.apply(&mut changed, &ps.seen);
+            sample(&changed, &st.sampling, &mut rng)
+        }
+        None => sample(row, &st.sampling, &mut rng),
+    };
     let top = top_logprobs(row, s.top_logprobs as usize)
         .into_iter()
         .map(|(token, logprob)| pb::TopLogprob { token, logprob })
@@ -366,6 +395,9 @@ impl Engine {
             if s.return_logits {
                 res.logits.extend_from_slice(&logits);
             }
+            if let Some(st) = self.seqs.get_mut(&s.seq_id) {
+                st.record(s);
+            }
             if s.sample {
                 let row = &logits[logits.len() - v..];
                 res.tokens.push(sample_step(&self.seqs[&s.seq_id], s, row));
@@ -393,7 +425,7 @@ impl Engine {
             let held = match self.seqs.get(&s.seq_id) {
                 Some(st) => st.table.len(),
                 None => {
-                    let sp = s.sampling.ok_or_else(|| {
+                    let sp = s.sampling.as_ref().ok_or_else(|| {
                         EngineError::Invalid(format!(
                             "sequence {} starts without sampling parameters",
                             s.seq_id
@@ -408,7 +440,31 @@ impl Engine {
                     sampling
                         .validate()
                         .map_err(|e| EngineError::Invalid(format!("sequence {}: {e}", s.seq_id)))?;
-                    fresh.push((s.seq_id, sampling));
+                    let mut logit_bias: Vec<(u32, f32)> =
+                        sp.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+                    logit_bias.sort_by_key(|x| x.0);
+                    let p = Penalties {
+                        logit_bias,
+                        presence: sp.presence_penalty,
+                        frequency: sp.frequency_penalty,
+                        repetition: if sp.repetition_penalty == 0.0 {
+                            1.0
+                        } else {
+                            sp.repetition_penalty
+                        },
+                        min_tokens: sp.min_tokens,
+                        stop_ids: sp.min_tokens_stop_ids.clone(),
+                    };
+                    p.validate(self.model.config.vocab_size)
+                        .map_err(|e| EngineError::Invalid(format!("sequence {}: {e}", s.seq_id)))?;
+                    let penalties = p.is_active().then(|| {
+                        Box::new(PenaltyState {
+                            p,
+                            prompt_len: sp.prompt_len as usize,
+                            seen: SeenTokens::default(),
+                        })
+                    });
+                    fresh.push((s.seq_id, sampling, penalties));
                     0
                 }
             };
@@ -427,15 +483,16 @@ impl Engine {
             }
         }
         let mut undo = Undo {
-            fresh: fresh.iter().map(|(id, _)| *id).collect(),
+            fresh: fresh.iter().map(|(id, _, _)| *id).collect(),
             tables: Vec::new(),
         };
-        for (id, sampling) in fresh {
+        for (id, sampling, penalties) in fresh {
             self.seqs.insert(
                 id,
                 SeqState {
                     table: Vec::new(),
                     sampling,
+                    penalties,
                 },
             );
         }
@@ -530,6 +587,12 @@ impl Engine {
         let lrows = Model::logit_rows(&inputs);
         let logits = self.model.logits(&h, &lrows)?;
         let v = self.model.config.vocab_size;
+        // The step's tokens precede the tokens it samples: the penalties count them first.
+        for s in &plan.seqs {
+            if let Some(st) = self.seqs.get_mut(&s.seq_id) {
+                st.record(s);
+            }
+        }
         let mut off = 0;
         for s in &plan.seqs {
             let n = match want(s) {
@@ -596,6 +659,7 @@ mod tests {
                 top_p: 1.0,
                 top_k: 0,
                 seed: 1,
+                ..Default::default()
             }),
             sample: true,
             ..Default::default()
@@ -641,6 +705,26 @@ mod tests {
                     ..seq(1, vec![5], 0, vec![0], false)
                 }],
                 "temperature must be a finite number",
+            ),
+            (
+                vec![pb::SeqStep {
+                    sampling: Some(pb::SamplingParams {
+                        logit_bias: [(1_000_000, 1.0)].into(),
+                        ..Default::default()
+                    }),
+                    ..seq(1, vec![5], 0, vec![0], false)
+                }],
+                "logit_bias: token 1000000 is outside the vocabulary",
+            ),
+            (
+                vec![pb::SeqStep {
+                    sampling: Some(pb::SamplingParams {
+                        presence_penalty: f32::NAN,
+                        ..Default::default()
+                    }),
+                    ..seq(1, vec![5], 0, vec![0], false)
+                }],
+                "presence_penalty must be in [-2, 2]",
             ),
             // Refused by the model after the engine's own checks: undone too.
             (

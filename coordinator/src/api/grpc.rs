@@ -6,7 +6,7 @@ use crate::request::{build_job, GenEvent, PromptInput, RequestParams};
 use crate::state::ClusterState;
 use crate::{membership, router};
 use grok_proto::v1 as pb;
-use grok_shared::sampling::SamplingParams;
+use grok_shared::sampling::{Penalties, SamplingParams};
 use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -132,6 +132,22 @@ impl pb::inference_server::Inference for Svc {
             ignore_eos: r.ignore_eos,
             top_logprobs: r.logprobs,
             prompt_logits: r.prompt_logits,
+            penalties: Penalties {
+                logit_bias: {
+                    let mut b: Vec<(u32, f32)> = r.logit_bias.into_iter().collect();
+                    b.sort_by_key(|x| x.0);
+                    b
+                },
+                presence: r.presence_penalty,
+                frequency: r.frequency_penalty,
+                repetition: if r.repetition_penalty == 0.0 {
+                    1.0
+                } else {
+                    r.repetition_penalty
+                },
+                min_tokens: r.min_tokens,
+                stop_ids: vec![],
+            },
         };
         let c = &self.0;
         let (job, rx) = build_job(

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 /// What a replica's queue carries: a new request, or one moved from a replica in recovery
 /// (its tokens so far are re-prefilled here; it goes before the new ones).
 pub enum Incoming {
-    New(Job),
+    New(Box<Job>),
     Moved(Box<Seq>),
 }
 
@@ -40,7 +40,7 @@ impl ReplicaHandle {
 
     /// Queues a job; a full queue refuses at once.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.tx.try_send(Incoming::New(job)).map_err(|e| match e {
+        self.tx.try_send(Incoming::New(Box::new(job))).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.tx.max_capacity()),
             mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
         })
@@ -52,7 +52,7 @@ impl ReplicaHandle {
             .try_send(Incoming::Moved(seq))
             .map_err(|e| match e.into_inner() {
                 Incoming::Moved(s) => s,
-                Incoming::New(job) => Box::new(Seq::new(job)),
+                Incoming::New(job) => Box::new(Seq::new(*job)),
             })
     }
 }

@@ -102,6 +102,32 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
     cluster.supervised[ri].store(false, Ordering::Release);
 }
 
+/// What the sampling rank needs of a request, sent with its first step after each admission.
+fn sampling_params(
+    p: &crate::request::RequestParams,
+    prompt_len: usize,
+    eos: u32,
+) -> pb::SamplingParams {
+    let pen = &p.penalties;
+    let mut stops = p.stop_ids.clone();
+    if !p.ignore_eos {
+        stops.push(eos);
+    }
+    pb::SamplingParams {
+        temperature: p.sampling.temperature,
+        top_p: p.sampling.top_p,
+        top_k: p.sampling.top_k as u32,
+        seed: p.sampling.seed,
+        logit_bias: pen.logit_bias.iter().copied().collect(),
+        presence_penalty: pen.presence,
+        frequency_penalty: pen.frequency,
+        repetition_penalty: pen.repetition,
+        min_tokens: pen.min_tokens,
+        min_tokens_stop_ids: if pen.min_tokens > 0 { stops } else { vec![] },
+        prompt_len: prompt_len as u32,
+    }
+}
+
 /// A step sent to the workers whose result has not been applied yet.
 struct InFlight {
     slots: Vec<scheduler::Slot>,
@@ -259,7 +285,7 @@ impl Replica {
                     .metrics
                     .queue_depth
                     .fetch_sub(1, Ordering::Relaxed);
-                self.sched.push_back(Seq::new(job));
+                self.sched.push_back(Seq::new(*job));
             }
             // A request moved from a replica in recovery goes first: it has waited already.
             Incoming::Moved(s) => self.sched.push_front(*s),
@@ -303,6 +329,7 @@ impl Replica {
             return Ok(None);
         }
         let vocab = cluster.model.vocab_size;
+        let eos = cluster.model.eos_token_id;
         // Logits the sampling rank returns: `n` rows of every sequence that asks for them.
         let mut want_logits = 0;
         let mut seqs = Vec::with_capacity(plan.slots.len());
@@ -320,12 +347,7 @@ impl Replica {
                 tokens: s.tokens[slot.start..slot.start + slot.n].to_vec(),
                 start_pos: slot.start as u32,
                 new_blocks: slot.new_blocks.clone(),
-                sampling: slot.first.then_some(pb::SamplingParams {
-                    temperature: p.sampling.temperature,
-                    top_p: p.sampling.top_p,
-                    top_k: p.sampling.top_k as u32,
-                    seed: p.sampling.seed,
-                }),
+                sampling: slot.first.then(|| sampling_params(p, s.prompt_len, eos)),
                 sample: slot.start + slot.n == s.tokens.len(),
                 return_logits,
                 top_logprobs: p.top_logprobs,
@@ -471,7 +493,7 @@ impl Replica {
             match m {
                 Incoming::New(j) => {
                     cluster.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                    moving.push(Seq::new(j));
+                    moving.push(Seq::new(*j));
                 }
                 Incoming::Moved(s) => moving.push(*s),
             }

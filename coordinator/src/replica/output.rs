@@ -150,6 +150,7 @@ mod tests {
                 ignore_eos: false,
                 top_logprobs: 0,
                 prompt_logits,
+                penalties: Default::default(),
             },
             tx,
             arrived: std::time::Instant::now(),

@@ -12,10 +12,11 @@
 //! | `POST /tokenize`, `POST /detokenize` | vLLM's: text (or a conversation) to the ids generation sees, and ids to text |
 //!
 //! Requests follow OpenAI's schemas. Besides OpenAI's fields, `top_k` (0 = off),
-//! `stop_token_ids`, `ignore_eos` and `return_token_ids` (each choice, and each streamed
-//! chunk, gets the generated `token_ids`) are accepted. A field the server does not implement
-//! is refused with 400 naming it, unless its value cannot change the output (`user`,
-//! `metadata`, zero penalties, an empty `logit_bias`, `response_format` text, no tools). Defaults
+//! `stop_token_ids`, `ignore_eos`, `return_token_ids` (each choice, and each streamed chunk,
+//! gets the generated `token_ids`) and vLLM's `repetition_penalty` and `min_tokens` are
+//! accepted; `logit_bias`, `presence_penalty` and `frequency_penalty` have OpenAI's meanings. A
+//! field the server does not implement is refused with 400 naming it, unless its value cannot
+//! change the output (`user`, `metadata`, `response_format` text, no tools). Defaults
 //! are OpenAI's: `temperature` 1, `top_p` 1, `max_tokens` 16 for completions and, for chat,
 //! as many as the context (and KV cache) leave after the prompt. Only `n = 1` is served.
 //! Prompts are a string, a list of one string, a list of token ids or a list of one list of

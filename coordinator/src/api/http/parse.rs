@@ -6,7 +6,7 @@ use crate::request::{PromptInput, RequestParams};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use grok_shared::sampling::SamplingParams;
+use grok_shared::sampling::{Penalties, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -110,9 +110,8 @@ impl Fields {
 
 /// Whether a field the server does not implement may be ignored: it names the caller or asks
 /// for storage (`user`, `metadata`, `store`, `service_tier`), or its value is the one that
-/// changes nothing (no penalties, no bias, plain text, no tools).
+/// changes nothing (plain text, no tools).
 fn has_no_effect(name: &str, v: &Value) -> bool {
-    let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
     let empty = |v: &Value| {
         v.is_null()
             || v.as_array().is_some_and(|a| a.is_empty())
@@ -120,10 +119,7 @@ fn has_no_effect(name: &str, v: &Value) -> bool {
     };
     match name {
         "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
-        "frequency_penalty" | "presence_penalty" => zero(v),
-        "repetition_penalty" => v.is_null() || v.as_f64() == Some(1.0),
-        "min_tokens" => zero(v),
-        "logit_bias" | "tools" | "functions" => empty(v),
+        "tools" | "functions" => empty(v),
         "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none"),
         "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
         "modalities" => v.is_null() || v == &serde_json::json!(["text"]),
@@ -201,6 +197,7 @@ pub(crate) struct Common {
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
     pub(crate) token_ids: bool,
+    pub(crate) penalties: Penalties,
 }
 
 /// Checks the optional `model` field against the served model's name.
@@ -301,6 +298,7 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let token_ids = f.take::<bool>("return_token_ids")?.unwrap_or(false);
+    let penalties = penalties(f)?;
     Ok(Common {
         max_tokens,
         max_tokens_name,
@@ -316,6 +314,35 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
         stream,
         include_usage,
         token_ids,
+        penalties,
+    })
+}
+
+/// `logit_bias` (OpenAI's: token ids as strings to biases), `presence_penalty`,
+/// `frequency_penalty`, `repetition_penalty` and `min_tokens` (vLLM's). Ranges are checked
+/// with the rest of the request (`build_job`).
+fn penalties(f: &mut Fields) -> Result<Penalties, HttpError> {
+    let bias = f
+        .take_as::<std::collections::BTreeMap<String, f32>>(
+            "logit_bias",
+            "an object of token ids (as strings) to biases in [-100, 100]",
+        )?
+        .unwrap_or_default();
+    let mut logit_bias = Vec::with_capacity(bias.len());
+    for (k, v) in bias {
+        let t = k.trim().parse::<u32>().map_err(|_| {
+            HttpError::invalid("logit_bias", format!("logit_bias: `{k}` is not a token id"))
+        })?;
+        logit_bias.push((t, v));
+    }
+    logit_bias.sort_by_key(|x| x.0);
+    Ok(Penalties {
+        logit_bias,
+        presence: f.take::<f32>("presence_penalty")?.unwrap_or(0.0),
+        frequency: f.take::<f32>("frequency_penalty")?.unwrap_or(0.0),
+        repetition: f.take::<f32>("repetition_penalty")?.unwrap_or(1.0),
+        min_tokens: f.take::<u32>("min_tokens")?.unwrap_or(0),
+        stop_ids: vec![],
     })
 }
 
@@ -329,6 +356,7 @@ impl Common {
             ignore_eos: self.ignore_eos,
             top_logprobs,
             prompt_logits: false,
+            penalties: self.penalties.clone(),
         }
     }
 }

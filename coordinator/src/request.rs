@@ -86,6 +86,7 @@ impl ApiError {
 }
 
 /// The prompt of a request, as text or token ids.
+#[derive(Clone, Debug)]
 pub enum PromptInput {
     Text(String),
     Ids(Vec<u32>),

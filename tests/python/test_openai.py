@@ -106,11 +106,16 @@ def main() -> int:
     def ids_of(c):
         return (c.choices[0].model_extra or {}).get("token_ids")
 
-    def complete(max_tokens=12, **kw):
+    def complete(max_tokens=12, temperature=0, **kw):
         extra = {"return_token_ids": True, "ignore_eos": True}
         extra.update(kw.pop("extra_body", {}))
         return client.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra, **kw
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            extra_body=extra,
+            **kw,
         )
 
     assert ids_of(complete(logit_bias={"1000": 100})) == [1000] * 12
@@ -130,6 +135,20 @@ def main() -> int:
         assert e.param == "frequency_penalty", e.body
     else:
         raise AssertionError("frequency_penalty 2.5 was accepted")
+
+    # n choices (choice i is seed + i; choice 0 equals the n = 1 answer), streamed with indices.
+    three = complete(n=3, temperature=1.0, seed=5)
+    assert [ch.index for ch in three.choices] == [0, 1, 2], three
+    one = complete(temperature=1.0, seed=5)
+    assert ids_of(three) == ids_of(one), (three, one)
+    assert three.usage.completion_tokens == 36, three.usage
+    seen = {}
+    for ch in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=4, temperature=1.0, seed=3, n=2, stream=True
+    ):
+        for c in ch.choices:
+            seen.setdefault(c.index, []).append(c.delta.content or "")
+    assert sorted(seen) == [0, 1], seen
 
     # A refused request raises BadRequestError naming the field.
     try:

@@ -425,6 +425,70 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
         .collect();
     assert_eq!(got, want_s);
 
+    // n choices: choice i samples with seed + i (choice 0 is the n = 1 output), streamed
+    // chunks carry their index, usage counts every choice; best_of keeps the most likely.
+    let seeded = |seed: u64, extra: Value| {
+        let mut v = json!({"prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": seed,
+            "ignore_eos": true, "return_token_ids": true, "logprobs": 0});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let alone: Vec<Value> = (0..3)
+        .map(|i| {
+            post(h, "/v1/completions", &seeded(40 + i, json!({}))).json()["choices"][0].clone()
+        })
+        .collect();
+    let three = post(h, "/v1/completions", &seeded(40, json!({"n": 3}))).json();
+    assert_eq!(three["choices"].as_array().unwrap().len(), 3, "{three}");
+    for (i, want) in alone.iter().enumerate() {
+        let got = &three["choices"][i];
+        assert_eq!(got["index"], i, "{three}");
+        assert_eq!(
+            got["token_ids"], want["token_ids"],
+            "choice {i} is seed 40 + {i}"
+        );
+    }
+    assert_eq!(three["usage"]["completion_tokens"], 18, "{three}");
+    let score = |c: &Value| -> f64 {
+        c["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum()
+    };
+    let best = alone
+        .iter()
+        .max_by(|a, b| score(a).partial_cmp(&score(b)).unwrap())
+        .unwrap();
+    let b = post(h, "/v1/completions", &seeded(40, json!({"best_of": 3}))).json();
+    assert_eq!(b["choices"].as_array().unwrap().len(), 1, "{b}");
+    assert_eq!(b["choices"][0]["token_ids"], best["token_ids"], "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], 18, "{b}");
+    let st = stream_chunks(&post(
+        h,
+        "/v1/completions",
+        &seeded(
+            40,
+            json!({"n": 3, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+    ));
+    for (i, want) in alone.iter().enumerate() {
+        let got: Vec<u64> = st
+            .iter()
+            .filter_map(|c| c["choices"].as_array())
+            .flatten()
+            .filter(|c| c["index"] == i)
+            .flat_map(|c| ids_of(&c["token_ids"]))
+            .collect();
+        assert_eq!(got, ids_of(&want["token_ids"]), "streamed choice {i}");
+    }
+    let usage_chunks: Vec<&Value> = st.iter().filter(|c| c["usage"].is_object()).collect();
+    assert_eq!(usage_chunks.len(), 1);
+    assert_eq!(usage_chunks[0]["usage"]["completion_tokens"], 18);
+
     // Fields that cannot change the output are accepted; the default max_tokens is 16.
     let r = post(
         h,
@@ -552,7 +616,18 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
             base(json!({"max_tokens": u64::MAX})),
             Some("max_tokens"),
         ),
-        ("n = 2", base(json!({"n": 2})), Some("n")),
+        ("n = 0", base(json!({"n": 0})), Some("n")),
+        ("n = 17", base(json!({"n": 17})), Some("n")),
+        (
+            "best_of < n",
+            base(json!({"n": 3, "best_of": 2})),
+            Some("best_of"),
+        ),
+        (
+            "best_of streamed",
+            base(json!({"best_of": 2, "stream": true})),
+            Some("best_of"),
+        ),
         (
             "two prompts",
             base(json!({"prompt": [[1, 2], [3]]})),
@@ -620,7 +695,7 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
             chat(json!({})),
             Some("messages"),
         ),
-        ("chat n = 3", chat(json!({"n": 3})), Some("n")),
+        ("chat n = 30", chat(json!({"n": 30})), Some("n")),
         (
             "chat unknown model",
             chat(json!({"model": "x"})),

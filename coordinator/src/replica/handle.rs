@@ -40,10 +40,12 @@ impl ReplicaHandle {
 
     /// Queues a job; a full queue refuses at once.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.tx.try_send(Incoming::New(Box::new(job))).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.tx.max_capacity()),
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
-        })
+        self.tx
+            .try_send(Incoming::New(Box::new(job)))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.tx.max_capacity()),
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
+            })
     }
 
     /// Moves a request of a faulted replica here; gives it back when the queue is full.

@@ -29,6 +29,8 @@ pub(crate) struct Answer {
     pub(crate) token_ids: bool,
     pub(crate) include_usage: bool,
     pub(crate) shared: Arc<Cluster>,
+    /// Choices returned.
+    pub(crate) n: usize,
 }
 
 /// Everything a finished request produced.
@@ -164,13 +166,14 @@ impl Answer {
     /// One choice; `text` is `None` for a chat chunk without content.
     pub(crate) fn choice(
         &self,
+        index: usize,
         chunk: bool,
         text: Option<&str>,
         tokens: &[TokenEvent],
         offset: &mut usize,
         reason: Option<FinishReason>,
     ) -> Value {
-        let mut c = json!({"index": 0});
+        let mut c = json!({ "index": index });
         match (self.api, chunk) {
             (Api::Completion, _) => c["text"] = json!(text.unwrap_or("")),
             (Api::Chat, false) => {
@@ -209,15 +212,35 @@ impl Answer {
         v
     }
 
-    /// The whole (non-streaming) answer.
-    pub(crate) fn full(&self, c: Collected) -> Value {
-        let text = match self.api {
-            Api::Chat => c.text.trim_start(),
-            Api::Completion => c.text.as_str(),
-        };
-        let choice = self.choice(false, Some(text), &c.tokens, &mut 0, Some(c.reason));
-        let mut v = self.envelope(false, vec![choice]);
-        v["usage"] = usage(c.prompt_tokens, c.completion_tokens);
+    /// The whole (non-streaming) answer: the `n` choices, the most likely ones (by cumulative
+    /// log-probability) when more sequences were generated (`best_of`). Usage counts every
+    /// sequence generated.
+    pub(crate) fn full(&self, mut all: Vec<Collected>) -> Value {
+        let prompt_tokens = all.first().map_or(0, |c| c.prompt_tokens);
+        let completion_tokens = all.iter().map(|c| c.completion_tokens).sum();
+        if all.len() > self.n {
+            let score = |c: &Collected| c.tokens.iter().map(|t| t.logprob as f64).sum::<f64>();
+            // Stable: equal scores keep the seed order.
+            all.sort_by(|a, b| {
+                score(b)
+                    .partial_cmp(&score(a))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            all.truncate(self.n);
+        }
+        let choices = all
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let text = match self.api {
+                    Api::Chat => c.text.trim_start(),
+                    Api::Completion => c.text.as_str(),
+                };
+                self.choice(i, false, Some(text), &c.tokens, &mut 0, Some(c.reason))
+            })
+            .collect();
+        let mut v = self.envelope(false, choices);
+        v["usage"] = usage(prompt_tokens, completion_tokens);
         v
     }
 }
@@ -225,16 +248,20 @@ impl Answer {
 // ---------------------------------------------------------------------------------------------
 // Streaming
 
-/// The state of one SSE stream. It owns the request's receiver: when the client goes away,
-/// axum drops the stream, the receiver with it, and the engine ends the sequence.
+/// The state of one choice's SSE events. It owns the sequence's receiver: when the client goes
+/// away, axum drops the stream, the receiver with it, and the engine ends the sequence.
 pub(crate) struct Streamer {
     pub(crate) rx: Receiver<GenEvent>,
-    pub(crate) answer: Answer,
+    pub(crate) answer: Arc<Answer>,
+    pub(crate) index: usize,
     pub(crate) started: bool,
     pub(crate) finished: bool,
     /// Chat: leading whitespace of the reply is still being dropped.
     pub(crate) strip: bool,
     pub(crate) offset: usize,
+    /// What every choice's stream adds up at its end: (prompt tokens, completion tokens, an
+    /// error ended one).
+    pub(crate) totals: Arc<std::sync::Mutex<(usize, usize, bool)>>,
 }
 
 pub(crate) fn data(v: &Value) -> Event {
@@ -242,16 +269,17 @@ pub(crate) fn data(v: &Value) -> Event {
 }
 
 impl Streamer {
-    /// The next events to send; `None` ends the stream.
+    /// The next events of this choice; `None` ends it.
     async fn next(&mut self) -> Option<Vec<Event>> {
         if self.finished {
             return None;
         }
-        let a = &self.answer;
+        let a = self.answer.clone();
+        let i = self.index;
         if !self.started {
             self.started = true;
             if a.api == Api::Chat {
-                let mut c = a.choice(true, None, &[], &mut self.offset, None);
+                let mut c = a.choice(i, true, None, &[], &mut self.offset, None);
                 c["delta"] = json!({"role": "assistant"});
                 return Some(vec![data(&a.envelope(true, vec![c]))]);
             }
@@ -272,7 +300,7 @@ impl Streamer {
                 if s.as_deref().is_none_or(str::is_empty) && a.logprobs.is_none() && !a.token_ids {
                     return Some(vec![]);
                 }
-                let c = a.choice(true, s.as_deref(), &[t], &mut self.offset, None);
+                let c = a.choice(i, true, s.as_deref(), &[t], &mut self.offset, None);
                 Some(vec![data(&a.envelope(true, vec![c]))])
             }
             Some(GenEvent::Done {
@@ -282,23 +310,23 @@ impl Streamer {
                 completion_tokens,
             }) => {
                 self.finished = true;
-                let s = text(&mut self.strip, &rest);
-                let c = a.choice(true, s.as_deref(), &[], &mut self.offset, Some(reason));
-                let mut out = vec![data(&a.envelope(true, vec![c]))];
-                if a.include_usage {
-                    let mut u = a.envelope(true, vec![]);
-                    u["usage"] = usage(prompt_tokens, completion_tokens);
-                    out.push(data(&u));
+                {
+                    let mut t = grok_shared::sync::lock(&self.totals);
+                    t.0 = prompt_tokens;
+                    t.1 += completion_tokens;
                 }
-                out.push(Event::default().data("[DONE]"));
-                Some(out)
+                let s = text(&mut self.strip, &rest);
+                let c = a.choice(i, true, s.as_deref(), &[], &mut self.offset, Some(reason));
+                Some(vec![data(&a.envelope(true, vec![c]))])
             }
             Some(GenEvent::Error(s)) => {
                 self.finished = true;
+                grok_shared::sync::lock(&self.totals).2 = true;
                 Some(vec![data(&HttpError::from_status(&s).body())])
             }
             None => {
                 self.finished = true;
+                grok_shared::sync::lock(&self.totals).2 = true;
                 let e = HttpError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "the engine ended the request without an answer",
@@ -310,20 +338,49 @@ impl Streamer {
     }
 }
 
-pub(crate) fn sse(rx: Receiver<GenEvent>, answer: Answer) -> Response {
-    let st = Streamer {
-        rx,
-        strip: answer.api == Api::Chat,
-        answer,
-        started: false,
-        finished: false,
-        offset: 0,
-    };
-    let events = futures_util::stream::unfold(st, |mut st| async move {
-        let evs = st.next().await?;
-        Some((evs, st))
-    })
-    .flat_map(|evs| futures_util::stream::iter(evs.into_iter().map(Ok::<_, Infallible>)));
+/// The SSE answer: every choice's chunks as they come (each carries its `index`), then the
+/// usage (when asked for) and `[DONE]` once all have ended; an error ends the stream without
+/// `[DONE]`.
+pub(crate) fn sse(rxs: Vec<Receiver<GenEvent>>, answer: Answer) -> Response {
+    let answer = Arc::new(answer);
+    let totals = Arc::new(std::sync::Mutex::new((0, 0, false)));
+    let choices: Vec<_> = rxs
+        .into_iter()
+        .enumerate()
+        .map(|(index, rx)| {
+            let st = Streamer {
+                rx,
+                strip: answer.api == Api::Chat,
+                answer: answer.clone(),
+                index,
+                started: false,
+                finished: false,
+                offset: 0,
+                totals: totals.clone(),
+            };
+            futures_util::stream::unfold(st, |mut st| async move {
+                let evs = st.next().await?;
+                Some((evs, st))
+            })
+            .boxed()
+        })
+        .collect();
+    let tail = futures_util::stream::once(async move {
+        let (prompt_tokens, completion_tokens, failed) = *grok_shared::sync::lock(&totals);
+        let mut out = Vec::new();
+        if !failed {
+            if answer.include_usage {
+                let mut u = answer.envelope(true, vec![]);
+                u["usage"] = usage(prompt_tokens, completion_tokens);
+                out.push(data(&u));
+            }
+            out.push(Event::default().data("[DONE]"));
+        }
+        out
+    });
+    let events = futures_util::stream::select_all(choices)
+        .chain(tail)
+        .flat_map(|evs| futures_util::stream::iter(evs.into_iter().map(Ok::<_, Infallible>)));
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()

@@ -18,7 +18,9 @@
 //! field the server does not implement is refused with 400 naming it, unless its value cannot
 //! change the output (`user`, `metadata`, `response_format` text, no tools). Defaults
 //! are OpenAI's: `temperature` 1, `top_p` 1, `max_tokens` 16 for completions and, for chat,
-//! as many as the context (and KV cache) leave after the prompt. Only `n = 1` is served.
+//! as many as the context (and KV cache) leave after the prompt. `n` (and `best_of`, the
+//! most likely `n` of that many by cumulative log-probability) up to 16: choice `i` samples
+//! with seed `seed + i`, so choice 0 is the `n = 1` output; streamed chunks carry the index.
 //! Prompts are a string, a list of one string, a list of token ids or a list of one list of
 //! token ids; text needs the cluster's tokenizer.
 //!
@@ -272,47 +274,59 @@ async fn chat_completions(
     respond(chat_request(&app, body, traceparent(&headers))).await
 }
 
-/// A validated request: the receiver of its events, how to answer, and whether to stream.
-type Started = Result<(Receiver<GenEvent>, Answer, bool), HttpError>;
+/// A validated request: the receivers of its sequences' events, how to answer, and whether
+/// to stream.
+type Started = Result<(Vec<Receiver<GenEvent>>, Answer, bool), HttpError>;
 
 async fn respond(r: Started) -> Response {
-    let (rx, answer, stream) = match r {
+    let (rxs, answer, stream) = match r {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
     if stream {
-        sse(rx, answer)
+        sse(rxs, answer)
     } else {
-        match collect(rx).await {
+        let all = futures_util::future::join_all(rxs.into_iter().map(collect)).await;
+        match all.into_iter().collect::<Result<Vec<_>, _>>() {
             Ok(c) => Json(answer.full(c)).into_response(),
             Err(e) => e.into_response(),
         }
     }
 }
 
-/// Builds the job through `build_job` (counting a refusal as `rejected`) and queues it.
+/// Builds the jobs of a request's `k` sequences through `build_job` (counting a refusal as
+/// `rejected`) and queues them. Sequence `i` samples with seed `seed + i` (wrapping), so the
+/// first is the request's output with `n = 1`. If one cannot be queued, the others are dropped
+/// (their receivers with them: the engine ends them).
 fn start(
     app: &App,
     prompt: PromptInput,
     params: RequestParams,
+    k: usize,
     rename: &dyn Fn(&'static str) -> &'static str,
     traceparent: Option<&str>,
-) -> Result<Receiver<GenEvent>, HttpError> {
+) -> Result<Vec<Receiver<GenEvent>>, HttpError> {
     let s = &app.shared;
-    let (job, rx) = build_job(
-        &s.model,
-        s.tokenizer.as_ref(),
-        s.cfg.kv_tokens(),
-        prompt,
-        params,
-        traceparent,
-    )
-    .map_err(|e| {
-        s.metrics.request_done("rejected");
-        HttpError::from_api(e, rename)
-    })?;
-    router::submit(s, job).map_err(|e| HttpError::from_status(&e))?;
-    Ok(rx)
+    let mut rxs = Vec::with_capacity(k);
+    for i in 0..k.max(1) {
+        let mut p = params.clone();
+        p.sampling.seed = p.sampling.seed.wrapping_add(i as u64);
+        let (job, rx) = build_job(
+            &s.model,
+            s.tokenizer.as_ref(),
+            s.cfg.kv_tokens(),
+            prompt.clone(),
+            p,
+            traceparent,
+        )
+        .map_err(|e| {
+            s.metrics.request_done("rejected");
+            HttpError::from_api(e, rename)
+        })?;
+        router::submit(s, job).map_err(|e| HttpError::from_status(&e))?;
+        rxs.push(rx);
+    }
+    Ok(rxs)
 }
 
 fn rejected<T>(app: &App, r: Result<T, HttpError>) -> Result<T, HttpError> {
@@ -330,10 +344,11 @@ fn completion_request(app: &App, body: Map<String, Value>, tp: Option<String>) -
     let params = c.params(c.max_tokens.unwrap_or(16), logprobs.unwrap_or(0));
     let mt = c.max_tokens_name;
     let rename = |f: &'static str| if f == "max_tokens" { mt } else { f };
-    let rx = start(app, prompt, params, &rename, tp.as_deref())?;
+    let rxs = start(app, prompt, params, c.best_of, &rename, tp.as_deref())?;
     Ok((
-        rx,
+        rxs,
         Answer {
+            n: c.n,
             api: Api::Completion,
             id: new_id("cmpl"),
             created: now(),
@@ -380,10 +395,11 @@ fn chat_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Star
         "logprobs" => "top_logprobs",
         f => f,
     };
-    let rx = start(app, prompt, params, &rename, tp.as_deref())?;
+    let rxs = start(app, prompt, params, c.best_of, &rename, tp.as_deref())?;
     Ok((
-        rx,
+        rxs,
         Answer {
+            n: c.n,
             api: Api::Chat,
             id: new_id("chatcmpl"),
             created: now(),

@@ -198,7 +198,14 @@ pub(crate) struct Common {
     pub(crate) include_usage: bool,
     pub(crate) token_ids: bool,
     pub(crate) penalties: Penalties,
+    /// Choices returned, and sequences generated to pick them from (the most likely by
+    /// cumulative log-probability).
+    pub(crate) n: usize,
+    pub(crate) best_of: usize,
 }
+
+/// The most choices (`n`, `best_of`) one request may ask for.
+pub(crate) const MAX_CHOICES: usize = 16;
 
 /// Checks the optional `model` field against the served model's name.
 fn check_model(f: &mut Fields, served: &str) -> Result<(), HttpError> {
@@ -251,18 +258,18 @@ pub(crate) fn parse_detokenize(
 
 pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> {
     check_model(f, served)?;
-    if let Some(n) = f.take::<u64>("n")? {
-        if n != 1 {
-            return Err(HttpError::invalid(
-                "n",
-                format!("n: only one choice per request is supported (n = 1), got {n}"),
-            ));
-        }
+    let n = f.take::<u64>("n")?.unwrap_or(1);
+    if !(1..=MAX_CHOICES as u64).contains(&n) {
+        return Err(HttpError::invalid(
+            "n",
+            format!("n: choices per request must be in 1..={MAX_CHOICES}, got {n}"),
+        ));
     }
-    if f.take::<u64>("best_of")?.is_some_and(|b| b != 1) {
+    let best_of = f.take::<u64>("best_of")?.unwrap_or(n);
+    if !(n..=MAX_CHOICES as u64).contains(&best_of) {
         return Err(HttpError::invalid(
             "best_of",
-            "best_of: only best_of = 1 is supported",
+            format!("best_of: must be in n..={MAX_CHOICES} (n = {n}), got {best_of}"),
         ));
     }
     // `max_completion_tokens` is OpenAI's newer name of `max_tokens`; it wins when both come.
@@ -298,6 +305,12 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let token_ids = f.take::<bool>("return_token_ids")?.unwrap_or(false);
+    if stream && best_of > n {
+        return Err(HttpError::invalid(
+            "best_of",
+            "best_of: cannot be streamed (the choices are known only at the end); use n",
+        ));
+    }
     let penalties = penalties(f)?;
     Ok(Common {
         max_tokens,
@@ -315,6 +328,8 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
         include_usage,
         token_ids,
         penalties,
+        n: n as usize,
+        best_of: best_of as usize,
     })
 }
 

@@ -24,6 +24,18 @@ pub struct RequestParams {
     /// Logit bias and penalties (`stop_ids` unset: the replica fills in EOS and the request's
     /// stop ids for `min_tokens`).
     pub penalties: Penalties,
+    /// Score the prompt, with this many alternatives per token (`max_tokens` may then be 0).
+    pub prompt_logprobs: Option<u32>,
+}
+
+/// The score of one prompt token: its log-probability after the tokens before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptScore {
+    /// From 1 (the first token has no score).
+    pub position: usize,
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// One sampled token as the client sees it.
@@ -41,6 +53,8 @@ pub enum GenEvent {
     /// Whole rows of prompt logits (at most `limits::CHUNK_BYTES`), in order, before the
     /// first token (only when the request asked for them).
     PromptLogits(Vec<f32>),
+    /// Scores of prompt tokens, in order, before the first token (when asked for).
+    PromptScores(Vec<PromptScore>),
     Token(TokenEvent),
     /// The last event of a successful request; `text` is any text still held back.
     Done {
@@ -138,10 +152,19 @@ pub fn build_job(
             format!("the prompt has {} tokens; the context length is {ctx} (room is needed for at least one new token)", prompt.len()),
         ));
     }
-    if p.max_tokens == 0 {
+    if p.max_tokens == 0 && p.prompt_logprobs.is_none() {
         return Err(ApiError::invalid(
             "max_tokens",
-            "max_tokens must be at least 1",
+            "max_tokens must be at least 1 (0 only to score the prompt)",
+        ));
+    }
+    if p.prompt_logprobs.is_some_and(|n| n > 20) {
+        return Err(ApiError::invalid(
+            "prompt_logprobs",
+            format!(
+                "at most 20 alternatives per prompt token, got {}",
+                p.prompt_logprobs.unwrap_or_default()
+            ),
         ));
     }
     if prompt.len() + p.max_tokens > ctx {

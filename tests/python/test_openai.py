@@ -150,6 +150,17 @@ def main() -> int:
             seen.setdefault(c.index, []).append(c.delta.content or "")
     assert sorted(seen) == [0, 1], seen
 
+    # Prompt scoring as evaluation harnesses do it: echo, logprobs, max_tokens 0.
+    scored = client.completions.create(
+        model=model, prompt=prompt, echo=True, logprobs=1, max_tokens=0
+    )
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt, scored
+    assert len(lp.token_logprobs) == scored.usage.prompt_tokens, (lp, scored.usage)
+    assert lp.token_logprobs[0] is None, lp
+    assert all(v <= 0 for v in lp.token_logprobs[1:]), lp
+    assert scored.usage.completion_tokens == 0, scored.usage
+
     # A refused request raises BadRequestError naming the field.
     try:
         client.completions.create(model=model, prompt="x", max_tokens=2, temperature=-1)

@@ -1594,6 +1594,9 @@ mod worker {
                     sample: r.pct(80),
                     return_logits: r.pct(20),
                     top_logprobs: r.below(4) as u32,
+                    score_prompt: r.pct(20),
+                    prompt_top: r.below(4) as u32,
+                    next_token: r.pct(50).then(|| r.below(self.vocab as usize + 2) as u32),
                 });
                 if fresh {
                     self.live.push((id, 0, 0));

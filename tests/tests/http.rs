@@ -489,6 +489,53 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
     assert_eq!(usage_chunks.len(), 1);
     assert_eq!(usage_chunks[0]["usage"]["completion_tokens"], 18);
 
+    // echo with logprobs scores the prompt (vLLM's form: the first token has no score).
+    let e = post(
+        h,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 2}),
+    )
+    .json();
+    let lp = &e["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt.len(), "{e}");
+    assert!(
+        lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(),
+        "{e}"
+    );
+    for i in 1..prompt.len() {
+        let v = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(v.is_finite() && v <= 0.0, "{e}");
+        assert_eq!(lp["top_logprobs"][i].as_object().unwrap().len(), 2, "{e}");
+    }
+    assert_eq!(e["usage"]["completion_tokens"], 0, "{e}");
+    let e3 = post(
+        h,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 3, "echo": true, "logprobs": 1,
+            "temperature": 0, "ignore_eos": true}),
+    )
+    .json();
+    let lp3 = &e3["choices"][0]["logprobs"];
+    assert_eq!(
+        lp3["token_logprobs"].as_array().unwrap().len(),
+        prompt.len() + 3,
+        "{e3}"
+    );
+    assert_eq!(
+        lp3["token_logprobs"].as_array().unwrap()[..prompt.len()],
+        lp["token_logprobs"].as_array().unwrap()[..],
+        "the prompt's scores do not depend on what follows"
+    );
+    assert_bad(
+        &post(
+            h,
+            "/v1/completions",
+            &json!({"prompt": prompt, "echo": true, "stream": true}),
+        ),
+        Some("echo"),
+        "echo streamed",
+    );
+
     // Fields that cannot change the output are accepted; the default max_tokens is 16.
     let r = post(
         h,

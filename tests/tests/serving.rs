@@ -951,3 +951,86 @@ async fn biases_penalties_and_min_tokens_steer_sampling() {
         assert!(e.message().starts_with(field), "{field}: {}", e.message());
     }
 }
+
+/// Prompt scoring: the log-probability of every prompt token after the first and its top
+/// alternatives, without shipping logit rows, equal to what the prompt's logits give; across
+/// chunked prefill (a 5-token budget splits a 12-token prompt), with max_tokens 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_scores_match_the_prompt_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let vocab = ModelConfig::preset("tiny", None).unwrap().vocab_size;
+    let c = up(&m, &["--max-batch-tokens", "5"]);
+    let mut cl = client(&c).await;
+    let prompt: Vec<u32> = (0..12).map(|i| 3 + (i * 37) % 200).collect();
+    // The reference: whole logit rows (tests only).
+    let mut s = cl
+        .generate(pb::GenerateRequest {
+            prompt_logits: true,
+            ..req(&prompt, 1)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rows = vec![];
+    while let Some(msg) = s.next().await {
+        rows.extend(msg.unwrap().prompt_logits);
+    }
+    assert_eq!(rows.len(), prompt.len() * vocab);
+    let mut s = cl
+        .generate(pb::GenerateRequest {
+            prompt_logprobs: Some(3),
+            ..req(&prompt, 0)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut scores, mut ids, mut finish, mut usage) = (vec![], vec![], String::new(), None);
+    while let Some(msg) = s.next().await {
+        let msg = msg.unwrap();
+        scores.extend(msg.prompt_logprobs);
+        ids.extend(msg.ids);
+        if !msg.finish_reason.is_empty() {
+            finish = msg.finish_reason;
+            usage = msg.usage;
+        }
+    }
+    assert!(ids.is_empty(), "max_tokens 0 generates nothing: {ids:?}");
+    assert_eq!(finish, "length");
+    assert_eq!(usage.unwrap().completion_tokens, 0);
+    let positions: Vec<u32> = scores.iter().map(|x| x.position).collect();
+    assert_eq!(
+        positions,
+        (1..12).collect::<Vec<u32>>(),
+        "every position once, in order"
+    );
+    for x in &scores {
+        let p = x.position as usize;
+        assert_eq!(x.token, prompt[p]);
+        // log-softmax of the previous position's row, in f64.
+        let row: Vec<f64> = rows[(p - 1) * vocab..p * vocab]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let max = row.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        let want = row[prompt[p] as usize] - lse;
+        assert!(
+            (x.logprob as f64 - want).abs() < 1e-4 && x.logprob.is_finite(),
+            "position {p}: {} vs {want}",
+            x.logprob
+        );
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+        let top: Vec<u32> = x.top.iter().map(|t| t.token).collect();
+        assert_eq!(
+            top,
+            order[..3].iter().map(|&t| t as u32).collect::<Vec<_>>()
+        );
+    }
+    // max_tokens 0 is for scoring only.
+    let e = run(cl.clone(), req(&prompt, 0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("max_tokens"), "{}", e.message());
+}

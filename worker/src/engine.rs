@@ -164,6 +164,33 @@ fn sample_step(st: &SeqState, s: &pb::SeqStep, row: &[f32]) -> pb::SampledToken 
     }
 }
 
+/// The prompt scores of step `s` from its logits `rows` (one per token of the step): row `i`
+/// scores the token at position `start_pos + i + 1` when that is known (in the step, or
+/// `next_token` after its last row).
+fn score_prompt(s: &pb::SeqStep, rows: &[f32], v: usize) -> Vec<pb::PromptLogprob> {
+    let n = s.tokens.len();
+    (0..n)
+        .filter_map(|i| {
+            let token = if i + 1 < n {
+                s.tokens[i + 1]
+            } else {
+                s.next_token?
+            };
+            let row = rows.get(i * v..(i + 1) * v)?;
+            Some(pb::PromptLogprob {
+                position: s.start_pos + i as u32 + 1,
+                token,
+                logprob: logprob_of(row, token),
+                top: top_logprobs(row, s.prompt_top as usize)
+                    .into_iter()
+                    .map(|(token, logprob)| pb::TopLogprob { token, logprob })
+                    .collect(),
+                seq_id: s.seq_id,
+            })
+        })
+        .collect()
+}
+
 pub struct LoadSpec<'a> {
     pub model_dir: &'a Path,
     pub layout: Layout,
@@ -386,14 +413,19 @@ impl Engine {
                 None => cuda.model.new_sequence().map_err(err)?,
             };
             cuda.model.swap_sequence(&mut seq);
-            let out = cuda
-                .model
-                .forward(&s.tokens, s.start_pos as usize, s.return_logits);
+            let out = cuda.model.forward(
+                &s.tokens,
+                s.start_pos as usize,
+                s.return_logits || s.score_prompt,
+            );
             cuda.model.swap_sequence(&mut seq);
             cuda.caches.insert(s.seq_id, seq);
             let logits = out.map_err(err)?;
             if s.return_logits {
                 res.logits.extend_from_slice(&logits);
+            }
+            if s.score_prompt {
+                res.prompt_logprobs.extend(score_prompt(s, &logits, v));
             }
             if let Some(st) = self.seqs.get_mut(&s.seq_id) {
                 st.record(s);
@@ -468,6 +500,15 @@ impl Engine {
                     0
                 }
             };
+            if let Some(t) = s
+                .next_token
+                .filter(|&t| t as usize >= self.model.config.vocab_size)
+            {
+                return Err(EngineError::Invalid(format!(
+                    "sequence {}: next token {t} is outside the vocabulary",
+                    s.seq_id
+                )));
+            }
             if let Some(b) = s.new_blocks.iter().find(|&&b| b as usize >= blocks) {
                 return Err(EngineError::Invalid(format!(
                     "sequence {}: block {b} outside the cache of {blocks} blocks",
@@ -534,7 +575,7 @@ impl Engine {
             return self.cuda_step(plan);
         }
         let want = |s: &pb::SeqStep| {
-            if s.return_logits {
+            if s.return_logits || s.score_prompt {
                 WantLogits::All
             } else if s.sample {
                 WantLogits::Last
@@ -603,6 +644,10 @@ impl Engine {
             if s.return_logits {
                 res.logits
                     .extend_from_slice(&logits[off * v..(off + n) * v]);
+            }
+            if s.score_prompt {
+                res.prompt_logprobs
+                    .extend(score_prompt(s, &logits[off * v..(off + n) * v], v));
             }
             if s.sample {
                 let row = &logits[(off + n - 1) * v..(off + n) * v];

@@ -55,6 +55,23 @@ impl pb::admin_server::Admin for Svc {
 
 fn to_pb(ev: GenEvent) -> Result<pb::GenerateResponse, Status> {
     match ev {
+        GenEvent::PromptScores(scores) => Ok(pb::GenerateResponse {
+            prompt_logprobs: scores
+                .into_iter()
+                .map(|x| pb::PromptLogprob {
+                    position: x.position as u32,
+                    token: x.token,
+                    logprob: x.logprob,
+                    top: x
+                        .top
+                        .into_iter()
+                        .map(|(token, logprob)| pb::TopLogprob { token, logprob })
+                        .collect(),
+                    seq_id: 0,
+                })
+                .collect(),
+            ..Default::default()
+        }),
         GenEvent::PromptLogits(prompt_logits) => Ok(pb::GenerateResponse {
             prompt_logits,
             ..Default::default()
@@ -148,6 +165,7 @@ impl pb::inference_server::Inference for Svc {
                 min_tokens: r.min_tokens,
                 stop_ids: vec![],
             },
+            prompt_logprobs: r.prompt_logprobs,
         };
         let c = &self.0;
         let (job, rx) = build_job(

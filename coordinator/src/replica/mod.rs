@@ -25,7 +25,7 @@ pub mod seq;
 pub mod workers;
 
 use crate::cluster::Cluster;
-use crate::request::GenEvent;
+use crate::request::{FinishReason, GenEvent};
 use crate::state::ReplicaState;
 use grok_proto::v1 as pb;
 use grok_shared::sync::lock;
@@ -348,9 +348,13 @@ impl Replica {
                 start_pos: slot.start as u32,
                 new_blocks: slot.new_blocks.clone(),
                 sampling: slot.first.then(|| sampling_params(p, s.prompt_len, eos)),
-                sample: slot.start + slot.n == s.tokens.len(),
+                // A request that only scores its prompt (max_tokens 0) samples nothing.
+                sample: slot.start + slot.n == s.tokens.len() && p.max_tokens > 0,
                 return_logits,
                 top_logprobs: p.top_logprobs,
+                score_prompt: output::wants_prompt_scores(s, slot.start, slot.n),
+                prompt_top: p.prompt_logprobs.unwrap_or(0),
+                next_token: s.tokens[..s.prompt_len].get(slot.start + slot.n).copied(),
             });
         }
         let running = self.sched.running();
@@ -409,7 +413,25 @@ impl Replica {
                 off += slot.n * vocab;
                 output::deliver_prompt_logits(&mut e.seq, rows, slot.start, vocab);
             }
+            if e.seq.job.params.prompt_logprobs.is_some() {
+                let scores = r
+                    .prompt_logprobs
+                    .iter()
+                    .filter(|x| x.seq_id == slot.wid)
+                    .map(|x| crate::request::PromptScore {
+                        position: x.position as usize,
+                        token: x.token,
+                        logprob: x.logprob,
+                        top: x.top.iter().map(|t| (t.token, t.logprob)).collect(),
+                    });
+                output::deliver_prompt_scores(&mut e.seq, scores);
+            }
             if e.computed() < e.seq.tokens.len() {
+                continue;
+            }
+            if e.seq.job.params.max_tokens == 0 {
+                // Scored, nothing to generate.
+                done.push((i, output::done(&mut e.seq, FinishReason::Length), "length"));
                 continue;
             }
             let Some(t) = r.tokens.iter().find(|t| t.seq_id == slot.wid) else {

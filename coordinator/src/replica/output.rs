@@ -3,7 +3,7 @@
 //! rows a request asked for. Pure: the step loop sends the events.
 
 use super::seq::Seq;
-use crate::request::{FinishReason, GenEvent, RequestParams, TokenEvent};
+use crate::request::{FinishReason, GenEvent, PromptScore, RequestParams, TokenEvent};
 use grok_shared::tokenizer::Tokenizer;
 
 /// What the output rules need of the model.
@@ -115,6 +115,25 @@ pub fn wants_prompt_logits(s: &Seq, start: usize, n: usize) -> bool {
     s.job.params.prompt_logits && start < s.prompt_len && start + n > s.logit_rows_sent
 }
 
+/// Whether a step computing positions `start..start + n` of `s` must score prompt tokens: the
+/// request asked for prompt scores and the step's rows predict some not delivered yet.
+pub fn wants_prompt_scores(s: &Seq, start: usize, n: usize) -> bool {
+    s.job.params.prompt_logprobs.is_some()
+        && start + n >= s.score_next
+        && s.score_next < s.prompt_len
+}
+
+/// Delivers the scores of `scores` (a step's, for this sequence) not delivered yet, in order.
+pub fn deliver_prompt_scores(s: &mut Seq, scores: impl Iterator<Item = PromptScore>) {
+    let fresh: Vec<PromptScore> = scores
+        .filter(|x| x.position >= s.score_next && x.position < s.prompt_len)
+        .collect();
+    if let Some(last) = fresh.last() {
+        s.score_next = last.position + 1;
+        let _ = s.job.tx.send(GenEvent::PromptScores(fresh));
+    }
+}
+
 /// Delivers the prompt rows of `rows` (the logits of positions `start..`, `vocab` each) not
 /// delivered yet, in events of whole rows under the message limit.
 pub fn deliver_prompt_logits(s: &mut Seq, rows: &[f32], start: usize, vocab: usize) {
@@ -151,6 +170,7 @@ mod tests {
                 top_logprobs: 0,
                 prompt_logits,
                 penalties: Default::default(),
+                prompt_logprobs: None,
             },
             tx,
             arrived: std::time::Instant::now(),

@@ -22,6 +22,8 @@ pub struct Seq {
     pub logit_rows_sent: usize,
     /// Replica faults (a lost worker, a failed step) this sequence was running through.
     pub faults: u32,
+    /// The next prompt position whose score is to be delivered (from 1; each once).
+    pub score_next: usize,
 }
 
 impl Seq {
@@ -37,6 +39,7 @@ impl Seq {
             last_token: None,
             logit_rows_sent: 0,
             faults: 0,
+            score_next: 1,
         }
     }
 }

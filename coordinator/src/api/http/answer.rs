@@ -2,7 +2,7 @@
 
 use super::errors::HttpError;
 use crate::cluster::Cluster;
-use crate::request::{FinishReason, GenEvent, TokenEvent};
+use crate::request::{FinishReason, GenEvent, PromptScore, TokenEvent};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +31,8 @@ pub(crate) struct Answer {
     pub(crate) shared: Arc<Cluster>,
     /// Choices returned.
     pub(crate) n: usize,
+    /// `echo`: the prompt's text and ids, returned before each completion.
+    pub(crate) echo: Option<(String, Vec<u32>)>,
 }
 
 /// Everything a finished request produced.
@@ -40,13 +42,17 @@ pub(crate) struct Collected {
     pub(crate) reason: FinishReason,
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
+    /// The prompt's scores, when asked for (`echo` with `logprobs`).
+    pub(crate) scores: Vec<PromptScore>,
 }
 
 pub(crate) async fn collect(mut rx: Receiver<GenEvent>) -> Result<Collected, HttpError> {
     let mut text = String::new();
     let mut tokens = Vec::new();
+    let mut scores = Vec::new();
     loop {
         match rx.recv().await {
+            Some(GenEvent::PromptScores(s)) => scores.extend(s),
             Some(GenEvent::Token(t)) => {
                 text.push_str(&t.text);
                 tokens.push(t);
@@ -64,6 +70,7 @@ pub(crate) async fn collect(mut rx: Receiver<GenEvent>) -> Result<Collected, Htt
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    scores,
                 });
             }
             Some(GenEvent::Error(s)) => return Err(HttpError::from_status(&s)),
@@ -198,6 +205,64 @@ impl Answer {
         c
     }
 
+    /// A completion choice with `echo`: the prompt's text first, and with logprobs its tokens
+    /// first (the first with no score, as vLLM returns them).
+    fn echoed(
+        &self,
+        index: usize,
+        prompt_text: &str,
+        prompt_ids: &[u32],
+        c: &Collected,
+        text: &str,
+    ) -> Value {
+        let mut offset = prompt_text.chars().count();
+        let mut ch = self.choice(
+            index,
+            false,
+            Some(text),
+            &c.tokens,
+            &mut offset,
+            Some(c.reason),
+        );
+        ch["text"] = json!(format!("{prompt_text}{text}"));
+        if self.logprobs.is_some() {
+            let lp = &mut ch["logprobs"];
+            let (mut strs, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+            let mut at = 0;
+            for (pos, &id) in prompt_ids.iter().enumerate() {
+                let s = self.token_str(id);
+                offs.push(json!(at));
+                at += s.chars().count();
+                strs.push(json!(s));
+                match c.scores.iter().find(|x| x.position == pos) {
+                    Some(x) => {
+                        lps.push(json!(x.logprob));
+                        let top: Map<String, Value> = x
+                            .top
+                            .iter()
+                            .map(|&(id, lp)| (self.token_str(id), json!(lp)))
+                            .collect();
+                        tops.push(Value::Object(top));
+                    }
+                    None => {
+                        lps.push(Value::Null);
+                        tops.push(Value::Null);
+                    }
+                }
+            }
+            for (key, head) in [
+                ("tokens", strs),
+                ("token_logprobs", lps),
+                ("top_logprobs", tops),
+                ("text_offset", offs),
+            ] {
+                let rest = lp[key].as_array().cloned().unwrap_or_default();
+                lp[key] = Value::Array(head.into_iter().chain(rest).collect());
+            }
+        }
+        ch
+    }
+
     pub(crate) fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
         let mut v = json!({
             "id": self.id,
@@ -236,7 +301,12 @@ impl Answer {
                     Api::Chat => c.text.trim_start(),
                     Api::Completion => c.text.as_str(),
                 };
-                self.choice(i, false, Some(text), &c.tokens, &mut 0, Some(c.reason))
+                match &self.echo {
+                    None => self.choice(i, false, Some(text), &c.tokens, &mut 0, Some(c.reason)),
+                    Some((prompt_text, prompt_ids)) => {
+                        self.echoed(i, prompt_text, prompt_ids, c, text)
+                    }
+                }
             })
             .collect();
         let mut v = self.envelope(false, choices);
@@ -294,7 +364,7 @@ impl Streamer {
             (a.api == Api::Completion || !t.is_empty()).then(|| t.to_string())
         };
         match ev {
-            Some(GenEvent::PromptLogits(_)) => Some(vec![]),
+            Some(GenEvent::PromptLogits(_) | GenEvent::PromptScores(_)) => Some(vec![]),
             Some(GenEvent::Token(t)) => {
                 let s = text(&mut self.strip, &t.text);
                 if s.as_deref().is_none_or(str::is_empty) && a.logprobs.is_none() && !a.token_ids {

@@ -21,6 +21,8 @@
 //! as many as the context (and KV cache) leave after the prompt. `n` (and `best_of`, the
 //! most likely `n` of that many by cumulative log-probability) up to 16: choice `i` samples
 //! with seed `seed + i`, so choice 0 is the `n = 1` output; streamed chunks carry the index.
+//! `echo` returns the prompt before the completion; with `logprobs`, the prompt's tokens come
+//! scored (null for the first), and `max_tokens` may be 0 (not streamed).
 //! Prompts are a string, a list of one string, a list of token ids or a list of one list of
 //! token ids; text needs the cluster's tokenizer.
 //!
@@ -337,18 +339,54 @@ fn rejected<T>(app: &App, r: Result<T, HttpError>) -> Result<T, HttpError> {
 }
 
 fn completion_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Started {
-    let (c, prompt, logprobs) = rejected(
+    let (c, prompt, logprobs, echo) = rejected(
         app,
         parse_completion(&app.shared.cfg.served_model_name, body),
     )?;
-    let params = c.params(c.max_tokens.unwrap_or(16), logprobs.unwrap_or(0));
+    let mut params = c.params(c.max_tokens.unwrap_or(16), logprobs.unwrap_or(0));
+    // `echo`: the prompt comes back before the completion, scored when logprobs are asked for
+    // (as vLLM does; max_tokens may then be 0).
+    let echo = if echo {
+        params.prompt_logprobs = Some(logprobs.unwrap_or(0));
+        let s = &app.shared;
+        let (text, ids) = match &prompt {
+            PromptInput::Text(t) => {
+                let ids = match &s.tokenizer {
+                    Some(tok) => rejected(
+                        app,
+                        tok.encode(t)
+                            .map_err(|e| HttpError::invalid("prompt", format!("prompt: {e}"))),
+                    )?,
+                    // build_job refuses text without a tokenizer.
+                    None => vec![],
+                };
+                (t.clone(), ids)
+            }
+            PromptInput::Ids(ids) => {
+                let text = s
+                    .tokenizer
+                    .as_ref()
+                    .and_then(|t| t.decode(ids).ok())
+                    .unwrap_or_default();
+                (text, ids.clone())
+            }
+        };
+        Some((text, ids))
+    } else {
+        None
+    };
     let mt = c.max_tokens_name;
-    let rename = |f: &'static str| if f == "max_tokens" { mt } else { f };
+    let rename = |f: &'static str| match f {
+        "max_tokens" => mt,
+        "prompt_logprobs" => "logprobs",
+        f => f,
+    };
     let rxs = start(app, prompt, params, c.best_of, &rename, tp.as_deref())?;
     Ok((
         rxs,
         Answer {
             n: c.n,
+            echo,
             api: Api::Completion,
             id: new_id("cmpl"),
             created: now(),
@@ -400,6 +438,7 @@ fn chat_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Star
         rxs,
         Answer {
             n: c.n,
+            echo: None,
             api: Api::Chat,
             id: new_id("chatcmpl"),
             created: now(),

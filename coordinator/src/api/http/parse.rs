@@ -372,6 +372,7 @@ impl Common {
             top_logprobs,
             prompt_logits: false,
             penalties: self.penalties.clone(),
+            prompt_logprobs: None,
         }
     }
 }
@@ -411,7 +412,8 @@ pub(crate) fn completion_prompt(f: &mut Fields) -> Result<PromptInput, HttpError
     )
 }
 
-pub(crate) type CompletionParts = (Common, PromptInput, Option<u32>);
+/// A completion request: what it shares with chat, its prompt, its logprobs, and `echo`.
+pub(crate) type CompletionParts = (Common, PromptInput, Option<u32>, bool);
 
 pub(crate) fn parse_completion(
     served: &str,
@@ -420,10 +422,11 @@ pub(crate) fn parse_completion(
     let mut f = Fields(body);
     let c = common(&mut f, served)?;
     let prompt = completion_prompt(&mut f)?;
-    if f.take::<bool>("echo")?.unwrap_or(false) {
+    let echo = f.take::<bool>("echo")?.unwrap_or(false);
+    if echo && c.stream {
         return Err(HttpError::invalid(
             "echo",
-            "echo: returning the prompt is not supported",
+            "echo: not with stream (use a non-streaming request to score a prompt)",
         ));
     }
     if f.take::<String>("suffix")?.is_some_and(|s| !s.is_empty()) {
@@ -441,7 +444,7 @@ pub(crate) fn parse_completion(
         Some(CompletionLogprobs::N(n)) => Some(n),
     };
     f.refuse_rest()?;
-    Ok((c, prompt, logprobs))
+    Ok((c, prompt, logprobs, echo))
 }
 
 /// The conversation as (Role, content) turns.

@@ -30,6 +30,8 @@ pub struct CoordinatorConfig {
     /// Mutual TLS (None: plaintext): the gRPC port serves TLS, registration needs a client
     /// certificate signed by the CA, and the coordinator presents its certificate to workers.
     pub tls: Option<grok_proto::tls::Tls>,
+    /// Reuse the KV blocks of a cached prompt prefix (CPU workers).
+    pub prefix_caching: bool,
 }
 
 impl CoordinatorConfig {

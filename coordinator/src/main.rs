@@ -56,6 +56,10 @@ struct Args {
     /// serving replica wait this long for it to rejoin, then end with a retryable UNAVAILABLE.
     #[arg(long, default_value_t = 5000)]
     fault_hold_ms: u64,
+    /// Turn off prefix caching (on by default with CPU workers): full KV blocks of a prompt
+    /// are kept and reused by later requests that start with the same tokens.
+    #[arg(long, env = "GROK_NO_PREFIX_CACHE")]
+    no_prefix_cache: bool,
     /// The model name of the API (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -128,6 +132,7 @@ fn main() {
         max_seqs: a.max_seqs.max(1),
         max_batch_tokens: a.max_batch_tokens.max(1),
         fault_hold_ms: a.fault_hold_ms,
+        prefix_caching: !a.no_prefix_cache,
         served_model_name: a.served_model_name.unwrap_or_else(|| {
             a.model
                 .file_name()

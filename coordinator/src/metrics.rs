@@ -95,6 +95,9 @@ pub struct Metrics {
     /// parallelism).
     pub coordinator_step: Histogram,
     pub pipelined_steps: AtomicU64,
+    /// Prompt tokens taken from the prefix cache, and each replica's cached blocks.
+    pub prefix_hit_tokens: AtomicU64,
+    pub cached_blocks: Mutex<BTreeMap<usize, u64>>,
     /// Routed tokens per (layer, expert).
     pub expert_tokens: Mutex<Vec<u64>>,
     pub num_experts: usize,
@@ -119,6 +122,8 @@ impl Metrics {
             resumed: AtomicU64::new(0),
             coordinator_step: Histogram::new(STEP_OVERHEAD_BOUNDS),
             pipelined_steps: AtomicU64::new(0),
+            prefix_hit_tokens: AtomicU64::new(0),
+            cached_blocks: Mutex::new(BTreeMap::new()),
             expert_tokens: Mutex::new(vec![0; num_layers * num_experts]),
             num_experts,
         }
@@ -128,6 +133,11 @@ impl Metrics {
         *grok_shared::sync::lock(&self.requests)
             .entry(outcome.to_string())
             .or_default() += 1;
+    }
+
+    /// Records replica `r`'s number of cached blocks.
+    pub fn set_cached_blocks(&self, r: usize, blocks: u64) {
+        grok_shared::sync::lock(&self.cached_blocks).insert(r, blocks);
     }
 
     pub fn add_expert_counts(&self, first_layer: usize, counts: &[u64]) {
@@ -227,6 +237,11 @@ impl Metrics {
                 &self.resumed,
             ),
             (
+                "grok_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose keys and values came from the prefix cache (hit rate: over grok_prompt_tokens_total).",
+                &self.prefix_hit_tokens,
+            ),
+            (
                 "grok_pipelined_steps_total",
                 "Steps sent while another step of the same replica was in flight (pipeline parallelism).",
                 &self.pipelined_steps,
@@ -239,6 +254,11 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let cached: u64 = grok_shared::sync::lock(&self.cached_blocks).values().sum();
+        let _ = writeln!(
+            o,
+            "# HELP grok_prefix_cache_blocks KV blocks in the prefix cache (all replicas).\n# TYPE grok_prefix_cache_blocks gauge\ngrok_prefix_cache_blocks {cached}"
+        );
         let _ = writeln!(
             o,
             "# HELP grok_expert_routed_tokens_total Tokens routed to each expert of each layer.\n# TYPE grok_expert_routed_tokens_total counter"

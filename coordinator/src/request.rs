@@ -62,6 +62,8 @@ pub enum GenEvent {
         text: String,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens taken from the prefix cache.
+        cached_tokens: usize,
     },
     Error(Status),
 }

@@ -78,6 +78,11 @@ pub struct Cluster {
 
 /// `grokctl up` with extra arguments; waits until the cluster serves.
 pub fn up(model: &Path, args: &[&str]) -> Cluster {
+    up_with_env(model, args, &[])
+}
+
+/// [`up`] with environment variables for every process it starts.
+pub fn up_with_env(model: &Path, args: &[&str], env: &[(&str, &str)]) -> Cluster {
     let log = model.with_extension(format!("up-{}.log", std::process::id()));
     let mut c = bin("grokctl")
         .args([
@@ -88,6 +93,7 @@ pub fn up(model: &Path, args: &[&str]) -> Cluster {
             "127.0.0.1:0",
         ])
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -1425,6 +1425,7 @@ fn fuzz_http_json_bodies() {
         max_seqs: 4,
         max_batch_tokens: 256,
         fault_hold_ms: 0,
+        prefix_caching: true,
         served_model_name: "grok-1".into(),
         http_listen: None,
         api_token: None,

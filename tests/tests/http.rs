@@ -343,7 +343,8 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
     assert_eq!(ids_of(&ch["token_ids"]), want, "HTTP ids differ from gRPC");
     assert_eq!(
         j["usage"],
-        json!({"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16})
+        json!({"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16,
+            "prompt_tokens_details": {"cached_tokens": 0}})
     );
     // Logprobs: without a tokenizer the token strings are the ids; greedy picks the top one.
     let lp = &ch["logprobs"];

@@ -1034,3 +1034,73 @@ async fn prompt_scores_match_the_prompt_logits() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("max_tokens"), "{}", e.message());
 }
+
+/// Prefix caching: requests that share a prompt prefix reuse its KV blocks (tp 2, pp 2 with
+/// steps in flight), with exactly the outputs of a cluster without the cache, greedy and
+/// seeded, one at a time and all at once; usage and /metrics report the reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_is_reused_and_outputs_do_not_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let prefix: Vec<u32> = (0..40).map(|i| 3 + (i * 7) % 250).collect();
+    let request = |k: usize| {
+        let mut p = prefix.clone();
+        p.extend((0..5 + k % 4).map(|i| 10 + (k * 13 + i) as u32));
+        let mut r = req(&p, 12);
+        if k % 2 == 1 {
+            r.temperature = 0.9;
+            r.top_p = 0.95;
+            r.seed = 3 + k as u64;
+        }
+        r
+    };
+    let layout = ["--tp", "2", "--pp", "2", "--http-listen", "127.0.0.1:0"];
+    let mut want = vec![];
+    {
+        let c = grok_tests::cluster::up_with_env(&m, &layout, &[("GROK_NO_PREFIX_CACHE", "true")]);
+        let cl = client(&c).await;
+        for k in 0..8 {
+            want.push(run(cl.clone(), request(k)).await.unwrap().0);
+        }
+        let body = grok_tests::cluster::http_get(c.http.as_deref().unwrap(), "/metrics");
+        let hits = grok_tests::cluster::metric(&body, "grok_prefix_cache_hit_tokens_total");
+        assert_eq!(hits, Some(0.0), "no reuse with the cache off");
+    }
+    let c = up(&m, &layout);
+    let mut cl = client(&c).await;
+    for (k, w) in want.iter().enumerate() {
+        let mut s = cl.generate(request(k)).await.unwrap().into_inner();
+        let (mut ids, mut usage) = (vec![], None);
+        while let Some(msg) = s.next().await {
+            let msg = msg.unwrap();
+            ids.extend(msg.ids);
+            usage = usage.or(msg.usage);
+        }
+        assert_eq!(&ids, w, "request {k} alone");
+        let cached = usage.unwrap().cached_tokens;
+        if k == 0 {
+            assert_eq!(cached, 0);
+        } else {
+            // The prefix's two full blocks of 16 tokens.
+            assert_eq!(cached, 32, "request {k}");
+        }
+    }
+    let mut tasks = vec![];
+    for k in 0..16 {
+        let cl = cl.clone();
+        let r = request(k % 8);
+        tasks.push(tokio::spawn(async move { (k, run(cl, r).await) }));
+    }
+    for t in tasks {
+        let (k, res) = t.await.unwrap();
+        assert_eq!(res.unwrap().0, want[k % 8], "request {k} with the others");
+    }
+    let body = grok_tests::cluster::http_get(c.http.as_deref().unwrap(), "/metrics");
+    let hits = grok_tests::cluster::metric(&body, "grok_prefix_cache_hit_tokens_total").unwrap();
+    assert!(hits >= 32.0 * 7.0, "{hits}");
+    let blocks = grok_tests::cluster::metric(&body, "grok_prefix_cache_blocks").unwrap();
+    assert!(blocks >= 2.0, "{blocks}");
+    let s = wait_kv_free(&c).await;
+    assert_eq!(s.running_sequences, 0);
+}

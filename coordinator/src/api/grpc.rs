@@ -98,12 +98,14 @@ fn to_pb(ev: GenEvent) -> Result<pb::GenerateResponse, Status> {
             text,
             prompt_tokens,
             completion_tokens,
+            cached_tokens,
         } => Ok(pb::GenerateResponse {
             text,
             finish_reason: reason.as_str().into(),
             usage: Some(pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
                 completion_tokens: completion_tokens as u32,
+                cached_tokens: cached_tokens as u32,
             }),
             ..Default::default()
         }),

@@ -16,6 +16,7 @@
 //! for this one for `--fault-hold-ms`, and resume by re-prefilling. The coordinator stays up
 //! and answers status throughout.
 
+pub mod blocks;
 pub mod handle;
 pub mod load;
 pub mod output;
@@ -159,7 +160,14 @@ impl Replica {
             max_seqs: cfg.max_seqs,
             block_size: cfg.block_size,
         };
-        let mut sched = Scheduler::new(budget, cfg.kv_blocks);
+        // Prefix caching needs the workers' paged KV cache (the CUDA model keeps one cache per
+        // sequence).
+        let world = cfg.layout.world_size();
+        let cpu = lock(&cluster.workers)[ri * world..(ri + 1) * world]
+            .iter()
+            .flatten()
+            .all(|w| !w.device.starts_with("cuda"));
+        let mut sched = Scheduler::new(budget, cfg.kv_blocks, cfg.prefix_caching && cpu);
         let parked = std::mem::take(&mut *lock(&cluster.parked));
         let resumed = parked.len();
         for p in parked {
@@ -265,6 +273,9 @@ impl Replica {
             self.sched.free_blocks() as u64,
         );
         self.cluster.set_replica_load(self.index, mine);
+        self.cluster
+            .metrics
+            .set_cached_blocks(self.index, self.sched.cached_blocks() as u64);
     }
 
     /// Ends a request (its blocks are free already) with its last event.
@@ -318,6 +329,8 @@ impl Replica {
             .fetch_add(plan.preempted as u64, Ordering::Relaxed);
         m.prompt_tokens
             .fetch_add(plan.admitted_tokens as u64, Ordering::Relaxed);
+        m.prefix_hit_tokens
+            .fetch_add(plan.reused_tokens as u64, Ordering::Relaxed);
         for s in plan.too_long {
             let st = Status::resource_exhausted(format!(
                 "the sequence needs more than the {} KV blocks of {} tokens the cache holds",
@@ -335,7 +348,11 @@ impl Replica {
         let mut seqs = Vec::with_capacity(plan.slots.len());
         let mut returns = Vec::with_capacity(plan.slots.len());
         for slot in &plan.slots {
-            let s = &self.sched.running()[slot.index].seq;
+            let s = &mut self.sched.running_mut()[slot.index].seq;
+            if slot.first && s.generated == 0 && s.cached_tokens == 0 {
+                s.cached_tokens = slot.reused.min(s.prompt_len);
+            }
+            let s = &*s;
             let p = &s.job.params;
             let return_logits = output::wants_prompt_logits(s, slot.start, slot.n);
             if return_logits {

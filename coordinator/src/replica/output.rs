@@ -106,6 +106,7 @@ pub fn done(s: &mut Seq, reason: FinishReason) -> GenEvent {
         text: std::mem::take(&mut s.held),
         prompt_tokens: s.prompt_len,
         completion_tokens: s.generated,
+        cached_tokens: s.cached_tokens,
     }
 }
 

@@ -23,12 +23,21 @@
 //! workers exactly once; a plan never exceeds the token budget or the cap; no sequence is in
 //! two steps in flight.
 
-use grok_shared::model::BlockAllocator;
+use super::blocks::{chain, Blocks};
 use std::collections::VecDeque;
 
-/// What a scheduled sequence is to the scheduler: its length (prompt and generated tokens).
+/// What a scheduled sequence is to the scheduler: its length (prompt and generated tokens),
+/// and for prefix caching its tokens and whether it may reuse cached blocks.
 pub trait Tokens {
     fn num_tokens(&self) -> usize;
+    /// Its tokens (the blocks it computes are cached under them); empty: none are cached.
+    fn tokens(&self) -> &[u32] {
+        &[]
+    }
+    /// Whether it may start from cached blocks (not when its prompt's rows are asked for).
+    fn may_reuse(&self) -> bool {
+        false
+    }
 }
 
 /// The limits of one step.
@@ -54,6 +63,8 @@ pub struct Entry<T> {
     wid: u64,
     /// In a step in flight.
     busy: bool,
+    /// Hashes of its full blocks computed so far (prefix caching).
+    hashes: Vec<u64>,
 }
 
 impl<T> Entry<T> {
@@ -65,6 +76,7 @@ impl<T> Entry<T> {
             sent_blocks: 0,
             wid: 0,
             busy: false,
+            hashes: Vec::new(),
         }
     }
 
@@ -94,6 +106,8 @@ pub struct Slot {
     pub new_blocks: Vec<u32>,
     /// Its first step since admission (the workers learn its sampling parameters).
     pub first: bool,
+    /// Tokens this admission took from the prefix cache (0 after the first step).
+    pub reused: usize,
 }
 
 /// What one step computes.
@@ -107,11 +121,13 @@ pub struct Plan<T> {
     pub admitted_tokens: usize,
     /// Sequences preempted to make room.
     pub preempted: usize,
+    /// Tokens of the admitted sequences found in the prefix cache (not recomputed).
+    pub reused_tokens: usize,
 }
 
 pub struct Scheduler<T> {
     budget: Budget,
-    blocks: BlockAllocator,
+    blocks: Blocks,
     kv_blocks: usize,
     waiting: VecDeque<Entry<T>>,
     running: Vec<Entry<T>>,
@@ -134,14 +150,16 @@ fn is_busy<T>(e: &Entry<T>) -> bool {
 }
 
 impl<T: Tokens> Scheduler<T> {
-    pub fn new(budget: Budget, kv_blocks: usize) -> Self {
+    /// A scheduler over `kv_blocks` blocks; `prefix_caching` keeps computed full blocks for
+    /// sequences that start with the same tokens.
+    pub fn new(budget: Budget, kv_blocks: usize, prefix_caching: bool) -> Self {
         Scheduler {
             budget: Budget {
                 max_batch_tokens: budget.max_batch_tokens.max(1),
                 max_seqs: budget.max_seqs.max(1),
                 block_size: budget.block_size.max(1),
             },
-            blocks: BlockAllocator::new(kv_blocks),
+            blocks: Blocks::new(kv_blocks, prefix_caching),
             kv_blocks,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -185,6 +203,11 @@ impl<T: Tokens> Scheduler<T> {
         self.blocks.num_free()
     }
 
+    /// Blocks in the prefix cache.
+    pub fn cached_blocks(&self) -> usize {
+        self.blocks.num_cached()
+    }
+
     /// Plans the next step: this step's share (1 / `parts`) of the sequences that can run,
     /// running ones first, then admissions.
     pub fn schedule(&mut self, parts: usize) -> Plan<T> {
@@ -199,6 +222,7 @@ impl<T: Tokens> Scheduler<T> {
             too_long: Vec::new(),
             admitted_tokens: 0,
             preempted: 0,
+            reused_tokens: 0,
         };
         let ready = self.running.len() - self.num_busy();
         let mut share = (ready + self.waiting.len()).div_ceil(parts.max(1));
@@ -233,16 +257,31 @@ impl<T: Tokens> Scheduler<T> {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let n = (front.seq.num_tokens() - front.computed).min(budget);
-            let need = n.div_ceil(bs);
-            if need > self.blocks.num_free() {
+            // The longest cached prefix of its tokens (whole blocks, and at least one token
+            // left to compute: the step must give the last row's logits).
+            let len = front.seq.num_tokens();
+            let hits = if front.seq.may_reuse() && self.blocks.caching() {
+                self.blocks
+                    .lookup(front.seq.tokens(), bs, len.saturating_sub(1) / bs)
+            } else {
+                vec![]
+            };
+            let reused = hits.len() * bs;
+            let n = (len - reused).min(budget);
+            let need = (reused + n).div_ceil(bs) - hits.len();
+            if need + self.blocks.evictable_among(&hits) > self.blocks.num_free() {
                 break;
             }
             let mut e = self.waiting.pop_front().expect("front exists");
+            self.blocks.take(&hits);
+            e.blocks = hits.iter().map(|h| h.1).collect();
+            e.hashes = hits.iter().map(|h| h.0).collect();
+            e.computed = reused;
             for _ in 0..need {
                 e.blocks.push(self.blocks.alloc().expect("counted"));
             }
             plan.admitted_tokens += e.seq.num_tokens();
+            plan.reused_tokens += reused;
             self.running.push(e);
             sched.push((self.running.len() - 1, n));
             budget -= n;
@@ -263,6 +302,7 @@ impl<T: Tokens> Scheduler<T> {
                 n,
                 new_blocks: e.blocks[e.sent_blocks..].to_vec(),
                 first,
+                reused: if first { e.computed } else { 0 },
             });
             e.sent_blocks = e.blocks.len();
         }
@@ -277,9 +317,21 @@ impl<T: Tokens> Scheduler<T> {
             .running
             .iter()
             .position(|e| e.wid == slot.wid && e.busy)?;
+        let bs = self.budget.block_size;
         let e = &mut self.running[i];
         e.computed += slot.n;
         e.busy = false;
+        // Blocks now full are computed: cache them under their tokens.
+        if self.blocks.caching() {
+            let tokens = e.seq.tokens();
+            while e.hashes.len() < e.computed / bs && tokens.len() >= (e.hashes.len() + 1) * bs {
+                let j = e.hashes.len();
+                let prev = e.hashes.last().copied().unwrap_or(0);
+                let h = chain(prev, &tokens[j * bs..(j + 1) * bs]);
+                e.hashes.push(h);
+                self.blocks.register(h, e.blocks[j]);
+            }
+        }
         Some(i)
     }
 
@@ -318,7 +370,8 @@ impl<T: Tokens> Scheduler<T> {
     pub fn drain(&mut self) -> (Vec<T>, Vec<T>) {
         let running = self.running.drain(..).map(|e| e.seq).collect();
         let waiting = self.waiting.drain(..).map(|e| e.seq).collect();
-        self.blocks = BlockAllocator::new(self.kv_blocks);
+        // The workers' caches are gone with their state: so is the prefix cache.
+        self.blocks = Blocks::new(self.kv_blocks, self.blocks.caching());
         self.pending_free.clear();
         (running, waiting)
     }
@@ -331,6 +384,7 @@ impl<T: Tokens> Scheduler<T> {
 
     fn release(&mut self, e: &mut Entry<T>) {
         self.blocks.release(&mut e.blocks);
+        e.hashes.clear();
         e.sent_blocks = 0;
         e.computed = 0;
         if e.wid != 0 {
@@ -368,20 +422,17 @@ impl<T: Tokens> Scheduler<T> {
         Grow::Ok
     }
 
-    /// Checks the invariants (tests): every block free or held once, ids unique.
+    /// Checks the invariants (tests): every block free, held or cached (see
+    /// [`Blocks::check`]), ids unique.
     #[cfg(test)]
     fn check(&self) {
-        let mut seen = vec![false; self.kv_blocks];
-        let held = self
+        let held: Vec<u32> = self
             .running
             .iter()
             .chain(&self.waiting)
-            .flat_map(|e| &e.blocks);
-        for &b in held.chain(self.blocks.free_list()) {
-            assert!(!seen[b as usize], "block {b} held twice");
-            seen[b as usize] = true;
-        }
-        assert!(seen.iter().all(|&s| s), "a block was lost");
+            .flat_map(|e| e.blocks.iter().copied())
+            .collect();
+        self.blocks.check(&held);
         assert!(self
             .waiting
             .iter()
@@ -425,6 +476,7 @@ mod tests {
                 block_size: 4,
             },
             kv_blocks,
+            false,
         )
     }
 
@@ -665,6 +717,172 @@ mod tests {
                     s.check();
                 }
             }
+        }
+    }
+
+    /// A sequence with real tokens, for the prefix cache.
+    #[derive(Debug, Clone)]
+    struct P {
+        toks: Vec<u32>,
+        reuse: bool,
+    }
+
+    impl Tokens for P {
+        fn num_tokens(&self) -> usize {
+            self.toks.len()
+        }
+        fn tokens(&self) -> &[u32] {
+            &self.toks
+        }
+        fn may_reuse(&self) -> bool {
+            self.reuse
+        }
+    }
+
+    fn cached(kv_blocks: usize) -> Scheduler<P> {
+        Scheduler::new(
+            Budget {
+                max_batch_tokens: 100,
+                max_seqs: 8,
+                block_size: 4,
+            },
+            kv_blocks,
+            true,
+        )
+    }
+
+    /// One step as the replica runs it; sequences that reached `stop` tokens finish.
+    fn step_p(s: &mut Scheduler<P>, stop: usize) -> Plan<P> {
+        let plan = s.schedule(1);
+        for slot in &plan.slots {
+            let i = s.complete(slot).unwrap();
+            let e = &mut s.running_mut()[i];
+            if e.computed() == e.seq.toks.len() {
+                let next = 7 + e.seq.toks.len() as u32;
+                e.seq.toks.push(next);
+            }
+        }
+        let mut i = s.running().len();
+        while i > 0 {
+            i -= 1;
+            if s.running()[i].seq.toks.len() >= stop {
+                s.finish(i);
+            }
+        }
+        s.check();
+        plan
+    }
+
+    #[test]
+    fn a_shared_prefix_is_computed_once() {
+        let mut s = cached(16);
+        let prompt: Vec<u32> = (1..=10).collect();
+        s.push_back(P {
+            toks: prompt.clone(),
+            reuse: true,
+        });
+        let p = step_p(&mut s, 12);
+        assert_eq!(
+            (p.slots[0].start, p.slots[0].n, p.reused_tokens),
+            (0, 10, 0)
+        );
+        // Its two full blocks (positions 0..8) are cached now; a request with the same
+        // prompt starts at position 8 on them.
+        s.push_back(P {
+            toks: prompt.clone(),
+            reuse: true,
+        });
+        let p = step_p(&mut s, 12);
+        let second = p.slots.iter().find(|x| x.first).unwrap();
+        assert_eq!((second.start, second.n, second.reused), (8, 2, 8));
+        assert_eq!(p.reused_tokens, 8);
+        assert_eq!(
+            second.new_blocks.len(),
+            3,
+            "the two shared blocks and a new one"
+        );
+        // A prompt of exactly two blocks reuses one: its last token is computed again.
+        s.push_back(P {
+            toks: prompt[..8].to_vec(),
+            reuse: true,
+        });
+        let p = step_p(&mut s, 12);
+        let third = p.slots.iter().find(|x| x.first).unwrap();
+        assert_eq!((third.start, third.n), (4, 4));
+        // One that may not reuse (its prompt's rows are asked for) computes everything.
+        s.push_back(P {
+            toks: prompt.clone(),
+            reuse: false,
+        });
+        let p = step_p(&mut s, 12);
+        let fourth = p.slots.iter().find(|x| x.first).unwrap();
+        assert_eq!((fourth.start, fourth.reused), (0, 0));
+        assert!(s.cached_blocks() >= 2);
+    }
+
+    #[test]
+    fn cached_blocks_are_evicted_only_when_space_is_needed() {
+        // 4 blocks: a 9-token prompt caches 2 of them, then finishes (they stay cached).
+        let mut s = cached(4);
+        s.push_back(P {
+            toks: (1..=9).collect(),
+            reuse: true,
+        });
+        step_p(&mut s, 10);
+        assert!(s.running().is_empty());
+        assert_eq!(s.cached_blocks(), 2);
+        assert_eq!(
+            s.free_blocks(),
+            4,
+            "cached blocks no one holds can be handed out"
+        );
+        // A different 16-token prompt needs all 4 blocks: the cached ones are evicted.
+        s.push_back(P {
+            toks: (100..116).collect(),
+            reuse: true,
+        });
+        let p = step_p(&mut s, 17);
+        assert_eq!(p.slots[0].n, 16);
+        // The first prompt finds nothing cached any more... once the second has gone, its own
+        // blocks are cached instead.
+        s.push_back(P {
+            toks: (1..=9).collect(),
+            reuse: true,
+        });
+        let p = step_p(&mut s, 100);
+        let again = p.slots.iter().find(|x| x.first);
+        assert!(again.is_none_or(|x| x.reused == 0), "{:?}", p.slots);
+    }
+
+    #[test]
+    fn random_prefix_sharing_keeps_every_invariant() {
+        let mut rng = grok_shared::sampling::Rng::new(9);
+        let prefixes: Vec<Vec<u32>> = (0..4)
+            .map(|k| (0..(3 + k * 5)).map(|i| (k * 100 + i) as u32).collect())
+            .collect();
+        for round in 0..20 {
+            let blocks = 6 + (rng.next_u64() % 20) as usize;
+            let mut s = cached(blocks);
+            let mut reused = 0;
+            for _ in 0..200 {
+                if rng.next_u64().is_multiple_of(2) {
+                    let mut toks = prefixes[(rng.next_u64() % 4) as usize].clone();
+                    toks.extend((0..rng.next_u64() % 6).map(|i| 500 + i as u32));
+                    s.push_back(P {
+                        toks,
+                        reuse: !rng.next_u64().is_multiple_of(5),
+                    });
+                }
+                let p = step_p(&mut s, 20);
+                reused += p.reused_tokens;
+                for x in &p.slots {
+                    assert!(x.n > 0, "round {round}: an empty slot");
+                }
+            }
+            assert!(
+                reused > 0,
+                "round {round}: shared prefixes were never reused"
+            );
         }
     }
 

@@ -24,6 +24,8 @@ pub struct Seq {
     pub faults: u32,
     /// The next prompt position whose score is to be delivered (from 1; each once).
     pub score_next: usize,
+    /// Prompt tokens its first admission took from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 impl Seq {
@@ -40,6 +42,7 @@ impl Seq {
             logit_rows_sent: 0,
             faults: 0,
             score_next: 1,
+            cached_tokens: 0,
         }
     }
 }
@@ -47,6 +50,17 @@ impl Seq {
 impl Tokens for Seq {
     fn num_tokens(&self) -> usize {
         self.tokens.len()
+    }
+
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Not when the request wants its prompt's rows (logits or scores: cached positions are
+    /// not recomputed), nor with penalties (the sampling rank counts the tokens it is given).
+    fn may_reuse(&self) -> bool {
+        let p = &self.job.params;
+        !p.prompt_logits && p.prompt_logprobs.is_none() && !p.penalties.is_active()
     }
 }
 

@@ -42,6 +42,7 @@ pub(crate) struct Collected {
     pub(crate) reason: FinishReason,
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
+    pub(crate) cached_tokens: usize,
     /// The prompt's scores, when asked for (`echo` with `logprobs`).
     pub(crate) scores: Vec<PromptScore>,
 }
@@ -62,6 +63,7 @@ pub(crate) async fn collect(mut rx: Receiver<GenEvent>) -> Result<Collected, Htt
                 text: rest,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 text.push_str(&rest);
                 return Ok(Collected {
@@ -70,6 +72,7 @@ pub(crate) async fn collect(mut rx: Receiver<GenEvent>) -> Result<Collected, Htt
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                     scores,
                 });
             }
@@ -94,11 +97,12 @@ pub(crate) fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
-pub(crate) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+pub(crate) fn usage(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
 }
 
@@ -282,6 +286,7 @@ impl Answer {
     /// sequence generated.
     pub(crate) fn full(&self, mut all: Vec<Collected>) -> Value {
         let prompt_tokens = all.first().map_or(0, |c| c.prompt_tokens);
+        let cached = all.first().map_or(0, |c| c.cached_tokens);
         let completion_tokens = all.iter().map(|c| c.completion_tokens).sum();
         if all.len() > self.n {
             let score = |c: &Collected| c.tokens.iter().map(|t| t.logprob as f64).sum::<f64>();
@@ -310,7 +315,7 @@ impl Answer {
             })
             .collect();
         let mut v = self.envelope(false, choices);
-        v["usage"] = usage(prompt_tokens, completion_tokens);
+        v["usage"] = usage(prompt_tokens, completion_tokens, cached);
         v
     }
 }
@@ -330,8 +335,8 @@ pub(crate) struct Streamer {
     pub(crate) strip: bool,
     pub(crate) offset: usize,
     /// What every choice's stream adds up at its end: (prompt tokens, completion tokens, an
-    /// error ended one).
-    pub(crate) totals: Arc<std::sync::Mutex<(usize, usize, bool)>>,
+    /// error ended one, cached prompt tokens).
+    pub(crate) totals: Arc<std::sync::Mutex<(usize, usize, bool, usize)>>,
 }
 
 pub(crate) fn data(v: &Value) -> Event {
@@ -378,12 +383,16 @@ impl Streamer {
                 text: rest,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 self.finished = true;
                 {
                     let mut t = grok_shared::sync::lock(&self.totals);
                     t.0 = prompt_tokens;
                     t.1 += completion_tokens;
+                    if self.index == 0 {
+                        t.3 = cached_tokens;
+                    }
                 }
                 let s = text(&mut self.strip, &rest);
                 let c = a.choice(i, true, s.as_deref(), &[], &mut self.offset, Some(reason));
@@ -413,7 +422,7 @@ impl Streamer {
 /// `[DONE]`.
 pub(crate) fn sse(rxs: Vec<Receiver<GenEvent>>, answer: Answer) -> Response {
     let answer = Arc::new(answer);
-    let totals = Arc::new(std::sync::Mutex::new((0, 0, false)));
+    let totals = Arc::new(std::sync::Mutex::new((0, 0, false, 0)));
     let choices: Vec<_> = rxs
         .into_iter()
         .enumerate()
@@ -436,12 +445,12 @@ pub(crate) fn sse(rxs: Vec<Receiver<GenEvent>>, answer: Answer) -> Response {
         })
         .collect();
     let tail = futures_util::stream::once(async move {
-        let (prompt_tokens, completion_tokens, failed) = *grok_shared::sync::lock(&totals);
+        let (prompt_tokens, completion_tokens, failed, cached) = *grok_shared::sync::lock(&totals);
         let mut out = Vec::new();
         if !failed {
             if answer.include_usage {
                 let mut u = answer.envelope(true, vec![]);
-                u["usage"] = usage(prompt_tokens, completion_tokens);
+                u["usage"] = usage(prompt_tokens, completion_tokens, cached);
                 out.push(data(&u));
             }
             out.push(Event::default().data("[DONE]"));

@@ -67,6 +67,8 @@ pub struct Cluster {
     pub rejoin: Vec<tokio::sync::Notify>,
     /// Requests waiting for a replica to serve again (none was serving at their fault).
     pub parked: Mutex<Vec<Parked>>,
+    /// Per replica: the block hashes in its prefix cache, for cache-aware routing.
+    pub cached_prefixes: Vec<Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl Cluster {
@@ -265,6 +267,7 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
         served: (0..replicas).map(|_| AtomicBool::new(false)).collect(),
         rejoin: (0..replicas).map(|_| tokio::sync::Notify::new()).collect(),
         parked: Mutex::new(Vec::new()),
+        cached_prefixes: (0..replicas).map(|_| Mutex::default()).collect(),
     }))
 }
 

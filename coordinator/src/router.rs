@@ -10,6 +10,23 @@ use grok_shared::sync::lock;
 use std::sync::atomic::Ordering;
 use tonic::Status;
 
+/// The hash chain of the prompt's full blocks, as the replicas' prefix caches key them (the
+/// last token is always computed, so only blocks before it count).
+fn prefix_hashes(prompt: &[u32], block_size: usize) -> Option<Vec<u64>> {
+    let usable = prompt.len().saturating_sub(1) / block_size.max(1);
+    let mut prev = 0;
+    Some(
+        prompt
+            .chunks_exact(block_size.max(1))
+            .take(usable)
+            .map(|c| {
+                prev = crate::replica::blocks::chain(prev, c);
+                prev
+            })
+            .collect(),
+    )
+}
+
 /// Queues a job on the serving replica.
 pub fn submit(s: &Cluster, job: Job) -> Result<(), Status> {
     if s.state() == ClusterState::Draining {
@@ -33,10 +50,29 @@ pub fn submit(s: &Cluster, job: Job) -> Result<(), Status> {
         // The least loaded (running, waiting and queued requests); ties in turn.
         let n = serving.len();
         let start = s.next_replica.fetch_add(1, Ordering::Relaxed);
-        (0..n)
+        let load = |i: usize, h: &ReplicaHandle| loads[i].0 + loads[i].1 + h.queued() as u64;
+        let least = (0..n)
             .map(|k| serving[(start + k) % n])
-            .min_by_key(|(i, h)| loads[*i].0 + loads[*i].1 + h.queued() as u64)
-            .map(|(_, h)| h.clone())
+            .min_by_key(|(i, h)| load(*i, h));
+        // Cache-aware: the replica holding the longest cached prefix of the prompt, unless it
+        // is busier than the least loaded by more than a quarter of a batch.
+        let slack = (s.cfg.max_seqs as u64 / 4).max(2);
+        let cached = prefix_hashes(&job.prompt, s.cfg.block_size)
+            .filter(|h| !h.is_empty())
+            .and_then(|hashes| {
+                serving
+                    .iter()
+                    .map(|&(i, h)| {
+                        let set = lock(&s.cached_prefixes[i]);
+                        (hashes.iter().take_while(|x| set.contains(x)).count(), i, h)
+                    })
+                    .filter(|(m, _, _)| *m > 0)
+                    .max_by_key(|(m, i, _)| (*m, std::cmp::Reverse(*i)))
+            });
+        match (cached, least) {
+            (Some((_, i, h)), Some((j, l))) if load(i, h) <= load(j, l) + slack => Some(h.clone()),
+            (_, least) => least.map(|(_, h)| h.clone()),
+        }
     };
     let Some(h) = handle else {
         let (state, detail) = lock(&s.state).clone();

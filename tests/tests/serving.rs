@@ -1104,3 +1104,45 @@ async fn a_shared_prefix_is_reused_and_outputs_do_not_change() {
     let s = wait_kv_free(&c).await;
     assert_eq!(s.running_sequences, 0);
 }
+
+/// Cache-aware routing: with two replicas, requests that share a prefix go to the replica that
+/// holds it (every one after the first reuses it), and different prefixes spread over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_follow_their_cached_prefix_across_replicas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let c = up(&m, &["--replicas", "2"]);
+    // `up` returns once one replica serves: wait for both.
+    let t = Instant::now();
+    while !status(&c).await.detail.contains("2 of 2 replicas serving") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the second replica never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut cl = client(&c).await;
+    let mut cached = vec![];
+    for k in 0..12u32 {
+        // Two families of prompts, two of each in turn (so that taking replicas in turn would
+        // send each family to both): 40 shared tokens, then 6 of their own.
+        let fam = (k / 2) % 2;
+        let mut p: Vec<u32> = (0..40).map(|i| 3 + fam * 100 + i).collect();
+        p.extend((0..6).map(|i| 150 + (k * 7 + i) % 100));
+        let mut s = cl.generate(req(&p, 2)).await.unwrap().into_inner();
+        let mut usage = None;
+        while let Some(msg) = s.next().await {
+            usage = usage.or(msg.unwrap().usage);
+        }
+        cached.push(usage.unwrap().cached_tokens);
+    }
+    assert_eq!(&cached[..4], &[0, 32, 0, 32], "{cached:?}");
+    assert!(cached[4..].iter().all(|&t| t == 32), "{cached:?}");
+    let st = status(&c).await;
+    assert!(
+        st.detail.contains("2 of 2 replicas serving"),
+        "{}",
+        st.detail
+    );
+}

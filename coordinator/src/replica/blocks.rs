@@ -33,6 +33,10 @@ struct PrefixCache {
     lru: BTreeMap<u64, u32>,
     lru_key: Vec<Option<u64>>,
     tick: u64,
+    /// Hashes cached and evicted since the last [`Blocks::take_changes`] (what the router's
+    /// view of this replica's cache needs).
+    added: Vec<u64>,
+    removed: Vec<u64>,
 }
 
 pub struct Blocks {
@@ -54,6 +58,8 @@ impl Blocks {
                 lru: BTreeMap::new(),
                 lru_key: vec![None; total],
                 tick: 0,
+                added: Vec::new(),
+                removed: Vec::new(),
             }),
             total,
         }
@@ -84,6 +90,7 @@ impl Blocks {
                 c.lru_key[b as usize] = None;
                 if let Some(h) = c.hash_of[b as usize].take() {
                     c.map.remove(&h);
+                    c.removed.push(h);
                 }
                 b
             }
@@ -166,7 +173,16 @@ impl Blocks {
             if c.hash_of[i].is_none() && !c.map.contains_key(&hash) {
                 c.map.insert(hash, block);
                 c.hash_of[i] = Some(hash);
+                c.added.push(hash);
             }
+        }
+    }
+
+    /// The hashes cached and evicted since the previous call.
+    pub fn take_changes(&mut self) -> (Vec<u64>, Vec<u64>) {
+        match &mut self.cache {
+            Some(c) => (std::mem::take(&mut c.added), std::mem::take(&mut c.removed)),
+            None => (vec![], vec![]),
         }
     }
 

@@ -263,6 +263,7 @@ impl Replica {
                 }
             }
             self.update_gauges();
+            self.publish_cache();
         }
     }
 
@@ -276,6 +277,19 @@ impl Replica {
         self.cluster
             .metrics
             .set_cached_blocks(self.index, self.sched.cached_blocks() as u64);
+    }
+
+    /// Shows the router what this replica's prefix cache gained and lost.
+    fn publish_cache(&mut self) {
+        let (added, removed) = self.sched.cache_changes();
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        let mut set = lock(&self.cluster.cached_prefixes[self.index]);
+        for h in removed {
+            set.remove(&h);
+        }
+        set.extend(added);
     }
 
     /// Ends a request (its blocks are free already) with its last event.
@@ -511,6 +525,8 @@ impl Replica {
         } = self;
         let began = Instant::now();
         lock(&cluster.replicas)[me] = None;
+        // Its prefix cache goes with the workers' state.
+        lock(&cluster.cached_prefixes[me]).clear();
         cluster
             .metrics
             .replica_faults

@@ -208,6 +208,11 @@ impl<T: Tokens> Scheduler<T> {
         self.blocks.num_cached()
     }
 
+    /// Block hashes cached and evicted since the previous call.
+    pub fn cache_changes(&mut self) -> (Vec<u64>, Vec<u64>) {
+        self.blocks.take_changes()
+    }
+
     /// Plans the next step: this step's share (1 / `parts`) of the sequences that can run,
     /// running ones first, then admissions.
     pub fn schedule(&mut self, parts: usize) -> Plan<T> {

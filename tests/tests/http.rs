@@ -489,6 +489,26 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
     let usage_chunks: Vec<&Value> = st.iter().filter(|c| c["usage"].is_object()).collect();
     assert_eq!(usage_chunks.len(), 1);
     assert_eq!(usage_chunks[0]["usage"]["completion_tokens"], 18);
+    // The choices share the prompt's blocks: the second and third take its two full blocks of
+    // 16 tokens from the prefix cache.
+    let hits = |h: &str| {
+        grok_tests::cluster::metric(
+            &get(h, "/metrics").body,
+            "grok_prefix_cache_hit_tokens_total",
+        )
+        .unwrap()
+    };
+    let before = hits(h);
+    let long: Vec<u32> = (0..40).map(|i| 5 + i * 3).collect();
+    let r = post(
+        h,
+        "/v1/completions",
+        &json!({"prompt": long, "max_tokens": 3, "n": 3, "temperature": 1.0, "seed": 9,
+            "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(hits(h) - before, 64.0);
 
     // echo with logprobs scores the prompt (vLLM's form: the first token has no score).
     let e = post(

@@ -298,8 +298,9 @@ async fn respond(r: Started) -> Response {
 
 /// Builds the jobs of a request's `k` sequences through `build_job` (counting a refusal as
 /// `rejected`) and queues them. Sequence `i` samples with seed `seed + i` (wrapping), so the
-/// first is the request's output with `n = 1`. If one cannot be queued, the others are dropped
-/// (their receivers with them: the engine ends them).
+/// first is the request's output with `n = 1`. The others are queued once the first's prompt
+/// is computed (its first event), so that they take its blocks from the prefix cache instead of
+/// computing the prompt again; one that cannot be queued ends with its error.
 fn start(
     app: &App,
     prompt: PromptInput,
@@ -309,6 +310,7 @@ fn start(
     traceparent: Option<&str>,
 ) -> Result<Vec<Receiver<GenEvent>>, HttpError> {
     let s = &app.shared;
+    let mut jobs = Vec::with_capacity(k);
     let mut rxs = Vec::with_capacity(k);
     for i in 0..k.max(1) {
         let mut p = params.clone();
@@ -325,9 +327,42 @@ fn start(
             s.metrics.request_done("rejected");
             HttpError::from_api(e, rename)
         })?;
-        router::submit(s, job).map_err(|e| HttpError::from_status(&e))?;
+        jobs.push(job);
         rxs.push(rx);
     }
+    let mut jobs = jobs.into_iter();
+    let first = jobs.next().expect("k >= 1");
+    router::submit(s, first).map_err(|e| HttpError::from_status(&e))?;
+    let rest: Vec<_> = jobs.collect();
+    if rest.is_empty() {
+        return Ok(rxs);
+    }
+    // Relay the first choice's events; on the first one, queue the others.
+    let (tx0, relayed) = tokio::sync::mpsc::unbounded_channel();
+    let mut rx0 = std::mem::replace(&mut rxs[0], relayed);
+    let shared = s.clone();
+    tokio::spawn(async move {
+        let mut rest = Some(rest);
+        let submit_rest = |rest: Vec<crate::request::Job>| {
+            for job in rest {
+                let tx = job.tx.clone();
+                if let Err(e) = router::submit(&shared, job) {
+                    let _ = tx.send(GenEvent::Error(e));
+                }
+            }
+        };
+        while let Some(ev) = rx0.recv().await {
+            if let Some(r) = rest.take() {
+                submit_rest(r);
+            }
+            if tx0.send(ev).is_err() {
+                break;
+            }
+        }
+        if let Some(r) = rest.take() {
+            submit_rest(r);
+        }
+    });
     Ok(rxs)
 }
 

@@ -2,6 +2,7 @@
 //! that drains), and draining the cluster or one replica.
 
 use crate::cluster::Cluster;
+use crate::replica::blocks::prefix_hashes;
 use crate::replica::handle::{ReplicaHandle, SubmitError};
 use crate::request::Job;
 use crate::state::{ClusterState, ReplicaState};
@@ -9,23 +10,6 @@ use grok_proto::v1 as pb;
 use grok_shared::sync::lock;
 use std::sync::atomic::Ordering;
 use tonic::Status;
-
-/// The hash chain of the prompt's full blocks, as the replicas' prefix caches key them (the
-/// last token is always computed, so only blocks before it count).
-fn prefix_hashes(prompt: &[u32], block_size: usize) -> Option<Vec<u64>> {
-    let usable = prompt.len().saturating_sub(1) / block_size.max(1);
-    let mut prev = 0;
-    Some(
-        prompt
-            .chunks_exact(block_size.max(1))
-            .take(usable)
-            .map(|c| {
-                prev = crate::replica::blocks::chain(prev, c);
-                prev
-            })
-            .collect(),
-    )
-}
 
 /// Queues a job on the serving replica.
 pub fn submit(s: &Cluster, job: Job) -> Result<(), Status> {
@@ -57,9 +41,11 @@ pub fn submit(s: &Cluster, job: Job) -> Result<(), Status> {
         // Cache-aware: the replica holding the longest cached prefix of the prompt, unless it
         // is busier than the least loaded by more than a quarter of a batch.
         let slack = (s.cfg.max_seqs as u64 / 4).max(2);
-        let cached = prefix_hashes(&job.prompt, s.cfg.block_size)
-            .filter(|h| !h.is_empty())
-            .and_then(|hashes| {
+        // The last token is always computed, so only the blocks before it count.
+        let bs = s.cfg.block_size.max(1);
+        let hashes = prefix_hashes(&job.prompt, bs, job.prompt.len().saturating_sub(1) / bs);
+        let cached = (!hashes.is_empty())
+            .then(|| {
                 serving
                     .iter()
                     .map(|&(i, h)| {
@@ -68,7 +54,8 @@ pub fn submit(s: &Cluster, job: Job) -> Result<(), Status> {
                     })
                     .filter(|(m, _, _)| *m > 0)
                     .max_by_key(|(m, i, _)| (*m, std::cmp::Reverse(*i)))
-            });
+            })
+            .flatten();
         match (cached, least) {
             (Some((_, i, h)), Some((j, l))) if load(i, h) <= load(j, l) + slack => Some(h.clone()),
             (_, least) => least.map(|(_, h)| h.clone()),

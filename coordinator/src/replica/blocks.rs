@@ -22,6 +22,20 @@ pub fn chain(prev: u64, tokens: &[u32]) -> u64 {
     h
 }
 
+/// The hashes of the first full blocks of `tokens` (at most `max_blocks` of `bs` tokens), as
+/// the prefix cache keys them.
+pub fn prefix_hashes(tokens: &[u32], bs: usize, max_blocks: usize) -> Vec<u64> {
+    let mut prev = 0;
+    tokens
+        .chunks_exact(bs.max(1))
+        .take(max_blocks)
+        .map(|c| {
+            prev = chain(prev, c);
+            prev
+        })
+        .collect()
+}
+
 struct PrefixCache {
     /// Hash of a cached block -> the block.
     map: HashMap<u64, u32>,
@@ -130,17 +144,10 @@ impl Blocks {
         let Some(c) = &self.cache else {
             return vec![];
         };
-        let mut out = Vec::new();
-        let mut prev = 0;
-        for chunk in tokens.chunks_exact(bs).take(max_blocks) {
-            let h = chain(prev, chunk);
-            match c.map.get(&h) {
-                Some(&b) => out.push((h, b)),
-                None => break,
-            }
-            prev = h;
-        }
-        out
+        prefix_hashes(tokens, bs, max_blocks)
+            .into_iter()
+            .map_while(|h| c.map.get(&h).map(|&b| (h, b)))
+            .collect()
     }
 
     /// How many of `hits` no sequence holds (taking them removes them from the free count).

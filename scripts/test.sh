@@ -42,6 +42,8 @@ python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai
 python3 -c 'import grpc_reflection' 2>/dev/null || python3 -m pip install --quiet grpcio grpcio-reflection
 # The deploy/ tests parse the Kubernetes manifests with PyYAML.
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
+# Structured output's test validates what the server generates against its JSON schema.
+python3 -c 'import jsonschema' 2>/dev/null || python3 -m pip install --quiet jsonschema
 # The ckpt-0 tests write official-format pickles with numpy and ml_dtypes (bfloat16).
 python3 -c 'import numpy, ml_dtypes' 2>/dev/null || python3 -m pip install --quiet numpy ml_dtypes
 

@@ -9,6 +9,7 @@ use crate::replica::seq::Parked;
 use crate::state::{derive_cluster, ClusterState, ReplicaState, WorkerState};
 use grok_proto::v1 as pb;
 use grok_shared::config::ModelConfig;
+use grok_shared::constrain::Constrainer;
 use grok_shared::sync::lock;
 use grok_shared::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ pub struct Cluster {
     pub cfg: CoordinatorConfig,
     pub model: ModelConfig,
     pub tokenizer: Option<Tokenizer>,
+    /// The tokenizer's file, sent to the sampling ranks (structured output).
+    pub tokenizer_file: Option<Arc<Vec<u8>>>,
+    /// Structured output's vocabulary, built once in the background at start.
+    pub grammars: Arc<std::sync::OnceLock<Result<Constrainer, String>>>,
     pub workers: Mutex<Vec<Option<WorkerEntry>>>,
     /// The cluster's state and its detail (derived from the replicas' but for `standby`).
     pub state: Mutex<(ClusterState, String)>,
@@ -72,6 +77,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Structured output's compiler (waits for it the first time, while it is built).
+    pub fn constrainer(&self) -> Option<Result<&Constrainer, String>> {
+        let bytes = self.tokenizer_file.as_ref()?;
+        let r = self
+            .grammars
+            .get_or_init(|| build_grammars(bytes, self.model.vocab_size, self.model.eos_token_id));
+        Some(r.as_ref().map_err(Clone::clone))
+    }
+
     pub fn state(&self) -> ClusterState {
         lock(&self.state).0
     }
@@ -234,18 +248,37 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
         let p = cfg.model_dir.join("tokenizer.model");
         p.exists().then_some(p)
     });
-    let tokenizer = match tok_path {
+    let (tokenizer, tokenizer_file) = match tok_path {
         Some(p) => {
-            Some(Tokenizer::from_file(&p).map_err(|e| StartError::Tokenizer(e.to_string()))?)
+            let bytes = std::fs::read(&p)
+                .map_err(|e| StartError::Tokenizer(format!("{}: {e}", p.display())))?;
+            let t = Tokenizer::from_bytes(&bytes)
+                .map_err(|e| StartError::Tokenizer(format!("{}: {e}", p.display())))?;
+            (Some(t), Some(Arc::new(bytes)))
         }
-        None => None,
+        None => (None, None),
     };
+    let grammars = Arc::new(std::sync::OnceLock::new());
+    if let Some(bytes) = &tokenizer_file {
+        // Some hundred milliseconds for Grok-1's vocabulary: off the start-up path.
+        let (g, bytes, vocab, eos) = (
+            grammars.clone(),
+            bytes.clone(),
+            model.vocab_size,
+            model.eos_token_id,
+        );
+        std::thread::spawn(move || {
+            g.get_or_init(|| build_grammars(&bytes, vocab, eos));
+        });
+    }
     let replicas = cfg.layout.replicas.max(1);
     let world = cfg.layout.world_size() * replicas;
     let kv_blocks = cfg.kv_blocks;
     Ok(Arc::new(Cluster {
         cfg,
         tokenizer,
+        tokenizer_file,
+        grammars,
         workers: Mutex::new(vec![None; world]),
         state: Mutex::new((
             ClusterState::WaitingForWorkers,
@@ -269,6 +302,11 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
         parked: Mutex::new(Vec::new()),
         cached_prefixes: (0..replicas).map(|_| Mutex::default()).collect(),
     }))
+}
+
+fn build_grammars(tokenizer: &[u8], vocab: usize, eos: u32) -> Result<Constrainer, String> {
+    let t = Tokenizer::from_bytes(tokenizer).map_err(|e| e.to_string())?;
+    Constrainer::new(&t, vocab, eos).map_err(|e| e.to_string())
 }
 
 /// A coordinator instance id: host name, process id and start time (unique per process).

@@ -2,6 +2,7 @@
 //! (the same for gRPC and HTTP), and the events it answers with.
 
 use grok_shared::config::ModelConfig;
+use grok_shared::constrain::{ConstrainError, Grammar};
 pub use grok_shared::generate::FinishReason;
 use grok_shared::sampling::{Penalties, SamplingParams};
 use grok_shared::tokenizer::Tokenizer;
@@ -26,6 +27,8 @@ pub struct RequestParams {
     pub penalties: Penalties,
     /// Score the prompt, with this many alternatives per token (`max_tokens` may then be 0).
     pub prompt_logprobs: Option<u32>,
+    /// Structured output: what the generated text must match.
+    pub constraint: Option<Grammar>,
 }
 
 /// The score of one prompt token: its log-probability after the tokens before it.
@@ -106,6 +109,50 @@ impl ApiError {
 pub enum PromptInput {
     Text(String),
     Ids(Vec<u32>),
+}
+
+/// Checks a request's structured output (once for all its choices): the cluster has a
+/// tokenizer, the grammar compiles over its vocabulary, and nothing else in the request
+/// contradicts it. Compiling takes a few milliseconds for a large schema.
+pub fn check_constraint(
+    cluster: &crate::cluster::Cluster,
+    p: &RequestParams,
+) -> Result<(), ApiError> {
+    let Some(g) = &p.constraint else {
+        return Ok(());
+    };
+    if p.ignore_eos {
+        return Err(ApiError::invalid(
+            "ignore_eos",
+            "ignore_eos cannot be combined with structured output: the grammar ends the output",
+        ));
+    }
+    let c = match cluster.constrainer() {
+        None => {
+            return Err(ApiError {
+                code: tonic::Code::FailedPrecondition,
+                field: Some("constraint"),
+                message: "structured output needs a tokenizer; this cluster has none (start it with --tokenizer)".into(),
+            })
+        }
+        Some(Err(e)) => {
+            return Err(ApiError {
+                code: tonic::Code::Internal,
+                field: Some("constraint"),
+                message: format!("structured output is unavailable: {e}"),
+            })
+        }
+        Some(Ok(c)) => c,
+    };
+    match c.compile(g) {
+        Ok(_) => Ok(()),
+        Err(ConstrainError::Invalid(m)) => Err(ApiError::invalid("constraint", m)),
+        Err(e) => Err(ApiError {
+            code: tonic::Code::Internal,
+            field: Some("constraint"),
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// Checks everything a caller can get wrong and builds the engine job.

@@ -2,9 +2,11 @@
 //! `proto/*.proto` with a pure-Rust protobuf compiler (no system protoc), and [`telemetry`]:
 //! the binaries' logs and OpenTelemetry spans, whose context travels in the wire messages, and
 //! [`tls`]: mutual TLS between the coordinator and the workers, [`auth`]: the client APIs'
-//! bearer token, and [`process`]: the start-up and shutdown every long-running binary shares.
+//! bearer token, [`process`]: the start-up and shutdown every long-running binary shares, and
+//! [`convert`]: wire messages to the shared library's types and back.
 
 pub mod auth;
+pub mod convert;
 pub mod limits;
 pub mod membership;
 pub mod process;

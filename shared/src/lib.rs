@@ -11,7 +11,8 @@
 //!   in-process).
 //! - [`sharding`]: layouts (tp, ep, pp), their validation and the shard of each rank.
 //! - [`planner`]: capacity planning: memory per rank, a roofline step model, a simulator.
-//! - [`generate`]: single-process prefill + decode loop; [`tokenizer`], [`sampling`].
+//! - [`generate`]: single-process prefill + decode loop; [`tokenizer`], [`sampling`],
+//!   [`constrain`] (structured output: grammars to token masks, through llguidance).
 //! - [`threads`] (the compute pool), [`sync`] (locks).
 //!
 //! The model and tensor code is synchronous and imports no async runtime or RPC crate.
@@ -19,6 +20,7 @@
 pub mod backend;
 pub mod collective;
 pub mod config;
+pub mod constrain;
 pub mod formats;
 pub mod generate;
 pub mod model;

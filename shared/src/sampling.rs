@@ -306,6 +306,11 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> Sampled {
     }
     let max = cand[0].1;
     let mut probs: Vec<f64> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+    // Masked tokens (-inf) have probability 0 and sort last: never a candidate, not even
+    // the fallback pick of a rounding shortfall.
+    let live = probs.iter().rposition(|&p| p > 0.0).map_or(1, |i| i + 1);
+    probs.truncate(live);
+    cand.truncate(live);
     let sum: f64 = probs.iter().sum();
     for v in probs.iter_mut() {
         *v /= sum;

@@ -18,6 +18,15 @@ pub enum TokenizerError {
     OutOfVocab { id: u32, vocab: usize },
 }
 
+/// What a token id stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PieceKind {
+    /// Text (a piece or a byte).
+    Text,
+    /// A control or unknown piece: never part of a text.
+    Special,
+}
+
 pub struct Tokenizer {
     inner: Kitoken,
     vocab_size: usize,
@@ -76,6 +85,15 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// Whether token `id` stands for text, or is a control or unknown piece.
+    pub fn piece_kind(&self, id: u32) -> PieceKind {
+        if self.hidden.contains_key(&id) {
+            PieceKind::Special
+        } else {
+            PieceKind::Text
+        }
     }
 
     /// Only user-defined ("priority") pieces are matched as specials; control and unknown

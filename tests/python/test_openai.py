@@ -4,13 +4,16 @@
 Usage: test_openai.py BASE_URL MODEL   (e.g. http://127.0.0.1:8000/v1 grok-1)
 
 Run by tests/tests/http.rs against a cluster with a tokenizer: a completion, a streaming
-completion and a streaming chat completion, logit bias, penalties and min_tokens (plus the model
-list and refused requests).
+completion and a streaming chat completion, logit bias, penalties and min_tokens, n choices,
+prompt scoring, structured output (plus the model list and refused requests).
 Exits non-zero when an assertion fails.
 """
 
+import json
+import re
 import sys
 
+import jsonschema
 import openai
 from openai import OpenAI
 
@@ -161,6 +164,8 @@ def main() -> int:
     assert all(v <= 0 for v in lp.token_logprobs[1:]), lp
     assert scored.usage.completion_tokens == 0, scored.usage
 
+    structured_output(client, model, messages)
+
     # A refused request raises BadRequestError naming the field.
     try:
         client.completions.create(model=model, prompt="x", max_tokens=2, temperature=-1)
@@ -172,6 +177,97 @@ def main() -> int:
 
     print("openai client: ok")
     return 0
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "color", "tags"],
+    "additionalProperties": False,
+}
+
+
+def refused(param, call):
+    try:
+        call()
+    except openai.BadRequestError as e:
+        assert e.status_code == 400, e.status_code
+        assert e.param == param, (param, e.body)
+    else:
+        raise AssertionError(f"{param}: accepted")
+
+
+def structured_output(client, model, messages):
+    """The model has random weights: only the token masks keep its output in the grammar."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for seed in range(3):
+        chat = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=200, temperature=1.0, seed=seed,
+            response_format=fmt,
+        )
+        msg = chat.choices[0]
+        assert msg.finish_reason == "stop", chat
+        jsonschema.validate(json.loads(msg.message.content), SCHEMA)
+    # Streamed, two choices: each choice's deltas join into valid JSON.
+    parts = {}
+    for ch in client.completions.create(
+        model=model, prompt="A person:", max_tokens=200, temperature=1.0, seed=9, n=2,
+        stream=True, extra_body={"response_format": fmt},
+    ):
+        for c in ch.choices:
+            parts.setdefault(c.index, []).append(c.text)
+    assert sorted(parts) == [0, 1], parts
+    for texts in parts.values():
+        jsonschema.validate(json.loads("".join(texts)), SCHEMA)
+    # vLLM's fields: a regular expression, a choice, a Lark grammar, a schema.
+    def complete(**extra):
+        return client.completions.create(
+            model=model, prompt="Answer:", max_tokens=60, temperature=1.0, seed=4,
+            extra_body=extra,
+        ).choices[0]
+    for seed in range(3):
+        c = client.completions.create(
+            model=model, prompt="Code:", max_tokens=40, temperature=1.0, seed=seed,
+            extra_body={"guided_regex": "[0-9]{3}-[a-z]{2,5}"},
+        ).choices[0]
+        assert c.finish_reason == "stop" and re.fullmatch("[0-9]{3}-[a-z]{2,5}", c.text), c
+    c = complete(guided_choice=["yes", "no", "maybe so"])
+    assert c.text in ("yes", "no", "maybe so"), c
+    c = complete(guided_grammar='start: "(" D ("," D){0,4} ")"\nD: /[0-9]/\n')
+    assert c.finish_reason == "stop" and re.fullmatch(r"\([0-9](,[0-9]){0,4}\)", c.text), c
+    small = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
+             "maxItems": 2}
+    c = complete(guided_json=small)
+    assert c.finish_reason == "stop", c
+    jsonschema.validate(json.loads(c.text), small)
+    # Any JSON object: whenever it ends, it parses.
+    c = client.completions.create(
+        model=model, prompt="{}", max_tokens=120, temperature=0.7, seed=1,
+        extra_body={"response_format": {"type": "json_object"}},
+    ).choices[0]
+    assert c.text.startswith("{"), c
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.text), dict), c
+    # Refused, naming the field: a schema that is not one, a bad expression, two at once, a
+    # format that does not exist, ignore_eos.
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}
+    refused("response_format", lambda: client.completions.create(
+        model=model, prompt="x", max_tokens=4, extra_body={"response_format": bad_schema}))
+    refused("guided_regex", lambda: client.completions.create(
+        model=model, prompt="x", max_tokens=4, extra_body={"guided_regex": "([a-"}))
+    refused("guided_regex", lambda: client.completions.create(
+        model=model, prompt="x", max_tokens=4,
+        extra_body={"response_format": {"type": "json_object"}, "guided_regex": "a"}))
+    refused("response_format", lambda: client.chat.completions.create(
+        model=model, messages=messages, max_tokens=4, response_format={"type": "xml"}))
+    refused("ignore_eos", lambda: client.completions.create(
+        model=model, prompt="x", max_tokens=4,
+        extra_body={"response_format": {"type": "json_object"}, "ignore_eos": True}))
 
 
 if __name__ == "__main__":

@@ -1645,6 +1645,12 @@ mod worker {
                         min_tokens: odd32(r),
                         min_tokens_stop_ids: vec![odd32(r)],
                         prompt_len: odd32(r),
+                        constraint: Some(pb::Constraint {
+                            kind: Some(pb::constraint::Kind::Regex(
+                                (*r.pick(&["([a-", "a{99999999}", "", "\\"])).into(),
+                            )),
+                        }),
+                        generated: vec![odd32(r), self.vocab],
                     })
                 }
                 10 => s.sampling = None,

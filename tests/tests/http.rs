@@ -571,7 +571,7 @@ fn token_id_api_matches_grpc_and_refuses_bad_input() {
     // refused naming it, never silently ignored.
     for (field, value) in [
         ("frobnicate", json!({"x": 1})),
-        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "xml"})),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),

@@ -1,10 +1,12 @@
 //! The worker's compute engine: one thread owns the model shard, its KV cache and its
 //! communicators, and runs the steps the coordinator plans, in order.
 
+use crate::grammar::{self, Grammars, SeqGrammar};
 use grok_proto::v1 as pb;
 use grok_shared::backend::cpu::{Linear, Weights};
 use grok_shared::collective::Communicator;
 use grok_shared::collective::{TcpComm, TcpConfig};
+use grok_shared::constrain::TokenMask;
 use grok_shared::formats::checkpoint::Checkpoint;
 use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
 use grok_shared::sampling::{
@@ -33,6 +35,8 @@ struct SeqState {
     sampling: SamplingParams,
     /// Logit changes before sampling, with what they count (only when any is active).
     penalties: Option<Box<PenaltyState>>,
+    /// Structured output (on the sampling rank).
+    grammar: Option<SeqGrammar>,
 }
 
 /// A sequence's penalties and the tokens they look at.
@@ -67,6 +71,8 @@ pub struct Engine {
     world: TcpComm,
     tp: TcpComm,
     seqs: HashMap<u64, SeqState>,
+    /// Structured output's vocabulary (the sampling rank, given the coordinator's tokenizer).
+    grammars: Option<Grammars>,
     /// What was loaded: a later `Load` asking for the same shard only reconnects.
     loaded: LoadedShard,
     #[cfg(feature = "cuda")]
@@ -141,17 +147,47 @@ fn bytemuck_bytes<T: Copy>(s: &[T]) -> &[u8] {
 ///
 /// Penalties and biases change the row that is sampled from; the log-probabilities returned
 /// are the model's own (of the unchanged row), as vLLM returns them by default.
-fn sample_step(st: &SeqState, s: &pb::SeqStep, row: &[f32]) -> pb::SampledToken {
+///
+/// A constrained sequence samples only tokens its grammar allows (`masks`, by sequence); when
+/// penalties or biases leave none of them a finite logit (min_tokens against a finished
+/// grammar), the grammar wins.
+fn sample_step(st: &SeqState, s: &pb::SeqStep, row: &[f32], masks: &Masks) -> pb::SampledToken {
     let pos = s.start_pos as usize + s.tokens.len();
     let mut rng = Rng::for_token(st.sampling.seed, pos);
-    let out = match &st.penalties {
+    let failed = |error: String| pb::SampledToken {
+        seq_id: s.seq_id,
+        error,
+        ..Default::default()
+    };
+    let mask = match (&st.grammar, masks.get(&s.seq_id)) {
+        (None, _) => None,
+        (Some(_), Some(Ok(m))) => Some(m),
+        (Some(_), Some(Err(e))) => return failed(e.clone()),
+        (Some(_), None) => return failed("structured output: no token mask was computed".into()),
+    };
+    let mut changed = match &st.penalties {
         Some(ps) => {
             let mut changed = row.to_vec();
             ps.p.apply(&mut changed, &ps.seen);
-            sample(&changed, &st.sampling, &mut rng)
+            Some(changed)
         }
-        None => sample(row, &st.sampling, &mut rng),
+        None => None,
     };
+    if let Some(m) = mask {
+        let mut c = changed.unwrap_or_else(|| row.to_vec());
+        m.apply(&mut c);
+        if !c.iter().any(|x| x.is_finite()) {
+            c.copy_from_slice(row);
+            m.apply(&mut c);
+            if !c.iter().any(|x| x.is_finite()) {
+                return failed(
+                    "structured output: no token the grammar allows has a finite logit".into(),
+                );
+            }
+        }
+        changed = Some(c);
+    }
+    let out = sample(changed.as_deref().unwrap_or(row), &st.sampling, &mut rng);
     let top = top_logprobs(row, s.top_logprobs as usize)
         .into_iter()
         .map(|(token, logprob)| pb::TopLogprob { token, logprob })
@@ -161,8 +197,12 @@ fn sample_step(st: &SeqState, s: &pb::SeqStep, row: &[f32]) -> pb::SampledToken 
         token: out.id,
         logprob: logprob_of(row, out.id),
         top,
+        error: String::new(),
     }
 }
+
+/// A step's token masks, by sequence.
+type Masks = HashMap<u64, Result<TokenMask, String>>;
 
 /// The prompt scores of step `s` from its logits `rows` (one per token of the step): row `i`
 /// scores the token at position `start_pos + i + 1` when that is known (in the step, or
@@ -316,6 +356,7 @@ impl Engine {
                 world,
                 tp,
                 seqs: HashMap::new(),
+                grammars: None,
                 loaded: LoadedShard {
                     model_dir: dir.to_path_buf(),
                     layout,
@@ -328,6 +369,15 @@ impl Engine {
             },
             bytes,
         ))
+    }
+
+    /// The coordinator's tokenizer (a SentencePiece model file; empty: none): the sampling
+    /// rank builds structured output's vocabulary from it, in the background.
+    pub fn use_tokenizer(&mut self, tokenizer: Vec<u8>) {
+        self.grammars = (self.samples() && !tokenizer.is_empty()).then(|| {
+            let c = &self.model.config;
+            Grammars::new(tokenizer, c.vocab_size, c.eos_token_id)
+        });
     }
 
     pub fn rank(&self) -> usize {
@@ -405,6 +455,10 @@ impl Engine {
     fn cuda_step(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
         let mut res = pb::StepResult::default();
         let v = self.model.config.vocab_size;
+        let masks = self
+            .start_masks(plan)
+            .map(grammar::Pending::finish)
+            .unwrap_or_default();
         let cuda = self.cuda.as_mut().expect("checked by the caller");
         let err = |e: grok_shared::backend::cuda::CudaError| EngineError::Invalid(e.to_string());
         for s in &plan.seqs {
@@ -432,7 +486,8 @@ impl Engine {
             }
             if s.sample {
                 let row = &logits[logits.len() - v..];
-                res.tokens.push(sample_step(&self.seqs[&s.seq_id], s, row));
+                res.tokens
+                    .push(sample_step(&self.seqs[&s.seq_id], s, row, &masks));
             }
         }
         Ok(res)
@@ -496,7 +551,20 @@ impl Engine {
                             seen: SeenTokens::default(),
                         })
                     });
-                    fresh.push((s.seq_id, sampling, penalties));
+                    let grammar = sp
+                        .constraint
+                        .as_ref()
+                        .and_then(grok_proto::convert::grammar_of)
+                        .filter(|_| self.samples())
+                        .map(|g| {
+                            SeqGrammar::new(
+                                g,
+                                sp.prompt_len as usize,
+                                sp.generated.clone(),
+                                self.grammars.is_some(),
+                            )
+                        });
+                    fresh.push((s.seq_id, sampling, penalties, grammar));
                     0
                 }
             };
@@ -524,16 +592,17 @@ impl Engine {
             }
         }
         let mut undo = Undo {
-            fresh: fresh.iter().map(|(id, _, _)| *id).collect(),
+            fresh: fresh.iter().map(|(id, ..)| *id).collect(),
             tables: Vec::new(),
         };
-        for (id, sampling, penalties) in fresh {
+        for (id, sampling, penalties, grammar) in fresh {
             self.seqs.insert(
                 id,
                 SeqState {
                     table: Vec::new(),
                     sampling,
                     penalties,
+                    grammar,
                 },
             );
         }
@@ -544,6 +613,20 @@ impl Engine {
             }
         }
         Ok(undo)
+    }
+
+    /// Starts the step's grammar work (constrained sequences' new tokens and masks) on a
+    /// thread of its own; None when no sequence of the step is constrained.
+    fn start_masks(&self, plan: &pb::StepPlan) -> Option<grammar::Pending> {
+        let work: Vec<grammar::Work> = plan
+            .seqs
+            .iter()
+            .filter_map(|s| {
+                let g = self.seqs.get(&s.seq_id)?.grammar.as_ref()?;
+                Some(grammar::Work::of(s.seq_id, g, s))
+            })
+            .collect();
+        (!work.is_empty()).then(|| grammar::start(self.grammars.as_ref(), work))
     }
 
     fn undo(&mut self, u: Undo) {
@@ -605,6 +688,7 @@ impl Engine {
             self.undo(undo);
             return Err(e.into());
         }
+        let pending = self.start_masks(plan);
         let inputs = inputs(plan, &self.seqs, want);
         let d = self.model.config.emb_size;
         let rows: usize = inputs.iter().map(|s| s.tokens.len()).sum();
@@ -627,6 +711,7 @@ impl Engine {
         }
         let lrows = Model::logit_rows(&inputs);
         let logits = self.model.logits(&h, &lrows)?;
+        let masks = pending.map(grammar::Pending::finish).unwrap_or_default();
         let v = self.model.config.vocab_size;
         // The step's tokens precede the tokens it samples: the penalties count them first.
         for s in &plan.seqs {
@@ -651,7 +736,8 @@ impl Engine {
             }
             if s.sample {
                 let row = &logits[(off + n - 1) * v..(off + n) * v];
-                res.tokens.push(sample_step(&self.seqs[&s.seq_id], s, row));
+                res.tokens
+                    .push(sample_step(&self.seqs[&s.seq_id], s, row, &masks));
             }
             off += n;
         }

@@ -8,8 +8,10 @@
 //! - [`service`]: the `Worker` gRPC service (load, step, health, NCCL ids).
 //! - [`join`]: binding, registering (coordinator or etcd) and serving until shutdown.
 //! - [`engine`]: the shard, its KV cache and one step plan at a time.
+//! - [`grammar`]: structured output on the sampling rank (token masks beside the forward pass).
 
 pub mod engine;
+pub mod grammar;
 mod join;
 mod service;
 

@@ -174,6 +174,7 @@ impl pb::worker_server::Worker for Svc {
                     weight_bytes: 0,
                     resident_bytes: engine::resident_bytes(),
                 }));
+                engine.use_tokenizer(r.tokenizer);
                 match engine.reconnect(&world_peers, &tp_peers, world, tp, comm_timeout) {
                     Ok(()) => {
                         tracing::info!(rank = engine.rank(), "collectives reconnected");
@@ -226,8 +227,9 @@ impl pb::worker_server::Worker for Svc {
                 }));
             });
             match res {
-                Ok((engine, bytes)) => {
+                Ok((mut engine, bytes)) => {
                     tracing::info!(rank = engine.rank(), weight_bytes = bytes, "shard loaded");
+                    engine.use_tokenizer(r.tokenizer);
                     *lock(&slot) = Slot::Ready(Box::new(engine));
                     let _ = tx.blocking_send(Ok(pb::LoadProgress {
                         stage: "ready".into(),

@@ -168,8 +168,20 @@ impl pb::inference_server::Inference for Svc {
                 stop_ids: vec![],
             },
             prompt_logprobs: r.prompt_logprobs,
+            constraint: r
+                .constraint
+                .as_ref()
+                .and_then(grok_proto::convert::grammar_of),
         };
         let c = &self.0;
+        let refused = |e: crate::request::ApiError| {
+            self.0.metrics.request_done("rejected");
+            Status::new(
+                e.code,
+                format!("{}: {}", e.field.unwrap_or("request"), e.message),
+            )
+        };
+        crate::request::check_constraint(c, &params).map_err(refused)?;
         let (job, rx) = build_job(
             &c.model,
             c.tokenizer.as_ref(),
@@ -178,13 +190,7 @@ impl pb::inference_server::Inference for Svc {
             params,
             traceparent.as_deref(),
         )
-        .map_err(|e| {
-            self.0.metrics.request_done("rejected");
-            Status::new(
-                e.code,
-                format!("{}: {}", e.field.unwrap_or("request"), e.message),
-            )
-        })?;
+        .map_err(refused)?;
         router::submit(&self.0, job)?;
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(to_pb);
         Ok(Response::new(Box::pin(stream)))

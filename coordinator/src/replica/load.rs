@@ -115,6 +115,11 @@ pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, S
             world_nccl_id,
             tp_nccl_id,
             coordinator_id: shared.instance.clone(),
+            // Only the sampling rank (last stage, tensor rank 0) needs it.
+            tokenizer: match &shared.tokenizer_file {
+                Some(t) if p.stage + 1 == l.pp && p.tp_rank == 0 => t.as_ref().clone(),
+                _ => Vec::new(),
+            },
         };
         let addr = w.address.clone();
         let id = w.id.clone();

@@ -104,9 +104,11 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
 }
 
 /// What the sampling rank needs of a request, sent with its first step after each admission.
+/// `generated`: the tokens after the prompt so far (the grammar has passed them).
 fn sampling_params(
     p: &crate::request::RequestParams,
     prompt_len: usize,
+    generated: &[u32],
     eos: u32,
 ) -> pb::SamplingParams {
     let pen = &p.penalties;
@@ -126,6 +128,15 @@ fn sampling_params(
         min_tokens: pen.min_tokens,
         min_tokens_stop_ids: if pen.min_tokens > 0 { stops } else { vec![] },
         prompt_len: prompt_len as u32,
+        constraint: p
+            .constraint
+            .as_ref()
+            .map(grok_proto::convert::constraint_of),
+        generated: if p.constraint.is_some() {
+            generated.to_vec()
+        } else {
+            vec![]
+        },
     }
 }
 
@@ -378,7 +389,9 @@ impl Replica {
                 tokens: s.tokens[slot.start..slot.start + slot.n].to_vec(),
                 start_pos: slot.start as u32,
                 new_blocks: slot.new_blocks.clone(),
-                sampling: slot.first.then(|| sampling_params(p, s.prompt_len, eos)),
+                sampling: slot
+                    .first
+                    .then(|| sampling_params(p, s.prompt_len, &s.tokens[s.prompt_len..], eos)),
                 // A request that only scores its prompt (max_tokens 0) samples nothing.
                 sample: slot.start + slot.n == s.tokens.len() && p.max_tokens > 0,
                 return_logits,
@@ -471,6 +484,12 @@ impl Replica {
                     slot.wid
                 )));
             };
+            if !t.error.is_empty() {
+                // The request's grammar failed: it ends alone, the replica goes on.
+                let ev = GenEvent::Error(Status::invalid_argument(t.error.clone()));
+                done.push((i, ev, "error"));
+                continue;
+            }
             if t.token as usize >= vocab {
                 return Err(StepFailure::Failed(format!(
                     "the sampling rank returned token {} for sequence {}, outside the vocabulary ({vocab})",

@@ -172,6 +172,7 @@ mod tests {
                 prompt_logits,
                 penalties: Default::default(),
                 prompt_logprobs: None,
+                constraint: None,
             },
             tx,
             arrived: std::time::Instant::now(),

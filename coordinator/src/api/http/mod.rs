@@ -310,6 +310,10 @@ fn start(
     traceparent: Option<&str>,
 ) -> Result<Vec<Receiver<GenEvent>>, HttpError> {
     let s = &app.shared;
+    crate::request::check_constraint(s, &params).map_err(|e| {
+        s.metrics.request_done("rejected");
+        HttpError::from_api(e, rename)
+    })?;
     let mut jobs = Vec::with_capacity(k);
     let mut rxs = Vec::with_capacity(k);
     for i in 0..k.max(1) {
@@ -410,10 +414,11 @@ fn completion_request(app: &App, body: Map<String, Value>, tp: Option<String>) -
     } else {
         None
     };
-    let mt = c.max_tokens_name;
+    let (mt, cn) = (c.max_tokens_name, c.constraint_name);
     let rename = |f: &'static str| match f {
         "max_tokens" => mt,
         "prompt_logprobs" => "logprobs",
+        "constraint" => cn,
         f => f,
     };
     let rxs = start(app, prompt, params, c.best_of, &rename, tp.as_deref())?;
@@ -461,11 +466,12 @@ fn chat_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Star
         None => (PromptInput::Text(text), c.max_tokens.unwrap_or(1)),
     };
     let params = c.params(max_tokens, logprobs.unwrap_or(0));
-    let mt = c.max_tokens_name;
+    let (mt, cn) = (c.max_tokens_name, c.constraint_name);
     let rename = |f: &'static str| match f {
         "prompt" => "messages",
         "max_tokens" => mt,
         "logprobs" => "top_logprobs",
+        "constraint" => cn,
         f => f,
     };
     let rxs = start(app, prompt, params, c.best_of, &rename, tp.as_deref())?;

@@ -6,6 +6,7 @@ use crate::request::{PromptInput, RequestParams};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
+use grok_shared::constrain::Grammar;
 use grok_shared::sampling::{Penalties, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -121,7 +122,6 @@ fn has_no_effect(name: &str, v: &Value) -> bool {
         "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
         "tools" | "functions" => empty(v),
         "tool_choice" | "function_call" => v.is_null() || v.as_str() == Some("none"),
-        "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
         "modalities" => v.is_null() || v == &serde_json::json!(["text"]),
         _ => false,
     }
@@ -202,6 +202,9 @@ pub(crate) struct Common {
     /// cumulative log-probability).
     pub(crate) n: usize,
     pub(crate) best_of: usize,
+    pub(crate) constraint: Option<Grammar>,
+    /// The field the constraint came in (for errors).
+    pub(crate) constraint_name: &'static str,
 }
 
 /// The most choices (`n`, `best_of`) one request may ask for.
@@ -312,6 +315,7 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
         ));
     }
     let penalties = penalties(f)?;
+    let (constraint, constraint_name) = constraint(f)?;
     Ok(Common {
         max_tokens,
         max_tokens_name,
@@ -330,7 +334,69 @@ pub(crate) fn common(f: &mut Fields, served: &str) -> Result<Common, HttpError> 
         penalties,
         n: n as usize,
         best_of: best_of as usize,
+        constraint,
+        constraint_name,
     })
+}
+
+/// Structured output: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) or
+/// one of vLLM's `guided_json`, `guided_regex`, `guided_grammar` (llguidance's Lark) and
+/// `guided_choice`; with the field it came in. Compiled with the rest of the request
+/// (`check_constraint`).
+fn constraint(f: &mut Fields) -> Result<(Option<Grammar>, &'static str), HttpError> {
+    let mut found: Vec<(Grammar, &'static str)> = Vec::new();
+    if let Some(rf) = f.take::<Value>("response_format")? {
+        let bad = |m: &str| HttpError::invalid("response_format", format!("response_format: {m}"));
+        match rf.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => found.push((Grammar::JsonObject, "response_format")),
+            Some("json_schema") => {
+                let schema = rf
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .ok_or_else(|| {
+                        bad("json_schema needs `json_schema: {\"name\": ..., \"schema\": {...}}`")
+                    })?;
+                found.push((Grammar::JsonSchema(schema.to_string()), "response_format"));
+            }
+            Some(t) => {
+                return Err(bad(&format!(
+                    "type `{t}` is not supported (text, json_object, json_schema)"
+                )))
+            }
+            None => return Err(bad("an object with a `type`")),
+        }
+    }
+    if let Some(j) = f.take::<Value>("guided_json")? {
+        let text = match j {
+            Value::String(s) => s,
+            v => v.to_string(),
+        };
+        found.push((Grammar::JsonSchema(text), "guided_json"));
+    }
+    if let Some(r) = f.take_as::<String>("guided_regex", "a regular expression (a string)")? {
+        found.push((Grammar::Regex(r), "guided_regex"));
+    }
+    if let Some(g) = f.take_as::<String>("guided_grammar", "a Lark grammar (a string)")? {
+        found.push((Grammar::Lark(g), "guided_grammar"));
+    }
+    if let Some(c) = f.take_as::<Vec<String>>("guided_choice", "a list of strings")? {
+        found.push((Grammar::Choice(c), "guided_choice"));
+    }
+    match found.len() {
+        0 => Ok((None, "response_format")),
+        1 => {
+            let (g, name) = found.remove(0);
+            Ok((Some(g), name))
+        }
+        _ => Err(HttpError::invalid(
+            found[1].1,
+            format!(
+                "{}: one structured output per request (also given: {})",
+                found[1].1, found[0].1
+            ),
+        )),
+    }
 }
 
 /// `logit_bias` (OpenAI's: token ids as strings to biases), `presence_penalty`,
@@ -373,6 +439,7 @@ impl Common {
             prompt_logits: false,
             penalties: self.penalties.clone(),
             prompt_logprobs: None,
+            constraint: self.constraint.clone(),
         }
     }
 }

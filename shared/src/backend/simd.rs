@@ -163,6 +163,58 @@ mod x86 {
         out
     }
 
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn axpy512<const M: usize>(x: &[f32], ps: [f32; M], ys: [&mut [f32]; M]) {
+        let n = x.len();
+        for y in ys.iter() {
+            assert!(y.len() >= n);
+        }
+        let pv = ps.map(|p| _mm512_set1_ps(p));
+        let mut i = 0;
+        // SAFETY: every access stays inside `x[..n]` and `ys[r][..n]` (checked above).
+        unsafe {
+            while i + 16 <= n {
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+                for r in 0..M {
+                    let yp = ys[r].as_ptr().add(i) as *mut f32;
+                    _mm512_storeu_ps(yp, _mm512_fmadd_ps(pv[r], xv, _mm512_loadu_ps(yp)));
+                }
+                i += 16;
+            }
+        }
+        for r in 0..M {
+            for k in i..n {
+                ys[r][k] += ps[r] * x[k];
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy256<const M: usize>(x: &[f32], ps: [f32; M], ys: [&mut [f32]; M]) {
+        let n = x.len();
+        for y in ys.iter() {
+            assert!(y.len() >= n);
+        }
+        let pv = ps.map(|p| _mm256_set1_ps(p));
+        let mut i = 0;
+        // SAFETY: every access stays inside `x[..n]` and `ys[r][..n]` (checked above).
+        unsafe {
+            while i + 8 <= n {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                for r in 0..M {
+                    let yp = ys[r].as_ptr().add(i) as *mut f32;
+                    _mm256_storeu_ps(yp, _mm256_fmadd_ps(pv[r], xv, _mm256_loadu_ps(yp)));
+                }
+                i += 8;
+            }
+        }
+        for r in 0..M {
+            for k in i..n {
+                ys[r][k] += ps[r] * x[k];
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn load8<T: WeightElem>(p: *const T) -> __m256 {
@@ -219,6 +271,29 @@ mod x86 {
     }
 }
 
+/// `ys[r][i] += ps[r] * x[i]` for `r < M` (the same `x` into `M` accumulators: attention's
+/// probability-weighted sum of values).
+#[inline(always)]
+pub fn axpy_rows<const M: usize>(x: &[f32], ps: [f32; M], ys: [&mut [f32]; M]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the feature was detected at run time.
+        Isa::Avx512 => unsafe { x86::axpy512::<M>(x, ps, ys) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the feature was detected at run time.
+        Isa::Avx2 => unsafe { x86::axpy256::<M>(x, ps, ys) },
+        _ => axpy_portable::<M>(x, ps, ys),
+    }
+}
+
+pub fn axpy_portable<const M: usize>(x: &[f32], ps: [f32; M], ys: [&mut [f32]; M]) {
+    for (y, p) in ys.into_iter().zip(ps) {
+        for (a, &b) in y.iter_mut().zip(x) {
+            *a += p * b;
+        }
+    }
+}
+
 /// Sum of a slice, vectorised where possible (used by the bandwidth probe).
 pub fn sum_f32(x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -260,6 +335,41 @@ mod tests {
         assert!((got1[0] as f64 - want[2]).abs() < 1e-4 * (1.0 + want[2].abs()));
         for r in 0..3 {
             assert!((port[r] as f64 - want[r]).abs() < 1e-4 * (1.0 + want[r].abs()));
+        }
+    }
+
+    #[test]
+    fn axpy_matches_f64_for_odd_lengths() {
+        for n in [1usize, 7, 8, 15, 16, 17, 33, 128, 257] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 31) % 11) as f32 - 5.3).collect();
+            let ps = [0.25f32, -1.5, 3.0];
+            let mut ys: Vec<Vec<f32>> = (0..3)
+                .map(|r| (0..n).map(|i| (i + r) as f32 * 0.1).collect())
+                .collect();
+            let want: Vec<Vec<f64>> = (0..3)
+                .map(|r| {
+                    (0..n)
+                        .map(|i| ys[r][i] as f64 + ps[r] as f64 * x[i] as f64)
+                        .collect()
+                })
+                .collect();
+            let mut port = ys.clone();
+            let [a, b, c] = &mut ys[..] else {
+                unreachable!()
+            };
+            axpy_rows::<3>(&x, ps, [a, b, c]);
+            let [a, b, c] = &mut port[..] else {
+                unreachable!()
+            };
+            axpy_portable::<3>(&x, ps, [a, b, c]);
+            for r in 0..3 {
+                for i in 0..n {
+                    assert!((ys[r][i] as f64 - want[r][i]).abs() < 1e-5 * (1.0 + want[r][i].abs()));
+                    assert!(
+                        (port[r][i] as f64 - want[r][i]).abs() < 1e-5 * (1.0 + want[r][i].abs())
+                    );
+                }
+            }
         }
     }
 

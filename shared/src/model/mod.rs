@@ -15,6 +15,7 @@
 //! attention output and MoE output are summed over the tensor-parallel group by the
 //! [`Communicator`] passed to [`Model::forward_layers`].
 
+mod attention;
 mod error;
 mod kv;
 mod load;
@@ -312,82 +313,17 @@ impl Model {
                 kv.v[li][dst].copy_from_slice(&v[row * nkv * ks..(row + 1) * nkv * ks]);
             }
         }
-        // Attention: one task per (row, local query head).
-        let mut o = vec![0f32; t * nq * ks];
-        let mut row_seq = vec![0usize; t];
-        for (si, r) in pass.rows.iter().enumerate() {
-            row_seq[r.clone()].fill(si);
-        }
-        let g = c.group_size();
-        let (kc, vc, vis) = (&kv.k[li], &kv.v[li], &kv.visible);
-        let (q0, kv0) = (self.shard.q_heads.start, self.shard.kv_heads.start);
-        let kvr: &KvCache = kv;
-        // The core runs in f64: attention logits reach the soft-cap (|s| ~ 30), where f32
-        // rounding of q·k alone would cost ~1e-5 of relative error in the probabilities.
-        let (mult, cap) = (c.attn_output_multiplier, c.max_attn_value);
-        o.par_chunks_mut(ks).enumerate().for_each_init(
-            || (Vec::new(), vec![0f64; ks]),
-            |(scores, acc): &mut (Vec<f64>, Vec<f64>), (idx, out)| {
-                let (row, hl) = (idx / nq, idx % nq);
-                let s = &seqs[row_seq[row]];
-                let pos = pass.positions[row];
-                let end = s.start_pos + s.tokens.len();
-                let kvh = (q0 + hl) / g - kv0;
-                let qv = &q[(row * nq + hl) * ks..(row * nq + hl + 1) * ks];
-                scores.clear();
-                scores.resize(end, f64::NEG_INFINITY);
-                let mut max = f64::NEG_INFINITY;
-                for u in 0..=pos {
-                    let slot = kvr.slot(s.block_table, u);
-                    if !vis[slot] {
-                        continue;
-                    }
-                    let kvec = &kc[(slot * nkv + kvh) * ks..(slot * nkv + kvh + 1) * ks];
-                    let dot: f64 = kvec
-                        .iter()
-                        .zip(qv)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum();
-                    let z = dot * mult;
-                    let capped = cap * (z / cap).tanh();
-                    scores[u] = capped;
-                    max = max.max(capped);
-                }
-                acc.fill(0.0);
-                let mut add_v = |u: usize, p: f64| {
-                    let slot = kvr.slot(s.block_table, u);
-                    let vv = &vc[(slot * nkv + kvh) * ks..(slot * nkv + kvh + 1) * ks];
-                    for (a, &b) in acc.iter_mut().zip(vv) {
-                        *a += p * b as f64;
-                    }
-                };
-                if max == f64::NEG_INFINITY {
-                    // Every key masked: the reference's -1e30 fill makes the softmax uniform
-                    // over all keys of the pass.
-                    let w = 1.0 / end as f64;
-                    for u in 0..end {
-                        add_v(u, w);
-                    }
-                } else {
-                    let mut sum = 0f64;
-                    for sc in scores[..=pos].iter_mut() {
-                        if *sc != f64::NEG_INFINITY {
-                            *sc = (*sc - max).exp();
-                            sum += *sc;
-                        }
-                    }
-                    let inv = 1.0 / sum;
-                    for u in 0..=pos {
-                        if scores[u] != f64::NEG_INFINITY {
-                            add_v(u, scores[u] * inv);
-                        }
-                    }
-                }
-                for (o, a) in out.iter_mut().zip(acc.iter()) {
-                    *o = *a as f32;
-                }
-            },
-        );
+        let heads = attention::Heads {
+            ks,
+            nq,
+            nkv,
+            g: c.group_size(),
+            q0: self.shard.q_heads.start,
+            kv0: self.shard.kv_heads.start,
+            mult: c.attn_output_multiplier as f32,
+            cap: c.max_attn_value as f32,
+        };
+        let o = attention::attend(&q, seqs, &pass.rows, &pass.positions, kv, li, &heads);
         let mut a = vec![0f32; t * d];
         l.o.matmul(&o, t, &mut a);
         all_reduce_rows(tp, &mut a, d)?;

@@ -189,6 +189,16 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn softcap512(xs: &mut [f32], cap: f32) {
+        super::softcap_portable(xs, cap)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softcap256(xs: &mut [f32], cap: f32) {
+        super::softcap_portable(xs, cap)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy256<const M: usize>(x: &[f32], ps: [f32; M], ys: [&mut [f32]; M]) {
         let n = x.len();
@@ -294,6 +304,50 @@ pub fn axpy_portable<const M: usize>(x: &[f32], ps: [f32; M], ys: [&mut [f32]; M
     }
 }
 
+/// `x = cap * tanh(x / cap)` for every finite `x` (-inf stays -inf): Grok-1's attention
+/// soft-cap, vectorised. `tanh(y) = 1 - 2 / (exp(2y) + 1)` with a polynomial `exp` (about 1e-7
+/// relative), so the result is within about 1e-7 * cap of the exact value.
+pub fn softcap(xs: &mut [f32], cap: f32) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the feature was detected at run time.
+        Isa::Avx512 => unsafe { x86::softcap512(xs, cap) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the feature was detected at run time.
+        Isa::Avx2 => unsafe { x86::softcap256(xs, cap) },
+        _ => softcap_portable(xs, cap),
+    }
+}
+
+#[inline(always)]
+fn softcap_portable(xs: &mut [f32], cap: f32) {
+    let k = 2.0 / cap;
+    for x in xs.iter_mut() {
+        let y = *x;
+        let v = cap * (1.0 - 2.0 / (exp_poly(y * k) + 1.0));
+        *x = if y == f32::NEG_INFINITY { y } else { v };
+    }
+}
+
+/// `e^x` for f32 in branch-free arithmetic (vectorisable): `x` is clamped to [-87, 88], split
+/// as `n ln2 + r` with |r| <= ln2/2, and `e^r` is Cephes' degree-6 polynomial.
+#[inline(always)]
+pub fn exp_poly(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with the 1.5 * 2^23 shift (no rounding instruction needed).
+    let shift = 12_582_912.0f32;
+    let n = (x * std::f32::consts::LOG2_E + shift) - shift;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// Sum of a slice, vectorised where possible (used by the bandwidth probe).
 pub fn sum_f32(x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -335,6 +389,39 @@ mod tests {
         assert!((got1[0] as f64 - want[2]).abs() < 1e-4 * (1.0 + want[2].abs()));
         for r in 0..3 {
             assert!((port[r] as f64 - want[r]).abs() < 1e-4 * (1.0 + want[r].abs()));
+        }
+    }
+
+    #[test]
+    fn exp_and_softcap_are_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let e = exp_poly(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max((e - want).abs() / want);
+            x += 0.013;
+        }
+        assert!(worst < 3e-7, "exp: rel err {worst:e}");
+        let cap = 30.0f32;
+        let mut xs: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.05).collect();
+        xs.push(f32::NEG_INFINITY);
+        xs.push(1e-30);
+        let want: Vec<f64> = xs
+            .iter()
+            .map(|&v| cap as f64 * (v as f64 / cap as f64).tanh())
+            .collect();
+        let mut got = xs.clone();
+        softcap(&mut got, cap);
+        let mut port = xs.clone();
+        softcap_portable(&mut port, cap);
+        assert_eq!(got.last(), port.last());
+        assert_eq!(got[got.len() - 2], f32::NEG_INFINITY);
+        for (((g, p), w), x) in got.iter().zip(&port).zip(&want).zip(&xs) {
+            if x.is_finite() {
+                assert!((*g as f64 - w).abs() < 2e-7 * cap as f64, "{g} vs {w}");
+                assert!((*p as f64 - w).abs() < 2e-7 * cap as f64, "{p} vs {w}");
+            }
         }
     }
 

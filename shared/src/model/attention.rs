@@ -13,7 +13,7 @@
 //! as the reference's -1e30 fill makes it.
 
 use super::{KvCache, SeqInput};
-use crate::backend::simd::{axpy_rows, dot_rows};
+use crate::backend::simd::{axpy_rows, dot_rows, softcap};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -287,15 +287,16 @@ fn chunk(
                 };
                 for (k, &d) in dots.iter().enumerate().take(take) {
                     if key <= qpos[i + k] {
-                        sc[(i + k) * KEY_BLOCK + j] = cap * (d * mult / cap).tanh();
+                        sc[(i + k) * KEY_BLOCK + j] = d * mult;
                     }
                 }
                 i += take;
             }
         }
-        // Online softmax: rescale to the new maximum, then weights.
+        // Soft-cap, then online softmax: rescale to the new maximum, then weights.
         for qi in 0..nqu {
             let row = &mut sc[qi * KEY_BLOCK..qi * KEY_BLOCK + nb];
+            softcap(row, cap);
             let bm = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             if bm == f32::NEG_INFINITY {
                 row.fill(0.0);

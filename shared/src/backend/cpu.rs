@@ -7,7 +7,7 @@
 //! groups of activation rows with the same row-dot kernel. Weights are never dequantized into a
 //! copy, and every output element is computed by the same arithmetic whatever the batch.
 
-use super::simd::{dot_rows, WeightElem};
+use super::simd::{dot_rows, dot_rows2x4, WeightElem};
 use crate::formats::checkpoint::Buf;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -176,6 +176,32 @@ impl Linear {
         }
     }
 
+    /// Rows `j` and `j + 1` against the four activation rows `x`, for f32 and bf16 weights
+    /// (int8's block scales take the one-row path).
+    #[inline]
+    fn pair_dots(&self, j: usize, x: &[f32], k: usize) -> Option<[[f32; 4]; 2]> {
+        let xs = [&x[..k], &x[k..2 * k], &x[2 * k..3 * k], &x[3 * k..4 * k]];
+        match &self.w {
+            Weights::F32(b) => {
+                let b = b.as_slice();
+                Some(dot_rows2x4(
+                    &b[j * k..(j + 1) * k],
+                    &b[(j + 1) * k..(j + 2) * k],
+                    xs,
+                ))
+            }
+            Weights::Bf16(b) => {
+                let b = b.as_slice();
+                Some(dot_rows2x4(
+                    &b[j * k..(j + 1) * k],
+                    &b[(j + 1) * k..(j + 2) * k],
+                    xs,
+                ))
+            }
+            Weights::I8 { .. } => None,
+        }
+    }
+
     /// Many activation rows: blocks of weight rows in parallel, each row dotted against groups
     /// of activation rows with the same kernel as the GEMV path, so every output element is
     /// computed by the same arithmetic whatever `m` is (batch invariance: a sequence's logits do
@@ -195,13 +221,31 @@ impl Linear {
                     let mc = GEMM_X_ROWS.min(m - r0);
                     tmp.resize(mc, 0.0);
                     let xs = &x[r0 * k..(r0 + mc) * k];
-                    for j in j0..j0 + nb {
+                    let mut j = j0;
+                    while j < j0 + nb {
+                        // Two weight rows against four activation rows per call where it can
+                        // (the same bits as one row at a time).
+                        if let Some(pair) = (j + 1 < j0 + nb && mc == 4)
+                            .then(|| self.pair_dots(j, xs, k))
+                            .flatten()
+                        {
+                            for (w, vals) in pair.iter().enumerate() {
+                                for (r, v) in vals.iter().enumerate() {
+                                    // SAFETY: (r0 + r, j + w) lies inside y [m, n]; each task
+                                    // owns columns j0..j0+nb, so no two tasks write the same
+                                    // element.
+                                    unsafe { *yp.0.add((r0 + r) * n + j + w) = *v };
+                                }
+                            }
+                            j += 2;
+                            continue;
+                        }
                         self.row_dots(j, xs, mc, k, tmp);
                         for (r, v) in tmp.iter().enumerate() {
-                            // SAFETY: (r0 + r, j) lies inside y [m, n]; each task owns columns
-                            // j0..j0+nb, so no two tasks write the same element.
+                            // SAFETY: as above.
                             unsafe { *yp.0.add((r0 + r) * n + j) = *v };
                         }
+                        j += 1;
                     }
                     r0 += mc;
                 }

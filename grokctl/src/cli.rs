@@ -102,9 +102,9 @@ pub enum Cmd {
         #[command(flatten)]
         flags: grokctl::cluster_file::UpFlags,
     },
-    /// Convert the official release (ckpt-0 pickles) into the safetensors layout the workers load.
+    /// Convert a checkpoint: the official release (ckpt-0 pickles) into the safetensors layout the workers load, any checkpoint to another weight type (--dtype), and pre-sharding (--tp).
     #[command(
-        after_help = "Examples:\n  grokctl convert --from /data/grok-1/ckpt-0 --to /data/grok-1-hf\n  grokctl convert --from ckpt-0 --to out --config small/config.json   (a non-Grok-1 size)\n\nInt8 weights stay int8 with their scales (<name>.weight + <name>.scales). An interrupted run resumes: finished layer files are kept."
+        after_help = "Examples:\n  grokctl convert --from /data/grok-1/ckpt-0 --to /data/grok-1-hf\n  grokctl convert --from ckpt-0 --to out --config small/config.json   (a non-Grok-1 size)\n  grokctl convert --from /models/small-bf16 --to /models/small-int8 --dtype int8\n  grokctl convert --from /models/grok-1-hf --to /models/grok-1-tp8 --dtype int8 --tp 8\n\nWithout --dtype, int8 weights stay int8 with their scales (<name>.weight + <name>.scales). --dtype int8 quantizes as the official release is (one scale per output column for q/k/v, linear and linear_v; 8 blocks along the input for the attention output and linear_1; scales max|w|/127 in bf16; the embedding stays bf16) and prints the relative error of the quantized matrices. An interrupted ckpt-0 run resumes: finished layer files are kept."
     )]
     Convert {
         /// The official `ckpt-0` directory (tensor00000_000 ...).
@@ -116,6 +116,10 @@ pub enum Cmd {
         /// config.json describing the model (ckpt-0 input; default: Grok-1).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Write the weights as this type (f32, bf16, int8), from any layout and type the
+        /// workers load (§8.1-§8.3 or ckpt-0).
+        #[arg(long)]
+        dtype: Option<GenDType>,
         /// Pre-shard for this layout: one file per rank plus manifest.json (with --ep, --pp).
         #[arg(long)]
         tp: Option<usize>,

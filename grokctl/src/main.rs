@@ -81,6 +81,7 @@ fn run(cli: Cli) -> Result<()> {
             from,
             to,
             config,
+            dtype,
             tp,
             ep,
             pp,
@@ -94,7 +95,7 @@ fn run(cli: Cli) -> Result<()> {
                     Some(p) => grok_shared::config::ModelConfig::from_file(p)?,
                     None => grok_shared::config::ModelConfig::grok1(),
                 };
-                let out = if tp.is_some() {
+                let out = if tp.is_some() || dtype.is_some() {
                     to.join("full")
                 } else {
                     to.clone()
@@ -104,10 +105,46 @@ fn run(cli: Cli) -> Result<()> {
                 })?;
                 out
             } else {
-                if tp.is_none() {
-                    anyhow::bail!("{} is not an official ckpt-0 directory (no tensor00000_000); to pre-shard a safetensors model give --tp (and --ep, --pp)", from.display());
+                if tp.is_none() && dtype.is_none() {
+                    anyhow::bail!("{} is not an official ckpt-0 directory (no tensor00000_000); to change a safetensors model's weight type give --dtype, to pre-shard it --tp (and --ep, --pp)", from.display());
                 }
                 from.clone()
+            };
+            // Another weight type: into TO, or TO/typed when pre-sharding follows.
+            let hf = match dtype {
+                Some(dt) => {
+                    let out = if tp.is_some() {
+                        to.join("typed")
+                    } else {
+                        to.clone()
+                    };
+                    if out == hf {
+                        anyhow::bail!("--to must differ from --from");
+                    }
+                    let src = grok_shared::formats::checkpoint::Checkpoint::open(&hf)?;
+                    let r =
+                        grok_shared::formats::retype::convert(&src, &out, dt, |done, total| {
+                            eprintln!(
+                                "  writing {}: layer {done}/{total}",
+                                format!("{dt:?}").to_lowercase()
+                            );
+                        })?;
+                    eprintln!(
+                        "{} tensors, {:.1} MB; relative error of the rounded matrices {:.3e}{}",
+                        r.tensors,
+                        r.bytes as f64 / 1e6,
+                        r.rel_error,
+                        r.worst
+                            .as_ref()
+                            .map(|(n, e)| format!(" (largest: {n} {e:.3e})"))
+                            .unwrap_or_default()
+                    );
+                    if hf != from {
+                        std::fs::remove_dir_all(&hf).ok();
+                    }
+                    out
+                }
+                None => hf,
             };
             if let Some(tp) = tp {
                 let src = grok_shared::formats::checkpoint::Checkpoint::open(&hf)?;
@@ -116,7 +153,7 @@ fn run(cli: Cli) -> Result<()> {
                     grok_shared::formats::presharded::write(&src, &to, layout, |done, total| {
                         eprintln!("  pre-sharding: rank {done}/{total} written");
                     })?;
-                if official {
+                if hf != from {
                     std::fs::remove_dir_all(&hf).ok();
                 }
                 let bytes: u64 = man.ranks.iter().map(|r| r.bytes).sum();

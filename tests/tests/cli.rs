@@ -435,3 +435,67 @@ fn plan_command_ranks_layouts_and_refuses_bad_input() {
         &["context 10000"],
     );
 }
+
+/// `convert --dtype`: a generated f32 model to the release's int8 (and on to bf16, pre-sharded
+/// for tp 2 in the same run); every result loads and generates; the error is reported; a
+/// directory that is neither ckpt-0 nor asked to change is refused.
+#[test]
+fn convert_changes_the_weight_type_of_any_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    gen_tiny(&tmp.path().join("f32"));
+    let o = grokctl(&[
+        "convert",
+        "--from",
+        &p("f32"),
+        "--to",
+        &p("i8"),
+        "--dtype",
+        "int8",
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let e: f64 = err
+        .split("relative error of the rounded matrices ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no error reported: {err}"));
+    assert!(e > 1e-4 && e < 0.02, "int8 relative error {e}");
+    let cfg = std::fs::read_to_string(tmp.path().join("i8/config.json")).unwrap();
+    assert!(cfg.contains("grok-int8-weight-only"), "{cfg}");
+    assert!(gen_ids(&tmp.path().join("i8"), "5,6,7").status.success());
+    ok(&grokctl(&[
+        "convert",
+        "--from",
+        &p("i8"),
+        "--to",
+        &p("b16tp2"),
+        "--dtype",
+        "bf16",
+        "--tp",
+        "2",
+    ]));
+    assert!(tmp.path().join("b16tp2/manifest.json").exists());
+    assert!(
+        !tmp.path().join("b16tp2/typed").exists(),
+        "the intermediate copy is left"
+    );
+    ok(&grokctl(&["verify", &p("b16tp2")]));
+    fails_with(
+        &grokctl(&["convert", "--from", &p("f32"), "--to", &p("x")]),
+        &["--dtype", "--tp"],
+    );
+    fails_with(
+        &grokctl(&[
+            "convert",
+            "--from",
+            &p("f32"),
+            "--to",
+            &p("f32"),
+            "--dtype",
+            "bf16",
+        ]),
+        &["--to must differ"],
+    );
+}

@@ -81,6 +81,14 @@ fn row_values(init: Init, seed: u64, row: usize, out: &mut [f32]) {
     }
 }
 
+/// The `quantization_config` of an int8 checkpoint's config.json.
+pub fn int8_quantization_config() -> serde_json::Value {
+    serde_json::json!({
+        "quant_method": "grok-int8-weight-only",
+        "description": "<name>.weight is I8 [out, in]; <name>.scales is [nb, out]; W[o, i] = weight[o, i] * scales[i / (in / nb), o]"
+    })
+}
+
 /// Quantizes one row `[cols]` into `nb` blocks: returns (int8 values, per-block scales).
 pub fn quantize_row(row: &[f32], nb: usize) -> (Vec<i8>, Vec<f32>) {
     let bs = row.len() / nb;
@@ -393,10 +401,7 @@ pub fn generate(
     }
     let mut cfg = c.to_hf_json();
     if dtype == GenDType::Int8 {
-        cfg["quantization_config"] = serde_json::json!({
-            "quant_method": "grok-int8-weight-only",
-            "description": "<name>.weight is I8 [out, in]; <name>.scales is [nb, out]; W[o, i] = weight[o, i] * scales[i / (in / nb), o]"
-        });
+        cfg["quantization_config"] = int8_quantization_config();
     }
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
     Ok(())

@@ -157,7 +157,7 @@ pub enum Cmd {
     Completions { shell: clap_complete::Shell },
     /// Plan capacity: every layout of a cluster with memory, KV capacity, latency, throughput and cost.
     #[command(
-        after_help = "Examples:\n  grokctl plan --model grok-1 --gpu h100-sxm --gpus-per-node 8 --nodes 2 --dtype int8 --prompt-len 1000 --gen-len 200 --concurrency 64 --explain\n  grokctl plan --model grok-1 --gpu h200 --dtype bf16 --itl-ms 50 --json\n  grokctl plan --model /models/small --gpu cpu-host --gpus-per-node 2 --dtype bf16 --context 1024 --prompt-len 64 --gen-len 32\n\nDevices: a100-40gb a100-80gb h100-sxm h100-pcie h200 b200 l40s cpu-host (extend with --catalog FILE)"
+        after_help = "Examples:\n  grokctl plan --model grok-1 --gpu h100-sxm --gpus-per-node 8 --nodes 2 --dtype int8 --prompt-len 1000 --gen-len 200 --concurrency 64 --explain\n  grokctl plan --model grok-1 --gpu h200 --dtype bf16 --tpot-ms 50 --json\n  grokctl plan --model /models/small --gpu cpu-host --gpus-per-node 2 --dtype bf16 --context 1024 --prompt-len 64 --gen-len 32\n\nDevices: a100-40gb a100-80gb h100-sxm h100-pcie h200 b200 l40s cpu-host (extend with --catalog FILE)"
     )]
     #[command(args_conflicts_with_subcommands = true)]
     Plan {
@@ -262,7 +262,7 @@ pub enum PlanCmd {
     /// Simulate a Poisson request trace through the engine's policy on a planned cluster:
     /// TTFT and ITL p50/p99, goodput under the SLO, and the fewest replicas that meet it.
     #[command(
-        after_help = "Example:\n  grokctl plan simulate --model grok-1 --gpu h100-sxm --nodes 4 --dtype int8 --rate 5 --requests 500 --prompt-len 200:2000 --gen-len 50:400 --ttft-ms 2000 --itl-ms 60"
+        after_help = "Example:\n  grokctl plan simulate --model grok-1 --gpu h100-sxm --nodes 4 --dtype int8 --rate 5 --requests 500 --prompt-len 200:2000 --gen-len 50:400 --ttft-ms 2000 --tpot-ms 60\n\nA request meets the SLO when its TTFT (arrival to first token) is within --ttft-ms and its TPOT (mean time per output token after the first) within --tpot-ms; goodput counts such requests per second, as DistServe and the vLLM and SGLang benchmarks do. ITL p50/p99 are over every gap between two tokens; the share of requests whose longest gap exceeds --max-gap-ms is reported beside, not counted against the SLO."
     )]
     Simulate(grokctl::plan::SimArgs),
 }

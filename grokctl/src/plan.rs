@@ -39,9 +39,9 @@ pub struct PlanArgs {
     /// Time-to-first-token objective.
     #[arg(long)]
     pub ttft_ms: Option<f64>,
-    /// Inter-token latency objective.
-    #[arg(long)]
-    pub itl_ms: Option<f64>,
+    /// Time-per-output-token objective (the decode step time at the concurrency).
+    #[arg(long, alias = "itl-ms")]
+    pub tpot_ms: Option<f64>,
     /// A TOML file of extra or replacement devices (same fields as the built-in catalog).
     #[arg(long)]
     pub catalog: Option<PathBuf>,
@@ -89,7 +89,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         gen_len: a.gen_len,
         concurrency: a.concurrency,
         ttft_slo_ms: a.ttft_ms,
-        itl_slo_ms: a.itl_ms,
+        tpot_slo_ms: a.tpot_ms,
         memory_utilization: 0.9,
     };
     let plans = planner::plan(&c, &input)?;
@@ -179,10 +179,16 @@ pub struct SimArgs {
     pub prompt_len: (usize, usize),
     #[arg(long, default_value = "50:400", value_parser = parse_range)]
     pub gen_len: (usize, usize),
+    /// SLO: time to first token.
     #[arg(long, default_value_t = 2000.0)]
     pub ttft_ms: f64,
-    #[arg(long, default_value_t = 100.0)]
-    pub itl_ms: f64,
+    /// SLO: time per output token (a request's mean gap after its first token).
+    #[arg(long, alias = "itl-ms", default_value_t = 100.0)]
+    pub tpot_ms: f64,
+    /// Reported beside the SLO: the share of requests whose longest gap between two tokens
+    /// exceeds this.
+    #[arg(long, default_value_t = 1000.0)]
+    pub max_gap_ms: f64,
     #[arg(long, default_value_t = 64)]
     pub max_seqs: usize,
     #[arg(long, default_value_t = 2048)]
@@ -253,7 +259,7 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
             .max(1),
         concurrency: a.max_seqs,
         ttft_slo_ms: None,
-        itl_slo_ms: None,
+        tpot_slo_ms: None,
         memory_utilization: 0.9,
     };
     let plans = planner::plan(&c, &input)?;
@@ -295,7 +301,8 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
         max_batch_tokens: a.max_batch_tokens,
         kv_capacity_tokens: chosen.kv_capacity_tokens,
         ttft_slo_ms: a.ttft_ms,
-        itl_slo_ms: a.itl_ms,
+        tpot_slo_ms: a.tpot_ms,
+        max_gap_ms: a.max_gap_ms,
         seed: 7,
     };
     let mut results = Vec::new();
@@ -312,38 +319,48 @@ pub fn simulate(a: &SimArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"layout": {"tp": layout.tp, "ep": layout.ep, "pp": layout.pp}, "rate": a.rate, "runs": results, "fewest_replicas_meeting_slo": fewest})
+            serde_json::json!({"layout": {"tp": layout.tp, "ep": layout.ep, "pp": layout.pp}, "rate": a.rate,
+                "slo": {"ttft_ms": a.ttft_ms, "tpot_ms": a.tpot_ms, "max_gap_ms": a.max_gap_ms,
+                        "definitions": planner::SLO_DEFINITIONS},
+                "runs": results, "fewest_replicas_meeting_slo": fewest})
         );
         return Ok(());
     }
     println!(
-        "{} replica layout tp={} ep={} pp={} on {}; {} requests at {} req/s, prompt {:?}, output {:?}; SLO TTFT {} ms, ITL {} ms",
-        a.hw.model, layout.tp, layout.ep, layout.pp, a.hw.gpu, a.requests, a.rate, a.prompt_len, a.gen_len, a.ttft_ms, a.itl_ms
+        "{} replica layout tp={} ep={} pp={} on {}; {} requests at {} req/s, prompt {:?}, output {:?}; SLO TTFT {} ms and TPOT {} ms; gap bound {} ms",
+        a.hw.model, layout.tp, layout.ep, layout.pp, a.hw.gpu, a.requests, a.rate, a.prompt_len, a.gen_len, a.ttft_ms, a.tpot_ms, a.max_gap_ms
     );
     println!(
-        "{:>8} {:>10} {:>10} {:>9} {:>9} {:>12} {:>9} {:>11}",
+        "{:>8} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9} {:>11}",
         "replicas",
         "TTFT p50",
         "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
         "ITL p50",
         "ITL p99",
+        "gap>bound",
         "goodput r/s",
         "in SLO",
         "out tok/s"
     );
     for r in &results {
         println!(
-            "{:>8} {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>7.1}ms {:>12.2} {:>8.1}% {:>11.0}",
+            "{:>8} {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8.1}% {:>12.2} {:>8.1}% {:>11.0}",
             r.replicas,
             r.ttft_p50_ms,
             r.ttft_p99_ms,
+            r.tpot_p50_ms,
+            r.tpot_p99_ms,
             r.itl_p50_ms,
             r.itl_p99_ms,
+            r.gap_over_bound * 100.0,
             r.goodput_rps,
             r.slo_attainment * 100.0,
             r.output_tokens_per_s
         );
     }
+    println!("{}", planner::SLO_DEFINITIONS);
     match fewest {
         Some(r) => println!(
             "fewest replicas meeting the SLO for 99% of requests: {r} ({} devices)",
@@ -528,6 +545,8 @@ impl HostCalibration {
             gemm_rows: self.gemm_curve.iter().map(|c| c.0).collect(),
             gemm_tflops: self.gemm_curve.iter().map(|c| c.1 / 1e12).collect(),
             sample_ns_per_logit: self.sample_s_per_logit * 1e9,
+            // The TCP collective: a ring of messages on the figures above.
+            nccl: Default::default(),
         }
     }
 

@@ -395,6 +395,7 @@ fn plan_command_ranks_layouts_and_refuses_bad_input() {
         "kv_capacity_tokens",
         "ttft_ms",
         "itl_ms",
+        "decode_step",
         "output_tokens_per_s",
         "cost_per_million_output_tokens",
     ] {
@@ -425,6 +426,49 @@ fn plan_command_ranks_layouts_and_refuses_bad_input() {
         out.contains("Nothing fits") && out.contains("int8"),
         "{out}"
     );
+    // The winning layout's decode step, part by part, with the collective's algorithm.
+    let out = ok(&grokctl(&[
+        "plan",
+        "--model",
+        "grok-1",
+        "--gpu",
+        "h100-sxm",
+        "--dtype",
+        "int8",
+        "--concurrency",
+        "1",
+        "--explain",
+    ]));
+    for part in [
+        "One decode step",
+        "weights",
+        "KV cache",
+        "all-reduce x128",
+        "sampling",
+    ] {
+        assert!(out.contains(part), "--explain lacks `{part}`: {out}");
+    }
+    // simulate: the SLO is TTFT and TPOT, printed with its definitions; --itl-ms still reads
+    // as the TPOT target.
+    let sim = ok(&grokctl(&[
+        "plan",
+        "simulate",
+        "--model",
+        "grok-1",
+        "--gpu",
+        "h100-sxm",
+        "--rate",
+        "2",
+        "--requests",
+        "40",
+        "--itl-ms",
+        "80",
+    ]));
+    assert!(
+        sim.contains("TPOT 80 ms") && sim.contains("TPOT p50"),
+        "{sim}"
+    );
+    assert!(sim.contains("mean time per output token"), "{sim}");
     fails_with(
         &grokctl(&["plan", "--gpu", "tpu-v9"]),
         &["unknown device `tpu-v9`", "h100-sxm"],

@@ -34,6 +34,10 @@ pub struct Device {
     /// filtering on the sampling rank; optional, 0 when absent: negligible on a GPU).
     #[serde(default)]
     pub sample_ns_per_logit: f64,
+    /// Collectives as NCCL runs them on this device (`[device.nccl]`; absent: a ring of
+    /// messages on the link figures above).
+    #[serde(default)]
+    pub nccl: super::collective::NcclModel,
 }
 
 impl Device {

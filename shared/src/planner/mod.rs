@@ -16,17 +16,22 @@
 //! other, each boundary costs one send/recv. Decode keeps up to `pp` micro-batches in flight as
 //! the engine does ([`Pipelined`]): a token of a sequence takes its micro-batch (`B / pp`
 //! sequences) through every stage, the other micro-batches keep the other stages busy, so the
-//! replica gives `B` tokens per such pass; fewer sequences than stages leave a bubble; each layer costs two all-reduces of
-//! `B x d_model` in bf16 over the tensor-parallel group: a ring, `2 (tp-1)/tp x bytes / link +
-//! 2 (tp-1) x latency`. Prefill (TTFT) is the same with `B x prompt_len` rows (compute-bound).
+//! replica gives `B` tokens per such pass; fewer sequences than stages leave a bubble; each
+//! layer costs two all-reduces of `B x d_model` in bf16 over the tensor-parallel group, timed by
+//! [`collective`] as NCCL runs them (the regime NCCL picks by size, from published nccl-tests
+//! runs; the project's TCP ring on CPU hosts). Layers' matmuls, attention and collectives do
+//! not overlap in the engine (each layer's all-reduce waits for its matmul), and the model adds
+//! them. Prefill (TTFT) is the same with `B x prompt_len` rows (compute-bound).
+//! [`StepBreakdown`] splits a step into weights, KV, collectives, sampling and fixed overhead.
 
 mod catalog;
+pub mod collective;
 mod sim;
 mod step;
 
 pub use catalog::{Catalog, Device, PlanDType, PlanError, BUILTIN_CATALOG};
-pub use sim::{simulate, SimInput, SimResult};
-pub use step::{shard_weight_bytes, Pipelined, StepModel};
+pub use sim::{simulate, SimInput, SimResult, SLO_DEFINITIONS};
+pub use step::{shard_weight_bytes, step_breakdown, Pipelined, StepBreakdown, StepModel};
 
 use crate::config::ModelConfig;
 use crate::model::ShardSpec;
@@ -47,7 +52,8 @@ pub struct PlanInput {
     /// Sequences in flight across the cluster.
     pub concurrency: usize,
     pub ttft_slo_ms: Option<f64>,
-    pub itl_slo_ms: Option<f64>,
+    /// Time per output token objective (at steady state, the decode step time).
+    pub tpot_slo_ms: Option<f64>,
     /// Fraction of device memory usable (the rest: runtime, fragmentation).
     pub memory_utilization: f64,
 }
@@ -74,6 +80,8 @@ pub struct LayoutPlan {
     pub meets_slo: bool,
     /// What bounds the decode step: memory, compute, links.
     pub decode_bound: String,
+    /// One decode step (one micro-batch through the replica), part by part.
+    pub decode_step: StepBreakdown,
     pub notes: Vec<String>,
 }
 
@@ -170,6 +178,17 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Vec<LayoutPlan>, PlanError
                 ctx_mid,
             );
             let (itl, bound) = (dec.itl, dec.bound);
+            let micro = (b_eff as f64).min(l.pp as f64).floor().max(1.0);
+            let decode_step = step_breakdown(
+                c,
+                p.dtype,
+                &p.device,
+                &l,
+                p.gpus_per_node,
+                b_eff as f64 / micro,
+                1.0,
+                ctx_mid,
+            );
             let (ttft, _) = step_time(
                 c,
                 p.dtype,
@@ -184,7 +203,7 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Vec<LayoutPlan>, PlanError
             let cost = n as f64 * p.device.price_per_hour / (tps * 3600.0) * 1e6;
             let meets = fits
                 && p.ttft_slo_ms.is_none_or(|s| ttft * 1e3 <= s)
-                && p.itl_slo_ms.is_none_or(|s| itl * 1e3 <= s);
+                && p.tpot_slo_ms.is_none_or(|s| itl * 1e3 <= s);
             if l.tp > p.gpus_per_node {
                 notes.push(
                     "tensor parallelism crosses nodes: all-reduces go over the network".into(),
@@ -209,6 +228,7 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Vec<LayoutPlan>, PlanError
                 cost_per_million_output_tokens: cost,
                 meets_slo: meets,
                 decode_bound: bound.into(),
+                decode_step,
                 notes,
             });
         }
@@ -224,6 +244,42 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Vec<LayoutPlan>, PlanError
             .then(a.shortfall_bytes_per_gpu.cmp(&b.shortfall_bytes_per_gpu))
     });
     Ok(out)
+}
+
+/// One decode step split into weights, KV, collectives (by algorithm), sampling and fixed
+/// overhead, as a small table.
+pub fn breakdown_table(b: &StepBreakdown) -> String {
+    let ms = |x: f64| x * 1e3;
+    let share = |x: f64| 100.0 * x / b.total.max(1e-30);
+    let mut t = format!(
+        "One decode step: {:.3} ms, bound by {}\n  {:<44} {:>9} {:>6}\n",
+        ms(b.total),
+        b.bound,
+        "part",
+        "ms",
+        "share"
+    );
+    let mut row = |name: String, x: f64| {
+        t += &format!("  {:<44} {:>9.3} {:>5.1}%\n", name, ms(x), share(x));
+    };
+    row("weights (stream or multiply)".into(), b.weights);
+    row("KV cache (attention)".into(), b.kv);
+    for c in &b.collectives {
+        row(
+            format!(
+                "{} x{} of {:.0} KB: {} {}",
+                c.op,
+                c.count,
+                c.bytes / 1e3,
+                c.algorithm,
+                c.protocol
+            ),
+            c.seconds,
+        );
+    }
+    row("sampling".into(), b.sampling);
+    row("fixed cost per call".into(), b.overhead);
+    t
 }
 
 /// A few sentences on why the first layout wins and what limits it.
@@ -273,6 +329,7 @@ pub fn explain(c: &ModelConfig, p: &PlanInput, plans: &[LayoutPlan]) -> String {
         "prefill of {} tokens takes {:.0} ms. ",
         p.prompt_len, best.ttft_ms
     );
+    s += &format!("\n\n{}\n", breakdown_table(&best.decode_step));
     if let Some(other) = plans.iter().skip(1).find(|x| x.fits) {
         s += &format!(
             "The next fitting layout (tp={} ep={} pp={} x{}) costs ${:.2}.",
@@ -354,7 +411,7 @@ mod tests {
             gen_len: 200,
             concurrency: 64,
             ttft_slo_ms: None,
-            itl_slo_ms: None,
+            tpot_slo_ms: None,
             memory_utilization: 0.9,
         }
     }

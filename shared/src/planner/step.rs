@@ -2,9 +2,11 @@
 //! loader's own accounting) and the roofline step-time model.
 
 use super::catalog::{Device, PlanDType};
+use super::collective::{self, CollectiveCost};
 use crate::config::ModelConfig;
 use crate::model::ShardSpec;
 use crate::sharding::Layout;
+use serde::Serialize;
 
 /// Bytes of a `[rows, cols]` matrix slice of a `[out, in]` weight whose int8 scales have `nb`
 /// blocks along `in`, exactly as the loader holds it.
@@ -58,6 +60,25 @@ pub fn shard_weight_bytes(c: &ModelConfig, dt: PlanDType, s: &ShardSpec) -> u64 
     b
 }
 
+/// One step's time split by what it spends it on (seconds; the parts add up to `total`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StepBreakdown {
+    /// Streaming (or multiplying by) the weights: projections, touched experts, output matrix.
+    pub weights: f64,
+    /// Attention over the KV cache: reading it and the score arithmetic.
+    pub kv: f64,
+    /// Collectives, each with the algorithm the model picks for it.
+    pub collectives: Vec<CollectiveCost>,
+    pub collectives_total: f64,
+    /// Sampling on the sampling rank (host time per logit).
+    pub sampling: f64,
+    /// Fixed cost per kernel launch / matmul call.
+    pub overhead: f64,
+    pub total: f64,
+    /// "memory bandwidth", "compute" or "links".
+    pub bound: &'static str,
+}
+
 /// Time of one forward step of `rows` new tokens per sequence for `batch` sequences attending to
 /// `ctx` positions, and what bounds it.
 pub(super) fn step_time(
@@ -70,6 +91,21 @@ pub(super) fn step_time(
     rows: f64,
     ctx: f64,
 ) -> (f64, &'static str) {
+    let b = step_breakdown(c, dt, dev, layout, gpus_per_node, batch, rows, ctx);
+    (b.total, b.bound)
+}
+
+/// [`step_time`], part by part.
+pub fn step_breakdown(
+    c: &ModelConfig,
+    dt: PlanDType,
+    dev: &Device,
+    layout: &Layout,
+    gpus_per_node: usize,
+    batch: f64,
+    rows: f64,
+    ctx: f64,
+) -> StepBreakdown {
     let bw = dev.mem_bw_gbs * 1e9;
     let peak = dt.peak(dev);
     let tokens = batch * rows;
@@ -103,48 +139,54 @@ pub(super) fn step_time(
     let t_expert_call = (expert_params * wb / bw)
         .max(2.0 * expert_rows * expert_params / dev.matmul_rate(peak, expert_rows));
     let t_core = 4.0 * tokens * ctx * (c.q_size() as f64 / tp) / dev.matmul_rate(peak, tokens);
-    let t_calls_layer = t_attn_call
-        + touched_experts * t_expert_call
-        + t_core
-        + batch * ctx * kv_per_token_layer / bw;
-    let t_layers = (layers_per_stage * t_calls_layer).max(t_mem.max(t_cmp));
+    let t_kv_layer = t_core + batch * ctx * kv_per_token_layer / bw;
+    let t_w_layer = t_attn_call + touched_experts * t_expert_call;
+    // The calls one after the other, or the whole layer's bytes / FLOPs at the roofline,
+    // whichever is slower (the difference counts as weights: it is their streaming or math).
+    let t_calls_layers = layers_per_stage * (t_w_layer + t_kv_layer);
+    let floor = t_mem.max(t_cmp);
+    let w_layers = layers_per_stage * t_w_layer + (floor - t_calls_layers).max(0.0);
+    let kv_layers = layers_per_stage * t_kv_layer;
     // Output projection on the sampling rank.
     let out_bytes = c.vocab_size as f64 * d * dt.embed_bytes() as f64;
-    let t_out = (out_bytes / bw)
-        .max(2.0 * batch * c.vocab_size as f64 * d / dev.matmul_rate(peak, batch))
-        + batch * c.vocab_size as f64 * dev.sample_ns_per_logit * 1e-9;
+    let t_out_w =
+        (out_bytes / bw).max(2.0 * batch * c.vocab_size as f64 * d / dev.matmul_rate(peak, batch));
+    let t_sample = batch * c.vocab_size as f64 * dev.sample_ns_per_logit * 1e-9;
     // Collectives: two all-reduces per layer over tp, one send/recv per stage boundary.
-    let (link, lat) = if layout.tp <= gpus_per_node {
-        (dev.intra_node_gbs * 1e9, dev.intra_node_latency_us * 1e-6)
-    } else {
-        (dev.inter_node_gbs * 1e9, dev.inter_node_latency_us * 1e-6)
-    };
+    let mut collectives = Vec::new();
     let ar_bytes = tokens * d * 2.0;
-    let t_ar = if layout.tp > 1 {
-        2.0 * (tp - 1.0) / tp * ar_bytes / link + 2.0 * (tp - 1.0) * lat
-    } else {
-        0.0
-    };
-    let t_coll = 2.0 * c.num_layers as f64 * t_ar;
-    let (plink, plat) = if layout.tp * layout.pp <= gpus_per_node {
-        (dev.intra_node_gbs * 1e9, dev.intra_node_latency_us * 1e-6)
-    } else {
-        (dev.inter_node_gbs * 1e9, dev.inter_node_latency_us * 1e-6)
-    };
-    let t_p2p = (pp - 1.0) * (ar_bytes / plink + plat);
+    if layout.tp > 1 {
+        let one = collective::all_reduce(dev, layout.tp, ar_bytes, layout.tp > gpus_per_node);
+        collectives.push(one.times(2.0 * c.num_layers as f64));
+    }
+    if layout.pp > 1 {
+        let one = collective::send_recv(dev, ar_bytes, layout.tp * layout.pp > gpus_per_node);
+        collectives.push(one.times(pp - 1.0));
+    }
+    let t_coll: f64 = collectives.iter().map(|x| x.seconds).sum();
     // Fixed cost per matmul call: q, k, v, o, router, and three per touched expert.
     let calls = layers_per_stage * (5.0 + 3.0 * touched_experts) + 1.0;
-    let t_calls = calls * dev.launch_overhead_us * 1e-6;
-    let t_compute = pp * (t_layers + t_calls) + t_out;
-    let total = t_compute + t_coll + t_p2p;
-    let bound = if t_coll + t_p2p > t_compute {
+    let t_calls = pp * calls * dev.launch_overhead_us * 1e-6;
+    let weights = pp * w_layers + t_out_w;
+    let kv = pp * kv_layers;
+    let t_compute = weights + kv + t_sample + t_calls;
+    let bound = if t_coll > t_compute {
         "links"
     } else if t_cmp > t_mem {
         "compute"
     } else {
         "memory bandwidth"
     };
-    (total, bound)
+    StepBreakdown {
+        weights,
+        kv,
+        collectives,
+        collectives_total: t_coll,
+        sampling: t_sample,
+        overhead: t_calls,
+        total: t_compute + t_coll,
+        bound,
+    }
 }
 
 /// Decode with pipeline parallelism as the engine runs it: `seqs` sequences in up to `pp`

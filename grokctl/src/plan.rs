@@ -545,6 +545,9 @@ impl HostCalibration {
             gemm_rows: self.gemm_curve.iter().map(|c| c.0).collect(),
             gemm_tflops: self.gemm_curve.iter().map(|c| c.1 / 1e12).collect(),
             sample_ns_per_logit: self.sample_s_per_logit * 1e9,
+            // Measured directly (the GEMV bandwidth above is the kernel's own).
+            bf16_stream_efficiency: 1.0,
+            int8_stream_efficiency: 1.0,
             // The TCP collective: a ring of messages on the figures above.
             nccl: Default::default(),
         }

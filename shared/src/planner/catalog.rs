@@ -34,10 +34,21 @@ pub struct Device {
     /// filtering on the sampling rank; optional, 0 when absent: negligible on a GPU).
     #[serde(default)]
     pub sample_ns_per_logit: f64,
+    /// Share of `mem_bw_gbs` a batch-1 weight stream (GEMV) reaches, for bf16 (and f32)
+    /// weights and for int8 (and fp8) weights: the kernels' efficiency, from this project's own
+    /// runs on the card where there are any (default 1: the datasheet bandwidth).
+    #[serde(default = "one")]
+    pub bf16_stream_efficiency: f64,
+    #[serde(default = "one")]
+    pub int8_stream_efficiency: f64,
     /// Collectives as NCCL runs them on this device (`[device.nccl]`; absent: a ring of
     /// messages on the link figures above).
     #[serde(default)]
     pub nccl: super::collective::NcclModel,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Device {
@@ -175,6 +186,18 @@ impl PlanDType {
         match self {
             Self::F32 => 4,
             _ => 2,
+        }
+    }
+    /// The share of the memory bandwidth a weight stream of this dtype reaches on `d`.
+    pub(super) fn stream_efficiency(self, d: &Device) -> f64 {
+        let e = match self {
+            Self::F32 | Self::Bf16 => d.bf16_stream_efficiency,
+            Self::Int8 | Self::Fp8 => d.int8_stream_efficiency,
+        };
+        if e > 0.0 && e <= 1.0 {
+            e
+        } else {
+            1.0
         }
     }
     /// Peak dense throughput on `d` for this dtype's matmuls, FLOP/s.

@@ -134,9 +134,11 @@ pub fn step_breakdown(
     // than the peak (the device's measured curve). Each call streams its weights or computes,
     // whichever is slower; the KV cache streams once.
     let expert_rows = (tokens * k / e / p_hit.max(1e-9)).max(1.0);
+    // Weights stream at the kernels' measured share of the bandwidth.
+    let wbw = bw * dt.stream_efficiency(dev);
     let t_attn_call =
-        (attn_params * wb / bw).max(2.0 * tokens * attn_params / dev.matmul_rate(peak, tokens));
-    let t_expert_call = (expert_params * wb / bw)
+        (attn_params * wb / wbw).max(2.0 * tokens * attn_params / dev.matmul_rate(peak, tokens));
+    let t_expert_call = (expert_params * wb / wbw)
         .max(2.0 * expert_rows * expert_params / dev.matmul_rate(peak, expert_rows));
     let t_core = 4.0 * tokens * ctx * (c.q_size() as f64 / tp) / dev.matmul_rate(peak, tokens);
     let t_kv_layer = t_core + batch * ctx * kv_per_token_layer / bw;
@@ -149,8 +151,8 @@ pub fn step_breakdown(
     let kv_layers = layers_per_stage * t_kv_layer;
     // Output projection on the sampling rank.
     let out_bytes = c.vocab_size as f64 * d * dt.embed_bytes() as f64;
-    let t_out_w =
-        (out_bytes / bw).max(2.0 * batch * c.vocab_size as f64 * d / dev.matmul_rate(peak, batch));
+    let t_out_w = (out_bytes / (bw * PlanDType::Bf16.stream_efficiency(dev)))
+        .max(2.0 * batch * c.vocab_size as f64 * d / dev.matmul_rate(peak, batch));
     let t_sample = batch * c.vocab_size as f64 * dev.sample_ns_per_logit * 1e-9;
     // Collectives: two all-reduces per layer over tp, one send/recv per stage boundary.
     let mut collectives = Vec::new();

@@ -113,8 +113,23 @@ pub fn all_reduce(dev: &Device, n: usize, bytes: f64, inter_node: bool) -> Colle
     ring_of_messages("all-reduce", dev, n, bytes, inter_node, 2.0)
 }
 
-/// One all-to-all (or all-gather, reduce-scatter: the same bytes on the wire) of `bytes` per
-/// rank over `n` ranks inside a node: each rank sends (n-1)/n of its bytes.
+/// One all-gather of `bytes` (the gathered result) over `n` ranks: (n-1)/n of it on the wire.
+pub fn all_gather(dev: &Device, n: usize, bytes: f64, inter_node: bool) -> CollectiveCost {
+    CollectiveCost {
+        op: "all-gather",
+        ..all_to_all(dev, n, bytes, inter_node)
+    }
+}
+
+/// One reduce-scatter of `bytes` (the input) over `n` ranks: (n-1)/n of it on the wire.
+pub fn reduce_scatter(dev: &Device, n: usize, bytes: f64, inter_node: bool) -> CollectiveCost {
+    CollectiveCost {
+        op: "reduce-scatter",
+        ..all_to_all(dev, n, bytes, inter_node)
+    }
+}
+
+/// One all-to-all of `bytes` per rank over `n` ranks: each rank sends (n-1)/n of its bytes.
 pub fn all_to_all(dev: &Device, n: usize, bytes: f64, inter_node: bool) -> CollectiveCost {
     let m = &dev.nccl;
     let nf = n.max(1) as f64;
@@ -294,5 +309,11 @@ mod tests {
             "{a:?}"
         );
         assert!(send_recv(h, 1e8, false).seconds > 0.0);
+        // All-gather and reduce-scatter put the same bytes on the wire as all-to-all.
+        assert_eq!(all_gather(h, 8, 1e8, false).seconds, a.seconds);
+        assert_eq!(reduce_scatter(h, 8, 1e8, false).op, "reduce-scatter");
+        // Half the bus bandwidth of an all-reduce of the same bytes, at large sizes.
+        let ar = all_reduce(h, 8, 1e9, false);
+        assert!(ar.seconds > all_gather(h, 8, 1e9, false).seconds);
     }
 }

@@ -6,7 +6,10 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{check_gather, check_peer, check_root, mismatch, CommError, Communicator, Op};
+use super::{
+    check_all_to_all, check_gather, check_peer, check_root, mismatch, offsets, CommError,
+    Communicator, Op,
+};
 
 /// The deadline of every wait unless [`LocalComm::set_timeout`] changes it.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -208,6 +211,33 @@ impl Communicator for LocalComm {
         }
         for j in self.others() {
             self.take(j, Op::Barrier, 0, 0)?;
+        }
+        Ok(())
+    }
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<(), CommError> {
+        check_all_to_all(
+            self.rank,
+            self.world,
+            send.len(),
+            send_counts,
+            recv.len(),
+            recv_counts,
+        )?;
+        let (so, ro) = (offsets(send_counts), offsets(recv_counts));
+        for j in self.others() {
+            self.post(j, Op::AllToAll, 0, &send[so[j]..so[j + 1]])?;
+        }
+        let r = self.rank;
+        recv[ro[r]..ro[r + 1]].copy_from_slice(&send[so[r]..so[r + 1]]);
+        for i in self.others() {
+            let part = self.take(i, Op::AllToAll, 0, recv_counts[i])?;
+            recv[ro[i]..ro[i + 1]].copy_from_slice(&part);
         }
         Ok(())
     }

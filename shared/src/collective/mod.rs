@@ -1,8 +1,10 @@
 //! Collective communication between the ranks of one model replica.
 //!
 //! [`Communicator`] is the one interface the model uses for tensor and expert parallelism
-//! (all-reduce after the attention output and after the MoE) and between pipeline stages
-//! (point-to-point [`send`](Communicator::send) / [`recv`](Communicator::recv)).
+//! (all-reduce after the attention output and after the MoE), between pipeline stages
+//! (point-to-point [`send`](Communicator::send) / [`recv`](Communicator::recv)), and for
+//! expert-parallel dispatch and combine ([`all_to_all_v`](Communicator::all_to_all_v):
+//! variable counts, empty parts allowed).
 //!
 //! Implementations:
 //! - [`SingleRank`]: the world of one process; every collective is the identity.
@@ -120,6 +122,17 @@ pub trait Communicator: Send + Sync {
     fn send(&self, buf: &[f32], peer: usize) -> Result<(), CommError>;
     fn recv(&self, buf: &mut [f32], peer: usize) -> Result<(), CommError>;
     fn barrier(&self) -> Result<(), CommError>;
+    /// All-to-all with variable counts: `send` is `world` consecutive parts of
+    /// `send_counts[j]` elements, part `j` for rank `j`; `recv` receives, in rank order,
+    /// `recv_counts[i]` elements from rank `i` (what rank `i` sends to this one). Parts may be
+    /// empty; a count that differs from the sender's is a [`CommError::Protocol`] error.
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<(), CommError>;
 }
 
 /// A world of one: every collective is the identity.
@@ -153,6 +166,17 @@ impl Communicator for SingleRank {
     fn barrier(&self) -> Result<(), CommError> {
         Ok(())
     }
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<(), CommError> {
+        check_all_to_all(0, 1, send.len(), send_counts, recv.len(), recv_counts)?;
+        recv.copy_from_slice(send);
+        Ok(())
+    }
 }
 
 /// The operation a message belongs to; carried in every message so that ranks calling
@@ -164,6 +188,7 @@ enum Op {
     Broadcast = 3,
     P2p = 4,
     Barrier = 5,
+    AllToAll = 6,
 }
 
 impl Op {
@@ -174,6 +199,7 @@ impl Op {
             Op::Broadcast => "broadcast",
             Op::P2p => "send/recv",
             Op::Barrier => "barrier",
+            Op::AllToAll => "all_to_all_v",
         }
     }
 
@@ -184,6 +210,7 @@ impl Op {
             3 => Op::Broadcast,
             4 => Op::P2p,
             5 => Op::Barrier,
+            6 => Op::AllToAll,
             _ => return None,
         })
     }
@@ -235,6 +262,58 @@ fn check_gather(world: usize, input: usize, output: usize) -> Result<(), CommErr
             "all_gather: output has {output} elements, expected world size {world} x input {input}"
         ))),
     }
+}
+
+/// The offsets of the parts of an all-to-all buffer: `offsets[j]..offsets[j + 1]` is part `j`.
+fn offsets(counts: &[usize]) -> Vec<usize> {
+    let mut o = Vec::with_capacity(counts.len() + 1);
+    let mut at = 0usize;
+    o.push(0);
+    for &c in counts {
+        at += c;
+        o.push(at);
+    }
+    o
+}
+
+/// An all-to-all's arguments: a count per rank on both sides, adding up to the buffers, and
+/// this rank's part to itself the same size on both sides.
+fn check_all_to_all(
+    rank: usize,
+    world: usize,
+    send: usize,
+    send_counts: &[usize],
+    recv: usize,
+    recv_counts: &[usize],
+) -> Result<(), CommError> {
+    let bad = |m: String| Err(CommError::Usage(format!("all_to_all_v: {m}")));
+    if send_counts.len() != world || recv_counts.len() != world {
+        return bad(format!(
+            "{} send counts and {} receive counts for a world of {world} (one per rank)",
+            send_counts.len(),
+            recv_counts.len()
+        ));
+    }
+    let sum = |c: &[usize]| c.iter().try_fold(0usize, |a, &x| a.checked_add(x));
+    if sum(send_counts) != Some(send) {
+        return bad(format!(
+            "the send counts add up to {:?}, the send buffer has {send} elements",
+            sum(send_counts)
+        ));
+    }
+    if sum(recv_counts) != Some(recv) {
+        return bad(format!(
+            "the receive counts add up to {:?}, the receive buffer has {recv} elements",
+            sum(recv_counts)
+        ));
+    }
+    if send_counts[rank] != recv_counts[rank] {
+        return bad(format!(
+            "rank {rank} sends itself {} elements but expects {}",
+            send_counts[rank], recv_counts[rank]
+        ));
+    }
+    Ok(())
 }
 
 /// Chunk `i` of `world` of a buffer of `len` elements: `[i*len/world, (i+1)*len/world)`.

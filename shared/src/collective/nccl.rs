@@ -13,7 +13,7 @@
 //! The [`Communicator`] methods take host slices (staged through device buffers): they serve
 //! the conformance checks; the device-resident forward pass uses [`NcclComm::all_reduce_device`].
 
-use super::{check_gather, check_peer, check_root, CommError, Communicator};
+use super::{check_all_to_all, check_gather, check_peer, check_root, CommError, Communicator};
 use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::{result, sys};
 use std::sync::{Arc, Mutex};
@@ -431,5 +431,71 @@ impl Communicator for NcclComm {
     fn barrier(&self) -> Result<(), CommError> {
         let mut one = [0f32; 1];
         self.all_reduce_sum(&mut one)
+    }
+    /// Every part as an `ncclSend`/`ncclRecv` pair inside one group (NCCL runs them together,
+    /// so no order of the ranks' calls deadlocks); this rank's own part is copied on the host.
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<(), CommError> {
+        check_all_to_all(
+            self.rank,
+            self.world,
+            send.len(),
+            send_counts,
+            recv.len(),
+            recv_counts,
+        )?;
+        let (so, ro) = (super::offsets(send_counts), super::offsets(recv_counts));
+        let (rank, world) = (self.rank, self.world);
+        let mut host = send.to_vec();
+        let total = recv.len();
+        let own = send[so[rank]..so[rank + 1]].to_vec();
+        self.staged(
+            "all_to_all_v",
+            &mut host,
+            total,
+            |s, d, comm, st| {
+                let f = sys::ncclDataType_t::ncclFloat32;
+                result::group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
+                let mut res = Ok(());
+                for j in (0..world).filter(|&j| j != rank) {
+                    // SAFETY: s holds the send buffer and d the receive buffer on this device;
+                    // the offsets and counts stay inside them (checked above).
+                    let r = unsafe {
+                        result::send(
+                            (s as *mut f32).add(so[j]) as *mut core::ffi::c_void,
+                            send_counts[j],
+                            f,
+                            j as i32,
+                            comm,
+                            st,
+                        )
+                        .and_then(|_| {
+                            result::recv(
+                                (d as *mut f32).add(ro[j]) as *mut core::ffi::c_void,
+                                recv_counts[j],
+                                f,
+                                j as i32,
+                                comm,
+                                st,
+                            )
+                        })
+                    };
+                    if let Err(e) = r {
+                        res = Err(nccl_err("ncclSend/ncclRecv", e));
+                        break;
+                    }
+                }
+                let end = result::group_end().map_err(|e| nccl_err("ncclGroupEnd", e));
+                res.and(end.map(|_| ()))
+            },
+            Some(recv),
+        )?;
+        recv[ro[rank]..ro[rank + 1]].copy_from_slice(&own);
+        Ok(())
     }
 }

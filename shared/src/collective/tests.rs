@@ -208,6 +208,25 @@ fn conformance_rank<C: Communicator>(c: &C, arrived: &AtomicUsize) -> Result<Rep
         }
     }
 
+    // all_to_all_v with uneven and empty parts: rank i sends rank j `a2a_count(i, j, n)`
+    // elements, each naming its sender, receiver and place.
+    for n in [0usize, 1, 5, 33] {
+        let send_counts: Vec<usize> = (0..w).map(|j| a2a_count(r, j, n)).collect();
+        let recv_counts: Vec<usize> = (0..w).map(|i| a2a_count(i, r, n)).collect();
+        let send: Vec<f32> = (0..w)
+            .flat_map(|j| (0..send_counts[j]).map(move |k| a2a_value(r, j, k)))
+            .collect();
+        let mut got = vec![f32::NAN; recv_counts.iter().sum()];
+        c.all_to_all_v(&send, &send_counts, &mut got, &recv_counts)?;
+        let want: Vec<f32> = (0..w)
+            .flat_map(|i| (0..recv_counts[i]).map(move |k| a2a_value(i, r, k)))
+            .collect();
+        check(
+            bits(&got) == bits(&want),
+            format!("all_to_all_v (n {n}) received {got:?}, want {want:?}"),
+        );
+    }
+
     // barrier: after round k every rank has arrived k times.
     for round in 1..=3 {
         arrived.fetch_add(1, Ordering::SeqCst);
@@ -237,6 +256,23 @@ fn conformance_rank<C: Communicator>(c: &C, arrived: &AtomicUsize) -> Result<Rep
         is_usage(c.all_gather(&[1.0; 3], &mut short)),
         "all_gather into a short output is not a usage error".into(),
     );
+    let zeros = vec![0usize; w];
+    let mut one_off = zeros.clone();
+    one_off[(r + 1) % w] = 1;
+    check(
+        is_usage(c.all_to_all_v(&[], &zeros[1..], &mut [], &zeros)),
+        "all_to_all_v with too few counts is not a usage error".into(),
+    );
+    check(
+        is_usage(c.all_to_all_v(&[], &one_off, &mut [], &zeros)),
+        "all_to_all_v with counts beyond the buffer is not a usage error".into(),
+    );
+    let mut to_self = zeros.clone();
+    to_self[r] = 1;
+    check(
+        is_usage(c.all_to_all_v(&[1.0], &to_self, &mut [], &zeros)),
+        "all_to_all_v with a self part of two sizes is not a usage error".into(),
+    );
     let mut ones = vec![1.0f32; 5];
     c.all_reduce_sum(&mut ones)?;
     check(
@@ -244,6 +280,20 @@ fn conformance_rank<C: Communicator>(c: &C, arrived: &AtomicUsize) -> Result<Rep
         format!("all_reduce after usage errors: {ones:?}"),
     );
     Ok(Report { reduced, failures })
+}
+
+/// Elements rank `i` sends rank `j` in the all-to-all of size class `n` (some parts empty).
+fn a2a_count(i: usize, j: usize, n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        (i * 3 + j * 5 + n) % 7
+    }
+}
+
+/// Element `k` of the part rank `i` sends rank `j` (exact in f32).
+fn a2a_value(i: usize, j: usize, k: usize) -> f32 {
+    (i * 10_000 + j * 100 + k) as f32
 }
 
 fn conformance<C: Group>(world: usize) {
@@ -342,6 +392,58 @@ fn mismatch_is_an_error<C: Group>() {
     }
 }
 
+/// Rank 0 expects 3 elements from rank 1, which sends 2: rank 0's error names rank 1 and says
+/// what it expected.
+fn all_to_all_mismatch_is_an_error<C: Group>() {
+    let errs = on_each(&C::group(2, Duration::from_secs(5)), |c| {
+        let r = c.rank();
+        let (send_counts, recv_counts) = if r == 0 {
+            (vec![0, 1], vec![0, 3])
+        } else {
+            (vec![2, 0], vec![1, 0])
+        };
+        let send = vec![1.0; send_counts.iter().sum()];
+        let mut recv = vec![0.0; recv_counts.iter().sum()];
+        c.all_to_all_v(&send, &send_counts, &mut recv, &recv_counts)
+    });
+    match &errs[0] {
+        Err(CommError::Protocol { peer: 1, why, .. }) => {
+            assert!(why.contains("all_to_all_v") && why.contains('3'), "{why}")
+        }
+        other => panic!("rank 0: {other:?}"),
+    }
+    // Rank 1 got the one element it expected: its call may well have succeeded.
+    let _ = &errs[1];
+}
+
+/// Rank 1 never calls the all-to-all: the others time out naming it, within the deadline.
+fn all_to_all_silent_peer_times_out<C: Group>() {
+    let timeout = Duration::from_millis(500);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
+    let results = on_each_owned(C::group(3, timeout), move |c| {
+        let start = Instant::now();
+        if c.rank() == 1 {
+            let rx = done_rx.lock().unwrap();
+            for _ in 0..2 {
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+            }
+            return (Ok(()), start.elapsed());
+        }
+        let counts = vec![4usize; 3];
+        let mut recv = vec![0.0; 12];
+        let r = c.all_to_all_v(&[1.0; 12], &counts, &mut recv, &counts);
+        let _ = done_tx.send(());
+        (r, start.elapsed())
+    });
+    for r in [0, 2] {
+        let (res, t) = &results[r];
+        let e = res.as_ref().expect_err("must fail");
+        assert_eq!(e.peer(), Some(1), "rank {r}: {e}");
+        assert!(*t < Duration::from_secs(3), "rank {r}: {t:?}");
+    }
+}
+
 /// Rank 1 is up but never calls the collective: rank 2 (which receives from it) times out
 /// naming it, and nobody waits much longer than the deadline.
 fn silent_peer_times_out<C: Group>() {
@@ -429,6 +531,8 @@ generic_tests! {
     mismatch => mismatch_is_an_error;
     silent_peer => silent_peer_times_out;
     dead_peer => dead_peer_is_reported;
+    all_to_all_mismatch => all_to_all_mismatch_is_an_error;
+    all_to_all_silent_peer => all_to_all_silent_peer_times_out;
 }
 
 #[test]

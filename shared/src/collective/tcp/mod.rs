@@ -41,7 +41,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wire::*;
 
-use crate::collective::{check_gather, check_peer, check_root, chunk, CommError, Communicator, Op};
+use crate::collective::{
+    check_all_to_all, check_gather, check_peer, check_root, chunk, offsets, CommError,
+    Communicator, Op,
+};
 
 /// One rank of a group of processes connected by TCP (see the module documentation).
 pub struct TcpComm {
@@ -198,6 +201,33 @@ impl State {
             self.recv_from(prev, Op::Barrier, 0, &mut [], false)?;
         }
         self.flush(next)
+    }
+
+    /// All-to-all: every part is queued to its peer's writer at once, then the parts from the
+    /// peers are read in rank order (the writers send while this thread reads, so no order of
+    /// the ranks' calls can deadlock). Empty parts still travel (a header), so mismatched
+    /// counts are found.
+    fn all_to_all(
+        &mut self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<(), CommError> {
+        let (r, w) = (self.rank, self.world);
+        let (so, ro) = (offsets(send_counts), offsets(recv_counts));
+        for j in (0..w).filter(|&j| j != r) {
+            self.send_to(j, Op::AllToAll, 0, &send[so[j]..so[j + 1]])?;
+        }
+        recv[ro[r]..ro[r + 1]].copy_from_slice(&send[so[r]..so[r + 1]]);
+        for i in (0..w).filter(|&i| i != r) {
+            self.link(i)?.poll()?;
+            self.recv_from(i, Op::AllToAll, 0, &mut recv[ro[i]..ro[i + 1]], false)?;
+        }
+        for j in (0..w).filter(|&j| j != r) {
+            self.flush(j)?;
+        }
+        Ok(())
     }
 
     /// After a communication error: tells every peer why (blaming the rank the error names),
@@ -372,5 +402,23 @@ impl Communicator for TcpComm {
 
     fn barrier(&self) -> Result<(), CommError> {
         self.run(State::barrier)
+    }
+
+    fn all_to_all_v(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv: &mut [f32],
+        recv_counts: &[usize],
+    ) -> Result<(), CommError> {
+        check_all_to_all(
+            self.rank,
+            self.world,
+            send.len(),
+            send_counts,
+            recv.len(),
+            recv_counts,
+        )?;
+        self.run(|st| st.all_to_all(send, send_counts, recv, recv_counts))
     }
 }

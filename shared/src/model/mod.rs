@@ -24,7 +24,7 @@ pub mod names;
 pub use error::ModelError;
 pub use kv::{BlockAllocator, KvCache};
 
-use crate::backend::cpu::{gelu_tanh, rms_norm, rope, Linear};
+use crate::backend::cpu::{rms_norm, rope, Linear};
 use crate::collective::Communicator;
 use crate::config::ModelConfig;
 use rayon::prelude::*;
@@ -403,9 +403,7 @@ impl Model {
             let mut b = vec![0f32; n * f];
             ex.linear.matmul(&xs, n, &mut a);
             ex.linear_v.matmul(&xs, n, &mut b);
-            for (x, y) in a.iter_mut().zip(&b) {
-                *x = gelu_tanh(*x) * y;
-            }
+            crate::backend::simd::gelu_gate(&mut a, &b);
             let mut y = vec![0f32; n * d];
             ex.linear_1.matmul(&a, n, &mut y);
             for (i, (r, gate)) in picked.iter().enumerate() {

@@ -841,6 +841,20 @@ async fn pipeline_stages_with_steps_in_flight_give_the_single_stage_outputs() {
             preempted > 0.0,
             "pp {pp}: the small cache forced no preemption"
         );
+        // Every stage reports its layers' routed tokens (tensor rank 0 of each stage): each
+        // layer routes every computed token to 2 experts, so all 6 layers count the same.
+        let routed = |layer: usize| -> f64 {
+            let prefix = format!("grok_expert_routed_tokens_total{{layer=\"{layer}\",");
+            body.lines()
+                .filter(|l| l.starts_with(&prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let per_layer: Vec<f64> = (0..6).map(routed).collect();
+        assert!(
+            per_layer[0] > 0.0 && per_layer.iter().all(|&x| x == per_layer[0]),
+            "pp {pp}: routed tokens per layer {per_layer:?}"
+        );
         let s = wait_kv_free(&c).await;
         assert_eq!(s.kv_blocks_used, 0, "pp {pp}: blocks still used at the end");
     }

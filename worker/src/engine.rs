@@ -702,6 +702,13 @@ impl Engine {
         };
         self.model
             .forward_layers(&mut h, &inputs, &mut self.kv, &self.tp)?;
+        // Tokens routed to each expert of this stage's layers: every tensor rank routes the
+        // same tokens, so tensor rank 0 reports them (the others only reset their counts).
+        let counts = self.model.take_expert_counts();
+        if self.place.tp_rank == 0 {
+            res.expert_counts = counts;
+            res.first_layer = self.model.shard.layers.start as u32;
+        }
         if !self.is_last_stage() {
             self.world.send(&h, self.place.rank + tp)?;
             return Ok(res);

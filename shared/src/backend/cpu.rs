@@ -7,7 +7,7 @@
 //! groups of activation rows with the same row-dot kernel. Weights are never dequantized into a
 //! copy, and every output element is computed by the same arithmetic whatever the batch.
 
-use super::simd::{dot_rows, dot_rows2x4, WeightElem};
+use super::simd::{dot_rows, dot_rows2, WeightElem};
 use crate::formats::checkpoint::Buf;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -176,15 +176,15 @@ impl Linear {
         }
     }
 
-    /// Rows `j` and `j + 1` against the four activation rows `x`, for f32 and bf16 weights
+    /// Rows `j` and `j + 1` against the `M` activation rows `x`, for f32 and bf16 weights
     /// (int8's block scales take the one-row path).
     #[inline]
-    fn pair_dots(&self, j: usize, x: &[f32], k: usize) -> Option<[[f32; 4]; 2]> {
-        let xs = [&x[..k], &x[k..2 * k], &x[2 * k..3 * k], &x[3 * k..4 * k]];
+    fn pair_dots<const M: usize>(&self, j: usize, x: &[f32], k: usize) -> Option<[[f32; M]; 2]> {
+        let xs: [&[f32]; M] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
         match &self.w {
             Weights::F32(b) => {
                 let b = b.as_slice();
-                Some(dot_rows2x4(
+                Some(dot_rows2(
                     &b[j * k..(j + 1) * k],
                     &b[(j + 1) * k..(j + 2) * k],
                     xs,
@@ -192,7 +192,7 @@ impl Linear {
             }
             Weights::Bf16(b) => {
                 let b = b.as_slice();
-                Some(dot_rows2x4(
+                Some(dot_rows2(
                     &b[j * k..(j + 1) * k],
                     &b[(j + 1) * k..(j + 2) * k],
                     xs,
@@ -226,7 +226,7 @@ impl Linear {
                         // Two weight rows against four activation rows per call where it can
                         // (the same bits as one row at a time).
                         if let Some(pair) = (j + 1 < j0 + nb && mc == 4)
-                            .then(|| self.pair_dots(j, xs, k))
+                            .then(|| self.pair_dots::<4>(j, xs, k))
                             .flatten()
                         {
                             for (w, vals) in pair.iter().enumerate() {

@@ -71,16 +71,20 @@ pub fn dot_rows<T: WeightElem, const M: usize>(w: &[T], xs: [&[f32]; M]) -> [f32
     }
 }
 
-/// [`dot_rows`] of two weight rows against the same four activation rows at once (a GEMM's
-/// register tile: each activation load feeds two rows). Every output is the same arithmetic as
-/// [`dot_rows`] gives it alone, bit for bit.
+/// [`dot_rows`] of two weight rows against the same `M` activation rows at once (a register
+/// tile: each activation load feeds two rows, and two weight streams are in flight). Every
+/// output is the same arithmetic as [`dot_rows`] gives it alone, bit for bit.
 #[inline(always)]
-pub fn dot_rows2x4<T: WeightElem>(w0: &[T], w1: &[T], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+pub fn dot_rows2<T: WeightElem, const M: usize>(
+    w0: &[T],
+    w1: &[T],
+    xs: [&[f32]; M],
+) -> [[f32; M]; 2] {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the feature was detected at run time.
-        Isa::Avx512 => unsafe { x86::dot2x4_512::<T>(w0, w1, xs) },
-        _ => [dot_rows::<T, 4>(w0, xs), dot_rows::<T, 4>(w1, xs)],
+        Isa::Avx512 => unsafe { x86::dot2_512::<T, M>(w0, w1, xs) },
+        _ => [dot_rows::<T, M>(w0, xs), dot_rows::<T, M>(w1, xs)],
     }
 }
 
@@ -211,22 +215,29 @@ mod x86 {
 
     /// Two rows of [`dot512`] at once, each with exactly its accumulation order.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn dot2x4_512<T: WeightElem>(w0: &[T], w1: &[T], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    pub unsafe fn dot2_512<T: WeightElem, const M: usize>(
+        w0: &[T],
+        w1: &[T],
+        xs: [&[f32]; M],
+    ) -> [[f32; M]; 2] {
         let n = w0.len();
         assert_eq!(w1.len(), n);
         for x in xs.iter() {
             assert!(x.len() >= n);
         }
-        let mut a0 = [[_mm512_setzero_ps(); 4]; 2];
-        let mut a1 = [[_mm512_setzero_ps(); 4]; 2];
+        let mut a0 = [[_mm512_setzero_ps(); M]; 2];
+        let mut a1 = [[_mm512_setzero_ps(); M]; 2];
         let mut i = 0;
         let wp = [w0.as_ptr(), w1.as_ptr()];
+        let ahead = PREFETCH_BYTES / std::mem::size_of::<T>();
         // SAFETY: every load below stays inside `w0[..n]`, `w1[..n]` and `xs[r][..n]`.
         unsafe {
             while i + 32 <= n {
+                _mm_prefetch::<_MM_HINT_T0>(wp[0].wrapping_add(i + ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(wp[1].wrapping_add(i + ahead) as *const i8);
                 let u0 = [load16(wp[0].add(i)), load16(wp[1].add(i))];
                 let u1 = [load16(wp[0].add(i + 16)), load16(wp[1].add(i + 16))];
-                for r in 0..4 {
+                for r in 0..M {
                     let xp = xs[r].as_ptr().add(i);
                     let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
                     for w in 0..2 {
@@ -238,7 +249,7 @@ mod x86 {
             }
             if i + 16 <= n {
                 let u0 = [load16(wp[0].add(i)), load16(wp[1].add(i))];
-                for r in 0..4 {
+                for r in 0..M {
                     let x0 = _mm512_loadu_ps(xs[r].as_ptr().add(i));
                     for w in 0..2 {
                         a0[w][r] = _mm512_fmadd_ps(u0[w], x0, a0[w][r]);
@@ -248,9 +259,9 @@ mod x86 {
             }
         }
         let ws = [w0, w1];
-        let mut out = [[0f32; 4]; 2];
+        let mut out = [[0f32; M]; 2];
         for w in 0..2 {
-            for r in 0..4 {
+            for r in 0..M {
                 let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[w][r], a1[w][r]));
                 for k in i..n {
                     s += ws[w][k].to_f32() * xs[r][k];
@@ -488,12 +499,14 @@ mod tests {
         let got1 = dot_rows::<T, 1>(w, [&xs[2]]);
         // The two-row tile gives each row's bits exactly.
         let rev: Vec<T> = w.iter().rev().copied().collect();
-        let tile = dot_rows2x4::<T>(w, &rev, [&xs[0], &xs[1], &xs[2], &xs[3]]);
+        let tile = dot_rows2::<T, 4>(w, &rev, [&xs[0], &xs[1], &xs[2], &xs[3]]);
         assert_eq!(tile[0], got4);
         assert_eq!(
             tile[1],
             dot_rows::<T, 4>(&rev, [&xs[0], &xs[1], &xs[2], &xs[3]])
         );
+        let one = dot_rows2::<T, 1>(w, &rev, [&xs[2]]);
+        assert_eq!(one, [got1, dot_rows::<T, 1>(&rev, [&xs[2]])]);
         let port = dot_portable::<T, 3>(w, [&xs[0], &xs[1], &xs[2]]);
         for r in 0..4 {
             assert!(

@@ -32,6 +32,16 @@ fn main() {
         }
         std::env::set_var("GROK_OTLP_ENDPOINT", u);
     }
+    // A command whose output goes to a pipe that closes (`grokctl plan ... | head`) ends
+    // quietly, as command-line tools do, instead of failing on the write. Not for the
+    // long-running commands that supervise processes and serve (up, launch, bench).
+    if !matches!(
+        cli.cmd,
+        Cmd::Up { .. } | Cmd::Launch { .. } | Cmd::Bench { .. }
+    ) {
+        // SAFETY: setting a signal disposition to the default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         // Incomplete TLS settings are a usage error, like a bad flag.
@@ -300,6 +310,10 @@ fn run(cli: Cli) -> Result<()> {
             sub: Some(PlanCmd::Simulate(a)),
             ..
         } => grokctl::plan::simulate(&a),
+        Cmd::Plan {
+            sub: Some(PlanCmd::Ep(a)),
+            ..
+        } => grokctl::plan::ep(&a),
         Cmd::Plan {
             sub: Some(PlanCmd::Calibrate { workers, memory_gb }),
             ..

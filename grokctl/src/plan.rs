@@ -724,3 +724,92 @@ pub async fn validate(a: &ValidateArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct EpArgs {
+    #[command(flatten)]
+    pub hw: Hardware,
+    /// GPUs of the replica (the expert-parallel world).
+    #[arg(long, default_value_t = 8)]
+    pub ranks: usize,
+    /// Copies of each expert, on distinct ranks.
+    #[arg(long, default_value_t = 2)]
+    pub expert_copies: usize,
+    /// Sequences in flight on the replica.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 200)]
+    pub gen_len: usize,
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `grokctl plan ep`.
+pub fn ep(a: &EpArgs) -> Result<()> {
+    let c = model_config(&a.hw.model)?;
+    let mut cat = Catalog::builtin();
+    if let Some(f) = &a.catalog {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading catalog {}", f.display()))?;
+        cat.extend(Catalog::parse(&text, &f.display().to_string())?);
+    }
+    let p = planner::ep::EpInput {
+        device: cat.get(&a.hw.gpu)?.clone(),
+        dtype: a.hw.dtype.parse()?,
+        ranks: a.ranks,
+        copies: a.expert_copies,
+        gpus_per_node: a.hw.gpus_per_node,
+        sequences: a.concurrency,
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+        memory_utilization: 0.9,
+    };
+    let r = planner::ep::plan(&c, &p)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    println!(
+        "{} on {} x {} ({}), dp-attention + ep {} with {} copies of each expert, {} sequences",
+        a.hw.model, a.ranks, a.hw.gpu, a.hw.dtype, a.ranks, a.expert_copies, a.concurrency
+    );
+    println!(
+        "memory: {:.1} GB of weights per GPU ({} expert copies per layer), KV room for {} tokens per GPU: {}",
+        gb(r.weight_bytes_per_gpu),
+        r.experts_per_rank,
+        r.kv_capacity_tokens_per_gpu,
+        if r.fits {
+            "fits".to_string()
+        } else {
+            format!("does not fit ({:.1} GB short per GPU)", gb(r.shortfall_bytes_per_gpu))
+        }
+    );
+    println!(
+        "all-to-all: {:.0} KB sent per rank per layer, twice (dispatch and combine)",
+        r.all_to_all_bytes_per_rank / 1e3
+    );
+    for (what, s) in [
+        ("all ranks", &r.before),
+        ("after losing one", &r.after_loss),
+    ] {
+        if s.serving {
+            println!(
+                "{what} ({} ranks, {:.1} sequences each, expert load {:.2}x the even share): {:.1} ms a token, {:.0} tokens/s",
+                s.ranks, s.sequences_per_rank, s.expert_load_imbalance, s.itl_ms, s.output_tokens_per_s
+            );
+        } else {
+            println!(
+                "{what} ({} ranks): not serving: {}",
+                s.ranks,
+                s.why_not.as_deref().unwrap_or("")
+            );
+        }
+    }
+    println!("\n{}", planner::breakdown_table(&r.before.decode_step));
+    Ok(())
+}

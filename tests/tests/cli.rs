@@ -469,6 +469,58 @@ fn plan_command_ranks_layouts_and_refuses_bad_input() {
         "{sim}"
     );
     assert!(sim.contains("mean time per output token"), "{sim}");
+    // Output into a pipe that closes early (`| head -c 16`): the command ends quietly. The
+    // bash completion script (about 70 KB) outgrows the pipe's buffer, so the write fails.
+    let mut child = Command::new(grok_tests::bin("grokctl"))
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    use std::io::Read;
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "closed pipe: {err}");
+    // dp-attention + EP: two copies survive the loss of a GPU, one does not.
+    let ep = |copies: &str| {
+        ok(&grokctl(&[
+            "plan",
+            "ep",
+            "--model",
+            "grok-1",
+            "--gpu",
+            "h200",
+            "--ranks",
+            "8",
+            "--expert-copies",
+            copies,
+            "--concurrency",
+            "64",
+        ]))
+    };
+    let two = ep("2");
+    assert!(
+        two.contains("fits") && two.contains("after losing one (7 ranks"),
+        "{two}"
+    );
+    assert!(ep("1").contains("not serving"));
+    fails_with(
+        &grokctl(&[
+            "plan",
+            "ep",
+            "--model",
+            "grok-1",
+            "--gpu",
+            "h200",
+            "--ranks",
+            "4",
+            "--expert-copies",
+            "5",
+        ]),
+        &["distinct ranks"],
+    );
     fails_with(
         &grokctl(&["plan", "--gpu", "tpu-v9"]),
         &["unknown device `tpu-v9`", "h100-sxm"],

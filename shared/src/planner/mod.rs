@@ -26,6 +26,7 @@
 
 mod catalog;
 pub mod collective;
+pub mod ep;
 mod sim;
 mod step;
 

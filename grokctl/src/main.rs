@@ -42,6 +42,7 @@ fn main() {
         // SAFETY: setting a signal disposition to the default before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    grok_proto::process::keep_freed_memory();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         // Incomplete TLS settings are a usage error, like a bad flag.
@@ -465,3 +466,4 @@ fn generate(
         _ => anyhow::bail!("give exactly one of --model or --endpoint"),
     }
 }
+

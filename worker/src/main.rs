@@ -63,6 +63,7 @@ struct Args {
 }
 
 fn main() {
+    grok_proto::process::keep_freed_memory();
     let a = Args::parse();
     let (_telemetry, tls) = grok_proto::process::start_member("grok-worker", "warn", &a.member);
     let cuda_device = match parse_device(&a.device) {

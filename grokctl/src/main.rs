@@ -466,4 +466,3 @@ fn generate(
         _ => anyhow::bail!("give exactly one of --model or --endpoint"),
     }
 }
-

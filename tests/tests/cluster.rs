@@ -472,10 +472,13 @@ fn workers_on_separate_hosts_in_network_namespaces() {
         .spawn()
         .unwrap();
     let mut first = [0u8; 8];
-    g.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The output pipe stays open (a closed one would end grokctl quietly, as `| head` does).
+    let mut stdout = g.stdout.take().unwrap();
+    stdout.read_exact(&mut first).unwrap();
     let cut = Instant::now();
     net.partition(2).unwrap();
     let res = g.wait_with_output().unwrap();
+    drop(stdout);
     let ended = cut.elapsed();
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success(), "the request should fail");

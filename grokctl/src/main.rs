@@ -32,13 +32,20 @@ fn main() {
         }
         std::env::set_var("GROK_OTLP_ENDPOINT", u);
     }
-    // A command whose output goes to a pipe that closes (`grokctl plan ... | head`) ends
-    // quietly, as command-line tools do, instead of failing on the write. Not for the
-    // long-running commands that supervise processes and serve (up, launch, bench).
-    if !matches!(
+    // An offline command whose output goes to a pipe that closes (`grokctl plan ... | head`)
+    // ends quietly, as command-line tools do, instead of failing on the write. Only commands
+    // without sockets: a peer closing a connection must stay an error with its message.
+    let offline = matches!(
         cli.cmd,
-        Cmd::Up { .. } | Cmd::Launch { .. } | Cmd::Bench { .. }
-    ) {
+        Cmd::Completions { .. }
+            | Cmd::Tokenize { .. }
+            | Cmd::Detokenize { .. }
+            | Cmd::Plan {
+                sub: None | Some(PlanCmd::Simulate(_)) | Some(PlanCmd::Ep(_)),
+                ..
+            }
+    );
+    if offline {
         // SAFETY: setting a signal disposition to the default before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }

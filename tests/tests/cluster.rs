@@ -472,7 +472,7 @@ fn workers_on_separate_hosts_in_network_namespaces() {
         .spawn()
         .unwrap();
     let mut first = [0u8; 8];
-    // The output pipe stays open (a closed one would end grokctl quietly, as `| head` does).
+    // The output pipe stays open until the request has ended.
     let mut stdout = g.stdout.take().unwrap();
     stdout.read_exact(&mut first).unwrap();
     let cut = Instant::now();

@@ -485,9 +485,16 @@ impl Replica {
                 )));
             };
             if !t.error.is_empty() {
-                // The request's grammar failed: it ends alone, the replica goes on.
-                let ev = GenEvent::Error(Status::invalid_argument(t.error.clone()));
-                done.push((i, ev, "error"));
+                // The sequence cannot go on: it ends alone, the replica goes on. Its grammar's
+                // own failure is the caller's to fix; anything else is the server's.
+                let grammar = t.error.starts_with("structured output cannot continue")
+                    || t.error.starts_with("the grammar does not compile");
+                let st = if grammar {
+                    Status::invalid_argument(t.error.clone())
+                } else {
+                    Status::internal(t.error.clone())
+                };
+                done.push((i, GenEvent::Error(st), "error"));
                 continue;
             }
             if t.token as usize >= vocab {

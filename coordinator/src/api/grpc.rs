@@ -181,7 +181,15 @@ impl pb::inference_server::Inference for Svc {
                 format!("{}: {}", e.field.unwrap_or("request"), e.message),
             )
         };
-        crate::request::check_constraint(c, &params).map_err(refused)?;
+        // Compiling a grammar (and, the first time, waiting for the vocabulary) takes time:
+        // off the async worker threads.
+        if params.constraint.is_some() {
+            let (cl, p) = (c.clone(), params.clone());
+            tokio::task::spawn_blocking(move || crate::request::check_constraint(&cl, &p))
+                .await
+                .map_err(|e| Status::internal(format!("request validation failed: {e}")))?
+                .map_err(refused)?;
+        }
         let (job, rx) = build_job(
             &c.model,
             c.tokenizer.as_ref(),

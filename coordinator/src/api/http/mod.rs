@@ -265,7 +265,8 @@ async fn completions(
     headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Response {
-    respond(completion_request(&app, body, traceparent(&headers))).await
+    let tp = traceparent(&headers);
+    respond(off_the_executor(move || completion_request(&app, body, tp)).await).await
 }
 
 async fn chat_completions(
@@ -273,7 +274,21 @@ async fn chat_completions(
     headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Response {
-    respond(chat_request(&app, body, traceparent(&headers))).await
+    let tp = traceparent(&headers);
+    respond(off_the_executor(move || chat_request(&app, body, tp)).await).await
+}
+
+/// Runs a request's validation (tokenizing its prompt, compiling its grammar: milliseconds for
+/// large ones, and the first grammar waits for the vocabulary) on the blocking pool, so that no
+/// async worker thread stalls on it.
+async fn off_the_executor(f: impl FnOnce() -> Started + Send + 'static) -> Started {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(HttpError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request validation failed: {e}"),
+            None,
+        ))
+    })
 }
 
 /// A validated request: the receivers of its sequences' events, how to answer, and whether

@@ -55,6 +55,17 @@ pub struct PlanArgs {
     pub top: usize,
 }
 
+/// The built-in catalog, extended by the user's file when given.
+fn catalog(file: Option<&std::path::Path>) -> Result<Catalog> {
+    let mut cat = Catalog::builtin();
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading catalog {}", f.display()))?;
+        cat.extend(Catalog::parse(&text, &f.display().to_string())?);
+    }
+    Ok(cat)
+}
+
 /// `grok-1` or a model directory / config.json.
 pub fn model_config(m: &str) -> Result<ModelConfig> {
     if m == "grok-1" || m == "grok1" {
@@ -72,12 +83,7 @@ pub fn model_config(m: &str) -> Result<ModelConfig> {
 
 pub fn run(a: &PlanArgs) -> Result<()> {
     let c = model_config(&a.hw.model)?;
-    let mut cat = Catalog::builtin();
-    if let Some(f) = &a.catalog {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("reading catalog {}", f.display()))?;
-        cat.extend(Catalog::parse(&text, &f.display().to_string())?);
-    }
+    let cat = catalog(a.catalog.as_deref())?;
     let dtype: PlanDType = a.hw.dtype.parse()?;
     let input = PlanInput {
         device: cat.get(&a.hw.gpu)?.clone(),
@@ -234,12 +240,7 @@ pub fn parse_range(s: &str) -> Result<(usize, usize), String> {
 
 pub fn simulate(a: &SimArgs) -> Result<()> {
     let c = model_config(&a.hw.model)?;
-    let mut cat = Catalog::builtin();
-    if let Some(f) = &a.catalog {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("reading catalog {}", f.display()))?;
-        cat.extend(Catalog::parse(&text, &f.display().to_string())?);
-    }
+    let cat = catalog(a.catalog.as_deref())?;
     if a.rate.is_nan() || a.rate <= 0.0 || a.requests == 0 {
         anyhow::bail!("--rate and --requests must be positive");
     }
@@ -751,12 +752,7 @@ pub struct EpArgs {
 /// `grokctl plan ep`.
 pub fn ep(a: &EpArgs) -> Result<()> {
     let c = model_config(&a.hw.model)?;
-    let mut cat = Catalog::builtin();
-    if let Some(f) = &a.catalog {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("reading catalog {}", f.display()))?;
-        cat.extend(Catalog::parse(&text, &f.display().to_string())?);
-    }
+    let cat = catalog(a.catalog.as_deref())?;
     let p = planner::ep::EpInput {
         device: cat.get(&a.hw.gpu)?.clone(),
         dtype: a.hw.dtype.parse()?,

@@ -252,12 +252,17 @@ impl TokenMask {
         self.0.num_set()
     }
 
-    /// Sets the logit of every token not allowed to -inf.
+    /// Sets the logit of every token not allowed to -inf (keeps the allowed ones, then fills).
     pub fn apply(&self, logits: &mut [f32]) {
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !self.allows(i as u32) {
-                *l = f32::NEG_INFINITY;
+        let mut keep = Vec::new();
+        self.0.iter_set_entries(|i| {
+            if let Some(&v) = logits.get(i) {
+                keep.push((i, v));
             }
+        });
+        logits.fill(f32::NEG_INFINITY);
+        for (i, v) in keep {
+            logits[i] = v;
         }
     }
 }

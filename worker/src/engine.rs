@@ -374,6 +374,9 @@ impl Engine {
     /// The coordinator's tokenizer (a SentencePiece model file; empty: none): the sampling
     /// rank builds structured output's vocabulary from it, in the background.
     pub fn use_tokenizer(&mut self, tokenizer: Vec<u8>) {
+        if self.grammars.as_ref().is_some_and(|g| g.is_for(&tokenizer)) {
+            return;
+        }
         self.grammars = (self.samples() && !tokenizer.is_empty()).then(|| {
             let c = &self.model.config;
             Grammars::new(tokenizer, c.vocab_size, c.eos_token_id)

@@ -39,6 +39,11 @@ impl Grammars {
         g
     }
 
+    /// Whether this vocabulary was built from `tokenizer` (a reload with the same one keeps it).
+    pub fn is_for(&self, tokenizer: &[u8]) -> bool {
+        self.source.0 == tokenizer
+    }
+
     fn get(&self) -> Result<&Constrainer, String> {
         self.built
             .get_or_init(|| {

@@ -416,12 +416,15 @@ fn all_to_all_mismatch_is_an_error<C: Group>() {
     let _ = &errs[1];
 }
 
-/// Rank 1 never calls the all-to-all: the others time out naming it, within the deadline.
-fn all_to_all_silent_peer_times_out<C: Group>() {
-    let timeout = Duration::from_millis(500);
+/// A group of 3 with a 500 ms deadline where rank 1 is up but never calls the collective
+/// (silent until the other two are done, bounded so the test cannot hang) and ranks 0 and 2
+/// run `op`: each rank's result and time.
+fn with_a_silent_rank_1<C: Group>(
+    op: fn(&C) -> Result<(), CommError>,
+) -> Vec<(Result<(), CommError>, Duration)> {
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
-    let results = on_each_owned(C::group(3, timeout), move |c| {
+    on_each_owned(C::group(3, Duration::from_millis(500)), move |c| {
         let start = Instant::now();
         if c.rank() == 1 {
             let rx = done_rx.lock().unwrap();
@@ -430,11 +433,18 @@ fn all_to_all_silent_peer_times_out<C: Group>() {
             }
             return (Ok(()), start.elapsed());
         }
-        let counts = vec![4usize; 3];
-        let mut recv = vec![0.0; 12];
-        let r = c.all_to_all_v(&[1.0; 12], &counts, &mut recv, &counts);
+        let r = op(&c);
         let _ = done_tx.send(());
         (r, start.elapsed())
+    })
+}
+
+/// Rank 1 never calls the all-to-all: the others time out naming it, within the deadline.
+fn all_to_all_silent_peer_times_out<C: Group>() {
+    let results = with_a_silent_rank_1::<C>(|c| {
+        let counts = vec![4usize; 3];
+        let mut recv = vec![0.0; 12];
+        c.all_to_all_v(&[1.0; 12], &counts, &mut recv, &counts)
     });
     for r in [0, 2] {
         let (res, t) = &results[r];
@@ -447,23 +457,9 @@ fn all_to_all_silent_peer_times_out<C: Group>() {
 /// Rank 1 is up but never calls the collective: rank 2 (which receives from it) times out
 /// naming it, and nobody waits much longer than the deadline.
 fn silent_peer_times_out<C: Group>() {
-    let timeout = Duration::from_millis(500);
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
-    let results = on_each_owned(C::group(3, timeout), move |c| {
-        let start = Instant::now();
-        if c.rank() == 1 {
-            // Silent until the two others are done (bounded, so the test cannot hang).
-            let rx = done_rx.lock().unwrap();
-            for _ in 0..2 {
-                let _ = rx.recv_timeout(Duration::from_secs(10));
-            }
-            return (Ok(()), start.elapsed());
-        }
+    let results = with_a_silent_rank_1::<C>(|c| {
         let mut buf = data(c.rank(), 1000, 7);
-        let r = c.all_reduce_sum(&mut buf);
-        let _ = done_tx.send(());
-        (r, start.elapsed())
+        c.all_reduce_sum(&mut buf)
     });
     let (r2, t2) = &results[2];
     assert!(

@@ -76,10 +76,12 @@ fn bytes_of<T: bytemuck::Pod>(s: &[T]) -> &[u8] {
     bytemuck::cast_slice(s)
 }
 
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+pub(crate) type Tensor = (String, DType, Vec<usize>, Vec<u8>);
+
 /// The tensors of a loaded shard, under the canonical names, with their local shapes.
-fn shard_tensors(m: &Model) -> Vec<(String, DType, Vec<usize>, Vec<u8>)> {
-    let mut out = Vec::new();
-    let lin = |out: &mut Vec<(String, DType, Vec<usize>, Vec<u8>)>, base: &str, l: &Linear| {
+fn shard_tensors(m: &Model) -> Vec<Tensor> {
+    model_tensors(m, |out, base, l, _| {
         let shape = vec![l.out_features, l.in_features];
         match &l.w {
             Weights::F32(b) => out.push((
@@ -109,11 +111,19 @@ fn shard_tensors(m: &Model) -> Vec<(String, DType, Vec<usize>, Vec<u8>)> {
                 ));
             }
         }
-    };
-    let vecf = |out: &mut Vec<(String, DType, Vec<usize>, Vec<u8>)>,
-                name: String,
-                v: &[f32],
-                shape: Vec<usize>| {
+    })
+}
+
+/// Every tensor of a loaded model (or shard) under its canonical name: norms and the router as
+/// f32, each matrix through `lin(out, base name, matrix, nb)` where `nb` is the number of int8
+/// scale blocks the official release gives it (1, or 8 for the attention output and
+/// `linear_1`; 0 for the embedding, which the release keeps in bf16).
+pub(crate) fn model_tensors(
+    m: &Model,
+    mut lin: impl FnMut(&mut Vec<Tensor>, &str, &Linear, usize),
+) -> Vec<Tensor> {
+    let mut out = Vec::new();
+    let vecf = |out: &mut Vec<Tensor>, name: String, v: &[f32], shape: Vec<usize>| {
         out.push((name, DType::F32, shape, bytes_of(v).to_vec()));
     };
     let d = m.config.emb_size;
@@ -122,7 +132,7 @@ fn shard_tensors(m: &Model) -> Vec<(String, DType, Vec<usize>, Vec<u8>)> {
             .strip_suffix(".weight")
             .expect("suffix")
             .to_string();
-        lin(&mut out, &base, e);
+        lin(&mut out, &base, e, 0);
     }
     if let Some(n) = &m.final_norm {
         vecf(&mut out, names::final_norm()[0].clone(), n, vec![d]);
@@ -137,13 +147,13 @@ fn shard_tensors(m: &Model) -> Vec<(String, DType, Vec<usize>, Vec<u8>)> {
         ] {
             vecf(&mut out, names::norm(i, w)[0].clone(), v, vec![d]);
         }
-        for (p, x) in [
-            (Proj::Q, &l.q),
-            (Proj::K, &l.k),
-            (Proj::V, &l.v),
-            (Proj::O, &l.o),
+        for (p, x, nb) in [
+            (Proj::Q, &l.q, 1),
+            (Proj::K, &l.k, 1),
+            (Proj::V, &l.v, 1),
+            (Proj::O, &l.o, 8),
         ] {
-            lin(&mut out, &names::attn(i, p)[0], x);
+            lin(&mut out, &names::attn(i, p)[0], x, nb);
         }
         vecf(
             &mut out,
@@ -152,24 +162,29 @@ fn shard_tensors(m: &Model) -> Vec<(String, DType, Vec<usize>, Vec<u8>)> {
             vec![m.config.num_experts, d],
         );
         for e in &l.experts {
-            lin(
-                &mut out,
-                &names::expert(i, e.index, ExpertProj::Linear)[0],
-                &e.linear,
-            );
-            lin(
-                &mut out,
-                &names::expert(i, e.index, ExpertProj::LinearV)[0],
-                &e.linear_v,
-            );
-            lin(
-                &mut out,
-                &names::expert(i, e.index, ExpertProj::Linear1)[0],
-                &e.linear_1,
-            );
+            for (p, x, nb) in [
+                (ExpertProj::Linear, &e.linear, 1),
+                (ExpertProj::LinearV, &e.linear_v, 1),
+                (ExpertProj::Linear1, &e.linear_1, 8),
+            ] {
+                lin(&mut out, &names::expert(i, e.index, p)[0], x, nb);
+            }
         }
     }
     out
+}
+
+/// Writes `ts` as one safetensors file.
+pub(crate) fn write_tensors(path: &Path, ts: &[Tensor]) -> std::io::Result<()> {
+    let pend: Vec<PendingTensor> = ts
+        .iter()
+        .map(|(n, d, s, _)| PendingTensor {
+            name: n.clone(),
+            dtype: *d,
+            shape: s.clone(),
+        })
+        .collect();
+    write_safetensors(path, &pend, |k, w| w.write_all(&ts[k].3))
 }
 
 pub fn rank_file(rank: usize) -> String {
@@ -211,16 +226,8 @@ pub fn write(
         }
         let m = Model::load_shard(src, &layout.shard(c, r))?;
         let ts = shard_tensors(&m);
-        let pend: Vec<PendingTensor> = ts
-            .iter()
-            .map(|(n, d, s, _)| PendingTensor {
-                name: n.clone(),
-                dtype: *d,
-                shape: s.clone(),
-            })
-            .collect();
         let path = dst.join(&file);
-        write_safetensors(&path, &pend, |k, w| w.write_all(&ts[k].3)).map_err(|e| io(&path, e))?;
+        write_tensors(&path, &ts).map_err(|e| io(&path, e))?;
         // Byte ranges from the written header.
         let ck = Checkpoint::open_files(dst, std::slice::from_ref(&file))?;
         let mut tensors = Vec::new();

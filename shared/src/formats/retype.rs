@@ -11,10 +11,9 @@
 //! One layer at a time (one output file per layer), so memory stays at one layer's weights.
 
 use crate::backend::cpu::{Linear, Weights};
-use crate::formats::checkpoint::{write_safetensors, Checkpoint, DType, PendingTensor};
+use crate::formats::checkpoint::{Checkpoint, DType};
 use crate::formats::genmodel::{int8_quantization_config, quantize_row, GenDType};
-use crate::formats::presharded::PreshardError;
-use crate::model::names::{self, ExpertProj, Norm, Proj};
+use crate::formats::presharded::{model_tensors, write_tensors, PreshardError, Tensor};
 use crate::model::{Model, ShardSpec};
 use std::path::Path;
 
@@ -28,8 +27,6 @@ pub struct RetypeReport {
     /// The matrix with the largest relative error, and that error.
     pub worst: Option<(String, f64)>,
 }
-
-type Tensor = (String, DType, Vec<usize>, Vec<u8>);
 
 /// Row `j` of `l` in f32 (dequantized when int8).
 fn row_f32(l: &Linear, j: usize, out: &mut [f32]) {
@@ -114,10 +111,6 @@ fn linear(base: &str, l: &Linear, to: GenDType, nb: usize, e: &mut Err2) -> Vec<
     }
 }
 
-fn vector(name: String, v: &[f32], shape: Vec<usize>) -> Tensor {
-    (name, DType::F32, shape, bytemuck::cast_slice(v).to_vec())
-}
-
 /// Writes `src` with its weights as `to` into `dst` (config.json, one safetensors file per
 /// layer and an index). `progress(done, total)` counts layers.
 pub fn convert(
@@ -145,8 +138,16 @@ pub fn convert(
             ..full.clone()
         };
         let m = Model::load_shard(src, &spec)?;
-        let mut ts: Vec<Tensor> = Vec::new();
-        let mut mat = |ts: &mut Vec<Tensor>, base: &str, l: &Linear, nb: usize, t: GenDType| {
+        let first = li == 0;
+        let ts = model_tensors(&m, |ts, base, l, nb| {
+            // The embedding (nb 0): once, in the first file, and in bf16 for int8 as the
+            // release keeps it.
+            let (t, nb) = match nb {
+                0 if !first => return,
+                0 if to == GenDType::Int8 => (GenDType::Bf16, 1),
+                0 => (to, 1),
+                nb => (to, nb),
+            };
             let mut e = Err2::default();
             ts.extend(linear(base, l, t, nb, &mut e));
             if e.1 > 0.0 {
@@ -157,67 +158,10 @@ pub fn convert(
             }
             total.0 += e.0;
             total.1 += e.1;
-        };
-        if let (Some(e), true) = (&m.embed, li == 0) {
-            let base = names::embedding()[0]
-                .strip_suffix(".weight")
-                .expect("suffix")
-                .to_string();
-            // The release keeps the embedding in bf16.
-            let t = if to == GenDType::Int8 {
-                GenDType::Bf16
-            } else {
-                to
-            };
-            mat(&mut ts, &base, e, 1, t);
-        }
-        if let (Some(n), true) = (&m.final_norm, li + 1 == nfiles) {
-            ts.push(vector(names::final_norm()[0].clone(), n, vec![c.emb_size]));
-        }
-        for l in &m.layers {
-            let i = l.index;
-            for (w, v) in [
-                (Norm::PreAttn, &l.pre_attn_norm),
-                (Norm::PostAttn, &l.post_attn_norm),
-                (Norm::PreMoe, &l.pre_moe_norm),
-                (Norm::PostMoe, &l.post_moe_norm),
-            ] {
-                ts.push(vector(names::norm(i, w)[0].clone(), v, vec![c.emb_size]));
-            }
-            for (p, x, nb) in [
-                (Proj::Q, &l.q, 1),
-                (Proj::K, &l.k, 1),
-                (Proj::V, &l.v, 1),
-                (Proj::O, &l.o, 8),
-            ] {
-                mat(&mut ts, &names::attn(i, p)[0], x, nb, to);
-            }
-            ts.push(vector(
-                names::router(i)[0].clone(),
-                &l.router,
-                vec![c.num_experts, c.emb_size],
-            ));
-            for ex in &l.experts {
-                for (p, x, nb) in [
-                    (ExpertProj::Linear, &ex.linear, 1),
-                    (ExpertProj::LinearV, &ex.linear_v, 1),
-                    (ExpertProj::Linear1, &ex.linear_1, 8),
-                ] {
-                    mat(&mut ts, &names::expert(i, ex.index, p)[0], x, nb, to);
-                }
-            }
-        }
+        });
         let fname = format!("model-{:05}-of-{nfiles:05}.safetensors", li + 1);
-        let pend: Vec<PendingTensor> = ts
-            .iter()
-            .map(|(n, d, s, _)| PendingTensor {
-                name: n.clone(),
-                dtype: *d,
-                shape: s.clone(),
-            })
-            .collect();
         let path = dst.join(&fname);
-        write_safetensors(&path, &pend, |k, w| w.write_all(&ts[k].3)).map_err(|e| io(&path, e))?;
+        write_tensors(&path, &ts).map_err(|e| io(&path, e))?;
         for (n, _, _, b) in &ts {
             weight_map.insert(n.clone(), fname.clone().into());
             report.bytes += b.len() as u64;

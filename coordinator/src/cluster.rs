@@ -123,7 +123,7 @@ impl Cluster {
             (
                 l.iter().map(|x| x.0).sum::<u64>(),
                 l.iter().map(|x| x.2).sum::<u64>(),
-                (self.cfg.kv_blocks * l.len()) as u64,
+                (self.cfg.replica_kv_blocks() * l.len()) as u64,
             )
         };
         let m = &self.metrics;
@@ -199,12 +199,7 @@ impl Cluster {
             .collect();
         pb::ClusterStatusResponse {
             model: self.cfg.model_dir.display().to_string(),
-            layout: Some(pb::Layout {
-                tp: l.tp as u32,
-                ep: l.ep as u32,
-                pp: l.pp as u32,
-                replicas: l.replicas as u32,
-            }),
+            layout: Some(grok_proto::convert::layout_to_pb(&l)),
             state: state.to_string(),
             detail,
             shards,
@@ -273,7 +268,7 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
     }
     let replicas = cfg.layout.replicas.max(1);
     let world = cfg.layout.world_size() * replicas;
-    let kv_blocks = cfg.kv_blocks;
+    let kv_blocks = cfg.replica_kv_blocks();
     Ok(Arc::new(Cluster {
         cfg,
         tokenizer,

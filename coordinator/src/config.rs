@@ -35,8 +35,19 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    /// Tokens the KV cache of one replica holds.
+    /// Tokens one sequence's KV cache can hold: a replica's (a worker's with data-parallel
+    /// attention, where a sequence lives on one worker).
     pub fn kv_tokens(&self) -> usize {
         self.kv_blocks * self.block_size
+    }
+
+    /// KV blocks of one replica: `kv_blocks`, or with data-parallel attention `kv_blocks` on
+    /// each of its workers.
+    pub fn replica_kv_blocks(&self) -> usize {
+        if self.layout.dp_attention {
+            self.kv_blocks * self.layout.world_size()
+        } else {
+            self.kv_blocks
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
     name = "grok-coordinator",
     version,
     about = "grok-cluster coordinator: membership, placement, the step loop and the client APIs",
-    after_help = "Examples:\n  grok-coordinator --model /models/tiny --tp 2 --pp 2 --listen 127.0.0.1:50051\n  (then start tp*pp workers: grok-worker --coordinator 127.0.0.1:50051)\n\nWith mutual TLS (certificates from `grokctl certs --out certs`):\n  grok-coordinator --model /models/tiny --tls-ca certs/ca.pem --tls-cert certs/coordinator.pem --tls-key certs/coordinator.key"
+    after_help = "Examples:\n  grok-coordinator --model /models/tiny --tp 2 --pp 2 --listen 127.0.0.1:50051\n  (then start tp*pp workers: grok-worker --coordinator 127.0.0.1:50051)\n  grok-coordinator --model /models/tiny8 --dp-attention --ep 4 --expert-copies 2\n  (4 workers: attention data-parallel, every expert on 2 of them)\n\nWith mutual TLS (certificates from `grokctl certs --out certs`):\n  grok-coordinator --model /models/tiny --tls-ca certs/ca.pem --tls-cert certs/coordinator.pem --tls-key certs/coordinator.key"
 )]
 struct Args {
     /// Model directory (config.json + safetensors), readable by every worker at this path.
@@ -25,6 +25,14 @@ struct Args {
     ep: usize,
     #[arg(long, default_value_t = 1)]
     pp: usize,
+    /// Data-parallel attention with expert parallelism: --ep E workers per replica, each running
+    /// attention for its own sequences over its own KV cache and holding whole experts; the MoE
+    /// exchanges rows by all-to-all (--tp defaults to --ep; pp 1).
+    #[arg(long, env = "GROK_DP_ATTENTION")]
+    dp_attention: bool,
+    /// Copies of each expert over the ranks, placed round-robin (with --dp-attention; at most --ep).
+    #[arg(long, default_value_t = 1, env = "GROK_EXPERT_COPIES")]
+    expert_copies: usize,
     /// Model replicas (each tp*pp workers; ranks numbered across replicas). Requests are spread
     /// over the serving replicas; those of a replica that loses a worker move to another.
     #[arg(long, default_value_t = 1, env = "GROK_REPLICAS")]
@@ -121,7 +129,18 @@ fn main() {
         model_dir: a.model.clone(),
         layout: Layout {
             replicas: a.replicas,
-            ..Layout::new(a.tp, a.ep, a.pp)
+            dp_attention: a.dp_attention,
+            expert_copies: a.expert_copies,
+            // With data-parallel attention the ep ranks are the workers.
+            ..Layout::new(
+                if a.dp_attention && a.tp == 1 {
+                    a.ep
+                } else {
+                    a.tp
+                },
+                a.ep,
+                a.pp,
+            )
         },
         listen: a.listen,
         tokenizer: a.tokenizer,

@@ -89,7 +89,7 @@ pub enum Cmd {
     },
     /// Start a coordinator and tp*pp workers on this machine, in the foreground (Ctrl-C stops all).
     #[command(
-        after_help = "Examples:\n  grokctl up --model /tmp/tiny --tp 2 --pp 2\n  grokctl up --model /tmp/small --tp 2 --ep 2 --listen 127.0.0.1:50051\n\nWorkers on other hosts join a coordinator with:\n  grok-worker --coordinator HOST:PORT --listen 0.0.0.0:50061 --advertise MYIP:50061\n\nWith mutual TLS (the coordinator and every worker get --tls-ca, --tls-cert and --tls-key):\n  grokctl certs --out certs\n  grokctl up --model /tmp/tiny --tls-ca certs/ca.pem --tls-cert certs/coordinator.pem --tls-key certs/coordinator.key"
+        after_help = "Examples:\n  grokctl up --model /tmp/tiny --tp 2 --pp 2\n  grokctl up --model /tmp/small --tp 2 --ep 2 --listen 127.0.0.1:50051\n  grokctl up --model /tmp/tiny8 --dp-attention --ep 4 --expert-copies 2   (4 workers, attention data-parallel, every expert on 2)\n\nWorkers on other hosts join a coordinator with:\n  grok-worker --coordinator HOST:PORT --listen 0.0.0.0:50061 --advertise MYIP:50061\n\nWith mutual TLS (the coordinator and every worker get --tls-ca, --tls-cert and --tls-key):\n  grokctl certs --out certs\n  grokctl up --model /tmp/tiny --tls-ca certs/ca.pem --tls-cert certs/coordinator.pem --tls-key certs/coordinator.key"
     )]
     Up {
         /// Cluster config file (TOML; see deploy/cluster.example.toml). Flags override it and

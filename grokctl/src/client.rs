@@ -53,12 +53,21 @@ pub async fn fetch_status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
 pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
     let l = s.layout.unwrap_or_default();
     let mut out = format!(
-        "model   {}\nlayout  tp={} ep={} pp={} replicas={}\nstate   {}{}\ntokens  {} generated, {:.1} tokens/s\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\nsteps   {:.0} us of coordinator time each, {} pipelined\n\n",
+        "model   {}\nlayout  tp={} ep={} pp={} replicas={}{}\nstate   {}{}\ntokens  {} generated, {:.1} tokens/s\nbatch   {} running, {} queued\nkv      {} blocks used, {} free\nsteps   {:.0} us of coordinator time each, {} pipelined\n\n",
         s.model,
         l.tp,
         l.ep,
         l.pp,
         l.replicas.max(1),
+        if l.dp_attention {
+            format!(
+                " (data-parallel attention, {} cop{} of each expert)",
+                l.expert_copies.max(1),
+                if l.expert_copies > 1 { "ies" } else { "y" }
+            )
+        } else {
+            String::new()
+        },
         s.state,
         if s.detail.is_empty() {
             String::new()
@@ -161,7 +170,8 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
     let l = s.layout.unwrap_or_default();
     serde_json::json!({
         "model": s.model, "state": s.state, "detail": s.detail,
-        "layout": {"tp": l.tp, "ep": l.ep, "pp": l.pp},
+        "layout": {"tp": l.tp, "ep": l.ep, "pp": l.pp, "dp_attention": l.dp_attention,
+                   "expert_copies": l.expert_copies.max(1)},
         "generated_tokens": s.generated_tokens, "tokens_per_s": s.tokens_per_s,
         "kv_blocks_used": s.kv_blocks_used, "kv_blocks_free": s.kv_blocks_free,
         "running_sequences": s.running_sequences, "queued_requests": s.queued_requests,

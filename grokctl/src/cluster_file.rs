@@ -163,6 +163,8 @@ pub struct LayoutSection {
     pub ep: Option<usize>,
     pub pp: Option<usize>,
     pub replicas: Option<usize>,
+    pub dp_attention: Option<bool>,
+    pub expert_copies: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -305,6 +307,15 @@ pub struct UpFlags {
     /// Model replicas, each tp*pp workers [default: 1] [env: GROK_REPLICAS]
     #[arg(long)]
     pub replicas: Option<usize>,
+    /// Data-parallel attention with expert parallelism: --ep workers per replica, each running
+    /// attention for its own sequences and holding whole experts; --tp defaults to --ep
+    /// [env: GROK_DP_ATTENTION=true]
+    #[arg(long)]
+    pub dp_attention: bool,
+    /// Copies of each expert over the ranks, round-robin (with --dp-attention) [default: 1]
+    /// [env: GROK_EXPERT_COPIES]
+    #[arg(long)]
+    pub expert_copies: Option<usize>,
     /// Coordinator address; port 0 picks a free one [default: 127.0.0.1:50051] [env: GROK_LISTEN]
     #[arg(long)]
     pub listen: Option<String>,
@@ -337,6 +348,8 @@ pub struct UpSettings {
     pub ep: usize,
     pub pp: usize,
     pub replicas: usize,
+    pub dp_attention: bool,
+    pub expert_copies: usize,
     pub listen: String,
     pub http_listen: Option<String>,
     pub kv_blocks: usize,
@@ -404,14 +417,37 @@ pub fn resolve_up(
     if let Some(h) = &http_listen {
         check_addr("coordinator.http_listen", h)?;
     }
+    let dp_attention = match env("GROK_DP_ATTENTION") {
+        Some(v) => match v.trim() {
+            "1" | "true" => true,
+            "0" | "false" | "" => false,
+            _ => {
+                return Err(ConfigFileError::Invalid {
+                    key: "GROK_DP_ATTENTION".into(),
+                    why: format!("`{v}` is not true, false, 1 or 0"),
+                })
+            }
+        },
+        None => flags.dp_attention || file.layout.dp_attention.unwrap_or(false),
+    };
+    let ep = pick_u(env_usize(env, "GROK_EP")?, flags.ep, file.layout.ep).unwrap_or(1);
     let s = UpSettings {
         model,
         tokenizer: env("GROK_TOKENIZER")
             .map(PathBuf::from)
             .or(flags.tokenizer.clone())
             .or(file.model.tokenizer.clone()),
-        tp: pick_u(env_usize(env, "GROK_TP")?, flags.tp, file.layout.tp).unwrap_or(1),
-        ep: pick_u(env_usize(env, "GROK_EP")?, flags.ep, file.layout.ep).unwrap_or(1),
+        // With data-parallel attention the ep ranks are the workers.
+        tp: pick_u(env_usize(env, "GROK_TP")?, flags.tp, file.layout.tp)
+            .unwrap_or(if dp_attention { ep } else { 1 }),
+        ep,
+        dp_attention,
+        expert_copies: pick_u(
+            env_usize(env, "GROK_EXPERT_COPIES")?,
+            flags.expert_copies,
+            file.layout.expert_copies,
+        )
+        .unwrap_or(1),
         pp: pick_u(env_usize(env, "GROK_PP")?, flags.pp, file.layout.pp).unwrap_or(1),
         replicas: pick_u(
             env_usize(env, "GROK_REPLICAS")?,
@@ -448,6 +484,7 @@ pub fn resolve_up(
         ("layout.ep", s.ep),
         ("layout.pp", s.pp),
         ("layout.replicas", s.replicas),
+        ("layout.expert_copies", s.expert_copies),
         ("limits.kv_blocks", s.kv_blocks),
     ] {
         if v == 0 {

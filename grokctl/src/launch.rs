@@ -174,6 +174,9 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         q(&s.listen),
         s.kv_blocks
     );
+    if s.dp_attention {
+        cmd += &format!(" --dp-attention --expert-copies {}", s.expert_copies);
+    }
     if let Some(h) = &s.http_listen {
         cmd += &format!(" --http-listen {}", q(h));
     }

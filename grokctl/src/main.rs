@@ -267,6 +267,8 @@ fn run(cli: Cli) -> Result<()> {
                 ep,
                 pp,
                 replicas,
+                dp_attention,
+                expert_copies,
                 listen,
                 http_listen,
                 kv_blocks,
@@ -279,7 +281,14 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(p) = &file.coordinator.api_token_file {
                 grokctl::auth::set_config_token(grok_proto::auth::load_token(Some(p))?);
             }
+            if dp_attention {
+                coordinator_args.push("--dp-attention".into());
+            }
             for (flag, v) in [
+                (
+                    "--expert-copies",
+                    (expert_copies != 1).then(|| expert_copies.to_string()),
+                ),
                 ("--http-listen", http_listen),
                 ("--max-queue", max_queue.map(|x| x.to_string())),
                 ("--max-seqs", max_seqs.map(|x| x.to_string())),

@@ -29,6 +29,30 @@ pub fn constraint_of(g: &Grammar) -> pb::Constraint {
     }
 }
 
+/// A layout on the wire.
+pub fn layout_to_pb(l: &grok_shared::sharding::Layout) -> pb::Layout {
+    pb::Layout {
+        tp: l.tp as u32,
+        ep: l.ep as u32,
+        pp: l.pp as u32,
+        replicas: l.replicas as u32,
+        dp_attention: l.dp_attention,
+        expert_copies: l.expert_copies as u32,
+    }
+}
+
+/// A layout from the wire (replicas and expert copies of 0 read as 1).
+pub fn layout_of(l: &pb::Layout) -> grok_shared::sharding::Layout {
+    grok_shared::sharding::Layout {
+        tp: l.tp as usize,
+        ep: l.ep as usize,
+        pp: l.pp as usize,
+        replicas: l.replicas.max(1) as usize,
+        dp_attention: l.dp_attention,
+        expert_copies: l.expert_copies.max(1) as usize,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,13 @@ pub struct Layout {
     pub ep: usize,
     pub pp: usize,
     pub replicas: usize,
+    /// Data-parallel attention with expert parallelism: the `ep` ranks (`tp == ep`, one
+    /// stage) each run attention for their own sequences over their own KV cache with every
+    /// head, and hold whole experts; the MoE dispatches rows to their experts' ranks and
+    /// combines them by all-to-all.
+    pub dp_attention: bool,
+    /// Copies of each expert over the ranks (data-parallel attention only; 1 otherwise).
+    pub expert_copies: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +72,32 @@ impl Layout {
             ep,
             pp,
             replicas: 1,
+            dp_attention: false,
+            expert_copies: 1,
         }
+    }
+
+    /// Data-parallel attention over `ep` ranks with `copies` copies of each expert.
+    pub fn dp_attention(ep: usize, copies: usize) -> Self {
+        Self {
+            tp: ep,
+            ep,
+            pp: 1,
+            replicas: 1,
+            dp_attention: true,
+            expert_copies: copies,
+        }
+    }
+
+    /// The ranks holding each expert (data-parallel attention): copy `j` of expert `x` on
+    /// rank `(x + j·⌊ep/K⌋) mod ep`, so the `K <= ep` copies of an expert sit on distinct
+    /// ranks spread over the group (two ranks side by side never hold all copies of the same
+    /// experts), and the ranks hold the same number of experts, give or take one.
+    pub fn expert_ranks(&self, c: &ModelConfig) -> Vec<Vec<usize>> {
+        let (k, e) = (self.expert_copies.clamp(1, self.ep.max(1)), self.ep.max(1));
+        (0..c.num_experts)
+            .map(|x| (0..k).map(|j| (x + j * (e / k)) % e).collect())
+            .collect()
     }
 
     /// Workers per replica.
@@ -85,6 +117,15 @@ impl Layout {
         let (tp, ep, pp) = (self.tp, self.ep, self.pp);
         if tp == 0 || ep == 0 || pp == 0 || self.replicas == 0 {
             return Some("tp, ep, pp and replicas must be at least 1".into());
+        }
+        if self.dp_attention {
+            return self.dp_rule(c);
+        }
+        if self.expert_copies != 1 {
+            return Some(format!(
+                "expert copies ({}) need data-parallel attention (--dp-attention): with tensor parallelism every expert is held once",
+                self.expert_copies
+            ));
         }
         if pp > c.num_layers {
             return Some(format!(
@@ -120,6 +161,39 @@ impl Layout {
             return Some(format!(
                 "tp/ep ({slices}) must divide the expert FFN width ({}): each expert is sliced over its group",
                 c.ffn_size
+            ));
+        }
+        None
+    }
+
+    fn dp_rule(&self, c: &ModelConfig) -> Option<String> {
+        let (tp, ep, pp, k) = (self.tp, self.ep, self.pp, self.expert_copies);
+        if pp != 1 {
+            return Some(format!(
+                "data-parallel attention runs in one pipeline stage (pp 1, not {pp})"
+            ));
+        }
+        if tp != ep {
+            return Some(format!(
+                "with data-parallel attention the replica's workers are its ep ranks: tp ({tp}) must equal ep ({ep})"
+            ));
+        }
+        if ep < 2 {
+            return Some("data-parallel attention needs at least 2 ep ranks".into());
+        }
+        if k == 0 {
+            return Some("every expert needs at least one copy (expert copies 0)".into());
+        }
+        if k > ep {
+            return Some(format!(
+                "expert copies ({k}) exceed the ep ranks ({ep}): the copies of an expert sit on distinct ranks"
+            ));
+        }
+        let held = self.expert_ranks(c);
+        if let Some(r) = (0..ep).find(|r| !held.iter().any(|x| x.contains(r))) {
+            return Some(format!(
+                "{} experts × {k} copies leave rank {r} of the {ep} ranks without an expert",
+                c.num_experts
             ));
         }
         None
@@ -174,6 +248,13 @@ impl Layout {
     /// The shard of `rank` (validate first).
     pub fn shard(&self, c: &ModelConfig, rank: usize) -> ShardSpec {
         let p = self.place(rank);
+        if self.dp_attention {
+            let mut s = ShardSpec::full(c);
+            let ranks = self.expert_ranks(c);
+            s.experts
+                .retain(|(e, _)| ranks.get(*e).is_some_and(|r| r.contains(&rank)));
+            return s;
+        }
         let (tp, ep) = (self.tp, self.ep);
         let qh = c.num_q_heads / tp;
         let q_heads = p.tp_rank * qh..(p.tp_rank + 1) * qh;
@@ -389,5 +470,81 @@ mod tests {
             assert!(layer_owner.iter().all(|&n| n == 1), "{l:?}");
             assert!(expert_cover.iter().all(|&n| n == c.ffn_size), "{l:?}");
         }
+    }
+
+    #[test]
+    fn data_parallel_attention_layouts_and_their_placements() {
+        let c = ModelConfig::preset("tiny8", None).unwrap();
+        for (ep, k) in [
+            (2, 1),
+            (2, 2),
+            (3, 2),
+            (4, 1),
+            (4, 2),
+            (4, 3),
+            (8, 1),
+            (8, 2),
+        ] {
+            let l = Layout::dp_attention(ep, k);
+            l.validate(&c).unwrap();
+            let ranks = l.expert_ranks(&c);
+            let mut per = vec![0usize; ep];
+            for (e, r) in ranks.iter().enumerate() {
+                let mut d = r.clone();
+                d.sort_unstable();
+                d.dedup();
+                assert_eq!(d.len(), k, "ep {ep} k {k}: expert {e} on {r:?}");
+                for &x in r {
+                    per[x] += 1;
+                }
+            }
+            let (lo, hi) = (per.iter().min().unwrap(), per.iter().max().unwrap());
+            assert!(*lo >= 1 && hi - lo <= 1, "ep {ep} k {k}: {per:?}");
+            // Each rank's shard: every head, every layer, its experts whole.
+            for r in 0..ep {
+                let s = l.shard(&c, r);
+                s.check(&c).unwrap();
+                assert_eq!(s.q_heads, 0..c.num_q_heads);
+                assert!(s.embed && s.logits);
+                assert_eq!(s.experts.len(), per[r]);
+                assert!(s.experts.iter().all(|(_, f)| *f == (0..c.ffn_size)));
+            }
+        }
+        // With 2 copies on 4 ranks, no two ranks hold the same experts.
+        let r = Layout::dp_attention(4, 2).expert_ranks(&c);
+        assert_ne!(r[0], r[1]);
+        assert!(r.iter().all(|x| x.len() == 2 && x[0] != x[1]));
+        let bad = |l: Layout, rule: &str| {
+            let e = l.validate(&c).unwrap_err().to_string();
+            assert!(e.contains(rule), "{e}");
+        };
+        bad(
+            Layout::dp_attention(4, 5),
+            "expert copies (5) exceed the ep ranks (4)",
+        );
+        bad(Layout::dp_attention(4, 0), "at least one copy");
+        bad(Layout::dp_attention(1, 1), "at least 2 ep ranks");
+        bad(Layout::dp_attention(16, 1), "without an expert");
+        bad(
+            Layout {
+                tp: 2,
+                ..Layout::dp_attention(4, 1)
+            },
+            "tp (2) must equal ep (4)",
+        );
+        bad(
+            Layout {
+                pp: 2,
+                ..Layout::dp_attention(2, 1)
+            },
+            "one pipeline stage",
+        );
+        bad(
+            Layout {
+                expert_copies: 2,
+                ..Layout::new(2, 2, 1)
+            },
+            "need data-parallel attention",
+        );
     }
 }

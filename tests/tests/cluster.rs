@@ -736,6 +736,7 @@ async fn nccl_bootstrap_messages_are_refused_by_cpu_workers() {
                 ep: 1,
                 pp: 1,
                 replicas: 1,
+                ..Default::default()
             }),
             world_peers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
             tp_peers: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],

@@ -1766,12 +1766,7 @@ mod worker {
             // As the worker's service answers.
             return clear("layout missing");
         };
-        let layout = Layout {
-            tp: l.tp as usize,
-            ep: l.ep as usize,
-            pp: l.pp as usize,
-            replicas: l.replicas.max(1) as usize,
-        };
+        let layout = grok_proto::convert::layout_of(&l);
         let addr = |l: &TcpListener| l.local_addr().unwrap();
         let world = layout.world_size();
         let n = r.world_peers.len().min(4);
@@ -1825,6 +1820,7 @@ mod worker {
                     ep: 1,
                     pp: 1,
                     replicas: 1,
+                    ..Default::default()
                 }),
                 rank: 0,
                 world_peers: vec!["127.0.0.1:1".into()],

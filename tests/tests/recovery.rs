@@ -312,6 +312,7 @@ async fn a_newer_load_takes_a_worker_over_from_the_old_coordinator() {
                 ep: 1,
                 pp: 1,
                 replicas: 1,
+                ..Default::default()
             }),
             rank: 0,
             world_peers: vec!["127.0.0.1:1".into()],

@@ -300,13 +300,18 @@ impl Engine {
         let tp = TcpComm::connect(place.tp_rank, &spec.tp_peers, tp_listener, cfg())?;
         let shard = layout.shard(&ck.config, spec.rank);
         progress("loading", 0.0, format!("layers {:?}", shard.layers));
-        let model = Model::load_shard_with_progress(&ck, &shard, |done, total| {
+        let mut model = Model::load_shard_with_progress(&ck, &shard, |done, total| {
             progress(
                 "loading",
                 done as f32 / total as f32,
                 format!("layer {done}/{total}"),
             );
         })?;
+        if layout.dp_attention {
+            model.dispatch = Some(grok_shared::model::ExpertDispatch {
+                ranks: layout.expert_ranks(&ck.config),
+            });
+        }
         #[cfg(feature = "cuda")]
         let cuda = match spec.cuda_device {
             None => None,
@@ -432,8 +437,10 @@ impl Engine {
         self.place.stage == self.layout.pp - 1
     }
 
+    /// Whether this rank computes logits and samples: the last stage's first tensor rank, or
+    /// with data-parallel attention every rank (for its own sequences).
     fn samples(&self) -> bool {
-        self.is_last_stage() && self.place.tp_rank == 0
+        self.is_last_stage() && (self.place.tp_rank == 0 || self.layout.dp_attention)
     }
 
     /// Runs one step; errors are returned in the result, not raised.
@@ -643,6 +650,21 @@ impl Engine {
         }
     }
 
+    /// A plan this rank refuses. With data-parallel attention the other ranks are already in
+    /// the step's exchanges: this rank takes part with no rows (serving its experts), so that
+    /// the step fails with this error and not with a collective's deadline.
+    fn refuse_in_step(&mut self, e: EngineError) -> EngineError {
+        if self.layout.dp_attention {
+            if let Err(c) = self
+                .model
+                .forward_layers(&mut [], &[], &mut self.kv, &self.tp)
+            {
+                return EngineError::Invalid(format!("{e}; then, serving the experts: {c}"));
+            }
+        }
+        e
+    }
+
     fn step_inner(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
         for id in &plan.free_seqs {
             self.seqs.remove(id);
@@ -652,10 +674,15 @@ impl Engine {
             }
         }
         let mut res = pb::StepResult::default();
-        if plan.seqs.is_empty() {
+        // With data-parallel attention a rank with no sequence in a step still serves its
+        // experts to the others' rows: it runs the layers on no rows.
+        if plan.seqs.is_empty() && !self.layout.dp_attention {
             return Ok(res);
         }
-        let undo = self.admit(plan)?;
+        let undo = match self.admit(plan) {
+            Ok(u) => u,
+            Err(e) => return Err(self.refuse_in_step(e)),
+        };
         #[cfg(feature = "cuda")]
         if self.cuda.is_some() {
             return self.cuda_step(plan);
@@ -689,7 +716,7 @@ impl Engine {
             .check_batch(&inputs(plan, &self.seqs, want), &self.kv)
         {
             self.undo(undo);
-            return Err(e.into());
+            return Err(self.refuse_in_step(e.into()));
         }
         let pending = self.start_masks(plan);
         let inputs = inputs(plan, &self.seqs, want);
@@ -706,9 +733,10 @@ impl Engine {
         self.model
             .forward_layers(&mut h, &inputs, &mut self.kv, &self.tp)?;
         // Tokens routed to each expert of this stage's layers: every tensor rank routes the
-        // same tokens, so tensor rank 0 reports them (the others only reset their counts).
+        // same tokens, so tensor rank 0 reports them (the others only reset their counts);
+        // with data-parallel attention each rank routes its own.
         let counts = self.model.take_expert_counts();
-        if self.place.tp_rank == 0 {
+        if self.place.tp_rank == 0 || self.layout.dp_attention {
             res.expert_counts = counts;
             res.first_layer = self.model.shard.layers.start as u32;
         }
@@ -720,6 +748,9 @@ impl Engine {
             return Ok(res);
         }
         let lrows = Model::logit_rows(&inputs);
+        if lrows.is_empty() {
+            return Ok(res);
+        }
         let logits = self.model.logits(&h, &lrows)?;
         let masks = pending.map(grammar::Pending::finish).unwrap_or_default();
         let v = self.model.config.vocab_size;

@@ -4,7 +4,6 @@
 
 use crate::engine::{self, Engine, LoadSpec};
 use grok_proto::v1 as pb;
-use grok_shared::sharding::Layout;
 use grok_shared::sync::lock;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -77,12 +76,7 @@ impl pb::worker_server::Worker for Svc {
         let layout = r
             .layout
             .ok_or_else(|| Status::invalid_argument("layout missing"))?;
-        let layout = Layout {
-            tp: layout.tp as usize,
-            ep: layout.ep as usize,
-            pp: layout.pp as usize,
-            replicas: layout.replicas.max(1) as usize,
-        };
+        let layout = grok_proto::convert::layout_of(&layout);
         let world_peers = parse_addrs(&r.world_peers)?;
         let tp_peers = parse_addrs(&r.tp_peers)?;
         // NCCL ids come only to GPU workers, and must be whole.

@@ -100,12 +100,9 @@ pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, S
             .collect();
         let req = pb::LoadRequest {
             model_dir: shared.cfg.model_dir.display().to_string(),
-            layout: Some(pb::Layout {
-                tp: l.tp as u32,
-                ep: l.ep as u32,
-                pp: l.pp as u32,
-                replicas: 1,
-            }),
+            layout: Some(grok_proto::convert::layout_to_pb(
+                &grok_shared::sharding::Layout { replicas: 1, ..l },
+            )),
             rank: rank as u32,
             world_peers: world_peers.clone(),
             tp_peers,
@@ -197,7 +194,7 @@ pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, S
         shared.set_worker(r, |w| w.state = WorkerState::Ready);
     }
     let sampler = base + (l.pp - 1) * l.tp;
-    Ok(Workers::new(shared.clone(), links, sampler))
+    Ok(Workers::new(shared.clone(), links, sampler, l.dp_attention))
 }
 
 /// Drains a load-progress stream into the worker's entry.

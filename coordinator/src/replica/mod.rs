@@ -145,7 +145,8 @@ struct InFlight {
     slots: Vec<scheduler::Slot>,
     /// Per slot: the step returns its logits.
     returns: Vec<bool>,
-    want_logits: usize,
+    /// Logits asked of each sampling worker (one; with data-parallel attention one per worker).
+    want_logits: Vec<usize>,
     /// The coordinator's time planning it.
     coordinator: Duration,
     /// The step's span, open until its result is applied.
@@ -178,7 +179,14 @@ impl Replica {
             .iter()
             .flatten()
             .all(|w| !w.device.starts_with("cuda"));
-        let mut sched = Scheduler::new(budget, cfg.kv_blocks, cfg.prefix_caching && cpu);
+        // Data-parallel attention: a KV cache per worker, each running its own sequences.
+        let ranks = if cfg.layout.dp_attention {
+            cfg.layout.world_size()
+        } else {
+            1
+        };
+        let mut sched =
+            Scheduler::with_ranks(budget, ranks, cfg.kv_blocks, cfg.prefix_caching && cpu);
         let parked = std::mem::take(&mut *lock(&cluster.parked));
         let resumed = parked.len();
         for p in parked {
@@ -368,8 +376,9 @@ impl Replica {
         }
         let vocab = cluster.model.vocab_size;
         let eos = cluster.model.eos_token_id;
-        // Logits the sampling rank returns: `n` rows of every sequence that asks for them.
-        let mut want_logits = 0;
+        // Logits the sampling rank returns: `n` rows of every sequence that asks for them (per
+        // worker with data-parallel attention).
+        let mut want_logits = vec![0; self.sched.ranks()];
         let mut seqs = Vec::with_capacity(plan.slots.len());
         let mut returns = Vec::with_capacity(plan.slots.len());
         for slot in &plan.slots {
@@ -381,7 +390,7 @@ impl Replica {
             let p = &s.job.params;
             let return_logits = output::wants_prompt_logits(s, slot.start, slot.n);
             if return_logits {
-                want_logits += slot.n * vocab;
+                want_logits[slot.rank] += slot.n * vocab;
             }
             returns.push(return_logits);
             seqs.push(pb::SeqStep {
@@ -408,7 +417,8 @@ impl Replica {
             .map(|x| &running[x.index].seq.job.span)
             .collect();
         let coordinator = began.elapsed();
-        let span = self.workers.send(seqs, plan.free, &spans).await?;
+        let ranks: Vec<usize> = plan.slots.iter().map(|x| x.rank).collect();
+        let span = self.workers.send(seqs, &ranks, plan.free, &spans).await?;
         if pipelined {
             m.pipelined_steps.fetch_add(1, Ordering::Relaxed);
         }
@@ -424,11 +434,11 @@ impl Replica {
     /// Waits for a step's result and applies it: prompt logits, sampled tokens, finished
     /// requests.
     async fn complete(&mut self, f: InFlight) -> Result<(), StepFailure> {
-        let r = self.workers.receive(f.want_logits).await?;
+        let r = self.workers.receive(&f.want_logits).await?;
         let began = Instant::now();
         let cluster = self.cluster.clone();
         let m = &cluster.metrics;
-        let want_logits = f.want_logits;
+        let want_logits: usize = f.want_logits.iter().sum();
         if r.logits.len() != want_logits {
             return Err(StepFailure::Failed(format!(
                 "the sampling rank returned {} logits, {want_logits} were asked for",
@@ -441,8 +451,17 @@ impl Replica {
             max_positions: cluster.model.max_position_embeddings,
             tokenizer: cluster.tokenizer.as_ref(),
         };
-        // Apply: advance every scheduled sequence, then handle sampled tokens.
-        let mut off = 0;
+        // Apply: advance every scheduled sequence, then handle sampled tokens. Logits come in
+        // worker order, each worker's in the order of its slots.
+        let mut off: Vec<usize> = f
+            .want_logits
+            .iter()
+            .scan(0, |acc, &w| {
+                let start = *acc;
+                *acc += w;
+                Some(start)
+            })
+            .collect();
         let mut done: Vec<(usize, GenEvent, &'static str)> = Vec::new();
         for (k, slot) in f.slots.iter().enumerate() {
             let Some(i) = self.sched.complete(slot) else {
@@ -453,8 +472,9 @@ impl Replica {
             };
             let e = &mut self.sched.running_mut()[i];
             if f.returns[k] {
-                let rows = &r.logits[off..off + slot.n * vocab];
-                off += slot.n * vocab;
+                let o = &mut off[slot.rank];
+                let rows = &r.logits[*o..*o + slot.n * vocab];
+                *o += slot.n * vocab;
                 output::deliver_prompt_logits(&mut e.seq, rows, slot.start, vocab);
             }
             if e.seq.job.params.prompt_logprobs.is_some() {
@@ -622,7 +642,7 @@ impl Replica {
         if parked > 0 {
             tokio::spawn(rejoin::expire_parked(cluster.clone()));
         }
-        let blocks = cluster.cfg.kv_blocks as u64;
+        let blocks = cluster.cfg.replica_kv_blocks() as u64;
         cluster.set_replica_load(me, (0, 0, blocks));
         began
     }

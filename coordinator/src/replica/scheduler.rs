@@ -18,6 +18,13 @@
 //! the pipeline, and gives this step its share of the sequences that can run (micro-batches
 //! balanced by count; with `parts` 1 it takes all, as a single-stage replica does).
 //!
+//! Data-parallel attention: with `ranks` > 1 every rank of the replica has its own KV cache
+//! (and prefix cache) of `kv_blocks` blocks and runs attention for its own sequences. A
+//! sequence is admitted to one rank (the one holding the longest cached prefix of its tokens,
+//! then the one with the most free blocks) and stays there; block ids are the rank's own; the
+//! token budget and the cap hold per rank; a sequence that needs a block preempts the most
+//! recently admitted sequence of its own rank.
+//!
 //! Invariants (unit-tested below): every block is either free or held by exactly one
 //! sequence; a sequence's worker id is fresh after each admission and is freed on the
 //! workers exactly once; a plan never exceeds the token budget or the cap; no sequence is in
@@ -65,6 +72,8 @@ pub struct Entry<T> {
     busy: bool,
     /// Hashes of its full blocks computed so far (prefix caching).
     hashes: Vec<u64>,
+    /// The rank whose cache holds it (data-parallel attention; 0 otherwise).
+    rank: usize,
 }
 
 impl<T> Entry<T> {
@@ -77,6 +86,7 @@ impl<T> Entry<T> {
             wid: 0,
             busy: false,
             hashes: Vec::new(),
+            rank: 0,
         }
     }
 
@@ -108,6 +118,8 @@ pub struct Slot {
     pub first: bool,
     /// Tokens this admission took from the prefix cache (0 after the first step).
     pub reused: usize,
+    /// The rank that runs it (data-parallel attention; 0 otherwise).
+    pub rank: usize,
 }
 
 /// What one step computes.
@@ -127,7 +139,9 @@ pub struct Plan<T> {
 
 pub struct Scheduler<T> {
     budget: Budget,
-    blocks: Blocks,
+    /// One pool per rank (one in all but data-parallel attention).
+    blocks: Vec<Blocks>,
+    /// Blocks per rank.
     kv_blocks: usize,
     waiting: VecDeque<Entry<T>>,
     running: Vec<Entry<T>>,
@@ -135,6 +149,10 @@ pub struct Scheduler<T> {
     /// Worker-side ids to free in the next plan.
     pending_free: Vec<u64>,
 }
+
+/// Where an admission goes: (rank, cached blocks it reuses, tokens of its first chunk, blocks
+/// to allocate).
+type Admit = (usize, Vec<(u64, u32)>, usize, usize);
 
 enum Grow {
     Ok,
@@ -153,13 +171,26 @@ impl<T: Tokens> Scheduler<T> {
     /// A scheduler over `kv_blocks` blocks; `prefix_caching` keeps computed full blocks for
     /// sequences that start with the same tokens.
     pub fn new(budget: Budget, kv_blocks: usize, prefix_caching: bool) -> Self {
+        Self::with_ranks(budget, 1, kv_blocks, prefix_caching)
+    }
+
+    /// A scheduler for data-parallel attention over `ranks` ranks of `kv_blocks` blocks each;
+    /// the budget's token budget and cap hold per rank.
+    pub fn with_ranks(
+        budget: Budget,
+        ranks: usize,
+        kv_blocks: usize,
+        prefix_caching: bool,
+    ) -> Self {
         Scheduler {
             budget: Budget {
                 max_batch_tokens: budget.max_batch_tokens.max(1),
                 max_seqs: budget.max_seqs.max(1),
                 block_size: budget.block_size.max(1),
             },
-            blocks: Blocks::new(kv_blocks, prefix_caching),
+            blocks: (0..ranks.max(1))
+                .map(|_| Blocks::new(kv_blocks, prefix_caching))
+                .collect(),
             kv_blocks,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -200,27 +231,46 @@ impl<T: Tokens> Scheduler<T> {
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.blocks.num_free()
+        self.blocks.iter().map(Blocks::num_free).sum()
     }
 
     /// Blocks in the prefix cache.
     pub fn cached_blocks(&self) -> usize {
-        self.blocks.num_cached()
+        self.blocks.iter().map(Blocks::num_cached).sum()
     }
 
-    /// Block hashes cached and evicted since the previous call.
+    /// Ranks (each with its own KV cache).
+    pub fn ranks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block hashes cached and evicted since the previous call (of every rank: the router
+    /// sees the replica as one cache).
     pub fn cache_changes(&mut self) -> (Vec<u64>, Vec<u64>) {
-        self.blocks.take_changes()
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for b in &mut self.blocks {
+            let (a, r) = b.take_changes();
+            added.extend(a);
+            removed.extend(r);
+        }
+        (added, removed)
     }
 
     /// Plans the next step: this step's share (1 / `parts`) of the sequences that can run,
     /// running ones first, then admissions.
     pub fn schedule(&mut self, parts: usize) -> Plan<T> {
         let Budget {
-            max_batch_tokens: mut budget,
+            max_batch_tokens,
             max_seqs: cap,
             block_size: bs,
         } = self.budget;
+        let ranks = self.blocks.len();
+        // Tokens left this step, and running sequences, per rank.
+        let mut budget = vec![max_batch_tokens; ranks];
+        let mut held = vec![0usize; ranks];
+        for e in &self.running {
+            held[e.rank] += 1;
+        }
         let mut plan = Plan {
             slots: Vec::new(),
             free: Vec::new(),
@@ -234,13 +284,14 @@ impl<T: Tokens> Scheduler<T> {
         // (index in running, tokens this step)
         let mut sched: Vec<(usize, usize)> = Vec::new();
         let mut i = 0;
-        while i < self.running.len() && budget > 0 && share > 0 {
+        while i < self.running.len() && budget.iter().any(|&b| b > 0) && share > 0 {
             let e = &self.running[i];
-            if e.busy {
+            let r = e.rank;
+            if e.busy || budget[r] == 0 {
                 i += 1;
                 continue;
             }
-            let n = (e.seq.num_tokens() - e.computed).min(budget);
+            let n = (e.seq.num_tokens() - e.computed).min(budget[r]);
             let end = e.computed + n;
             match self.grow(i, end, &mut plan.preempted) {
                 Grow::Ok => {}
@@ -248,48 +299,79 @@ impl<T: Tokens> Scheduler<T> {
                 Grow::SelfPreempted => continue,
                 Grow::Impossible => {
                     let e = self.remove(i);
+                    held[r] -= 1;
                     plan.too_long.push(e);
                     continue;
                 }
             }
             sched.push((i, n));
-            budget -= n;
+            budget[r] -= n;
             share -= 1;
             i += 1;
         }
+        // Preemptions moved sequences back to the queue.
+        held.iter_mut().for_each(|h| *h = 0);
+        for e in &self.running {
+            held[e.rank] += 1;
+        }
         // Admit waiting sequences while blocks for their first chunk are free.
-        while budget > 0 && share > 0 && self.running.len() < cap {
+        while share > 0 {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            // The longest cached prefix of its tokens (whole blocks, and at least one token
-            // left to compute: the step must give the last row's logits).
             let len = front.seq.num_tokens();
-            let hits = if front.seq.may_reuse() && self.blocks.caching() {
-                self.blocks
-                    .lookup(front.seq.tokens(), bs, len.saturating_sub(1) / bs)
-            } else {
-                vec![]
+            // The rank to admit it to: among those with budget, room under the cap and the
+            // blocks for its first chunk, the one holding the longest cached prefix of its
+            // tokens (whole blocks, and at least one token left to compute: the step must give
+            // the last row's logits), then the one with the most free blocks.
+            // (rank, cached blocks it reuses, tokens of its first chunk, blocks to allocate)
+            let mut best: Option<Admit> = None;
+            for r in 0..ranks {
+                if budget[r] == 0 || held[r] >= cap {
+                    continue;
+                }
+                let blocks = &self.blocks[r];
+                let hits = if front.seq.may_reuse() && blocks.caching() {
+                    blocks.lookup(front.seq.tokens(), bs, len.saturating_sub(1) / bs)
+                } else {
+                    vec![]
+                };
+                let reused = hits.len() * bs;
+                let n = (len - reused).min(budget[r]);
+                let need = (reused + n).div_ceil(bs) - hits.len();
+                if need + blocks.evictable_among(&hits) > blocks.num_free() {
+                    continue;
+                }
+                let better = match &best {
+                    None => true,
+                    Some((b, h, _, _)) => {
+                        (hits.len(), blocks.num_free()) > (h.len(), self.blocks[*b].num_free())
+                    }
+                };
+                if better {
+                    best = Some((r, hits, n, need));
+                }
+            }
+            let Some((r, hits, n, need)) = best else {
+                break;
             };
             let reused = hits.len() * bs;
-            let n = (len - reused).min(budget);
-            let need = (reused + n).div_ceil(bs) - hits.len();
-            if need + self.blocks.evictable_among(&hits) > self.blocks.num_free() {
-                break;
-            }
             let mut e = self.waiting.pop_front().expect("front exists");
-            self.blocks.take(&hits);
+            let blocks = &mut self.blocks[r];
+            blocks.take(&hits);
             e.blocks = hits.iter().map(|h| h.1).collect();
             e.hashes = hits.iter().map(|h| h.0).collect();
             e.computed = reused;
+            e.rank = r;
             for _ in 0..need {
-                e.blocks.push(self.blocks.alloc().expect("counted"));
+                e.blocks.push(blocks.alloc().expect("counted"));
             }
             plan.admitted_tokens += e.seq.num_tokens();
             plan.reused_tokens += reused;
             self.running.push(e);
             sched.push((self.running.len() - 1, n));
-            budget -= n;
+            budget[r] -= n;
+            held[r] += 1;
             share -= 1;
         }
         for (index, n) in sched {
@@ -308,6 +390,7 @@ impl<T: Tokens> Scheduler<T> {
                 new_blocks: e.blocks[e.sent_blocks..].to_vec(),
                 first,
                 reused: if first { e.computed } else { 0 },
+                rank: e.rank,
             });
             e.sent_blocks = e.blocks.len();
         }
@@ -327,14 +410,15 @@ impl<T: Tokens> Scheduler<T> {
         e.computed += slot.n;
         e.busy = false;
         // Blocks now full are computed: cache them under their tokens.
-        if self.blocks.caching() {
+        let blocks = &mut self.blocks[e.rank];
+        if blocks.caching() {
             let tokens = e.seq.tokens();
             while e.hashes.len() < e.computed / bs && tokens.len() >= (e.hashes.len() + 1) * bs {
                 let j = e.hashes.len();
                 let prev = e.hashes.last().copied().unwrap_or(0);
                 let h = chain(prev, &tokens[j * bs..(j + 1) * bs]);
                 e.hashes.push(h);
-                self.blocks.register(h, e.blocks[j]);
+                blocks.register(h, e.blocks[j]);
             }
         }
         Some(i)
@@ -376,7 +460,10 @@ impl<T: Tokens> Scheduler<T> {
         let running = self.running.drain(..).map(|e| e.seq).collect();
         let waiting = self.waiting.drain(..).map(|e| e.seq).collect();
         // The workers' caches are gone with their state: so is the prefix cache.
-        self.blocks = Blocks::new(self.kv_blocks, self.blocks.caching());
+        let caching = self.blocks[0].caching();
+        for b in &mut self.blocks {
+            *b = Blocks::new(self.kv_blocks, caching);
+        }
         self.pending_free.clear();
         (running, waiting)
     }
@@ -388,7 +475,7 @@ impl<T: Tokens> Scheduler<T> {
     }
 
     fn release(&mut self, e: &mut Entry<T>) {
-        self.blocks.release(&mut e.blocks);
+        self.blocks[e.rank].release(&mut e.blocks);
         e.hashes.clear();
         e.sent_blocks = 0;
         e.computed = 0;
@@ -403,18 +490,19 @@ impl<T: Tokens> Scheduler<T> {
     /// recent of those).
     fn grow(&mut self, i: usize, positions: usize, preempted: &mut usize) -> Grow {
         let bs = self.budget.block_size;
+        let r = self.running[i].rank;
         while self.running[i].blocks.len() * bs < positions {
-            if let Some(b) = self.blocks.alloc() {
+            if let Some(b) = self.blocks[r].alloc() {
                 self.running[i].blocks.push(b);
                 continue;
             }
-            if self.running.len() == 1 {
+            if self.running.iter().filter(|e| e.rank == r).count() == 1 {
                 return Grow::Impossible;
             }
-            // `i` is not busy, so there is one; it is `i` or one admitted after it.
+            // `i` is not busy, so there is one; it is `i` or one of its rank admitted after it.
             let j = (i..self.running.len())
                 .rev()
-                .find(|&j| !self.running[j].busy)
+                .find(|&j| !self.running[j].busy && self.running[j].rank == r)
                 .unwrap_or(i);
             let mut victim = self.running.remove(j);
             self.release(&mut victim);
@@ -431,13 +519,16 @@ impl<T: Tokens> Scheduler<T> {
     /// [`Blocks::check`]), ids unique.
     #[cfg(test)]
     fn check(&self) {
-        let held: Vec<u32> = self
-            .running
-            .iter()
-            .chain(&self.waiting)
-            .flat_map(|e| e.blocks.iter().copied())
-            .collect();
-        self.blocks.check(&held);
+        for (r, blocks) in self.blocks.iter().enumerate() {
+            let held: Vec<u32> = self
+                .running
+                .iter()
+                .chain(&self.waiting)
+                .filter(|e| e.rank == r)
+                .flat_map(|e| e.blocks.iter().copied())
+                .collect();
+            blocks.check(&held);
+        }
         assert!(self
             .waiting
             .iter()
@@ -921,5 +1012,78 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Data-parallel attention: the cap, the token budget and the blocks hold per rank, every
+    /// block is its rank's, admissions go to the rank with the most free blocks, and a
+    /// sequence out of blocks preempts one of its own rank only.
+    #[test]
+    fn random_loads_over_ranks_keep_every_invariant() {
+        let mut rng = grok_shared::sampling::Rng::new(13);
+        for round in 0..40 {
+            let ranks = 2 + (rng.next_u64() % 3) as usize;
+            let cap = 1 + (rng.next_u64() % 4) as usize;
+            let budget = 1 + (rng.next_u64() % 30) as usize;
+            let blocks = 6 + (rng.next_u64() % 16) as usize;
+            let mut s = Scheduler::with_ranks(
+                Budget {
+                    max_batch_tokens: budget,
+                    max_seqs: cap,
+                    block_size: 4,
+                },
+                ranks,
+                blocks,
+                false,
+            );
+            let mut next = 0;
+            let mut used = vec![false; ranks];
+            for _ in 0..200 {
+                if rng.next_u64().is_multiple_of(2) {
+                    let len = 1 + (rng.next_u64() % 30) as usize;
+                    s.push_back(S { id: next, len });
+                    next += 1;
+                }
+                let p = step(&mut s);
+                for r in 0..ranks {
+                    let mine: Vec<&Slot> = p.slots.iter().filter(|x| x.rank == r).collect();
+                    let tokens: usize = mine.iter().map(|x| x.n).sum();
+                    assert!(
+                        tokens <= budget,
+                        "round {round}: rank {r}: {tokens} > {budget}"
+                    );
+                    used[r] |= !mine.is_empty();
+                    let held = s.running().iter().filter(|e| e.rank == r).count();
+                    assert!(held <= cap, "round {round}: rank {r} runs {held} > {cap}");
+                }
+                for x in &p.slots {
+                    assert!(x.new_blocks.iter().all(|&b| (b as usize) < blocks));
+                }
+                if !s.running().is_empty() && rng.next_u64().is_multiple_of(4) {
+                    let i = (rng.next_u64() as usize) % s.running().len();
+                    s.finish(i);
+                    s.check();
+                }
+            }
+            assert!(used.iter().all(|&u| u), "round {round}: a rank never ran");
+        }
+        // Two ranks of 2 blocks: two 8-token prompts go to different ranks, where one rank
+        // would hold only one of them.
+        let mut s = Scheduler::with_ranks(
+            Budget {
+                max_batch_tokens: 100,
+                max_seqs: 4,
+                block_size: 4,
+            },
+            2,
+            2,
+            false,
+        );
+        s.push_back(S { id: 0, len: 8 });
+        s.push_back(S { id: 1, len: 8 });
+        let p = step(&mut s);
+        let mut r: Vec<usize> = p.slots.iter().map(|x| x.rank).collect();
+        r.sort_unstable();
+        assert_eq!(r, vec![0, 1]);
+        assert_eq!(s.free_blocks(), 0);
     }
 }

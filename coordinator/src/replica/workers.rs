@@ -41,6 +41,9 @@ pub struct Workers {
     links: Vec<WorkerLink>,
     /// The global rank that samples (the last stage's first tensor-parallel rank).
     sampler: usize,
+    /// Data-parallel attention: each worker runs its own sequences and samples them; a plan
+    /// goes to each worker with its sequences only, and every worker's answer counts.
+    dp: bool,
     /// A lost worker, as reported by the health monitor.
     lost_rx: watch::Receiver<Option<String>>,
     step_timeout: Duration,
@@ -48,13 +51,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    pub fn new(cluster: Arc<Cluster>, links: Vec<WorkerLink>, sampler: usize) -> Self {
+    pub fn new(cluster: Arc<Cluster>, links: Vec<WorkerLink>, sampler: usize, dp: bool) -> Self {
         let lost_rx = spawn_monitor(cluster.clone(), &links);
         let step_timeout = Duration::from_millis(cluster.cfg.comm_timeout_ms as u64 + 10_000);
         Workers {
             cluster,
             links,
             sampler,
+            dp,
             lost_rx,
             step_timeout,
             next_step: 0,
@@ -69,9 +73,13 @@ impl Workers {
     /// Sends one plan to every worker (they answer in order: [`Workers::receive`]).
     /// `spans`: the requests the step computes (the step's span is the first one's child and
     /// links to the others). Returns the step's span, to keep until its result arrives.
+    /// With data-parallel attention `ranks[i]` is the worker (index in the replica) that runs
+    /// `seqs[i]`, and each worker's plan holds its own sequences (every worker gets a plan,
+    /// empty or not: it serves its experts to the others).
     pub async fn send(
         &mut self,
         seqs: Vec<pb::SeqStep>,
+        ranks: &[usize],
         free: Vec<u64>,
         spans: &[&tracing::Span],
     ) -> Result<tracing::Span, StepFailure> {
@@ -95,13 +103,24 @@ impl Workers {
         } else {
             String::new()
         };
-        let plan = pb::StepPlan {
+        let mut plan = pb::StepPlan {
             step_id: self.next_step,
-            seqs,
+            seqs: Vec::new(),
             free_seqs: free,
             traceparent,
         };
-        for l in &self.links {
+        let mut all = Some(seqs);
+        for (k, l) in self.links.iter().enumerate() {
+            plan.seqs = if self.dp {
+                let all = all.as_ref().expect("kept with dp");
+                all.iter()
+                    .zip(ranks)
+                    .filter(|(_, &r)| r == k)
+                    .map(|(s, _)| s.clone())
+                    .collect()
+            } else {
+                all.take().unwrap_or_else(|| plan.seqs.clone())
+            };
             if l.plans.send(plan.clone()).await.is_err() {
                 self.cluster.set_worker(l.rank, |w| {
                     w.state = WorkerState::Lost;
@@ -117,14 +136,21 @@ impl Workers {
     }
 
     /// Waits for every worker's answer to the oldest step sent and not yet received; returns
-    /// the sampling rank's.
-    pub async fn receive(&mut self, want_logits: usize) -> Result<pb::StepResult, StepFailure> {
-        let mut out = None;
+    /// the sampling rank's. `want_logits`: the logits the step asked of each sampling worker
+    /// (one entry; with data-parallel attention one per worker). With data-parallel attention
+    /// the answer merges every worker's: tokens and prompt scores, and logits in worker order.
+    pub async fn receive(&mut self, want_logits: &[usize]) -> Result<pb::StepResult, StepFailure> {
+        let mut out: Option<pb::StepResult> = None;
         let mut errors = Vec::new();
         let mut lost_err = None;
-        for l in &mut self.links {
+        for (k, l) in self.links.iter_mut().enumerate() {
+            let want = if self.dp {
+                want_logits.get(k).copied().unwrap_or(0)
+            } else {
+                want_logits.first().copied().unwrap_or(0)
+            };
             let r = tokio::select! {
-                r = read_result(&mut l.results, self.step_timeout, want_logits) => r,
+                r = read_result(&mut l.results, self.step_timeout, want) => r,
                 why = lost_signal(&mut self.lost_rx) => return Err(StepFailure::Lost(why)),
             };
             match r {
@@ -154,7 +180,12 @@ impl Workers {
                     if !r.error.is_empty() {
                         errors.push(r.error.clone());
                     }
-                    if l.rank == self.sampler {
+                    if self.dp {
+                        let o = out.get_or_insert_with(Default::default);
+                        o.tokens.extend(r.tokens);
+                        o.logits.extend(r.logits);
+                        o.prompt_logprobs.extend(r.prompt_logprobs);
+                    } else if l.rank == self.sampler {
                         out = Some(r);
                     }
                 }

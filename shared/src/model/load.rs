@@ -87,6 +87,7 @@ impl Model {
             embed,
             final_norm,
             expert_counts: std::sync::Mutex::new(vec![0; layers.len() * c.num_experts]),
+            dispatch: None,
             layers,
         })
     }

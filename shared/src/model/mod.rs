@@ -123,6 +123,19 @@ pub struct Model {
     /// Tokens routed to each expert since the last [`Model::take_expert_counts`],
     /// `[local layer, expert]`.
     pub expert_counts: std::sync::Mutex<Vec<u64>>,
+    /// Data-parallel attention: the communicator passed to the forward pass is the group of
+    /// ranks that hold the experts, and this says which ranks hold each expert. Attention is
+    /// not summed over that group (every rank holds every head and runs its own sequences);
+    /// the MoE sends each row to a rank holding each of its experts and combines what comes
+    /// back ([`Model::forward_layers`]).
+    pub dispatch: Option<ExpertDispatch>,
+}
+
+/// Where the experts are, for data-parallel attention: `ranks[e]` lists the ranks of the
+/// expert group holding expert `e` (at least one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertDispatch {
+    pub ranks: Vec<Vec<usize>>,
 }
 
 /// Which logits a sequence wants from a forward pass.
@@ -292,6 +305,11 @@ impl Model {
         let c = &self.config;
         let (d, ks) = (c.emb_size, c.key_size);
         let t = h.len() / d;
+        if t == 0 {
+            // A data-parallel attention rank with no sequence in this step: it still serves
+            // its experts in the MoE.
+            return Ok(());
+        }
         let nq = self.shard.q_heads.len();
         let nkv = self.shard.kv_heads.len();
         let mut xn = vec![0f32; t * d];
@@ -326,7 +344,9 @@ impl Model {
         let o = attention::attend(&q, seqs, &pass.rows, &pass.positions, kv, li, &heads);
         let mut a = vec![0f32; t * d];
         l.o.matmul(&o, t, &mut a);
-        all_reduce_rows(tp, &mut a, d)?;
+        if self.dispatch.is_none() {
+            all_reduce_rows(tp, &mut a, d)?;
+        }
         rms_norm(&a.clone(), &l.post_attn_norm, c.rms_norm_eps, &mut a);
         for (x, y) in h.iter_mut().zip(&a) {
             *x += y;
@@ -379,6 +399,25 @@ impl Model {
                 }
             }
         }
+        let mut m = match &self.dispatch {
+            Some(dp) => self.moe_dispatched(l, &xn, &routes, tp, dp)?,
+            None => self.moe_local(l, &xn, &routes),
+        };
+        if self.dispatch.is_none() {
+            all_reduce_rows(tp, &mut m, d)?;
+        }
+        rms_norm(&m.clone(), &l.post_moe_norm, c.rms_norm_eps, &mut m);
+        for (x, y) in h.iter_mut().zip(&m) {
+            *x += y;
+        }
+        Ok(())
+    }
+
+    /// The local experts' gated outputs summed per row (`[rows, emb]`): for each expert in
+    /// index order, `m[row] += gate · expert(xn[row])` over the rows that chose it.
+    fn moe_local(&self, l: &Layer, xn: &[f32], routes: &[Vec<(usize, f32)>]) -> Vec<f32> {
+        let d = self.config.emb_size;
+        let t = routes.len();
         let mut m = vec![0f32; t * d];
         for ex in &l.experts {
             let picked: Vec<(usize, f32)> = routes
@@ -393,31 +432,137 @@ impl Model {
             if picked.is_empty() {
                 continue;
             }
-            let n = picked.len();
-            let f = ex.linear.out_features;
-            let mut xs = vec![0f32; n * d];
-            for (i, (r, _)) in picked.iter().enumerate() {
-                xs[i * d..(i + 1) * d].copy_from_slice(&xn[r * d..(r + 1) * d]);
+            let mut xs = Vec::with_capacity(picked.len() * d);
+            for (r, _) in &picked {
+                xs.extend_from_slice(&xn[r * d..(r + 1) * d]);
             }
-            let mut a = vec![0f32; n * f];
-            let mut b = vec![0f32; n * f];
-            ex.linear.matmul(&xs, n, &mut a);
-            ex.linear_v.matmul(&xs, n, &mut b);
-            crate::backend::simd::gelu_gate(&mut a, &b);
-            let mut y = vec![0f32; n * d];
-            ex.linear_1.matmul(&a, n, &mut y);
+            let y = expert_ffn(ex, &xs, d);
             for (i, (r, gate)) in picked.iter().enumerate() {
                 for (dst, src) in m[r * d..(r + 1) * d].iter_mut().zip(&y[i * d..(i + 1) * d]) {
                     *dst += gate * src;
                 }
             }
         }
-        all_reduce_rows(tp, &mut m, d)?;
-        rms_norm(&m.clone(), &l.post_moe_norm, c.rms_norm_eps, &mut m);
-        for (x, y) in h.iter_mut().zip(&m) {
-            *x += y;
+        m
+    }
+
+    /// The MoE of data-parallel attention: each (row, expert) choice goes to one rank holding
+    /// the expert (the copy this rank has sent the fewest rows to in this layer, itself first
+    /// on a tie), by all-to-all; the ranks run their experts on what they received and send
+    /// the outputs back by a second all-to-all; each row then sums its gated outputs in
+    /// expert order, the order [`Model::moe_local`] uses, so a row's result has the same bits
+    /// as in one process (the kernels are batch-invariant). A rank with no rows still takes
+    /// part in every exchange.
+    fn moe_dispatched(
+        &self,
+        l: &Layer,
+        xn: &[f32],
+        routes: &[Vec<(usize, f32)>],
+        comm: &dyn Communicator,
+        dp: &ExpertDispatch,
+    ) -> Result<Vec<f32>, ModelError> {
+        let d = self.config.emb_size;
+        let (w, me) = (comm.world_size(), comm.rank());
+        let t = routes.len();
+        // Choices per destination rank, in row order: (row, expert, gate).
+        let mut dest: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); w];
+        for (r, sel) in routes.iter().enumerate() {
+            for &(e, g) in sel {
+                let to = dp
+                    .ranks
+                    .get(e)
+                    .and_then(|c| {
+                        c.iter()
+                            .copied()
+                            .filter(|&x| x < w)
+                            .min_by_key(|&x| (dest[x].len(), x != me, x))
+                    })
+                    .ok_or_else(|| {
+                        ModelError::Shard(format!("expert {e} has no rank in a group of {w}"))
+                    })?;
+                dest[to].push((r, e, g));
+            }
         }
-        Ok(())
+        // Row counts first: each rank learns how many rows it receives from each.
+        let ones = vec![1usize; w];
+        let sent: Vec<f32> = dest.iter().map(|v| v.len() as f32).collect();
+        let mut got = vec![0f32; w];
+        comm.all_to_all_v(&sent, &ones, &mut got, &ones)?;
+        let mut recv_rows = Vec::with_capacity(w);
+        for (i, &x) in got.iter().enumerate() {
+            if !(x >= 0.0 && x <= (1u32 << 24) as f32 && x.fract() == 0.0) {
+                return Err(ModelError::Shard(format!(
+                    "rank {i} announced {x} rows for the experts of rank {me}"
+                )));
+            }
+            recv_rows.push(x as usize);
+        }
+        // Each row travels as its expert's index, then its normed hidden state.
+        let stride = d + 1;
+        let send_rows: Vec<usize> = dest.iter().map(Vec::len).collect();
+        let mut send = Vec::with_capacity(send_rows.iter().sum::<usize>() * stride);
+        for &(r, e, _) in dest.iter().flatten() {
+            send.push(e as f32);
+            send.extend_from_slice(&xn[r * d..(r + 1) * d]);
+        }
+        let n_in: usize = recv_rows.iter().sum();
+        let mut recv = vec![0f32; n_in * stride];
+        let scale = |v: &[usize], s: usize| v.iter().map(|n| n * s).collect::<Vec<_>>();
+        comm.all_to_all_v(
+            &send,
+            &scale(&send_rows, stride),
+            &mut recv,
+            &scale(&recv_rows, stride),
+        )?;
+        let want: Vec<usize> = recv.chunks_exact(stride).map(|c| c[0] as usize).collect();
+        if let Some(e) = want
+            .iter()
+            .find(|&&e| !l.experts.iter().any(|x| x.index == e))
+        {
+            return Err(ModelError::Shard(format!(
+                "rank {me} received rows for expert {e}, which it does not hold"
+            )));
+        }
+        let mut out = vec![0f32; n_in * d];
+        for ex in &l.experts {
+            let idx: Vec<usize> = (0..n_in).filter(|&i| want[i] == ex.index).collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let mut xs = Vec::with_capacity(idx.len() * d);
+            for &i in &idx {
+                xs.extend_from_slice(&recv[i * stride + 1..(i + 1) * stride]);
+            }
+            let y = expert_ffn(ex, &xs, d);
+            for (j, &i) in idx.iter().enumerate() {
+                out[i * d..(i + 1) * d].copy_from_slice(&y[j * d..(j + 1) * d]);
+            }
+        }
+        let mut back = vec![0f32; send_rows.iter().sum::<usize>() * d];
+        comm.all_to_all_v(
+            &out,
+            &scale(&recv_rows, d),
+            &mut back,
+            &scale(&send_rows, d),
+        )?;
+        // Each row's outputs, then summed in expert order.
+        let mut parts: Vec<Vec<(usize, f32, usize)>> = vec![Vec::new(); t];
+        for (o, &(r, e, g)) in dest.iter().flatten().enumerate() {
+            parts[r].push((e, g, o));
+        }
+        let mut m = vec![0f32; t * d];
+        for (r, p) in parts.iter_mut().enumerate() {
+            p.sort_by_key(|x| x.0);
+            for &(_, gate, o) in p.iter() {
+                for (dst, src) in m[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .zip(&back[o * d..(o + 1) * d])
+                {
+                    *dst += gate * src;
+                }
+            }
+        }
+        Ok(m)
     }
 
     /// Returns and resets the routed-token counts, `[local layer, expert]`.
@@ -525,6 +670,20 @@ impl Model {
     }
 }
 
+/// One expert slice on `xs` (`[n, emb]`): `linear_1(gelu(linear(x)) · linear_v(x))`.
+fn expert_ffn(ex: &Expert, xs: &[f32], d: usize) -> Vec<f32> {
+    let n = xs.len() / d;
+    let f = ex.linear.out_features;
+    let mut a = vec![0f32; n * f];
+    let mut b = vec![0f32; n * f];
+    ex.linear.matmul(xs, n, &mut a);
+    ex.linear_v.matmul(xs, n, &mut b);
+    crate::backend::simd::gelu_gate(&mut a, &b);
+    let mut y = vec![0f32; n * d];
+    ex.linear_1.matmul(&a, n, &mut y);
+    y
+}
+
 /// Sums `[rows, d]` over the tensor-parallel group so that each element's summation order
 /// depends only on its column, not on the number of rows: the buffer is laid out column-chunk
 /// major, so the ring's chunk `c` (`[c·len/w, (c+1)·len/w)`) is exactly columns
@@ -626,5 +785,134 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(e, ModelError::TokenOutOfVocab { .. }), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod dp_tests {
+    use super::*;
+    use crate::collective::local_group;
+    use crate::formats::checkpoint::Checkpoint;
+    use crate::sharding::Layout;
+
+    /// Prefill of every prompt, then one decode token each: the logits of both passes.
+    fn run(m: &Model, prompts: &[Vec<u32>], comm: &dyn Communicator) -> Vec<Vec<f32>> {
+        let bs = 8;
+        let per = 8;
+        let mut kv = KvCache::new(m, per * prompts.len().max(1), bs);
+        let tables: Vec<Vec<u32>> = (0..prompts.len())
+            .map(|i| ((i * per) as u32..((i + 1) * per) as u32).collect())
+            .collect();
+        let inputs: Vec<SeqInput> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(p, t)| SeqInput {
+                tokens: p,
+                start_pos: 0,
+                block_table: t,
+                want: WantLogits::All,
+            })
+            .collect();
+        let mut h = m.embed_tokens(&inputs).unwrap();
+        m.forward_layers(&mut h, &inputs, &mut kv, comm).unwrap();
+        let a = m.logits(&h, &Model::logit_rows(&inputs)).unwrap();
+        let next: Vec<[u32; 1]> = prompts.iter().map(|p| [p[0] ^ 5]).collect();
+        let inputs: Vec<SeqInput> = prompts
+            .iter()
+            .zip(&tables)
+            .zip(&next)
+            .map(|((p, t), n)| SeqInput {
+                tokens: n,
+                start_pos: p.len(),
+                block_table: t,
+                want: WantLogits::Last,
+            })
+            .collect();
+        let mut h = m.embed_tokens(&inputs).unwrap();
+        m.forward_layers(&mut h, &inputs, &mut kv, comm).unwrap();
+        let b = m.logits(&h, &Model::logit_rows(&inputs)).unwrap();
+        vec![a, b]
+    }
+
+    /// Data-parallel attention with experts dispatched by all-to-all gives the bits of one
+    /// process, whichever rank a sequence runs on, with one or two copies of each expert, and
+    /// with ranks that have no sequence in a step.
+    #[test]
+    fn dp_attention_with_dispatched_experts_matches_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ModelConfig::preset("tiny8", None).unwrap();
+        crate::formats::genmodel::generate(
+            &c,
+            crate::formats::genmodel::GenDType::Bf16,
+            3,
+            dir.path(),
+            1 << 30,
+            |_, _| {},
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let one = Model::load(&ck).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|i| {
+                (0..(5 + 7 * i))
+                    .map(|j| ((j * 31 + i * 7 + 3) % 500) as u32 + 1)
+                    .collect()
+            })
+            .collect();
+        let v = c.vocab_size;
+        // Each sequence alone in one process: (prefill rows, decode row).
+        let want: Vec<Vec<Vec<f32>>> = prompts
+            .iter()
+            .map(|p| {
+                run(
+                    &one,
+                    std::slice::from_ref(p),
+                    &crate::collective::SingleRank,
+                )
+            })
+            .collect();
+        for (ep, copies) in [(2, 1), (2, 2), (3, 2), (4, 1), (4, 3)] {
+            let layout = Layout::dp_attention(ep, copies);
+            layout.validate(&c).unwrap();
+            let comms = local_group(ep);
+            let got: Vec<(usize, Vec<Vec<f32>>)> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .iter()
+                    .enumerate()
+                    .map(|(r, comm)| {
+                        let (ck, prompts, c) = (&ck, &prompts, &c);
+                        s.spawn(move || {
+                            let mut m = Model::load_shard(ck, &layout.shard(c, r)).unwrap();
+                            m.dispatch = Some(ExpertDispatch {
+                                ranks: layout.expert_ranks(c),
+                            });
+                            let mine: Vec<Vec<u32>> = prompts
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, _)| i % ep == r)
+                                .map(|(_, p)| p.clone())
+                                .collect();
+                            (r, run(&m, &mine, comm))
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, out) in got {
+                let mut off = [0usize; 2];
+                for (i, p) in prompts.iter().enumerate().filter(|(i, _)| i % ep == r) {
+                    for pass in 0..2 {
+                        let n = if pass == 0 { p.len() } else { 1 };
+                        let rows = &out[pass][off[pass] * v..(off[pass] + n) * v];
+                        assert!(rows.iter().all(|x| x.is_finite()));
+                        assert!(
+                            rows == &want[i][pass][..],
+                            "ep {ep} copies {copies}: sequence {i} on rank {r}, pass {pass} differs"
+                        );
+                        off[pass] += n;
+                    }
+                }
+            }
+        }
     }
 }

@@ -447,10 +447,8 @@ mod tests {
         let c = ModelConfig::grok1();
         for x in plan(&c, &input("h100-sxm", 6, 1, PlanDType::Int8)).unwrap() {
             Layout {
-                tp: x.tp,
-                ep: x.ep,
-                pp: x.pp,
                 replicas: x.replicas,
+                ..Layout::new(x.tp, x.ep, x.pp)
             }
             .validate(&c)
             .unwrap();

@@ -166,6 +166,34 @@ impl Layout {
         None
     }
 
+    /// The experts' ranks inside a group of the live ranks only (data-parallel attention
+    /// after the loss of ranks): `live` lists the replica's ranks that serve, in group order,
+    /// and expert `e` goes to the group indices of its copies among them. An error names the
+    /// first expert with no live copy.
+    pub fn live_expert_ranks(
+        &self,
+        c: &ModelConfig,
+        live: &[usize],
+    ) -> Result<Vec<Vec<usize>>, String> {
+        self.expert_ranks(c)
+            .into_iter()
+            .enumerate()
+            .map(|(e, copies)| {
+                let v: Vec<usize> = copies
+                    .iter()
+                    .filter_map(|r| live.iter().position(|x| x == r))
+                    .collect();
+                if v.is_empty() {
+                    Err(format!(
+                        "expert {e} has no copy left: its ranks {copies:?} are all lost"
+                    ))
+                } else {
+                    Ok(v)
+                }
+            })
+            .collect()
+    }
+
     fn dp_rule(&self, c: &ModelConfig) -> Option<String> {
         let (tp, ep, pp, k) = (self.tp, self.ep, self.pp, self.expert_copies);
         if pp != 1 {

@@ -9,7 +9,10 @@ use grok_shared::formats::checkpoint::Checkpoint;
 use grok_shared::formats::genmodel::{self, GenDType};
 use grok_shared::generate::{generate, GenerateOptions};
 use grok_shared::model::Model;
-use grok_tests::cluster::{bin, greedy, json_ids, status, up};
+use grok_tests::cluster::{bin, greedy, json_ids, lines_of, status, up, wait_line, Proc};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
 fn prompts(vocab: usize) -> Vec<Vec<u32>> {
     (0..6)
@@ -139,4 +142,206 @@ fn bad_placements_are_refused_with_the_rule() {
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(err.contains(rule), "{args:?}: {err}");
     }
+}
+
+/// A coordinator for data-parallel attention over `ep` ranks with `k` copies of each expert;
+/// its address.
+fn dp_coordinator(model: &Path, ep: usize, k: usize) -> (Proc, String) {
+    let mut c = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--dp-attention", "--ep", &ep.to_string()])
+        .args(["--expert-copies", &k.to_string()])
+        .args(["--kv-blocks", "64", "--comm-timeout-ms", "5000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut c);
+    let addr = wait_line(&rx, "listening on ", 30);
+    (Proc(c), addr)
+}
+
+/// A worker for rank `rank`, its log (info level) in `log`.
+fn dp_worker(addr: &str, id: &str, rank: usize, log: &Path) -> Child {
+    bin("grok-worker")
+        .args([
+            "--coordinator",
+            addr,
+            "--id",
+            id,
+            "--rank",
+            &rank.to_string(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// A greedy stream of `n` tokens: its ids and the longest time between two of them.
+async fn timed_stream(endpoint: String, prompt: Vec<u32>, n: u32) -> (Vec<u32>, Duration) {
+    use tokio_stream::StreamExt;
+    let mut c =
+        grok_proto::v1::inference_client::InferenceClient::connect(format!("http://{endpoint}"))
+            .await
+            .unwrap();
+    let mut s = c
+        .generate(grok_proto::v1::GenerateRequest {
+            prompt: Some(grok_proto::v1::generate_request::Prompt::Ids(
+                grok_proto::v1::TokenIds { ids: prompt },
+            )),
+            max_tokens: n,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut ids, mut gap, mut last) = (vec![], Duration::ZERO, None::<Instant>);
+    while let Some(m) = s.next().await {
+        let m = m.unwrap_or_else(|e| panic!("stream failed after {} tokens: {e}", ids.len()));
+        if !m.ids.is_empty() {
+            let now = Instant::now();
+            if let Some(l) = last {
+                gap = gap.max(now - l);
+            }
+            last = Some(now);
+        }
+        ids.extend(m.ids);
+    }
+    (ids, gap)
+}
+
+fn count(log: &Path, what: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+}
+
+async fn wait_detail(addr: &str, what: &str, secs: u64) -> grok_proto::v1::ClusterStatusResponse {
+    let t = Instant::now();
+    loop {
+        let st = status(addr).await;
+        if st.detail.contains(what) {
+            return st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "state `{}` ({}) does not say `{what}` after {secs} s",
+            st.state,
+            st.detail
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL of a rank under 8 streaming requests, every expert held twice: every stream
+/// completes with the tokens it would have had, the replica serves on the 3 others without
+/// reloading any weights, and a worker that registers for the rank again is taken back in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_rank_keeps_serving_and_its_return_is_taken_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let c = ModelConfig::preset("tiny8", None).unwrap();
+    genmodel::generate(&c, GenDType::F32, 5, &model, 1 << 30, |_, _| {}).unwrap();
+    let m = Model::load(&Checkpoint::open(&model).unwrap()).unwrap();
+    let n = 160u32;
+    let ps = prompts(c.vocab_size);
+    let ps: Vec<Vec<u32>> = ps.iter().chain(&ps[..2]).cloned().collect();
+    let opts = GenerateOptions {
+        max_new_tokens: n as usize,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let want: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| generate(&m, p, &opts, |_| {}).unwrap().ids)
+        .collect();
+    let (_coord, addr) = dp_coordinator(&model, 4, 2);
+    let logs: Vec<PathBuf> = (0..4)
+        .map(|r| tmp.path().join(format!("w{r}.log")))
+        .collect();
+    let mut ws: Vec<Option<Child>> = (0..4)
+        .map(|r| Some(dp_worker(&addr, &format!("w{r}"), r, &logs[r])))
+        .collect();
+    wait_detail(&addr, "serving with 4 workers", 60).await;
+    let runs: Vec<_> = ps
+        .iter()
+        .map(|p| tokio::spawn(timed_stream(addr.clone(), p.clone(), n)))
+        .collect();
+    // Kill rank 2 once the streams are under way.
+    let t = Instant::now();
+    while status(&addr).await.generated_tokens < 8 * 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the streams do not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut w2 = ws[2].take().unwrap();
+    w2.kill().unwrap();
+    let _ = w2.wait();
+    let mut longest = Duration::ZERO;
+    for (i, r) in runs.into_iter().enumerate() {
+        let (ids, gap) = r.await.unwrap();
+        assert_eq!(ids, want[i], "stream {i} through the loss of rank 2");
+        longest = longest.max(gap);
+    }
+    eprintln!("longest gap between two tokens of a stream through the loss of a rank: {longest:?}");
+    let st = wait_detail(&addr, "serving with 3 of 4 workers", 30).await;
+    assert_eq!(st.state, "ready", "{}", st.detail);
+    // It serves new requests, and no survivor loaded its weights again.
+    let ids = greedy(&addr, ps[1].clone(), 12).await.unwrap();
+    assert_eq!(ids, want[1][..12]);
+    for r in [0, 1, 3] {
+        assert_eq!(count(&logs[r], "shard loaded"), 1, "rank {r} reloaded");
+        assert!(count(&logs[r], "collectives reconnected") >= 1, "rank {r}");
+    }
+    // A worker registers for rank 2 again: the replica takes it back in.
+    let log2 = tmp.path().join("w2b.log");
+    ws[2] = Some(dp_worker(&addr, "w2b", 2, &log2));
+    wait_detail(&addr, "serving again with 4 workers", 60).await;
+    let ids = greedy(&addr, ps[4].clone(), 12).await.unwrap();
+    assert_eq!(ids, want[4][..12]);
+    for r in [0, 1, 3] {
+        assert_eq!(count(&logs[r], "shard loaded"), 1, "rank {r} reloaded");
+    }
+    for w in ws.iter_mut().flatten() {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
+/// With one copy of each expert the loss of a rank loses experts: the replica says which and
+/// does not serve (never wrong results), until the rank is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_only_copy_of_an_expert_stops_the_replica_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let c = ModelConfig::preset("tiny8", None).unwrap();
+    genmodel::generate(&c, GenDType::Bf16, 5, &model, 1 << 30, |_, _| {}).unwrap();
+    let (_coord, addr) = dp_coordinator(&model, 2, 1);
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|r| tmp.path().join(format!("w{r}.log")))
+        .collect();
+    let _w0 = Proc(dp_worker(&addr, "w0", 0, &logs[0]));
+    let mut w1 = dp_worker(&addr, "w1", 1, &logs[1]);
+    wait_detail(&addr, "serving with 2 workers", 60).await;
+    let want = greedy(&addr, vec![3, 4, 5], 6).await.unwrap();
+    w1.kill().unwrap();
+    let _ = w1.wait();
+    let st = wait_detail(&addr, "has no copy left", 30).await;
+    assert_eq!(st.state, "recovering", "{}", st.detail);
+    let e = greedy(&addr, vec![3, 4, 5], 6).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    let _w1 = Proc(dp_worker(&addr, "w1b", 1, &tmp.path().join("w1b.log")));
+    wait_detail(&addr, "serving again with 2 workers", 60).await;
+    assert_eq!(greedy(&addr, vec![3, 4, 5], 6).await.unwrap(), want);
 }

@@ -1524,6 +1524,7 @@ mod worker {
             block_size,
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
+            live_ranks: Vec::new(),
         };
         Engine::load(spec, w, t, |_, _, _| {}).unwrap().0
     }
@@ -1771,7 +1772,13 @@ mod worker {
         let world = layout.world_size();
         let n = r.world_peers.len().min(4);
         // Never a full set of peers for a world of several ranks (nothing would answer).
-        let n = if world > 1 && n == world { n - 1 } else { n };
+        // (The group is the live ranks when they are given.)
+        let group = if r.live_ranks.is_empty() {
+            world
+        } else {
+            r.live_ranks.len()
+        };
+        let n = if group > 1 && n == group { n - 1 } else { n };
         let world_peers: Vec<SocketAddr> = vec![addr(&w); n];
         let tp_peers: Vec<SocketAddr> = vec![addr(&t); r.tp_peers.len().min(4)];
         let dir = dirs
@@ -1789,6 +1796,7 @@ mod worker {
             block_size: r.block_size.max(1) as usize,
             comm_timeout: Duration::from_millis(300),
             cuda_device: None,
+            live_ranks: r.live_ranks.iter().map(|&x| x as usize).collect(),
         };
         match Engine::load(spec, w, t, |_, _, _| {}) {
             Ok(_) => Ok(()),

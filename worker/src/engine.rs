@@ -242,6 +242,48 @@ pub struct LoadSpec<'a> {
     pub comm_timeout: Duration,
     /// CUDA device ordinal (None: CPU).
     pub cuda_device: Option<usize>,
+    /// Data-parallel attention after the loss of ranks: the ranks that serve (empty: all).
+    pub live_ranks: Vec<usize>,
+}
+
+/// This rank's data-parallel attention group: its index among the ranks that serve, and
+/// their count (every rank of the replica when `live` is empty).
+fn dp_group(layout: &Layout, rank: usize, live: &[usize]) -> Result<(usize, usize), EngineError> {
+    if live.is_empty() {
+        return Ok((rank, layout.world_size()));
+    }
+    if !layout.dp_attention {
+        return Err(EngineError::Invalid(
+            "live ranks are for data-parallel attention only".into(),
+        ));
+    }
+    let mut sorted = live.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != live.len() || sorted.iter().any(|&r| r >= layout.world_size()) {
+        return Err(EngineError::Invalid(format!(
+            "live ranks {live:?} are not distinct ranks of the {} of the replica",
+            layout.world_size()
+        )));
+    }
+    let me = live.iter().position(|&r| r == rank).ok_or_else(|| {
+        EngineError::Invalid(format!("rank {rank} is not among the live ranks {live:?}"))
+    })?;
+    Ok((me, live.len()))
+}
+
+/// The experts' ranks in a data-parallel attention group of the `live` ranks (all: empty).
+fn dispatch_of(
+    layout: &Layout,
+    c: &grok_shared::config::ModelConfig,
+    live: &[usize],
+) -> Result<grok_shared::model::ExpertDispatch, EngineError> {
+    let all: Vec<usize> = (0..layout.world_size()).collect();
+    let live = if live.is_empty() { &all[..] } else { live };
+    let ranks = layout
+        .live_expert_ranks(c, live)
+        .map_err(EngineError::Invalid)?;
+    Ok(grok_shared::model::ExpertDispatch { ranks })
 }
 
 impl Engine {
@@ -271,22 +313,33 @@ impl Engine {
         layout
             .validate(&ck.config)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        if spec.world_peers.len() != layout.world_size() || spec.rank >= layout.world_size() {
+        let (group_rank, group) = dp_group(&layout, spec.rank, &spec.live_ranks)?;
+        if spec.world_peers.len() != group || spec.rank >= layout.world_size() {
             return Err(EngineError::Invalid(format!(
                 "rank {} with {} peers does not match the layout's {} ranks",
                 spec.rank,
                 spec.world_peers.len(),
-                layout.world_size()
+                group
             )));
         }
         let place = layout.place(spec.rank);
-        if spec.tp_peers.len() != layout.tp {
+        let tp_group = if layout.dp_attention {
+            group
+        } else {
+            layout.tp
+        };
+        if spec.tp_peers.len() != tp_group {
             return Err(EngineError::Invalid(format!(
                 "{} tensor-parallel peers for tp={}",
                 spec.tp_peers.len(),
-                layout.tp
+                tp_group
             )));
         }
+        let tp_rank = if layout.dp_attention {
+            group_rank
+        } else {
+            place.tp_rank
+        };
         progress(
             "connecting",
             0.0,
@@ -296,8 +349,8 @@ impl Engine {
             timeout: spec.comm_timeout,
             connect_timeout: spec.comm_timeout,
         };
-        let world = TcpComm::connect(spec.rank, &spec.world_peers, world_listener, cfg())?;
-        let tp = TcpComm::connect(place.tp_rank, &spec.tp_peers, tp_listener, cfg())?;
+        let world = TcpComm::connect(group_rank, &spec.world_peers, world_listener, cfg())?;
+        let tp = TcpComm::connect(tp_rank, &spec.tp_peers, tp_listener, cfg())?;
         let shard = layout.shard(&ck.config, spec.rank);
         progress("loading", 0.0, format!("layers {:?}", shard.layers));
         let mut model = Model::load_shard_with_progress(&ck, &shard, |done, total| {
@@ -308,9 +361,7 @@ impl Engine {
             );
         })?;
         if layout.dp_attention {
-            model.dispatch = Some(grok_shared::model::ExpertDispatch {
-                ranks: layout.expert_ranks(&ck.config),
-            });
+            model.dispatch = Some(dispatch_of(&layout, &ck.config, &spec.live_ranks)?);
         }
         #[cfg(feature = "cuda")]
         let cuda = match spec.cuda_device {
@@ -402,29 +453,51 @@ impl Engine {
 
     /// Rebuilds the collectives with a new set of peers (a lost rank was replaced) and forgets
     /// every sequence: the coordinator starts its requests again. The weights stay.
+    ///
+    /// With data-parallel attention, `live_ranks` (not empty) are the ranks that serve after
+    /// the loss of others: the group shrinks to them and each expert's rows go to its live
+    /// copies; when the lost ranks return, a reconnect with every rank restores the group.
     pub fn reconnect(
         &mut self,
         world_peers: &[SocketAddr],
         tp_peers: &[SocketAddr],
+        live_ranks: &[usize],
         world_listener: TcpListener,
         tp_listener: TcpListener,
         comm_timeout: Duration,
     ) -> Result<(), EngineError> {
-        if world_peers.len() != self.layout.world_size() || tp_peers.len() != self.layout.tp {
+        let (group_rank, group) = dp_group(&self.layout, self.place.rank, live_ranks)?;
+        let tp_group = if self.layout.dp_attention {
+            group
+        } else {
+            self.layout.tp
+        };
+        if world_peers.len() != group || tp_peers.len() != tp_group {
             return Err(EngineError::Invalid(format!(
                 "{} peers and {} tensor-parallel peers do not match the layout's {} ranks, tp={}",
                 world_peers.len(),
                 tp_peers.len(),
-                self.layout.world_size(),
-                self.layout.tp
+                group,
+                tp_group
             )));
         }
+        let dispatch = if self.layout.dp_attention {
+            Some(dispatch_of(&self.layout, &self.model.config, live_ranks)?)
+        } else {
+            None
+        };
+        let tp_rank = if self.layout.dp_attention {
+            group_rank
+        } else {
+            self.place.tp_rank
+        };
         let cfg = || TcpConfig {
             timeout: comm_timeout,
             connect_timeout: comm_timeout,
         };
-        self.world = TcpComm::connect(self.place.rank, world_peers, world_listener, cfg())?;
-        self.tp = TcpComm::connect(self.place.tp_rank, tp_peers, tp_listener, cfg())?;
+        self.world = TcpComm::connect(group_rank, world_peers, world_listener, cfg())?;
+        self.tp = TcpComm::connect(tp_rank, tp_peers, tp_listener, cfg())?;
+        self.model.dispatch = dispatch;
         self.seqs.clear();
         #[cfg(feature = "cuda")]
         if let Some(c) = &mut self.cuda {
@@ -815,6 +888,7 @@ mod tests {
             block_size: 4,
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
+            live_ranks: Vec::new(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {}).unwrap().0;
         (dir, e)
@@ -950,6 +1024,7 @@ mod tests {
             block_size: u32::MAX as usize,
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
+            live_ranks: Vec::new(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {})
             .err()

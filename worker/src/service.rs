@@ -78,6 +78,7 @@ impl pb::worker_server::Worker for Svc {
             .ok_or_else(|| Status::invalid_argument("layout missing"))?;
         let layout = grok_proto::convert::layout_of(&layout);
         let world_peers = parse_addrs(&r.world_peers)?;
+        let live_ranks: Vec<usize> = r.live_ranks.iter().map(|&x| x as usize).collect();
         let tp_peers = parse_addrs(&r.tp_peers)?;
         // NCCL ids come only to GPU workers, and must be whole.
         for (group, id) in [("world", &r.world_nccl_id), ("tp", &r.tp_nccl_id)] {
@@ -169,7 +170,14 @@ impl pb::worker_server::Worker for Svc {
                     resident_bytes: engine::resident_bytes(),
                 }));
                 engine.use_tokenizer(r.tokenizer);
-                match engine.reconnect(&world_peers, &tp_peers, world, tp, comm_timeout) {
+                match engine.reconnect(
+                    &world_peers,
+                    &tp_peers,
+                    &live_ranks,
+                    world,
+                    tp,
+                    comm_timeout,
+                ) {
                     Ok(()) => {
                         tracing::info!(rank = engine.rank(), "collectives reconnected");
                         let bytes = engine.weight_bytes();
@@ -209,6 +217,7 @@ impl pb::worker_server::Worker for Svc {
                 block_size: r.block_size.max(1) as usize,
                 comm_timeout,
                 cuda_device,
+                live_ranks,
             };
             let txp = tx.clone();
             let res = Engine::load(spec, world, tp, |stage, fraction, detail| {

@@ -36,24 +36,40 @@ pub fn nccl_ids_of(
 /// `Cluster.workers` are global (`ri * world + rank`); workers are told their rank inside the
 /// replica. A worker that fails is marked `failed` on a first load and `lost` on a reload
 /// (so that a replacement can register for its rank).
-pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, String> {
+///
+/// `live`: with data-parallel attention after the loss of ranks, the ranks (inside the
+/// replica) that serve without the others; only they are loaded (they hold their shards: they
+/// reconnect in a smaller group) and only they get step streams.
+pub async fn load_replica(
+    shared: &Arc<Cluster>,
+    ri: usize,
+    live: Option<&[usize]>,
+) -> Result<Workers, String> {
     let reload = shared.served[ri].load(Ordering::Acquire);
     let l = shared.cfg.layout;
     let world = l.world_size();
     let base = ri * world;
-    let workers: Vec<WorkerEntry> = lock(&shared.workers)[base..base + world]
-        .iter()
-        .map(|w| w.clone().ok_or("a rank of the replica has no worker"))
-        .collect::<Result<_, _>>()?;
+    let members: Vec<usize> = live.map_or_else(|| (0..world).collect(), <[usize]>::to_vec);
+    let workers: Vec<WorkerEntry> = {
+        let ws = lock(&shared.workers);
+        members
+            .iter()
+            .map(|&k| {
+                ws[base + k]
+                    .clone()
+                    .ok_or("a rank of the replica has no worker")
+            })
+            .collect::<Result<_, _>>()?
+    };
     shared.set_replica_state(
         ri,
         ReplicaState::Loading,
-        format!("{world} workers loading their shards"),
+        format!("{} workers loading their shards", members.len()),
     );
     let world_peers: Vec<String> = workers.iter().map(|w| w.world_comm.clone()).collect();
     // GPU replicas of more than one worker: each NCCL group's first rank makes its unique id.
     let devices: Vec<&str> = workers.iter().map(|w| w.device.as_str()).collect();
-    let nccl = if uses_nccl(&devices) && world > 1 {
+    let nccl = if uses_nccl(&devices) && world > 1 && live.is_none() {
         let mut ids = std::collections::HashMap::new();
         for g in grok_shared::collective::bootstrap::groups(&l) {
             let w = &workers[g.root];
@@ -89,15 +105,20 @@ pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, S
         None
     };
     let mut tasks = Vec::new();
-    for (rank, w) in workers.iter().enumerate() {
+    for (&rank, w) in members.iter().zip(&workers) {
         let p = l.place(rank);
         let (world_nccl_id, tp_nccl_id) = nccl
             .as_ref()
             .map(|ids| nccl_ids_of(&l, rank, ids))
             .unwrap_or_default();
-        let tp_peers: Vec<String> = (0..l.tp)
-            .map(|t| workers[p.stage * l.tp + t].tp_comm.clone())
-            .collect();
+        // With data-parallel attention the tensor-parallel group is the whole (live) group.
+        let tp_peers: Vec<String> = if l.dp_attention {
+            workers.iter().map(|w| w.tp_comm.clone()).collect()
+        } else {
+            (0..l.tp)
+                .map(|t| workers[p.stage * l.tp + t].tp_comm.clone())
+                .collect()
+        };
         let req = pb::LoadRequest {
             model_dir: shared.cfg.model_dir.display().to_string(),
             layout: Some(grok_proto::convert::layout_to_pb(
@@ -112,11 +133,17 @@ pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, S
             world_nccl_id,
             tp_nccl_id,
             coordinator_id: shared.instance.clone(),
-            // Only the sampling rank (last stage, tensor rank 0) needs it.
+            // Only the sampling ranks (last stage, tensor rank 0; every rank with
+            // data-parallel attention) need it.
             tokenizer: match &shared.tokenizer_file {
-                Some(t) if p.stage + 1 == l.pp && p.tp_rank == 0 => t.as_ref().clone(),
+                Some(t) if p.stage + 1 == l.pp && (p.tp_rank == 0 || l.dp_attention) => {
+                    t.as_ref().clone()
+                }
                 _ => Vec::new(),
             },
+            live_ranks: live
+                .map(|v| v.iter().map(|&x| x as u32).collect())
+                .unwrap_or_default(),
         };
         let addr = w.address.clone();
         let id = w.id.clone();
@@ -171,7 +198,7 @@ pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, S
     let mut links = Vec::new();
     for (local, mut c) in clients.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(4);
-        let rank = base + local;
+        let rank = base + members[local];
         match c.step(ReceiverStream::new(rx)).await {
             Ok(resp) => links.push(WorkerLink {
                 rank,
@@ -190,8 +217,8 @@ pub async fn load_replica(shared: &Arc<Cluster>, ri: usize) -> Result<Workers, S
             }
         }
     }
-    for r in base..base + world {
-        shared.set_worker(r, |w| w.state = WorkerState::Ready);
+    for &r in &members {
+        shared.set_worker(base + r, |w| w.state = WorkerState::Ready);
     }
     let sampler = base + (l.pp - 1) * l.tp;
     Ok(Workers::new(shared.clone(), links, sampler, l.dp_attention))

@@ -64,10 +64,12 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
     let mut period = REJOIN_PERIOD;
     let mut ended = None;
     loop {
+        // Data-parallel attention: the ranks that serve without the lost ones.
+        let mut live = None;
         if fault.is_some() {
-            rejoin::wait_for_workers(&cluster, ri, period, &mut ended).await;
+            live = rejoin::wait_for_workers(&cluster, ri, period, &mut ended).await;
         }
-        let workers = match load::load_replica(&cluster, ri).await {
+        let workers = match load::load_replica(&cluster, ri, live.as_deref()).await {
             Ok(w) => w,
             Err(e) if fault.is_some() => {
                 tracing::warn!(replica = ri, "rejoining failed: {e}; trying again");
@@ -80,7 +82,7 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
                 break;
             }
         };
-        let replica = Replica::start(cluster.clone(), ri, workers);
+        let replica = Replica::start(cluster.clone(), ri, workers, live);
         if let Some(began) = fault.take() {
             let took = ended
                 .take()
@@ -160,11 +162,25 @@ struct Replica {
     workers: Workers,
     sched: Scheduler<Seq>,
     rx: mpsc::Receiver<Incoming>,
+    /// Serving without lost ranks (data-parallel attention): ends when they are all back.
+    back: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Resolves when the lost ranks of a replica serving without them are back (never when it
+/// serves with every rank).
+async fn ranks_back(back: &mut Option<tokio::task::JoinHandle<()>>) {
+    match back {
+        Some(h) => {
+            let _ = h.await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl Replica {
     /// Opens the replica's queue and starts taking requests: those parked by a fault first.
-    fn start(cluster: Arc<Cluster>, ri: usize, workers: Workers) -> Self {
+    /// `live`: with data-parallel attention, the ranks that serve without the lost others.
+    fn start(cluster: Arc<Cluster>, ri: usize, workers: Workers, live: Option<Vec<usize>>) -> Self {
         let cfg = &cluster.cfg;
         let (handle, rx) = ReplicaHandle::channel(cfg.max_queue);
         let budget = Budget {
@@ -180,10 +196,10 @@ impl Replica {
             .flatten()
             .all(|w| !w.device.starts_with("cuda"));
         // Data-parallel attention: a KV cache per worker, each running its own sequences.
-        let ranks = if cfg.layout.dp_attention {
-            cfg.layout.world_size()
-        } else {
-            1
+        let ranks = match (&live, cfg.layout.dp_attention) {
+            (Some(l), true) => l.len(),
+            (None, true) => cfg.layout.world_size(),
+            _ => 1,
         };
         let mut sched =
             Scheduler::with_ranks(budget, ranks, cfg.kv_blocks, cfg.prefix_caching && cpu);
@@ -199,15 +215,33 @@ impl Replica {
         let reload = cluster.served[ri].swap(true, Ordering::AcqRel);
         lock(&cluster.replicas)[ri] = Some(handle);
         let world = cfg.layout.world_size();
-        cluster.set_replica_state(
-            ri,
-            ReplicaState::Ready,
-            if reload {
-                format!("serving again with {world} workers")
-            } else {
-                format!("serving with {world} workers")
-            },
-        );
+        let lost: Vec<usize> = match &live {
+            Some(l) => (0..world).filter(|r| !l.contains(r)).collect(),
+            None => Vec::new(),
+        };
+        let detail = if !lost.is_empty() {
+            format!(
+                "serving with {} of {world} workers: rank{} {lost:?} lost, their experts served by their other copies; they are taken back when they return",
+                world - lost.len(),
+                if lost.len() > 1 { "s" } else { "" }
+            )
+        } else if reload {
+            format!("serving again with {world} workers")
+        } else {
+            format!("serving with {world} workers")
+        };
+        if !lost.is_empty() {
+            tracing::warn!(replica = ri, ?lost, "serving without lost ranks");
+        }
+        cluster.set_replica_state(ri, ReplicaState::Ready, detail);
+        let back = (!lost.is_empty()).then(|| {
+            tokio::spawn(rejoin::lost_ranks_back(
+                cluster.clone(),
+                ri,
+                lost,
+                Duration::from_millis(500),
+            ))
+        });
         if resumed > 0 {
             tracing::info!(replica = ri, resumed, "requests resume after a fault");
         }
@@ -217,6 +251,7 @@ impl Replica {
             workers,
             sched,
             rx,
+            back,
         }
     }
 
@@ -239,7 +274,11 @@ impl Replica {
                         None => return None,
                     },
                     why = self.workers.lost() => return Some(self.fault(why).await),
+                    _ = ranks_back(&mut self.back) => return Some(self.regroup().await),
                 }
+            }
+            if self.back.as_ref().is_some_and(|h| h.is_finished()) {
+                return Some(self.regroup().await);
             }
             // Take from the bounded queue only what the batch can admit, so that the queue
             // bound is what callers see.
@@ -562,22 +601,45 @@ impl Replica {
     /// retryable UNAVAILABLE. A request running through [`MAX_FAULTS`] faults ends alone with
     /// INTERNAL (it may be their cause). Returns when the fault began.
     async fn fault(self, why: String) -> Instant {
+        self.stop(why, true).await
+    }
+
+    /// The lost ranks of a replica serving without them are back: it stops as after a fault
+    /// (without counting one against its requests) and its supervisor loads it with every
+    /// rank; the requests resume by re-prefilling.
+    async fn regroup(self) -> Instant {
+        self.stop(
+            "its lost ranks are back: it takes them in again".into(),
+            false,
+        )
+        .await
+    }
+
+    async fn stop(self, why: String, is_fault: bool) -> Instant {
         let Replica {
             index: me,
             cluster,
             workers,
             mut sched,
             mut rx,
+            back,
         } = self;
+        if let Some(h) = back {
+            h.abort();
+        }
         let began = Instant::now();
         lock(&cluster.replicas)[me] = None;
         // Its prefix cache goes with the workers' state.
         lock(&cluster.cached_prefixes[me]).clear();
-        cluster
-            .metrics
-            .replica_faults
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(replica = me, "{why}");
+        if is_fault {
+            cluster
+                .metrics
+                .replica_faults
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(replica = me, "{why}");
+        } else {
+            tracing::info!(replica = me, "{why}");
+        }
         cluster.set_replica_state(
             me,
             ReplicaState::Recovering,
@@ -585,8 +647,10 @@ impl Replica {
         );
         drop(workers);
         let (mut moving, waiting) = sched.drain();
-        for s in &mut moving {
-            s.faults += 1;
+        if is_fault {
+            for s in &mut moving {
+                s.faults += 1;
+            }
         }
         moving.extend(waiting);
         rx.close();

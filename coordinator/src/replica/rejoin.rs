@@ -13,6 +13,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Status;
 
+/// Watches the lost ranks of a replica that serves without them (data-parallel attention):
+/// resolves when every one of them is back (it answers as this coordinator's, or a worker
+/// registered anew for its rank). Probes every `period`, or at once on a registration.
+pub async fn lost_ranks_back(shared: Arc<Cluster>, ri: usize, lost: Vec<usize>, period: Duration) {
+    let world = shared.cfg.layout.world_size();
+    let base = ri * world;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shared.rejoin[ri].notified() => {}
+        }
+        let entries: Vec<Option<WorkerEntry>> = {
+            let ws = lock(&shared.workers);
+            lost.iter().map(|&k| ws[base + k].clone()).collect()
+        };
+        let shared = &shared;
+        let probes = futures_util::future::join_all(entries.iter().map(|w| async move {
+            match w {
+                Some(w) => matches!(probe(shared, w).await, Probe::Back),
+                None => false,
+            }
+        }))
+        .await;
+        if probes.iter().all(|&b| b) {
+            return;
+        }
+    }
+}
+
 /// A health probe of a lost worker gives up after this long.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -87,12 +116,17 @@ async fn probe(shared: &Cluster, w: &WorkerEntry) -> Probe {
 /// broke), or a worker registered anew for its rank. It probes every `period`, or at once when
 /// a registration completes the replica. `ended` is the first moment every worker was back
 /// (kept across failed reloads, cleared while any is missing).
+///
+/// With data-parallel attention it returns sooner, with the ranks that are back, when some
+/// are missing but every expert still has a copy among the others: the replica serves on
+/// them (`Some(live)`); `None`: every worker is back. When an expert has no copy left the
+/// replica's status says so and it keeps waiting.
 pub async fn wait_for_workers(
     shared: &Arc<Cluster>,
     ri: usize,
     period: Duration,
     ended: &mut Option<Instant>,
-) {
+) -> Option<Vec<usize>> {
     let l = shared.cfg.layout;
     let (world, base) = (l.world_size(), ri * l.world_size());
     let mut last_detail = String::new();
@@ -110,7 +144,11 @@ pub async fn wait_for_workers(
         }))
         .await;
         let mut missing = Vec::new();
+        let mut live = Vec::new();
         for (k, p) in probes.into_iter().enumerate() {
+            if matches!(p, Probe::Back) {
+                live.push(k);
+            }
             let rank = base + k;
             let id = entries[k].as_ref().map_or("?", |w| w.id.as_str());
             match p {
@@ -131,10 +169,21 @@ pub async fn wait_for_workers(
         }
         if missing.is_empty() {
             ended.get_or_insert_with(Instant::now);
-            return;
+            return None;
+        }
+        let mut detail = format!("waiting for its workers: {}", missing.join("; "));
+        if l.dp_attention && !live.is_empty() {
+            match l.live_expert_ranks(&shared.model, &live) {
+                Ok(_) => {
+                    ended.get_or_insert_with(Instant::now);
+                    return Some(live);
+                }
+                Err(e) => {
+                    detail = format!("{detail}; it cannot serve without them: {e}");
+                }
+            }
         }
         *ended = None;
-        let detail = format!("waiting for its workers: {}", missing.join("; "));
         if detail != last_detail {
             shared.set_replica_state(ri, ReplicaState::Recovering, detail.clone());
             last_detail = detail;

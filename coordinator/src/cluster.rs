@@ -31,6 +31,7 @@ pub struct WorkerEntry {
     pub resident_bytes: u64,
     pub step_seconds: f64,
     pub comm_seconds: f64,
+    pub comm_bytes: u64,
     pub steps: u64,
 }
 
@@ -74,6 +75,10 @@ pub struct Cluster {
     pub parked: Mutex<Vec<Parked>>,
     /// Per replica: the block hashes in its prefix cache, for cache-aware routing.
     pub cached_prefixes: Vec<Mutex<std::collections::HashSet<u64>>>,
+    /// Per replica (data-parallel attention): the ranks holding each expert; empty otherwise.
+    pub placements: Mutex<Vec<grok_shared::sharding::Placement>>,
+    /// Per replica: asks its step loop to stop and load again (a new expert placement).
+    pub regroup: Vec<tokio::sync::Notify>,
 }
 
 impl Cluster {
@@ -156,11 +161,15 @@ impl Cluster {
         let (state, detail) = lock(&self.state).clone();
         let l = self.cfg.layout;
         let workers = lock(&self.workers).clone();
+        let placements = lock(&self.placements).clone();
         let shards = (0..workers.len())
             .map(|r| {
                 let (replica, local) = (r / l.world_size(), r % l.world_size());
                 let p = l.place(local);
-                let s = l.shard(&self.model, local);
+                let s = match placements.get(replica) {
+                    Some(pl) if l.dp_attention => l.shard_placed(&self.model, local, pl),
+                    _ => l.shard(&self.model, local),
+                };
                 let w = workers[r].clone().unwrap_or_default();
                 let experts: Vec<String> = s
                     .experts
@@ -192,6 +201,7 @@ impl Cluster {
                     resident_bytes: w.resident_bytes,
                     step_seconds: w.step_seconds,
                     comm_seconds: w.comm_seconds,
+                    comm_bytes: w.comm_bytes,
                     steps: w.steps,
                     replica: replica as u32,
                 }
@@ -239,6 +249,21 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
     cfg.layout
         .validate(&model)
         .map_err(|e| StartError::Layout(e.to_string()))?;
+    let placement = match (&cfg.expert_placement, cfg.layout.dp_attention) {
+        (Some(_), false) => {
+            return Err(StartError::Layout(
+                "an expert placement needs data-parallel attention (--dp-attention)".into(),
+            ))
+        }
+        (Some(p), true) => {
+            cfg.layout
+                .check_placement(&model, p)
+                .map_err(|e| StartError::Layout(format!("the expert placement: {e}")))?;
+            p.clone()
+        }
+        (None, true) => cfg.layout.expert_ranks(&model),
+        (None, false) => Vec::new(),
+    };
     let tok_path = cfg.tokenizer.clone().or_else(|| {
         let p = cfg.model_dir.join("tokenizer.model");
         p.exists().then_some(p)
@@ -296,6 +321,8 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
         rejoin: (0..replicas).map(|_| tokio::sync::Notify::new()).collect(),
         parked: Mutex::new(Vec::new()),
         cached_prefixes: (0..replicas).map(|_| Mutex::default()).collect(),
+        placements: Mutex::new(vec![placement; replicas]),
+        regroup: (0..replicas).map(|_| tokio::sync::Notify::new()).collect(),
     }))
 }
 

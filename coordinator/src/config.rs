@@ -32,6 +32,9 @@ pub struct CoordinatorConfig {
     pub tls: Option<grok_proto::tls::Tls>,
     /// Reuse the KV blocks of a cached prompt prefix (CPU workers).
     pub prefix_caching: bool,
+    /// Data-parallel attention: the ranks holding each expert, from a placement file (None:
+    /// the layout's `expert_copies` placed round-robin).
+    pub expert_placement: Option<grok_shared::sharding::Placement>,
 }
 
 impl CoordinatorConfig {

@@ -33,6 +33,10 @@ struct Args {
     /// Copies of each expert over the ranks, placed round-robin (with --dp-attention; at most --ep).
     #[arg(long, default_value_t = 1, env = "GROK_EXPERT_COPIES")]
     expert_copies: usize,
+    /// Where each expert is (with --dp-attention): a JSON file listing, per expert, the ranks
+    /// holding a copy, e.g. [[0, 1], [2, 3], [1, 2], [3, 0]]. Replaces --expert-copies.
+    #[arg(long, env = "GROK_EXPERT_PLACEMENT", value_name = "FILE")]
+    expert_placement: Option<PathBuf>,
     /// Model replicas (each tp*pp workers; ranks numbered across replicas). Requests are spread
     /// over the serving replicas; those of a replica that loses a worker move to another.
     #[arg(long, default_value_t = 1, env = "GROK_REPLICAS")]
@@ -125,6 +129,20 @@ fn main() {
             Err(e) => grok_proto::process::exit(2, e),
         },
     };
+    let expert_placement = a.expert_placement.as_ref().map(|p| {
+        let text = std::fs::read_to_string(p).unwrap_or_else(|e| {
+            grok_proto::process::exit(2, format!("--expert-placement {}: {e}", p.display()))
+        });
+        serde_json::from_str::<Vec<Vec<usize>>>(&text).unwrap_or_else(|e| {
+            grok_proto::process::exit(
+                2,
+                format!(
+                    "--expert-placement {}: {e} (expected a list, per expert, of the ranks holding it, e.g. [[0, 1], [1, 0]])",
+                    p.display()
+                ),
+            )
+        })
+    });
     let cfg = CoordinatorConfig {
         model_dir: a.model.clone(),
         layout: Layout {
@@ -152,6 +170,7 @@ fn main() {
         max_batch_tokens: a.max_batch_tokens.max(1),
         fault_hold_ms: a.fault_hold_ms,
         prefix_caching: !a.no_prefix_cache,
+        expert_placement,
         served_model_name: a.served_model_name.unwrap_or_else(|| {
             a.model
                 .file_name()

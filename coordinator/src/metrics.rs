@@ -101,6 +101,8 @@ pub struct Metrics {
     /// Routed tokens per (layer, expert).
     pub expert_tokens: Mutex<Vec<u64>>,
     pub num_experts: usize,
+    /// Token rows each rank's experts computed, per (global rank, expert).
+    pub expert_served: Mutex<std::collections::BTreeMap<(usize, usize), u64>>,
 }
 
 impl Metrics {
@@ -126,6 +128,7 @@ impl Metrics {
             cached_blocks: Mutex::new(BTreeMap::new()),
             expert_tokens: Mutex::new(vec![0; num_layers * num_experts]),
             num_experts,
+            expert_served: Mutex::new(Default::default()),
         }
     }
 
@@ -138,6 +141,16 @@ impl Metrics {
     /// Records replica `r`'s number of cached blocks.
     pub fn set_cached_blocks(&self, r: usize, blocks: u64) {
         grok_shared::sync::lock(&self.cached_blocks).insert(r, blocks);
+    }
+
+    /// Adds the rows rank `rank` (global) computed per expert.
+    pub fn add_expert_served(&self, rank: usize, served: &[u64]) {
+        let mut m = grok_shared::sync::lock(&self.expert_served);
+        for (e, &c) in served.iter().enumerate() {
+            if c > 0 {
+                *m.entry((rank, e)).or_insert(0) += c;
+            }
+        }
     }
 
     pub fn add_expert_counts(&self, first_layer: usize, counts: &[u64]) {
@@ -270,6 +283,16 @@ impl Metrics {
                 "grok_expert_routed_tokens_total{{layer=\"{}\",expert=\"{}\"}} {v}",
                 i / self.num_experts,
                 i % self.num_experts
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP grok_expert_served_tokens_total Token rows each rank's experts computed (over its layers): where expert work ran.\n# TYPE grok_expert_served_tokens_total counter"
+        );
+        for ((rank, e), v) in grok_shared::sync::lock(&self.expert_served).iter() {
+            let _ = writeln!(
+                o,
+                "grok_expert_served_tokens_total{{rank=\"{rank}\",expert=\"{e}\"}} {v}"
             );
         }
         o

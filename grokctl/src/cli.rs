@@ -182,6 +182,25 @@ pub enum Cmd {
         #[arg(long, default_value_t = 600)]
         ready_timeout_s: u64,
     },
+    /// Give the experts that get the most tokens more copies (data-parallel attention replicas)
+    #[command(
+        after_help = "Examples:\n  grokctl rebalance --endpoint 127.0.0.1:50051 --extra-copies 2 --dry-run\n  grokctl rebalance --endpoint 127.0.0.1:50051 --extra-copies 2\n\nThe placement comes from the tokens routed to each expert so far (all layers): each extra copy goes where it lowers the busiest rank's expected expert work the most, and copies stop when none would. Applying it stops the replica briefly: each worker loads only the experts placed on it anew (no restart), and running requests resume by re-prefilling with the outputs they would have had."
+    )]
+    Rebalance {
+        #[arg(long, env = "GROK_ENDPOINT")]
+        endpoint: String,
+        /// The replica to rebalance.
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+        /// Copies to add in all (each costs one expert's weights on one more rank).
+        #[arg(long, default_value_t = 1)]
+        extra_copies: u32,
+        /// Show the placement without applying it.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop admitting requests, let in-flight ones finish, and report when drained.
     #[command(
         after_help = "Examples:\n  grokctl drain --endpoint 127.0.0.1:50051\n  grokctl drain --endpoint 127.0.0.1:50051 --worker worker-3\n  grokctl drain --endpoint 127.0.0.1:50051 --resume"

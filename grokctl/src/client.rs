@@ -405,6 +405,38 @@ pub struct ServeBenchResult {
     pub output_tokens: usize,
     pub ttft: Vec<f64>,
     pub itl: Vec<f64>,
+    /// Steps of the level (the busiest rank's), their mean time on a rank, and the bytes all
+    /// ranks sent through their collectives per step (from the cluster's status).
+    pub steps: u64,
+    pub step_s: f64,
+    pub comm_bytes_per_step: f64,
+}
+
+impl ServeBenchResult {
+    /// Fills the step figures from the cluster's status before and after the level.
+    pub fn steps_from(
+        &mut self,
+        before: &pb::ClusterStatusResponse,
+        after: &pb::ClusterStatusResponse,
+    ) {
+        let d: Vec<(u64, f64, u64)> = after
+            .shards
+            .iter()
+            .filter_map(|x| {
+                let y = before.shards.iter().find(|y| y.rank == x.rank)?;
+                Some((
+                    x.steps.saturating_sub(y.steps),
+                    x.step_seconds - y.step_seconds,
+                    x.comm_bytes.saturating_sub(y.comm_bytes),
+                ))
+            })
+            .collect();
+        self.steps = d.iter().map(|x| x.0).max().unwrap_or(0);
+        let steps: u64 = d.iter().map(|x| x.0).sum();
+        self.step_s = d.iter().map(|x| x.1).sum::<f64>() / steps.max(1) as f64;
+        self.comm_bytes_per_step =
+            d.iter().map(|x| x.2).sum::<u64>() as f64 / self.steps.max(1) as f64;
+    }
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -428,6 +460,9 @@ impl ServeBenchResult {
             "ttft_p99_ms": percentile(&mut self.ttft, 99.0) * 1e3,
             "itl_p50_ms": percentile(&mut self.itl, 50.0) * 1e3,
             "itl_p99_ms": percentile(&mut self.itl, 99.0) * 1e3,
+            "steps": self.steps,
+            "step_ms": self.step_s * 1e3,
+            "collective_bytes_per_step": self.comm_bytes_per_step,
         })
     }
 }
@@ -493,6 +528,9 @@ pub async fn bench_serve_level(
         output_tokens: 0,
         ttft: vec![],
         itl: vec![],
+        steps: 0,
+        step_s: 0.0,
+        comm_bytes_per_step: 0.0,
     };
     for t in tasks {
         let (ttft, itl, n) = t.await.context("benchmark task")??;
@@ -529,7 +567,7 @@ pub async fn bench_serve(
     let vocab = cfg["vocab_size"].as_u64().unwrap_or(256) as u32;
     if !json {
         println!(
-            "{:>11} {:>9} {:>10} {:>13} {:>10} {:>10} {:>10} {:>10}",
+            "{:>11} {:>9} {:>10} {:>13} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
             "concurrency",
             "requests",
             "req/s",
@@ -537,16 +575,21 @@ pub async fn bench_serve(
             "TTFT p50",
             "TTFT p99",
             "ITL p50",
-            "ITL p99"
+            "ITL p99",
+            "step",
+            "comm B/step"
         );
     }
     let mut all = Vec::new();
     for &c in levels {
+        let before = fetch_status(endpoint).await?;
         let mut r = bench_serve_level(endpoint, c, requests, prompt_len, gen_len, vocab).await?;
+        let after = fetch_status(endpoint).await?;
+        r.steps_from(&before, &after);
         let j = r.json();
         if !json {
             println!(
-                "{:>11} {:>9} {:>10.2} {:>13.1} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms",
+                "{:>11} {:>9} {:>10.2} {:>13.1} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>12.0}",
                 c,
                 requests,
                 j["request_throughput_per_s"].as_f64().unwrap_or(0.0),
@@ -554,7 +597,9 @@ pub async fn bench_serve(
                 j["ttft_p50_ms"].as_f64().unwrap_or(0.0),
                 j["ttft_p99_ms"].as_f64().unwrap_or(0.0),
                 j["itl_p50_ms"].as_f64().unwrap_or(0.0),
-                j["itl_p99_ms"].as_f64().unwrap_or(0.0)
+                j["itl_p99_ms"].as_f64().unwrap_or(0.0),
+                r.step_s * 1e3,
+                r.comm_bytes_per_step
             );
         }
         all.push(j);
@@ -564,6 +609,54 @@ pub async fn bench_serve(
             "{}",
             serde_json::json!({"endpoint": endpoint, "prompt_len": prompt_len, "gen_len": gen_len, "levels": all})
         );
+    }
+    Ok(())
+}
+
+/// `grokctl rebalance`: more copies for the busiest experts; prints the placement.
+pub async fn rebalance(endpoint: &str, ask: pb::RebalanceRequest, json: bool) -> Result<()> {
+    let mut c = grok_proto::limited!(pb::admin_client::AdminClient::new(channel(endpoint).await?));
+    let r = c
+        .rebalance(crate::auth::request(ask))
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let ranks =
+        |p: &[pb::ExpertRanks]| -> Vec<Vec<u32>> { p.iter().map(|x| x.ranks.clone()).collect() };
+    let (before, after) = (ranks(&r.before), ranks(&r.after));
+    let applied = !ask.dry_run && before != after;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"replica": ask.replica, "routed": r.routed, "before": before, "after": after,
+                "max_rank_share_before": r.max_rank_share_before, "max_rank_share_after": r.max_rank_share_after,
+                "applied": applied})
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>6} {:>10}  {:<16} {:<16}",
+        "expert", "routed", "ranks before", "ranks after"
+    );
+    for (e, (b, a)) in before.iter().zip(&after).enumerate() {
+        println!(
+            "{e:>6} {:>10}  {:<16} {:<16}",
+            r.routed.get(e).copied().unwrap_or(0),
+            format!("{b:?}"),
+            format!("{a:?}")
+        );
+    }
+    println!(
+        "busiest rank's expected share of the expert work: {:.1}% -> {:.1}%",
+        r.max_rank_share_before * 100.0,
+        r.max_rank_share_after * 100.0
+    );
+    if before == after {
+        println!("no copy would lower the busiest rank's load: the placement is unchanged");
+    } else if ask.dry_run {
+        println!("dry run: nothing applied");
+    } else {
+        println!("applied: the replica loads the new copies and serves again");
     }
     Ok(())
 }

@@ -220,6 +220,20 @@ fn run(cli: Cli) -> Result<()> {
             days,
             force,
         }),
+        Cmd::Rebalance {
+            endpoint,
+            replica,
+            extra_copies,
+            dry_run,
+            json,
+        } => {
+            cluster_tls(&tls_flags, &no_file, false)?;
+            rt()?.block_on(client::rebalance(
+                &endpoint,
+                pb_rebalance(replica, extra_copies, dry_run),
+                json,
+            ))
+        }
         Cmd::Drain {
             endpoint,
             worker,
@@ -480,5 +494,17 @@ fn generate(
             }))
         }
         _ => anyhow::bail!("give exactly one of --model or --endpoint"),
+    }
+}
+
+fn pb_rebalance(
+    replica: u32,
+    extra_copies: u32,
+    dry_run: bool,
+) -> grok_proto::v1::RebalanceRequest {
+    grok_proto::v1::RebalanceRequest {
+        replica,
+        extra_copies,
+        dry_run,
     }
 }

@@ -29,6 +29,22 @@ pub fn constraint_of(g: &Grammar) -> pb::Constraint {
     }
 }
 
+/// A placement of the experts on the wire.
+pub fn placement_to_pb(p: &[Vec<usize>]) -> Vec<pb::ExpertRanks> {
+    p.iter()
+        .map(|r| pb::ExpertRanks {
+            ranks: r.iter().map(|&x| x as u32).collect(),
+        })
+        .collect()
+}
+
+/// A placement of the experts from the wire.
+pub fn placement_of(p: &[pb::ExpertRanks]) -> Vec<Vec<usize>> {
+    p.iter()
+        .map(|r| r.ranks.iter().map(|&x| x as usize).collect())
+        .collect()
+}
+
 /// A layout on the wire.
 pub fn layout_to_pb(l: &grok_shared::sharding::Layout) -> pb::Layout {
     pb::Layout {

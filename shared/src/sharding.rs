@@ -166,32 +166,53 @@ impl Layout {
         None
     }
 
-    /// The experts' ranks inside a group of the live ranks only (data-parallel attention
-    /// after the loss of ranks): `live` lists the replica's ranks that serve, in group order,
-    /// and expert `e` goes to the group indices of its copies among them. An error names the
-    /// first expert with no live copy.
-    pub fn live_expert_ranks(
-        &self,
-        c: &ModelConfig,
-        live: &[usize],
-    ) -> Result<Vec<Vec<usize>>, String> {
-        self.expert_ranks(c)
-            .into_iter()
-            .enumerate()
-            .map(|(e, copies)| {
-                let v: Vec<usize> = copies
-                    .iter()
-                    .filter_map(|r| live.iter().position(|x| x == r))
-                    .collect();
-                if v.is_empty() {
-                    Err(format!(
-                        "expert {e} has no copy left: its ranks {copies:?} are all lost"
-                    ))
-                } else {
-                    Ok(v)
-                }
-            })
-            .collect()
+    /// Checks a placement of the experts on the ep ranks (data-parallel attention): one
+    /// entry per expert, each naming at least one rank and no rank twice, every rank inside
+    /// the group and holding at least one expert. The error names the broken rule.
+    pub fn check_placement(&self, c: &ModelConfig, p: &[Vec<usize>]) -> Result<(), String> {
+        let ep = self.ep;
+        if p.len() != c.num_experts {
+            return Err(format!(
+                "the placement names {} experts; the model has {}",
+                p.len(),
+                c.num_experts
+            ));
+        }
+        for (e, ranks) in p.iter().enumerate() {
+            if ranks.is_empty() {
+                return Err(format!("expert {e} has no copy"));
+            }
+            if let Some(r) = ranks.iter().find(|&&r| r >= ep) {
+                return Err(format!(
+                    "expert {e} is placed on rank {r}, outside the {ep} ep ranks"
+                ));
+            }
+            let mut d = ranks.clone();
+            d.sort_unstable();
+            d.dedup();
+            if d.len() != ranks.len() {
+                return Err(format!(
+                    "expert {e} is placed twice on one rank ({ranks:?}): copies sit on distinct ranks"
+                ));
+            }
+        }
+        if let Some(r) = (0..ep).find(|r| !p.iter().any(|x| x.contains(r))) {
+            return Err(format!(
+                "rank {r} of the {ep} ranks holds no expert ({} experts, {} copies in all)",
+                c.num_experts,
+                p.iter().map(Vec::len).sum::<usize>()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The shard of `rank` under an explicit placement of the experts (data-parallel
+    /// attention): every head, and whole copies of the experts placed on it.
+    pub fn shard_placed(&self, c: &ModelConfig, rank: usize, p: &[Vec<usize>]) -> ShardSpec {
+        let mut s = ShardSpec::full(c);
+        s.experts
+            .retain(|(e, _)| p.get(*e).is_some_and(|r| r.contains(&rank)));
+        s
     }
 
     fn dp_rule(&self, c: &ModelConfig) -> Option<String> {
@@ -226,7 +247,36 @@ impl Layout {
         }
         None
     }
+}
 
+/// Where the experts are (data-parallel attention): `placement[e]` lists the ranks holding a
+/// copy of expert `e`.
+pub type Placement = Vec<Vec<usize>>;
+
+/// The placement inside a group of the live ranks only (data-parallel attention after the
+/// loss of ranks): `live` lists the replica's ranks that serve, in group order, and expert `e`
+/// goes to the group indices of its copies among them. An error names the first expert with
+/// no live copy.
+pub fn live_placement(p: &[Vec<usize>], live: &[usize]) -> Result<Placement, String> {
+    p.iter()
+        .enumerate()
+        .map(|(e, copies)| {
+            let v: Vec<usize> = copies
+                .iter()
+                .filter_map(|r| live.iter().position(|x| x == r))
+                .collect();
+            if v.is_empty() {
+                Err(format!(
+                    "expert {e} has no copy left: its ranks {copies:?} are all lost"
+                ))
+            } else {
+                Ok(v)
+            }
+        })
+        .collect()
+}
+
+impl Layout {
     /// All valid layouts with `workers` ranks per replica (none past [`MAX_SUGGESTED_WORKERS`]:
     /// the search is quadratic, and a layout read from a request must not stall its check).
     pub fn candidates(c: &ModelConfig, workers: usize) -> Vec<Layout> {
@@ -277,11 +327,7 @@ impl Layout {
     pub fn shard(&self, c: &ModelConfig, rank: usize) -> ShardSpec {
         let p = self.place(rank);
         if self.dp_attention {
-            let mut s = ShardSpec::full(c);
-            let ranks = self.expert_ranks(c);
-            s.experts
-                .retain(|(e, _)| ranks.get(*e).is_some_and(|r| r.contains(&rank)));
-            return s;
+            return self.shard_placed(c, rank, &self.expert_ranks(c));
         }
         let (tp, ep) = (self.tp, self.ep);
         let qh = c.num_q_heads / tp;

@@ -9,7 +9,7 @@ use grok_shared::formats::checkpoint::Checkpoint;
 use grok_shared::formats::genmodel::{self, GenDType};
 use grok_shared::generate::{generate, GenerateOptions};
 use grok_shared::model::Model;
-use grok_tests::cluster::{bin, greedy, json_ids, lines_of, status, up, wait_line, Proc};
+use grok_tests::cluster::{bin, greedy, http_get, json_ids, lines_of, status, up, wait_line, Proc};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ async fn dp_attention_matches_the_single_process_run() {
         .iter()
         .map(|p| generate(&m, p, &opts, |_| {}).unwrap())
         .collect();
-    for (ep, k) in [(2, 1), (2, 2), (4, 1), (4, 2), (8, 2)] {
+    for (ep, k) in [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)] {
         let what = format!("dp-attention ep {ep} copies {k}");
         let cl = up(
             &model,
@@ -55,6 +55,8 @@ async fn dp_attention_matches_the_single_process_run() {
                 &k.to_string(),
                 "--kv-blocks",
                 "32",
+                "--http-listen",
+                "127.0.0.1:0",
             ],
         );
         let st = status(&cl.endpoint).await;
@@ -102,6 +104,49 @@ async fn dp_attention_matches_the_single_process_run() {
         for (i, r) in runs.into_iter().enumerate() {
             let got = r.await.unwrap().unwrap();
             assert_eq!(got, want[i].ids, "{what}: prompt {i} run with the others");
+        }
+        // Every routed token's expert work ran exactly once, on ranks holding the expert, and
+        // every rank did some.
+        let body = http_get(cl.http.as_deref().unwrap(), "/metrics");
+        let series = |name: &str| -> Vec<(String, f64)> {
+            body.lines()
+                .filter(|l| l.starts_with(name))
+                .map(|l| {
+                    let (k, v) = l.rsplit_once(' ').unwrap();
+                    (k.to_string(), v.parse().unwrap())
+                })
+                .collect()
+        };
+        let routed: f64 = series("grok_expert_routed_tokens_total{")
+            .iter()
+            .map(|x| x.1)
+            .sum();
+        let served = series("grok_expert_served_tokens_total{");
+        let total: f64 = served.iter().map(|x| x.1).sum();
+        assert!(
+            routed > 0.0 && total == routed,
+            "{what}: routed {routed}, served {total}"
+        );
+        let layout = grok_shared::sharding::Layout::dp_attention(ep as usize, k as usize);
+        let held = layout.expert_ranks(&c);
+        for r in 0..ep as usize {
+            let mine: Vec<&(String, f64)> = served
+                .iter()
+                .filter(|x| x.0.contains(&format!("rank=\"{r}\"")))
+                .collect();
+            assert!(!mine.is_empty(), "{what}: rank {r} served nothing");
+            for (k, _) in mine {
+                let e: usize = k
+                    .split("expert=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(held[e].contains(&r), "{what}: rank {r} served expert {e}");
+            }
         }
     }
 }
@@ -344,4 +389,174 @@ async fn losing_the_only_copy_of_an_expert_stops_the_replica_and_says_why() {
     let _w1 = Proc(dp_worker(&addr, "w1b", 1, &tmp.path().join("w1b.log")));
     wait_detail(&addr, "serving again with 2 workers", 60).await;
     assert_eq!(greedy(&addr, vec![3, 4, 5], 6).await.unwrap(), want);
+}
+
+/// Rebalancing a serving replica: after some load, `grokctl rebalance` gives the busiest
+/// experts more copies; the workers load only those (none loads its shard again, no restart)
+/// and the replica serves on with the outputs of one process. A placement file is used as
+/// given, and a bad one is refused with its rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalancing_loads_only_the_new_copies_and_placement_files_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let c = ModelConfig::preset("tiny8", None).unwrap();
+    genmodel::generate(&c, GenDType::Bf16, 8, &model, 1 << 30, |_, _| {}).unwrap();
+    let m = Model::load(&Checkpoint::open(&model).unwrap()).unwrap();
+    let ps = prompts(c.vocab_size);
+    let opts = GenerateOptions {
+        max_new_tokens: 10,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let want: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| generate(&m, p, &opts, |_| {}).unwrap().ids)
+        .collect();
+    // Experts 0-5 on rank 0, 5-7 on rank 1: rank 0 does most of the expert work.
+    let placement = tmp.path().join("placement.json");
+    std::fs::write(&placement, "[[0], [0], [0], [0], [0], [1, 0], [1], [1]]").unwrap();
+    let mut coord = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--dp-attention", "--ep", "2", "--expert-placement"])
+        .arg(&placement)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut coord);
+    let addr = wait_line(&rx, "listening on ", 30);
+    let _coord = Proc(coord);
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|r| tmp.path().join(format!("w{r}.log")))
+        .collect();
+    let _ws: Vec<Proc> = (0..2)
+        .map(|r| Proc(dp_worker(&addr, &format!("w{r}"), r, &logs[r])))
+        .collect();
+    wait_detail(&addr, "serving with 2 workers", 60).await;
+    let st = status(&addr).await;
+    assert_eq!(st.shards[0].experts, "0,1,2,3,4,5", "{:?}", st.shards);
+    assert_eq!(st.shards[1].experts, "5,6,7");
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(
+            greedy(&addr, p.clone(), 10).await.unwrap(),
+            want[i],
+            "prompt {i}"
+        );
+    }
+    // A dry run changes nothing; then two more copies are applied.
+    let dry = bin("grokctl")
+        .args([
+            "rebalance",
+            "--endpoint",
+            &addr,
+            "--extra-copies",
+            "2",
+            "--dry-run",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(d["applied"], false);
+    let added: usize = d["after"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_array().unwrap().len())
+        .sum();
+    assert!(added > 9 && added <= 11, "{d}");
+    assert!(
+        d["max_rank_share_after"].as_f64() < d["max_rank_share_before"].as_f64(),
+        "{d}"
+    );
+    assert_eq!(status(&addr).await.shards[0].experts, "0,1,2,3,4,5");
+    let out = bin("grokctl")
+        .args([
+            "rebalance",
+            "--endpoint",
+            &addr,
+            "--extra-copies",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(a["applied"], true);
+    assert_eq!(a["after"], d["after"]);
+    wait_detail(&addr, "serving again with 2 workers", 60).await;
+    let st = status(&addr).await;
+    let after: Vec<Vec<u64>> = serde_json::from_value(a["after"].clone()).unwrap();
+    for (r, s) in st.shards.iter().enumerate() {
+        let mine: Vec<String> = (0..8)
+            .filter(|&e| after[e].contains(&(r as u64)))
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(s.experts, mine.join(","), "rank {r}");
+    }
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(
+            greedy(&addr, p.clone(), 10).await.unwrap(),
+            want[i],
+            "prompt {i} after"
+        );
+    }
+    for log in &logs {
+        assert_eq!(count(log, "shard loaded"), 1, "{}", log.display());
+    }
+    assert!(
+        logs.iter().any(|l| count(l, "new experts loaded") == 1),
+        "no worker loaded a new expert"
+    );
+    // Placement files that break a rule.
+    for (text, rule) in [
+        (
+            "[[0], [0], [0, 1], [0], [1], [], [1], [1]]",
+            "expert 5 has no copy",
+        ),
+        (
+            "[[0], [0], [0, 2], [0], [1], [1], [1], [1]]",
+            "outside the 2 ep ranks",
+        ),
+        (
+            "[[0], [0], [0], [0], [0], [0], [0], [0]]",
+            "rank 1 of the 2 ranks holds no expert",
+        ),
+        ("[[0], [1]]", "names 2 experts; the model has 8"),
+        (
+            "[[0, 0], [0], [0, 1], [0], [1], [1], [1], [1]]",
+            "placed twice on one rank",
+        ),
+        ("not json", "expected a list"),
+    ] {
+        std::fs::write(&placement, text).unwrap();
+        let out = bin("grok-coordinator")
+            .args([
+                "--model",
+                model.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--dp-attention", "--ep", "2", "--expert-placement"])
+            .arg(&placement)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(rule), "{text}: {err}");
+    }
 }

@@ -1426,6 +1426,7 @@ fn fuzz_http_json_bodies() {
         max_batch_tokens: 256,
         fault_hold_ms: 0,
         prefix_caching: true,
+        expert_placement: None,
         served_model_name: "grok-1".into(),
         http_listen: None,
         api_token: None,
@@ -1525,6 +1526,7 @@ mod worker {
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
             live_ranks: Vec::new(),
+            placement: Vec::new(),
         };
         Engine::load(spec, w, t, |_, _, _| {}).unwrap().0
     }
@@ -1797,6 +1799,7 @@ mod worker {
             comm_timeout: Duration::from_millis(300),
             cuda_device: None,
             live_ranks: r.live_ranks.iter().map(|&x| x as usize).collect(),
+            placement: grok_proto::convert::placement_of(&r.placement),
         };
         match Engine::load(spec, w, t, |_, _, _| {}) {
             Ok(_) => Ok(()),

@@ -12,7 +12,7 @@ use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
 use grok_shared::sampling::{
     logprob_of, sample, top_logprobs, Penalties, Rng, SamplingParams, SeenTokens,
 };
-use grok_shared::sharding::{Layout, RankPlace};
+use grok_shared::sharding::{live_placement, Layout, Placement, RankPlace};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -73,6 +73,8 @@ pub struct Engine {
     seqs: HashMap<u64, SeqState>,
     /// Structured output's vocabulary (the sampling rank, given the coordinator's tokenizer).
     grammars: Option<Grammars>,
+    /// Data-parallel attention: the ranks holding each expert (empty otherwise).
+    placement: Placement,
     /// What was loaded: a later `Load` asking for the same shard only reconnects.
     loaded: LoadedShard,
     #[cfg(feature = "cuda")]
@@ -244,6 +246,34 @@ pub struct LoadSpec<'a> {
     pub cuda_device: Option<usize>,
     /// Data-parallel attention after the loss of ranks: the ranks that serve (empty: all).
     pub live_ranks: Vec<usize>,
+    /// Data-parallel attention: the ranks holding each expert (empty: the layout's
+    /// round-robin placement of its copies).
+    pub placement: Placement,
+}
+
+/// The placement a load asks for, checked: the given one, or the layout's round-robin one.
+fn placement_for(
+    layout: &Layout,
+    c: &grok_shared::config::ModelConfig,
+    given: &[Vec<usize>],
+) -> Result<Placement, EngineError> {
+    if !layout.dp_attention {
+        if !given.is_empty() {
+            return Err(EngineError::Invalid(
+                "an expert placement is for data-parallel attention only".into(),
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    let p = if given.is_empty() {
+        layout.expert_ranks(c)
+    } else {
+        given.to_vec()
+    };
+    layout
+        .check_placement(c, &p)
+        .map_err(|e| EngineError::Invalid(format!("expert placement: {e}")))?;
+    Ok(p)
 }
 
 /// This rank's data-parallel attention group: its index among the ranks that serve, and
@@ -275,14 +305,12 @@ fn dp_group(layout: &Layout, rank: usize, live: &[usize]) -> Result<(usize, usiz
 /// The experts' ranks in a data-parallel attention group of the `live` ranks (all: empty).
 fn dispatch_of(
     layout: &Layout,
-    c: &grok_shared::config::ModelConfig,
+    placement: &[Vec<usize>],
     live: &[usize],
 ) -> Result<grok_shared::model::ExpertDispatch, EngineError> {
     let all: Vec<usize> = (0..layout.world_size()).collect();
     let live = if live.is_empty() { &all[..] } else { live };
-    let ranks = layout
-        .live_expert_ranks(c, live)
-        .map_err(EngineError::Invalid)?;
+    let ranks = live_placement(placement, live).map_err(EngineError::Invalid)?;
     Ok(grok_shared::model::ExpertDispatch { ranks })
 }
 
@@ -351,7 +379,12 @@ impl Engine {
         };
         let world = TcpComm::connect(group_rank, &spec.world_peers, world_listener, cfg())?;
         let tp = TcpComm::connect(tp_rank, &spec.tp_peers, tp_listener, cfg())?;
-        let shard = layout.shard(&ck.config, spec.rank);
+        let placement = placement_for(&layout, &ck.config, &spec.placement)?;
+        let shard = if layout.dp_attention {
+            layout.shard_placed(&ck.config, spec.rank, &placement)
+        } else {
+            layout.shard(&ck.config, spec.rank)
+        };
         progress("loading", 0.0, format!("layers {:?}", shard.layers));
         let mut model = Model::load_shard_with_progress(&ck, &shard, |done, total| {
             progress(
@@ -361,7 +394,7 @@ impl Engine {
             );
         })?;
         if layout.dp_attention {
-            model.dispatch = Some(dispatch_of(&layout, &ck.config, &spec.live_ranks)?);
+            model.dispatch = Some(dispatch_of(&layout, &placement, &spec.live_ranks)?);
         }
         #[cfg(feature = "cuda")]
         let cuda = match spec.cuda_device {
@@ -413,6 +446,7 @@ impl Engine {
                 tp,
                 seqs: HashMap::new(),
                 grammars: None,
+                placement,
                 loaded: LoadedShard {
                     model_dir: dir.to_path_buf(),
                     layout,
@@ -457,15 +491,25 @@ impl Engine {
     /// With data-parallel attention, `live_ranks` (not empty) are the ranks that serve after
     /// the loss of others: the group shrinks to them and each expert's rows go to its live
     /// copies; when the lost ranks return, a reconnect with every rank restores the group.
+    /// A new `placement` (not empty) makes this rank load the experts placed on it anew and
+    /// drop those it no longer holds (rebalancing); the others stay. Returns the number of
+    /// expert slices loaded per layer.
+    #[allow(clippy::too_many_arguments)]
     pub fn reconnect(
         &mut self,
         world_peers: &[SocketAddr],
         tp_peers: &[SocketAddr],
         live_ranks: &[usize],
+        placement: &[Vec<usize>],
         world_listener: TcpListener,
         tp_listener: TcpListener,
         comm_timeout: Duration,
-    ) -> Result<(), EngineError> {
+    ) -> Result<usize, EngineError> {
+        let placement = if placement.is_empty() && self.layout.dp_attention {
+            self.placement.clone()
+        } else {
+            placement_for(&self.layout, &self.model.config, placement)?
+        };
         let (group_rank, group) = dp_group(&self.layout, self.place.rank, live_ranks)?;
         let tp_group = if self.layout.dp_attention {
             group
@@ -482,10 +526,29 @@ impl Engine {
             )));
         }
         let dispatch = if self.layout.dp_attention {
-            Some(dispatch_of(&self.layout, &self.model.config, live_ranks)?)
+            Some(dispatch_of(&self.layout, &placement, live_ranks)?)
         } else {
             None
         };
+        let mut loaded = 0;
+        if placement != self.placement {
+            let dir = &self.loaded.model_dir;
+            if grok_shared::formats::presharded::is_presharded(dir) {
+                return Err(EngineError::Invalid(format!(
+                    "{} is pre-sharded: its rank files hold the experts of the first placement only; a new placement needs the whole checkpoint",
+                    dir.display()
+                )));
+            }
+            let ck = Checkpoint::open(dir).map_err(|e| EngineError::Model {
+                dir: dir.display().to_string(),
+                why: e.to_string(),
+            })?;
+            let shard = self
+                .layout
+                .shard_placed(&self.model.config, self.place.rank, &placement);
+            loaded = self.model.set_experts(&ck, &shard.experts)?;
+            self.placement = placement;
+        }
         let tp_rank = if self.layout.dp_attention {
             group_rank
         } else {
@@ -503,7 +566,7 @@ impl Engine {
         if let Some(c) = &mut self.cuda {
             c.caches.clear();
         }
-        Ok(())
+        Ok(loaded)
     }
 
     fn is_last_stage(&self) -> bool {
@@ -520,6 +583,7 @@ impl Engine {
     pub fn step(&mut self, plan: pb::StepPlan) -> pb::StepResult {
         let t = Instant::now();
         let c0 = self.world.comm_seconds() + self.tp.comm_seconds();
+        let b0 = self.world.bytes_sent() + self.tp.bytes_sent();
         let mut res = match self.step_inner(&plan) {
             Ok(r) => r,
             Err(e) => pb::StepResult {
@@ -530,6 +594,7 @@ impl Engine {
         res.step_id = plan.step_id;
         res.compute_seconds = t.elapsed().as_secs_f64();
         res.comm_seconds = self.world.comm_seconds() + self.tp.comm_seconds() - c0;
+        res.comm_bytes = (self.world.bytes_sent() + self.tp.bytes_sent()).saturating_sub(b0);
         res
     }
 
@@ -809,6 +874,7 @@ impl Engine {
         // same tokens, so tensor rank 0 reports them (the others only reset their counts);
         // with data-parallel attention each rank routes its own.
         let counts = self.model.take_expert_counts();
+        res.expert_served = self.model.take_expert_served();
         if self.place.tp_rank == 0 || self.layout.dp_attention {
             res.expert_counts = counts;
             res.first_layer = self.model.shard.layers.start as u32;
@@ -889,6 +955,7 @@ mod tests {
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
             live_ranks: Vec::new(),
+            placement: Vec::new(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {}).unwrap().0;
         (dir, e)
@@ -1025,6 +1092,7 @@ mod tests {
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
             live_ranks: Vec::new(),
+            placement: Vec::new(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {})
             .err()

@@ -79,6 +79,7 @@ impl pb::worker_server::Worker for Svc {
         let layout = grok_proto::convert::layout_of(&layout);
         let world_peers = parse_addrs(&r.world_peers)?;
         let live_ranks: Vec<usize> = r.live_ranks.iter().map(|&x| x as usize).collect();
+        let placement = grok_proto::convert::placement_of(&r.placement);
         let tp_peers = parse_addrs(&r.tp_peers)?;
         // NCCL ids come only to GPU workers, and must be whole.
         for (group, id) in [("world", &r.world_nccl_id), ("tp", &r.tp_nccl_id)] {
@@ -174,11 +175,19 @@ impl pb::worker_server::Worker for Svc {
                     &world_peers,
                     &tp_peers,
                     &live_ranks,
+                    &placement,
                     world,
                     tp,
                     comm_timeout,
                 ) {
-                    Ok(()) => {
+                    Ok(loaded) => {
+                        if loaded > 0 {
+                            tracing::info!(
+                                rank = engine.rank(),
+                                experts = loaded,
+                                "new experts loaded for a new placement"
+                            );
+                        }
                         tracing::info!(rank = engine.rank(), "collectives reconnected");
                         let bytes = engine.weight_bytes();
                         *lock(&slot) = Slot::Ready(engine);
@@ -218,6 +227,7 @@ impl pb::worker_server::Worker for Svc {
                 comm_timeout,
                 cuda_device,
                 live_ranks,
+                placement,
             };
             let txp = tx.clone();
             let res = Engine::load(spec, world, tp, |stage, fraction, detail| {

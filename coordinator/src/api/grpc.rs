@@ -51,6 +51,13 @@ impl pb::admin_server::Admin for Svc {
     ) -> Result<Response<pb::DrainResponse>, Status> {
         router::drain(&self.0, &req.into_inner()).map(Response::new)
     }
+
+    async fn rebalance(
+        &self,
+        req: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        crate::replica::placement::rebalance(&self.0, &req.into_inner()).map(Response::new)
+    }
 }
 
 fn to_pb(ev: GenEvent) -> Result<pb::GenerateResponse, Status> {

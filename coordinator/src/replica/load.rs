@@ -67,6 +67,7 @@ pub async fn load_replica(
         format!("{} workers loading their shards", members.len()),
     );
     let world_peers: Vec<String> = workers.iter().map(|w| w.world_comm.clone()).collect();
+    let placement = lock(&shared.placements)[ri].clone();
     // GPU replicas of more than one worker: each NCCL group's first rank makes its unique id.
     let devices: Vec<&str> = workers.iter().map(|w| w.device.as_str()).collect();
     let nccl = if uses_nccl(&devices) && world > 1 && live.is_none() {
@@ -144,6 +145,7 @@ pub async fn load_replica(
             live_ranks: live
                 .map(|v| v.iter().map(|&x| x as u32).collect())
                 .unwrap_or_default(),
+            placement: grok_proto::convert::placement_to_pb(&placement),
         };
         let addr = w.address.clone();
         let id = w.id.clone();

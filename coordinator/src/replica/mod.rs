@@ -20,6 +20,7 @@ pub mod blocks;
 pub mod handle;
 pub mod load;
 pub mod output;
+pub mod placement;
 pub mod rejoin;
 pub mod scheduler;
 pub mod seq;
@@ -275,10 +276,23 @@ impl Replica {
                     },
                     why = self.workers.lost() => return Some(self.fault(why).await),
                     _ = ranks_back(&mut self.back) => return Some(self.regroup().await),
+                    _ = self.cluster.regroup[self.index].notified() => {
+                        return Some(self.replace_experts().await)
+                    }
                 }
             }
             if self.back.as_ref().is_some_and(|h| h.is_finished()) {
                 return Some(self.regroup().await);
+            }
+            {
+                use futures_util::FutureExt;
+                if self.cluster.regroup[self.index]
+                    .notified()
+                    .now_or_never()
+                    .is_some()
+                {
+                    return Some(self.replace_experts().await);
+                }
             }
             // Take from the bounded queue only what the batch can admit, so that the queue
             // bound is what callers see.
@@ -610,6 +624,17 @@ impl Replica {
     async fn regroup(self) -> Instant {
         self.stop(
             "its lost ranks are back: it takes them in again".into(),
+            false,
+        )
+        .await
+    }
+
+    /// A new placement of the experts (rebalancing): it stops as for [`Replica::regroup`] and
+    /// its supervisor loads it again; each worker loads only the experts placed on it anew.
+    async fn replace_experts(self) -> Instant {
+        self.stop(
+            "a new placement of the experts: its workers load the experts placed on them anew"
+                .into(),
             false,
         )
         .await

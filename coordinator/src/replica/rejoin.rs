@@ -173,7 +173,8 @@ pub async fn wait_for_workers(
         }
         let mut detail = format!("waiting for its workers: {}", missing.join("; "));
         if l.dp_attention && !live.is_empty() {
-            match l.live_expert_ranks(&shared.model, &live) {
+            let placement = lock(&shared.placements)[ri].clone();
+            match grok_shared::sharding::live_placement(&placement, &live) {
                 Ok(_) => {
                     ended.get_or_insert_with(Instant::now);
                     return Some(live);

@@ -171,7 +171,13 @@ impl Workers {
                         w.steps += 1;
                         w.step_seconds += r.compute_seconds;
                         w.comm_seconds += r.comm_seconds;
+                        w.comm_bytes += r.comm_bytes;
                     });
+                    if !r.expert_served.is_empty() {
+                        self.cluster
+                            .metrics
+                            .add_expert_served(l.rank, &r.expert_served);
+                    }
                     if !r.expert_counts.is_empty() {
                         self.cluster
                             .metrics

@@ -56,15 +56,7 @@ impl Model {
             };
             let mut experts = Vec::new();
             for (e, f) in &shard.experts {
-                let ex = |p: ExpertProj, out, inp, rows, cols| {
-                    load_linear(ckpt, &names::expert(i, *e, p), false, out, inp, rows, cols)
-                };
-                experts.push(Expert {
-                    index: *e,
-                    linear: ex(ExpertProj::Linear, c.ffn_size, d, f.clone(), 0..d)?,
-                    linear_v: ex(ExpertProj::LinearV, c.ffn_size, d, f.clone(), 0..d)?,
-                    linear_1: ex(ExpertProj::Linear1, d, c.ffn_size, 0..d, f.clone())?,
-                });
+                experts.push(load_expert(ckpt, i, *e, f)?);
             }
             layers.push(Layer {
                 index: i,
@@ -87,9 +79,91 @@ impl Model {
             embed,
             final_norm,
             expert_counts: std::sync::Mutex::new(vec![0; layers.len() * c.num_experts]),
+            expert_served: std::sync::Mutex::new(vec![0; c.num_experts]),
             dispatch: None,
             layers,
         })
+    }
+}
+
+/// One expert slice (`f`: its range of the FFN width) of layer `i`.
+fn load_expert(
+    ckpt: &Checkpoint,
+    i: usize,
+    e: usize,
+    f: &Range<usize>,
+) -> Result<Expert, ModelError> {
+    let c = &ckpt.config;
+    let d = c.emb_size;
+    let ex = |p: ExpertProj, out, inp, rows, cols| {
+        load_linear(ckpt, &names::expert(i, e, p), false, out, inp, rows, cols)
+    };
+    Ok(Expert {
+        index: e,
+        linear: ex(ExpertProj::Linear, c.ffn_size, d, f.clone(), 0..d)?,
+        linear_v: ex(ExpertProj::LinearV, c.ffn_size, d, f.clone(), 0..d)?,
+        linear_1: ex(ExpertProj::Linear1, d, c.ffn_size, 0..d, f.clone())?,
+    })
+}
+
+impl Model {
+    /// Makes this shard hold the expert slices `experts` in each of its layers: those it holds
+    /// already are kept, the others are loaded from `ckpt` (of the same model), and experts no
+    /// longer listed are dropped. Nothing changes when a load fails. Returns the number of
+    /// expert slices loaded per layer.
+    pub fn set_experts(
+        &mut self,
+        ckpt: &Checkpoint,
+        experts: &[(usize, Range<usize>)],
+    ) -> Result<usize, ModelError> {
+        if ckpt.config != self.config {
+            return Err(ModelError::Shard(
+                "the checkpoint is not the model this shard was loaded from".into(),
+            ));
+        }
+        let spec = ShardSpec {
+            experts: experts.to_vec(),
+            ..self.shard.clone()
+        };
+        spec.check(&self.config)?;
+        let held =
+            |e: usize, f: &Range<usize>| self.shard.experts.iter().any(|(x, g)| *x == e && g == f);
+        let was: Vec<bool> = experts.iter().map(|(e, f)| held(*e, f)).collect();
+        let new: Vec<&(usize, Range<usize>)> = experts
+            .iter()
+            .zip(&was)
+            .filter(|(_, w)| !**w)
+            .map(|(x, _)| x)
+            .collect();
+        // Load everything first: a failure leaves the shard as it was.
+        let mut loaded = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut v = Vec::with_capacity(new.len());
+            for (e, f) in &new {
+                v.push(load_expert(ckpt, l.index, *e, f)?);
+            }
+            loaded.push(v);
+        }
+        for (l, mut fresh) in self.layers.iter_mut().zip(loaded) {
+            let mut old = std::mem::take(&mut l.experts);
+            for ((e, f), &w) in experts.iter().zip(&was) {
+                let pos = old
+                    .iter()
+                    .position(|x| x.index == *e && x.linear.out_features == f.len());
+                match pos {
+                    Some(p) if w => l.experts.push(old.swap_remove(p)),
+                    _ => {
+                        let p = fresh
+                            .iter()
+                            .position(|x| x.index == *e)
+                            .expect("loaded above");
+                        l.experts.push(fresh.swap_remove(p));
+                    }
+                }
+            }
+        }
+        self.shard = spec;
+        Ok(new.len())
     }
 }
 

@@ -123,6 +123,9 @@ pub struct Model {
     /// Tokens routed to each expert since the last [`Model::take_expert_counts`],
     /// `[local layer, expert]`.
     pub expert_counts: std::sync::Mutex<Vec<u64>>,
+    /// Token rows this shard's experts computed since the last
+    /// [`Model::take_expert_served`], per expert (summed over the layers).
+    pub expert_served: std::sync::Mutex<Vec<u64>>,
     /// Data-parallel attention: the communicator passed to the forward pass is the group of
     /// ranks that hold the experts, and this says which ranks hold each expert. Attention is
     /// not summed over that group (every rank holds every head and runs its own sequences);
@@ -432,6 +435,7 @@ impl Model {
             if picked.is_empty() {
                 continue;
             }
+            self.served(ex.index, picked.len());
             let mut xs = Vec::with_capacity(picked.len() * d);
             for (r, _) in &picked {
                 xs.extend_from_slice(&xn[r * d..(r + 1) * d]);
@@ -529,6 +533,7 @@ impl Model {
             if idx.is_empty() {
                 continue;
             }
+            self.served(ex.index, idx.len());
             let mut xs = Vec::with_capacity(idx.len() * d);
             for &i in &idx {
                 xs.extend_from_slice(&recv[i * stride + 1..(i + 1) * stride]);
@@ -563,6 +568,21 @@ impl Model {
             }
         }
         Ok(m)
+    }
+
+    /// Returns and resets the rows this shard's experts computed, per expert.
+    pub fn take_expert_served(&self) -> Vec<u64> {
+        let mut c = self.expert_served.lock().unwrap_or_else(|p| p.into_inner());
+        let out = c.clone();
+        c.iter_mut().for_each(|v| *v = 0);
+        out
+    }
+
+    fn served(&self, expert: usize, rows: usize) {
+        let mut c = self.expert_served.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = c.get_mut(expert) {
+            *v += rows as u64;
+        }
     }
 
     /// Returns and resets the routed-token counts, `[local layer, expert]`.
@@ -914,5 +934,80 @@ mod dp_tests {
                 }
             }
         }
+    }
+
+    /// A shard whose experts change ([`Model::set_experts`]: some kept, some loaded, some
+    /// dropped) computes what a shard loaded with those experts does, under the new placement.
+    #[test]
+    fn a_new_placement_loaded_in_place_matches_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ModelConfig::preset("tiny8", None).unwrap();
+        crate::formats::genmodel::generate(
+            &c,
+            crate::formats::genmodel::GenDType::Int8,
+            4,
+            dir.path(),
+            1 << 30,
+            |_, _| {},
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let one = Model::load(&ck).unwrap();
+        let prompts: Vec<Vec<u32>> = vec![vec![3, 9, 27, 81, 243], vec![5, 6, 7]];
+        let want: Vec<Vec<Vec<f32>>> = prompts
+            .iter()
+            .map(|p| {
+                run(
+                    &one,
+                    std::slice::from_ref(p),
+                    &crate::collective::SingleRank,
+                )
+            })
+            .collect();
+        let layout = Layout::dp_attention(2, 1);
+        // Every expert on rank 0, the odd ones on rank 1 as well.
+        let placement: Vec<Vec<usize>> = (0..8)
+            .map(|e| if e % 2 == 1 { vec![0, 1] } else { vec![0] })
+            .collect();
+        layout.check_placement(&c, &placement).unwrap();
+        let comms = local_group(2);
+        let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .enumerate()
+                .map(|(r, comm)| {
+                    let (ck, prompts, c, placement) = (&ck, &prompts, &c, &placement);
+                    s.spawn(move || {
+                        let mut m = Model::load_shard(ck, &layout.shard(c, r)).unwrap();
+                        let before: Vec<usize> = m.shard.experts.iter().map(|x| x.0).collect();
+                        let target = layout.shard_placed(c, r, placement);
+                        let loaded = m.set_experts(ck, &target.experts).unwrap();
+                        let kept = target
+                            .experts
+                            .iter()
+                            .filter(|x| before.contains(&x.0))
+                            .count();
+                        assert_eq!(loaded, target.experts.len() - kept);
+                        assert!(m
+                            .layers
+                            .iter()
+                            .all(|l| l.experts.len() == target.experts.len()));
+                        m.dispatch = Some(ExpertDispatch {
+                            ranks: placement.clone(),
+                        });
+                        run(&m, std::slice::from_ref(&prompts[r]), comm)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, out) in got.iter().enumerate() {
+            assert!(out[0] == want[r][0] && out[1] == want[r][1], "rank {r}");
+        }
+        // A failed load changes nothing.
+        let mut m = Model::load_shard(&ck, &layout.shard(&c, 0)).unwrap();
+        let before = m.shard.clone();
+        assert!(m.set_experts(&ck, &[(9, 0..c.ffn_size)]).is_err());
+        assert_eq!(m.shard, before);
     }
 }

@@ -137,6 +137,7 @@ pub(crate) fn cpu_route(router: &[f32], xn: &[f32]) -> Vec<Vec<(usize, f32)>> {
         final_norm: None,
         layers: Vec::new(),
         expert_counts: std::sync::Mutex::new(Vec::new()),
+        expert_served: std::sync::Mutex::new(Vec::new()),
         dispatch: None,
     };
     model.route(&layer, xn)

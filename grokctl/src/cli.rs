@@ -262,7 +262,7 @@ pub enum PlanCmd {
     /// Data-parallel attention with expert parallelism: memory per GPU with K copies of each
     /// expert, the decode step (all-to-all included), and what the loss of one GPU costs.
     #[command(
-        after_help = "Example:\n  grokctl plan ep --model grok-1 --gpu h200 --ranks 8 --expert-copies 2 --dtype int8 --concurrency 256\n\nEach rank runs attention for its share of the sequences with the whole attention weights and holds K copies' worth of experts (placed round-robin: the copies of an expert on distinct ranks); each layer's MoE costs two all-to-alls. After the loss of a rank, its sequences move to the others and each expert's tokens to its live copies; with one copy, the lost rank's experts are gone and the replica stops admitting. A model of a layout the engine does not run yet."
+        after_help = "Example:\n  grokctl plan ep --model grok-1 --gpu h200 --ranks 8 --expert-copies 2 --dtype int8 --concurrency 256\n\nEach rank runs attention for its share of the sequences with the whole attention weights and holds K copies' worth of experts (placed round-robin: the copies of an expert on distinct ranks); each layer's MoE costs two all-to-alls. After the loss of a rank, its sequences move to the others and each expert's tokens to its live copies; with one copy, the lost rank's experts are gone and the replica stops admitting. The engine runs this layout as `grokctl up --dp-attention --ep E --expert-copies K` (CPU workers; CUDA workers do not run it yet)."
     )]
     Ep(grokctl::plan::EpArgs),
     /// Measure this host (matmul bandwidth and throughput, TCP all-reduce latency and

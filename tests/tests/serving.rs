@@ -1267,4 +1267,35 @@ async fn structured_output_holds_through_preemption_and_pipelining() {
     let body = grok_tests::cluster::http_get(c.http.as_deref().unwrap(), "/metrics");
     let preempted = grok_tests::cluster::metric(&body, "grok_preemptions_total").unwrap();
     assert!(preempted > 0.0, "the small cache forced no preemption");
+    drop(c);
+    // Data-parallel attention: every rank samples its own sequences under their grammars.
+    let c = up(
+        &m,
+        &[
+            "--dp-attention",
+            "--ep",
+            "2",
+            "--tokenizer",
+            tok,
+            "--kv-blocks",
+            "24",
+        ],
+    );
+    let cl = client(&c).await;
+    let mut tasks = vec![];
+    for k in 0..24 {
+        let cl = cl.clone();
+        tasks.push(tokio::spawn(
+            async move { (k, text_of(cl, request(k)).await) },
+        ));
+    }
+    for t in tasks {
+        let (k, (ids, text, finish)) = t.await.unwrap();
+        assert_eq!(finish, "stop", "dp-attention stream {k}: {text:?}");
+        re_ok(&ids, &text);
+        assert_eq!(
+            ids, want[k],
+            "dp-attention stream {k} differs from its solo output"
+        );
+    }
 }

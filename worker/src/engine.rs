@@ -94,7 +94,7 @@ pub struct LoadedShard {
 /// The model on a GPU (one device, tp = pp = 1) and one KV cache per sequence.
 #[cfg(feature = "cuda")]
 struct CudaState {
-    model: grok_shared::backend::cuda::CudaModel<'static>,
+    model: grok_shared::backend::cuda::CudaModel,
     caches: HashMap<u64, grok_shared::backend::cuda::model::CudaSequence>,
 }
 
@@ -407,11 +407,11 @@ impl Engine {
                     )));
                 }
                 progress("loading", 0.5, format!("uploading to cuda:{n}"));
-                // The worker owns its device for its whole life.
-                let be: &'static grok_shared::backend::cuda::CudaBackend = Box::leak(Box::new(
+                // The model owns its device: a reload opens it again, the old one is freed.
+                let be = std::sync::Arc::new(
                     grok_shared::backend::cuda::CudaBackend::open(n)
                         .map_err(|e| EngineError::Invalid(e.to_string()))?,
-                ));
+                );
                 let max_len =
                     (spec.kv_blocks * spec.block_size).min(ck.config.max_position_embeddings);
                 let m = grok_shared::backend::cuda::CudaModel::load(
@@ -638,6 +638,17 @@ impl Engine {
                     .push(sample_step(&self.seqs[&s.seq_id], s, row, &masks));
             }
         }
+        // The whole model is on this device: its counts are every layer's, and its experts
+        // computed every routed row.
+        let counts = cuda.model.take_expert_counts();
+        let ne = self.model.config.num_experts;
+        let mut served = vec![0u64; ne];
+        for (i, c) in counts.iter().enumerate() {
+            served[i % ne] += c;
+        }
+        res.expert_counts = counts;
+        res.first_layer = 0;
+        res.expert_served = served;
         Ok(res)
     }
 

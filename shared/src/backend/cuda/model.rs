@@ -54,8 +54,9 @@ struct CudaLayer {
 
 /// A whole model (every layer, head and expert) on one device, with the KV cache of one
 /// sequence of at most `max_len` positions.
-pub struct CudaModel<'a> {
-    be: &'a CudaBackend,
+pub struct CudaModel {
+    /// The device; the model keeps it open as long as it lives.
+    be: std::sync::Arc<CudaBackend>,
     pub config: ModelConfig,
     embed_host: Linear,
     embed: DeviceLinear,
@@ -72,6 +73,9 @@ pub struct CudaModel<'a> {
     /// Bytes of weights one decoded token reads (attention, router, 2 of the experts on
     /// average, output matrix), like [`Model::active_weight_bytes_per_token`].
     pub active_bytes_per_token: f64,
+    /// Tokens routed to each expert since the last [`CudaModel::take_expert_counts`],
+    /// `[layer, expert]`.
+    expert_counts: Vec<u64>,
 }
 
 fn upload_lin(
@@ -100,16 +104,19 @@ fn inv(msg: impl Into<String>) -> CudaError {
     CudaError::invalid("cuda model", msg)
 }
 
-impl<'a> CudaModel<'a> {
+impl CudaModel {
     /// Loads a whole-model shard (all heads and whole experts; any dtype) with a KV cache of
     /// `max_len` positions (at most the context length).
     pub fn load(
-        be: &'a CudaBackend,
+        be: std::sync::Arc<CudaBackend>,
         ckpt: &Checkpoint,
         shard: &ShardSpec,
         max_len: usize,
     ) -> Result<Self, CudaError> {
+        let owner = be;
+        let be = &*owner;
         let c = ckpt.config.clone();
+        let (c_layers, c_experts) = (c.num_layers, c.num_experts);
         let full = ShardSpec::full(&c);
         if shard != &full {
             return Err(inv(
@@ -167,7 +174,7 @@ impl<'a> CudaModel<'a> {
             out.push(cl);
         }
         Ok(Self {
-            be,
+            be: owner.clone(),
             final_norm: be.upload("final norm", &final_norm)?,
             config: c,
             embed_host,
@@ -179,6 +186,7 @@ impl<'a> CudaModel<'a> {
             converted_f32: conv,
             weight_bytes: bytes,
             active_bytes_per_token: active,
+            expert_counts: vec![0; c_layers * c_experts],
         })
     }
 
@@ -228,6 +236,13 @@ impl<'a> CudaModel<'a> {
         std::mem::swap(&mut self.len, &mut s.len);
     }
 
+    /// Returns and resets the routed-token counts, `[layer, expert]`.
+    pub fn take_expert_counts(&mut self) -> Vec<u64> {
+        let out = self.expert_counts.clone();
+        self.expert_counts.iter_mut().for_each(|v| *v = 0);
+        out
+    }
+
     /// Positions one sequence's cache holds.
     pub fn max_len(&self) -> usize {
         self.max_len
@@ -242,7 +257,7 @@ impl<'a> CudaModel<'a> {
         start_pos: usize,
         want_all_logits: bool,
     ) -> Result<Vec<f32>, CudaError> {
-        let be = self.be;
+        let be = &*self.be;
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
@@ -307,7 +322,7 @@ impl<'a> CudaModel<'a> {
         let mut choice = be.zeros::<i32>("experts", t * topk)?;
         let mut probs = be.zeros::<f32>("probs", t * ne)?;
         let eps = c.rms_norm_eps;
-        for l in &mut self.layers {
+        for (li, l) in self.layers.iter_mut().enumerate() {
             be.rms_norm(&h, &l.pre_attn_norm, eps, t, &mut xn)?;
             be.linear_rows(&l.q, &xn, t, &mut q)?;
             be.linear_rows(&l.k, &xn, t, &mut k)?;
@@ -353,6 +368,11 @@ impl<'a> CudaModel<'a> {
             )?;
             let ch = be.download("router choices", &choice)?;
             let gs = be.download("router gates", &gates)?;
+            for &e in &ch {
+                if let Some(x) = self.expert_counts.get_mut(li * ne + e as usize) {
+                    *x += 1;
+                }
+            }
             let mut m = be.zeros::<f32>("moe out", t * d)?;
             for ex in &l.experts {
                 let mut idx = Vec::new();

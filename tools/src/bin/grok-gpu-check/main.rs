@@ -90,7 +90,7 @@ fn run(args: &Args) -> i32 {
     println!("devices: {count}");
     let t0 = Instant::now();
     let be = match CudaBackend::open(args.device) {
-        Ok(b) => b,
+        Ok(b) => std::sync::Arc::new(b),
         Err(e) => {
             eprintln!("error: cannot open CUDA device {}: {e}", args.device);
             rep.top.insert("status".into(), json!("open_failed"));
@@ -331,7 +331,7 @@ fn loaded_libraries() -> Vec<String> {
 
 fn run_group(
     g: &str,
-    be: &CudaBackend,
+    be: &std::sync::Arc<CudaBackend>,
     args: &Args,
     rep: &mut Report,
     cases: &mut GemvCases,

@@ -80,7 +80,7 @@ pub(crate) fn top2_margin(row: &[f32]) -> f32 {
 }
 
 pub(crate) fn model_check(
-    be: &CudaBackend,
+    be: &std::sync::Arc<CudaBackend>,
     args: &Args,
     rep: &mut Report,
 ) -> Result<(), CudaError> {
@@ -157,7 +157,7 @@ pub(crate) fn model_check(
         }
         drop(cpu);
         // CUDA: prefill with all logits, then decode the CPU's ids one by one.
-        let mut gm = CudaModel::load(be, &ckpt, &ShardSpec::full(&c), 64)?;
+        let mut gm = CudaModel::load(std::sync::Arc::clone(be), &ckpt, &ShardSpec::full(&c), 64)?;
         let mut got = gm.forward(&prompt, 0, true)?;
         for (i, &id) in out.ids[..steps - 1].iter().enumerate() {
             got.extend(gm.forward(&[id], prompt.len() + i, false)?);
@@ -217,7 +217,8 @@ pub(crate) fn model_check(
                     &SingleRank,
                 )
                 .map_err(|e| io_err("CPU forward", e))?;
-            let mut gl = CudaModel::load(be, &ckpt, &ShardSpec::full(&c), 128)?;
+            let mut gl =
+                CudaModel::load(std::sync::Arc::clone(be), &ckpt, &ShardSpec::full(&c), 128)?;
             let got = gl.forward(&long, 0, true)?;
             let rel = per_row_rel(&got, &want, vocab);
             rep.check(
@@ -296,7 +297,11 @@ pub(crate) fn model_check(
     Ok(())
 }
 
-pub(crate) fn model_perf(be: &CudaBackend, args: &Args, rep: &mut Report) -> Result<(), CudaError> {
+pub(crate) fn model_perf(
+    be: &std::sync::Arc<CudaBackend>,
+    args: &Args,
+    rep: &mut Report,
+) -> Result<(), CudaError> {
     use grok_shared::backend::cuda::CudaModel;
     use grok_shared::formats::genmodel::{self, GenDType};
     let layers = 1;
@@ -331,7 +336,7 @@ pub(crate) fn model_perf(be: &CudaBackend, args: &Args, rep: &mut Report) -> Res
         let ckpt = grok_shared::formats::checkpoint::Checkpoint::open(&dir)
             .map_err(|e| io_err("open the grok-1 model", e))?;
         let t1 = Instant::now();
-        let mut gm = CudaModel::load(be, &ckpt, &ShardSpec::full(&c), 1024)?;
+        let mut gm = CudaModel::load(std::sync::Arc::clone(be), &ckpt, &ShardSpec::full(&c), 1024)?;
         be.synchronize("upload")?;
         let load_s = t1.elapsed().as_secs_f64();
         drop(ckpt);

@@ -806,7 +806,7 @@ impl Engine {
         if self.layout.dp_attention {
             if let Err(c) = self
                 .model
-                .forward_layers(&mut [], &[], &mut self.kv, &self.tp)
+                .forward_layers(&mut Vec::new(), &[], &mut self.kv, &self.tp)
             {
                 return EngineError::Invalid(format!("{e}; then, serving the experts: {c}"));
             }
@@ -897,7 +897,7 @@ impl Engine {
         if !self.samples() {
             return Ok(res);
         }
-        let lrows = Model::logit_rows(&inputs);
+        let lrows = grok_shared::model::logit_rows(&inputs);
         if lrows.is_empty() {
             return Ok(res);
         }

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// The local heads and the score constants.
-pub(super) struct Heads {
+pub struct Heads {
     pub ks: usize,
     /// Local query and KV heads, the group size, the first global query and KV head.
     pub nq: usize,

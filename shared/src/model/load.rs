@@ -74,6 +74,7 @@ impl Model {
             progress(layers.len(), shard.layers.len());
         }
         Ok(Model {
+            dev: super::Cpu,
             config: c.clone(),
             shard: shard.clone(),
             embed,

@@ -16,18 +16,19 @@
 //! [`Communicator`] passed to [`Model::forward_layers`].
 
 mod attention;
+pub mod device;
 mod error;
 mod kv;
 mod load;
 pub mod names;
 
+pub use attention::Heads;
+pub use device::{Cpu, Device};
 pub use error::ModelError;
 pub use kv::{BlockAllocator, KvCache};
 
-use crate::backend::cpu::{rms_norm, rope, Linear};
 use crate::collective::Communicator;
 use crate::config::ModelConfig;
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// The part of the model one process holds.
@@ -91,35 +92,39 @@ impl ShardSpec {
 }
 
 /// One expert's slice: `linear`/`linear_v` rows and `linear_1` columns of its FFN range.
-pub struct Expert {
+pub struct Expert<D: Device = Cpu> {
     pub index: usize,
-    pub linear: Linear,
-    pub linear_v: Linear,
-    pub linear_1: Linear,
+    pub linear: D::Lin,
+    pub linear_v: D::Lin,
+    pub linear_1: D::Lin,
 }
 
-pub struct Layer {
+pub struct Layer<D: Device = Cpu> {
     pub index: usize,
-    pub pre_attn_norm: Vec<f32>,
-    pub post_attn_norm: Vec<f32>,
-    pub pre_moe_norm: Vec<f32>,
-    pub post_moe_norm: Vec<f32>,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
+    pub pre_attn_norm: D::Vector,
+    pub post_attn_norm: D::Vector,
+    pub pre_moe_norm: D::Vector,
+    pub post_moe_norm: D::Vector,
+    pub q: D::Lin,
+    pub k: D::Lin,
+    pub v: D::Lin,
+    pub o: D::Lin,
     /// `[num_experts, emb_size]`, f32 (the reference keeps the router in fp32).
-    pub router: Vec<f32>,
-    pub experts: Vec<Expert>,
+    pub router: D::Matrix,
+    pub experts: Vec<Expert<D>>,
 }
 
-pub struct Model {
+/// A model shard on a device (the CPU by default): its weights, and the forward pass written
+/// once over the device's operations ([`Device`]).
+pub struct Model<D: Device = Cpu> {
     pub config: ModelConfig,
     pub shard: ShardSpec,
+    /// The device the weights live on and the pass runs on.
+    pub dev: D,
     /// `[vocab, emb]`: input lookup and (tied) output matrix.
-    pub embed: Option<Linear>,
-    pub final_norm: Option<Vec<f32>>,
-    pub layers: Vec<Layer>,
+    pub embed: Option<D::Lin>,
+    pub final_norm: Option<D::Vector>,
+    pub layers: Vec<Layer<D>>,
     /// Tokens routed to each expert since the last [`Model::take_expert_counts`],
     /// `[local layer, expert]`.
     pub expert_counts: std::sync::Mutex<Vec<u64>>,
@@ -186,6 +191,21 @@ impl KvCache {
     }
 }
 
+/// Rows of `h` whose logits the batch asked for, in batch order.
+pub fn logit_rows(seqs: &[SeqInput]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut r = 0;
+    for s in seqs {
+        match s.want {
+            WantLogits::None => {}
+            WantLogits::Last => out.push(r + s.tokens.len() - 1),
+            WantLogits::All => out.extend(r..r + s.tokens.len()),
+        }
+        r += s.tokens.len();
+    }
+    out
+}
+
 /// Per-pass bookkeeping derived from the batch.
 struct Pass {
     /// Row range of each sequence in the flattened batch.
@@ -193,16 +213,17 @@ struct Pass {
     positions: Vec<usize>,
 }
 
-impl Model {
-    pub fn embed_layer(&self) -> Result<&Linear, ModelError> {
+impl<D: Device> Model<D> {
+    pub fn embed_layer(&self) -> Result<&D::Lin, ModelError> {
         self.embed
             .as_ref()
             .ok_or(ModelError::NotInShard("embedding"))
     }
 
     /// Validates a batch against the vocabulary, the context length and the cache.
-    pub fn check_batch(&self, seqs: &[SeqInput], kv: &KvCache) -> Result<(), ModelError> {
+    pub fn check_batch(&self, seqs: &[SeqInput], kv: &D::Kv) -> Result<(), ModelError> {
         let c = &self.config;
+        let (num_blocks, block_size) = self.dev.kv_geometry(kv);
         for s in seqs {
             if s.tokens.is_empty() {
                 return Err(ModelError::Empty);
@@ -223,16 +244,15 @@ impl Model {
                     max: c.max_position_embeddings,
                 });
             }
-            if s.block_table.len().saturating_mul(kv.block_size) < end {
+            if s.block_table.len().saturating_mul(block_size) < end {
                 return Err(ModelError::Kv(format!(
                     "block table of {} blocks cannot hold {end} positions",
                     s.block_table.len()
                 )));
             }
-            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks) {
+            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= num_blocks) {
                 return Err(ModelError::Kv(format!(
-                    "block {b} outside the cache of {} blocks",
-                    kv.num_blocks
+                    "block {b} outside the cache of {num_blocks} blocks"
                 )));
             }
         }
@@ -240,21 +260,11 @@ impl Model {
     }
 
     /// Input hidden states `[T, emb]` for the concatenated tokens of the batch.
-    pub fn embed_tokens(&self, seqs: &[SeqInput]) -> Result<Vec<f32>, ModelError> {
+    pub fn embed_tokens(&self, seqs: &[SeqInput]) -> Result<D::Buf, ModelError> {
         let e = self.embed_layer()?;
-        let d = self.config.emb_size;
         let toks: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let mut h = vec![0f32; toks.len() * d];
-        let mult = self.config.embedding_multiplier_scale as f32;
-        h.par_chunks_mut(d)
-            .zip(toks.par_iter())
-            .for_each(|(row, &t)| {
-                e.row_f32(t as usize, row);
-                for v in row.iter_mut() {
-                    *v *= mult;
-                }
-            });
-        Ok(h)
+        self.dev
+            .embed(e, &toks, self.config.embedding_multiplier_scale as f32)
     }
 
     fn pass(seqs: &[SeqInput]) -> Pass {
@@ -269,45 +279,80 @@ impl Model {
         Pass { rows, positions }
     }
 
+    /// The cache slot of each row of the pass.
+    fn slots(&self, seqs: &[SeqInput], kv: &D::Kv) -> Vec<usize> {
+        let (_, bs) = self.dev.kv_geometry(kv);
+        seqs.iter()
+            .flat_map(|s| {
+                (s.start_pos..s.start_pos + s.tokens.len())
+                    .map(move |p| s.block_table[p / bs] as usize * bs + p % bs)
+            })
+            .collect()
+    }
+
     /// Runs this shard's layers on `h` (`[T, emb]`, updated in place), writing the new keys
     /// and values into `kv`.
     pub fn forward_layers(
         &self,
-        h: &mut [f32],
+        h: &mut D::Buf,
         seqs: &[SeqInput],
-        kv: &mut KvCache,
+        kv: &mut D::Kv,
         tp: &dyn Communicator,
     ) -> Result<(), ModelError> {
         self.check_batch(seqs, kv)?;
         let pass = Self::pass(seqs);
         let pad = self.config.pad_token_id;
-        for s in seqs {
-            for (i, &t) in s.tokens.iter().enumerate() {
-                let slot = kv.slot(s.block_table, s.start_pos + i);
-                kv.visible[slot] = t > pad;
-            }
-        }
+        let slots = self.slots(seqs, kv);
+        let visible: Vec<bool> = seqs
+            .iter()
+            .flat_map(|s| s.tokens.iter().map(|&t| t > pad))
+            .collect();
+        self.dev.kv_visible(kv, &slots, &visible)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", layer = layer.index).entered();
-            self.attention_block(layer, li, h, seqs, &pass, kv, tp)?;
+            self.attention_block(layer, li, h, seqs, &pass, &slots, kv, tp)?;
             self.moe_block(layer, h, tp)?;
         }
         Ok(())
     }
 
+    /// `out` normed by `gain` (a new buffer of `x`'s size).
+    fn normed(&self, x: &D::Buf, gain: &D::Vector) -> Result<D::Buf, ModelError> {
+        let mut out = self.dev.zeros(self.dev.len(x))?;
+        self.dev
+            .rms_norm(x, gain, self.config.rms_norm_eps, &mut out)?;
+        Ok(out)
+    }
+
+    /// Sums `[rows, d]` over the tensor-parallel group (see [`all_reduce_rows`]).
+    fn all_reduce(
+        &self,
+        tp: &dyn Communicator,
+        buf: &mut D::Buf,
+        d: usize,
+    ) -> Result<(), ModelError> {
+        if tp.world_size() <= 1 {
+            return Ok(());
+        }
+        self.dev.with_host(buf, |b| all_reduce_rows(tp, b, d))?
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn attention_block(
         &self,
-        l: &Layer,
+        l: &Layer<D>,
         li: usize,
-        h: &mut [f32],
+        h: &mut D::Buf,
         seqs: &[SeqInput],
         pass: &Pass,
-        kv: &mut KvCache,
+        slots: &[usize],
+        kv: &mut D::Kv,
         tp: &dyn Communicator,
     ) -> Result<(), ModelError> {
         let c = &self.config;
+        let dev = &self.dev;
         let (d, ks) = (c.emb_size, c.key_size);
-        let t = h.len() / d;
+        let t = dev.len(h) / d;
         if t == 0 {
             // A data-parallel attention rank with no sequence in this step: it still serves
             // its experts in the MoE.
@@ -315,25 +360,17 @@ impl Model {
         }
         let nq = self.shard.q_heads.len();
         let nkv = self.shard.kv_heads.len();
-        let mut xn = vec![0f32; t * d];
-        rms_norm(h, &l.pre_attn_norm, c.rms_norm_eps, &mut xn);
-        let mut q = vec![0f32; t * nq * ks];
-        let mut k = vec![0f32; t * nkv * ks];
-        let mut v = vec![0f32; t * nkv * ks];
-        l.q.matmul(&xn, t, &mut q);
-        l.k.matmul(&xn, t, &mut k);
-        l.v.matmul(&xn, t, &mut v);
-        rope(&mut q, nq, ks, &pass.positions, c.rope_theta);
-        rope(&mut k, nkv, ks, &pass.positions, c.rope_theta);
+        let xn = self.normed(h, &l.pre_attn_norm)?;
+        let mut q = dev.zeros(t * nq * ks)?;
+        let mut k = dev.zeros(t * nkv * ks)?;
+        let mut v = dev.zeros(t * nkv * ks)?;
+        dev.matmul(&l.q, &xn, t, &mut q)?;
+        dev.matmul(&l.k, &xn, t, &mut k)?;
+        dev.matmul(&l.v, &xn, t, &mut v)?;
+        dev.rope(&mut q, nq, ks, &pass.positions, c.rope_theta)?;
+        dev.rope(&mut k, nkv, ks, &pass.positions, c.rope_theta)?;
         // Keys are cached after RoPE.
-        for (si, s) in seqs.iter().enumerate() {
-            for (i, row) in pass.rows[si].clone().enumerate() {
-                let slot = kv.slot(s.block_table, s.start_pos + i);
-                let dst = slot * nkv * ks..(slot + 1) * nkv * ks;
-                kv.k[li][dst.clone()].copy_from_slice(&k[row * nkv * ks..(row + 1) * nkv * ks]);
-                kv.v[li][dst].copy_from_slice(&v[row * nkv * ks..(row + 1) * nkv * ks]);
-            }
-        }
+        dev.kv_write(kv, li, slots, &k, &v)?;
         let heads = attention::Heads {
             ks,
             nq,
@@ -344,54 +381,38 @@ impl Model {
             mult: c.attn_output_multiplier as f32,
             cap: c.max_attn_value as f32,
         };
-        let o = attention::attend(&q, seqs, &pass.rows, &pass.positions, kv, li, &heads);
-        let mut a = vec![0f32; t * d];
-        l.o.matmul(&o, t, &mut a);
+        let o = dev.attend(&q, seqs, &pass.rows, &pass.positions, kv, li, &heads)?;
+        let mut a = dev.zeros(t * d)?;
+        dev.matmul(&l.o, &o, t, &mut a)?;
         if self.dispatch.is_none() {
-            all_reduce_rows(tp, &mut a, d)?;
+            self.all_reduce(tp, &mut a, d)?;
         }
-        rms_norm(&a.clone(), &l.post_attn_norm, c.rms_norm_eps, &mut a);
-        for (x, y) in h.iter_mut().zip(&a) {
-            *x += y;
-        }
-        Ok(())
+        let a = self.normed(&a, &l.post_attn_norm)?;
+        dev.add_assign(h, &a)
     }
 
     /// Router probabilities and the top-k choice of each row: `(expert, gate)` pairs.
-    pub fn route(&self, l: &Layer, xn: &[f32]) -> Vec<Vec<(usize, f32)>> {
+    pub fn route(&self, l: &Layer<D>, xn: &D::Buf) -> Result<Vec<Vec<(usize, f32)>>, ModelError> {
         let c = &self.config;
-        let (d, ne, k) = (c.emb_size, c.num_experts, c.num_selected_experts);
-        xn.par_chunks(d)
-            .map(|x| {
-                let logits: Vec<f64> = (0..ne)
-                    .map(|e| {
-                        let w = &l.router[e * d..(e + 1) * d];
-                        w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
-                    })
-                    .collect();
-                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let ex: Vec<f64> = logits.iter().map(|v| (v - max).exp()).collect();
-                let sum: f64 = ex.iter().sum();
-                let probs: Vec<f32> = ex.iter().map(|v| (v / sum) as f32).collect();
-                let mut idx: Vec<usize> = (0..ne).collect();
-                // Stable sort: ties keep the lower index first, like jax.lax.top_k.
-                idx.sort_by(|&a, &b| {
-                    probs[b]
-                        .partial_cmp(&probs[a])
-                        .unwrap_or(std::cmp::Ordering::Equal)
-                });
-                idx[..k].iter().map(|&e| (e, probs[e])).collect()
-            })
-            .collect()
+        self.dev.route(
+            &l.router,
+            xn,
+            c.num_experts,
+            c.num_selected_experts,
+            c.emb_size,
+        )
     }
 
-    fn moe_block(&self, l: &Layer, h: &mut [f32], tp: &dyn Communicator) -> Result<(), ModelError> {
+    fn moe_block(
+        &self,
+        l: &Layer<D>,
+        h: &mut D::Buf,
+        tp: &dyn Communicator,
+    ) -> Result<(), ModelError> {
         let c = &self.config;
         let d = c.emb_size;
-        let t = h.len() / d;
-        let mut xn = vec![0f32; t * d];
-        rms_norm(h, &l.pre_moe_norm, c.rms_norm_eps, &mut xn);
-        let routes = self.route(l, &xn);
+        let xn = self.normed(h, &l.pre_moe_norm)?;
+        let routes = self.route(l, &xn)?;
         {
             let li = l.index - self.shard.layers.start;
             let ne = c.num_experts;
@@ -404,26 +425,43 @@ impl Model {
         }
         let mut m = match &self.dispatch {
             Some(dp) => self.moe_dispatched(l, &xn, &routes, tp, dp)?,
-            None => self.moe_local(l, &xn, &routes),
+            None => self.moe_local(l, &xn, &routes)?,
         };
         if self.dispatch.is_none() {
-            all_reduce_rows(tp, &mut m, d)?;
+            self.all_reduce(tp, &mut m, d)?;
         }
-        rms_norm(&m.clone(), &l.post_moe_norm, c.rms_norm_eps, &mut m);
-        for (x, y) in h.iter_mut().zip(&m) {
-            *x += y;
-        }
-        Ok(())
+        let m = self.normed(&m, &l.post_moe_norm)?;
+        self.dev.add_assign(h, &m)
+    }
+
+    /// One expert slice on `xs` (`[n, emb]`): `linear_1(gelu(linear(x)) · linear_v(x))`.
+    fn expert_ffn(&self, ex: &Expert<D>, xs: &D::Buf, n: usize) -> Result<D::Buf, ModelError> {
+        let dev = &self.dev;
+        let d = self.config.emb_size;
+        let f = dev.out_features(&ex.linear);
+        let mut a = dev.zeros(n * f)?;
+        let mut b = dev.zeros(n * f)?;
+        dev.matmul(&ex.linear, xs, n, &mut a)?;
+        dev.matmul(&ex.linear_v, xs, n, &mut b)?;
+        dev.gelu_gate(&mut a, &b)?;
+        let mut y = dev.zeros(n * d)?;
+        dev.matmul(&ex.linear_1, &a, n, &mut y)?;
+        Ok(y)
     }
 
     /// The local experts' gated outputs summed per row (`[rows, emb]`): for each expert in
     /// index order, `m[row] += gate · expert(xn[row])` over the rows that chose it.
-    fn moe_local(&self, l: &Layer, xn: &[f32], routes: &[Vec<(usize, f32)>]) -> Vec<f32> {
+    fn moe_local(
+        &self,
+        l: &Layer<D>,
+        xn: &D::Buf,
+        routes: &[Vec<(usize, f32)>],
+    ) -> Result<D::Buf, ModelError> {
         let d = self.config.emb_size;
         let t = routes.len();
-        let mut m = vec![0f32; t * d];
+        let mut m = self.dev.zeros(t * d)?;
         for ex in &l.experts {
-            let picked: Vec<(usize, f32)> = routes
+            let (rows, gates): (Vec<usize>, Vec<f32>) = routes
                 .iter()
                 .enumerate()
                 .filter_map(|(r, sel)| {
@@ -431,23 +469,16 @@ impl Model {
                         .find(|(e, _)| *e == ex.index)
                         .map(|(_, g)| (r, *g))
                 })
-                .collect();
-            if picked.is_empty() {
+                .unzip();
+            if rows.is_empty() {
                 continue;
             }
-            self.served(ex.index, picked.len());
-            let mut xs = Vec::with_capacity(picked.len() * d);
-            for (r, _) in &picked {
-                xs.extend_from_slice(&xn[r * d..(r + 1) * d]);
-            }
-            let y = expert_ffn(ex, &xs, d);
-            for (i, (r, gate)) in picked.iter().enumerate() {
-                for (dst, src) in m[r * d..(r + 1) * d].iter_mut().zip(&y[i * d..(i + 1) * d]) {
-                    *dst += gate * src;
-                }
-            }
+            self.served(ex.index, rows.len());
+            let xs = self.dev.gather_rows(xn, &rows, d)?;
+            let y = self.expert_ffn(ex, &xs, rows.len())?;
+            self.dev.scatter_add_rows(&mut m, &rows, &gates, &y, d)?;
         }
-        m
+        Ok(m)
     }
 
     /// The MoE of data-parallel attention: each (row, expert) choice goes to one rank holding
@@ -456,15 +487,15 @@ impl Model {
     /// the outputs back by a second all-to-all; each row then sums its gated outputs in
     /// expert order, the order [`Model::moe_local`] uses, so a row's result has the same bits
     /// as in one process (the kernels are batch-invariant). A rank with no rows still takes
-    /// part in every exchange.
+    /// part in every exchange. The exchanges go through the host.
     fn moe_dispatched(
         &self,
-        l: &Layer,
-        xn: &[f32],
+        l: &Layer<D>,
+        xn: &D::Buf,
         routes: &[Vec<(usize, f32)>],
         comm: &dyn Communicator,
         dp: &ExpertDispatch,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<D::Buf, ModelError> {
         let d = self.config.emb_size;
         let (w, me) = (comm.world_size(), comm.rank());
         let t = routes.len();
@@ -502,12 +533,13 @@ impl Model {
             recv_rows.push(x as usize);
         }
         // Each row travels as its expert's index, then its normed hidden state.
+        let xh = self.dev.download(xn)?;
         let stride = d + 1;
         let send_rows: Vec<usize> = dest.iter().map(Vec::len).collect();
         let mut send = Vec::with_capacity(send_rows.iter().sum::<usize>() * stride);
         for &(r, e, _) in dest.iter().flatten() {
             send.push(e as f32);
-            send.extend_from_slice(&xn[r * d..(r + 1) * d]);
+            send.extend_from_slice(&xh[r * d..(r + 1) * d]);
         }
         let n_in: usize = recv_rows.iter().sum();
         let mut recv = vec![0f32; n_in * stride];
@@ -538,7 +570,8 @@ impl Model {
             for &i in &idx {
                 xs.extend_from_slice(&recv[i * stride + 1..(i + 1) * stride]);
             }
-            let y = expert_ffn(ex, &xs, d);
+            let xs = self.dev.upload(xs)?;
+            let y = self.dev.download(&self.expert_ffn(ex, &xs, idx.len())?)?;
             for (j, &i) in idx.iter().enumerate() {
                 out[i * d..(i + 1) * d].copy_from_slice(&y[j * d..(j + 1) * d]);
             }
@@ -567,7 +600,7 @@ impl Model {
                 }
             }
         }
-        Ok(m)
+        self.dev.upload(m)
     }
 
     /// Returns and resets the rows this shard's experts computed, per expert.
@@ -593,57 +626,40 @@ impl Model {
         out
     }
 
-    /// Rows of `h` whose logits the batch asked for, in batch order.
-    pub fn logit_rows(seqs: &[SeqInput]) -> Vec<usize> {
-        let mut out = Vec::new();
-        let mut r = 0;
-        for s in seqs {
-            match s.want {
-                WantLogits::None => {}
-                WantLogits::Last => out.push(r + s.tokens.len() - 1),
-                WantLogits::All => out.extend(r..r + s.tokens.len()),
-            }
-            r += s.tokens.len();
-        }
-        out
-    }
-
-    /// Final norm and tied output projection of the given rows: `[rows.len(), vocab]`.
-    pub fn logits(&self, h: &[f32], rows: &[usize]) -> Result<Vec<f32>, ModelError> {
+    /// Final norm and tied output projection of the given rows: `[rows.len(), vocab]`, on the
+    /// host.
+    pub fn logits(&self, h: &D::Buf, rows: &[usize]) -> Result<Vec<f32>, ModelError> {
         let c = &self.config;
-        let d = c.emb_size;
+        let dev = &self.dev;
         let e = self.embed_layer()?;
         let g = self
             .final_norm
             .as_ref()
             .ok_or(ModelError::NotInShard("final norm"))?;
-        let mut sel = Vec::with_capacity(rows.len() * d);
-        for &r in rows {
-            sel.extend_from_slice(&h[r * d..(r + 1) * d]);
-        }
-        let mut xn = vec![0f32; sel.len()];
-        rms_norm(&sel, g, c.rms_norm_eps, &mut xn);
-        let mut out = vec![0f32; rows.len() * c.vocab_size];
-        e.matmul(&xn, rows.len(), &mut out);
-        let s = c.output_multiplier_scale as f32;
-        out.par_iter_mut().for_each(|v| *v *= s);
-        Ok(out)
+        let sel = dev.gather_rows(h, rows, c.emb_size)?;
+        let xn = self.normed(&sel, g)?;
+        let mut out = dev.zeros(rows.len() * c.vocab_size)?;
+        dev.matmul(e, &xn, rows.len(), &mut out)?;
+        dev.scale(&mut out, c.output_multiplier_scale as f32)?;
+        dev.download(&out)
     }
 
     /// A whole forward pass on a model that holds every layer: embed, layers, logits.
     pub fn forward(
         &self,
         seqs: &[SeqInput],
-        kv: &mut KvCache,
+        kv: &mut D::Kv,
         tp: &dyn Communicator,
     ) -> Result<Vec<f32>, ModelError> {
         self.check_batch(seqs, kv)?;
         let mut h = self.embed_tokens(seqs)?;
         self.forward_layers(&mut h, seqs, kv, tp)?;
-        let rows = Self::logit_rows(seqs);
+        let rows = logit_rows(seqs);
         self.logits(&h, &rows)
     }
+}
 
+impl Model<Cpu> {
     /// Bytes of weights one decoded token reads: attention, router, the selected experts'
     /// slices (on average), the embedding row and the output matrix.
     pub fn active_weight_bytes_per_token(&self) -> f64 {
@@ -688,20 +704,6 @@ impl Model {
         }
         b
     }
-}
-
-/// One expert slice on `xs` (`[n, emb]`): `linear_1(gelu(linear(x)) · linear_v(x))`.
-fn expert_ffn(ex: &Expert, xs: &[f32], d: usize) -> Vec<f32> {
-    let n = xs.len() / d;
-    let f = ex.linear.out_features;
-    let mut a = vec![0f32; n * f];
-    let mut b = vec![0f32; n * f];
-    ex.linear.matmul(xs, n, &mut a);
-    ex.linear_v.matmul(xs, n, &mut b);
-    crate::backend::simd::gelu_gate(&mut a, &b);
-    let mut y = vec![0f32; n * d];
-    ex.linear_1.matmul(&a, n, &mut y);
-    y
 }
 
 /// Sums `[rows, d]` over the tensor-parallel group so that each element's summation order
@@ -835,7 +837,7 @@ mod dp_tests {
             .collect();
         let mut h = m.embed_tokens(&inputs).unwrap();
         m.forward_layers(&mut h, &inputs, &mut kv, comm).unwrap();
-        let a = m.logits(&h, &Model::logit_rows(&inputs)).unwrap();
+        let a = m.logits(&h, &logit_rows(&inputs)).unwrap();
         let next: Vec<[u32; 1]> = prompts.iter().map(|p| [p[0] ^ 5]).collect();
         let inputs: Vec<SeqInput> = prompts
             .iter()
@@ -850,7 +852,7 @@ mod dp_tests {
             .collect();
         let mut h = m.embed_tokens(&inputs).unwrap();
         m.forward_layers(&mut h, &inputs, &mut kv, comm).unwrap();
-        let b = m.logits(&h, &Model::logit_rows(&inputs)).unwrap();
+        let b = m.logits(&h, &logit_rows(&inputs)).unwrap();
         vec![a, b]
     }
 

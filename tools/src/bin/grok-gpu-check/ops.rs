@@ -1,11 +1,9 @@
 //! The small kernels against the CPU backend: RMSNorm, RoPE, GELU gate, router, attention.
 
 use crate::common::*;
-use grok_shared::backend::cpu::{self, Linear, Weights};
+use grok_shared::backend::cpu;
 use grok_shared::backend::cuda::{CudaBackend, CudaError};
 use grok_shared::config::ModelConfig;
-use grok_shared::formats::checkpoint::Buf;
-use grok_shared::model::{Layer, Model, ShardSpec};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -113,34 +111,19 @@ pub(crate) fn gelu_check(be: &CudaBackend, args: &Args, rep: &mut Report) -> Res
     Ok(())
 }
 
-/// The model's own routing (`Model::route`) on a one-layer model holding only a router.
+/// The model's own routing (`Model::route`: the CPU device's `route`).
 pub(crate) fn cpu_route(router: &[f32], xn: &[f32]) -> Vec<Vec<(usize, f32)>> {
-    let config = ModelConfig::grok1();
-    let empty = || Linear::new(0, 0, Weights::F32(Buf::owned(Vec::new())));
-    let layer = Layer {
-        index: 0,
-        pre_attn_norm: Vec::new(),
-        post_attn_norm: Vec::new(),
-        pre_moe_norm: Vec::new(),
-        post_moe_norm: Vec::new(),
-        q: empty(),
-        k: empty(),
-        v: empty(),
-        o: empty(),
-        router: router.to_vec(),
-        experts: Vec::new(),
-    };
-    let model = Model {
-        shard: ShardSpec::full(&config),
-        config,
-        embed: None,
-        final_norm: None,
-        layers: Vec::new(),
-        expert_counts: std::sync::Mutex::new(Vec::new()),
-        expert_served: std::sync::Mutex::new(Vec::new()),
-        dispatch: None,
-    };
-    model.route(&layer, xn)
+    use grok_shared::model::Device;
+    let c = ModelConfig::grok1();
+    grok_shared::model::Cpu
+        .route(
+            &router.to_vec(),
+            &xn.to_vec(),
+            c.num_experts,
+            c.num_selected_experts,
+            c.emb_size,
+        )
+        .expect("the CPU router does not fail")
 }
 
 pub(crate) fn router_check(

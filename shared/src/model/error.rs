@@ -22,4 +22,7 @@ pub enum ModelError {
     NotInShard(&'static str),
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// A device (CUDA) operation failed.
+    #[error("device: {0}")]
+    Device(String),
 }

@@ -734,3 +734,133 @@ extern "C" __global__ void __launch_bounds__(1024) attn_masked_f32(
         orow[dd] = s;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The device of the one forward pass (shared/src/backend/cuda/device.rs): embedding rows, the
+// paged KV cache and attention over it.
+// ---------------------------------------------------------------------------------------------
+// out[r, :] = bf16 row tokens[r] of w [_, d], times mult (one block per row).
+extern "C" __global__ void embed_rows_bf16(const unsigned short* __restrict__ w,
+                                           const int* __restrict__ tokens, float* __restrict__ out,
+                                           int d, float mult) {
+    const unsigned short* s = w + (size_t)tokens[blockIdx.x] * d;
+    float* o = out + (size_t)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        o[i] = __uint_as_float(((unsigned)s[i]) << 16) * mult;
+}
+// The same for int8 rows with f32 scales [nb, rows]: w[t, i] = q[t, i] * scales[i / (d / nb), t].
+extern "C" __global__ void embed_rows_i8(const signed char* __restrict__ q,
+                                         const float* __restrict__ scales, int nb, int rows,
+                                         const int* __restrict__ tokens, float* __restrict__ out,
+                                         int d, float mult) {
+    const int t = tokens[blockIdx.x];
+    const signed char* s = q + (size_t)t * d;
+    float* o = out + (size_t)blockIdx.x * d;
+    const int bs = d / nb;
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        o[i] = (float)s[i] * scales[(size_t)(i / bs) * rows + t] * mult;
+}
+// Row r of k and v ([rows, w]) to slot slots[r] of the caches [slots, w] (one block per row).
+extern "C" __global__ void kv_write_f32(float* __restrict__ kc, float* __restrict__ vc,
+                                        const float* __restrict__ k, const float* __restrict__ v,
+                                        const int* __restrict__ slots, int w) {
+    const size_t dst = (size_t)slots[blockIdx.x] * w, src = (size_t)blockIdx.x * w;
+    for (int i = threadIdx.x; i < w; i += blockDim.x) {
+        kc[dst + i] = k[src + i];
+        vc[dst + i] = v[src + i];
+    }
+}
+// vis[slots[i]] = vals[i], i < n.
+extern "C" __global__ void set_flags_i32(int* __restrict__ vis, const int* __restrict__ slots,
+                                         const int* __restrict__ vals, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        vis[slots[i]] = vals[i];
+}
+
+// Attention of the official semantics over the paged cache, for every row of a batched pass:
+// row r (blockIdx.y) at position row_pos[r] of its sequence attends to the keys u <= pos whose
+// slot's flag is set; the slot of key u is tab[u / bs] * bs + u % bs with tab = tables +
+// row_tab[r] (the sequence's block table). If every key u <= pos is masked, the weights are
+// uniform over every key of the sequence's pass, 0 <= u < row_end[r]. Local query head h
+// (blockIdx.x) is global head q0 + h and uses local KV head (q0 + h) / g - kv0. Scores and the
+// softmax in f64 from f32 products, as attn_masked_f32. blockDim.x = 32 W; lanes split the
+// head dim (hd % 32 == 0, hd <= 256). Dynamic shared memory: max_end doubles + W * hd floats.
+extern "C" __global__ void __launch_bounds__(1024) attn_paged_f32(
+    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
+    const int* __restrict__ vis, const int* __restrict__ tables, const int* __restrict__ row_pos,
+    const int* __restrict__ row_end, const int* __restrict__ row_tab, float* __restrict__ out,
+    int bs, int nq, int nkv, int hd, int g, int q0, int kv0, double mult, double cap) {
+    extern __shared__ double dsm[];
+    __shared__ float scratch[32];
+    __shared__ double dscratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int h = blockIdx.x, r = blockIdx.y;
+    const int pos = row_pos[r], end = row_end[r];
+    const int* tab = tables + row_tab[r];
+    double* sc = dsm;                              // [end]
+    float* po = (float*)(dsm + end);               // [W][hd]
+    const int kvh = (q0 + h) / g - kv0;
+    const int nd = hd >> 5;
+    const float* qrow = q + ((size_t)r * nq + h) * hd;
+    float qr[ATTN_MAX_HD / 32];
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_HD / 32; ++j) qr[j] = j < nd ? qrow[lane + 32 * j] : 0.f;
+    const size_t row = (size_t)nkv * hd;
+    float lany = 0.f;
+    double lmax = -1.0e300;
+    for (int u = warp; u <= pos; u += nw) {
+        const size_t slot = (size_t)tab[u / bs] * bs + u % bs;
+        if (!vis[slot]) { if (lane == 0) sc[u] = -1.0e300; continue; }
+        const float* kr = kc + slot * row + (size_t)kvh * hd;
+        double dot = 0.0;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_HD / 32; ++j)
+            if (j < nd) dot += (double)qr[j] * (double)kr[lane + 32 * j];
+        dot = warp_sum_f64(dot);
+        const double s = cap * tanh(dot * mult / cap);
+        if (lane == 0) sc[u] = s;
+        lmax = fmax(lmax, s);
+        lany = 1.f;
+    }
+    const float any = block_max_f32(lany, scratch);
+    for (int o = 16; o > 0; o >>= 1) lmax = fmax(lmax, __shfl_xor_sync(0xffffffffu, lmax, o));
+    if (lane == 0) dscratch[warp] = lmax;
+    __syncthreads();
+    double mx = -1.0e300;
+    for (int w = 0; w < nw; ++w) mx = fmax(mx, dscratch[w]);
+    __syncthreads();
+    const int n = any > 0.f ? pos + 1 : end;
+    double lsum = 0.0;
+    for (int u = threadIdx.x; u < n; u += blockDim.x) {
+        double p;
+        if (any > 0.f) p = vis[(size_t)tab[u / bs] * bs + u % bs] ? exp(sc[u] - mx) : 0.0;
+        else p = 1.0;
+        sc[u] = p;
+        lsum += p;
+    }
+    const double sum = block_sum_f64(lsum, dscratch);
+    const double inv = 1.0 / sum;
+    float acc[ATTN_MAX_HD / 32];
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_HD / 32; ++j) acc[j] = 0.f;
+    for (int u = warp; u < n; u += nw) {
+        const float p = (float)(sc[u] * inv);
+        if (p == 0.f) continue;
+        const size_t slot = (size_t)tab[u / bs] * bs + u % bs;
+        const float* vr = vc + slot * row + (size_t)kvh * hd;
+#pragma unroll
+        for (int j = 0; j < ATTN_MAX_HD / 32; ++j)
+            if (j < nd) acc[j] = fmaf(p, vr[lane + 32 * j], acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < ATTN_MAX_HD / 32; ++j)
+        if (j < nd) po[(size_t)warp * hd + lane + 32 * j] = acc[j];
+    __syncthreads();
+    float* orow = out + ((size_t)r * nq + h) * hd;
+    for (int dd = threadIdx.x; dd < hd; dd += blockDim.x) {
+        float s = 0.f;
+        for (int w = 0; w < nw; ++w) s += po[(size_t)w * hd + dd];
+        orow[dd] = s;
+    }
+}

@@ -16,6 +16,7 @@
 //! turned off, see [`CudaBackend::open`]). Kernel launches are asynchronous: an error inside a
 //! kernel surfaces at the next synchronising call, which [`CudaBackend::synchronize`] names.
 
+pub mod device;
 pub mod model;
 mod nvrtc;
 mod ops;
@@ -23,6 +24,7 @@ mod ops;
 pub use super::cuda_shapes as shapes;
 pub use cudarc::cublas::CudaBlas;
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
+pub use device::{Cuda, CudaBuf, CudaKv};
 pub use half::bf16;
 pub use model::CudaModel;
 pub use nvrtc::{compile_kernels, nvrtc_version, CompiledKernels};

@@ -78,7 +78,7 @@ pub struct CudaModel {
     expert_counts: Vec<u64>,
 }
 
-fn upload_lin(
+pub(crate) fn upload_lin(
     be: &CudaBackend,
     name: &str,
     lin: &Linear,

@@ -595,3 +595,152 @@ impl CudaBackend {
         launch(op, b, shape)
     }
 }
+
+/// The kernels of the one forward pass's CUDA device (`device.rs`).
+impl CudaBackend {
+    /// `out[r, :] = w[tokens[r], :] · mult` for the embedding `w` (bf16 or int8 rows).
+    pub fn embed_rows(
+        &self,
+        w: &DeviceLinear,
+        tokens: &CudaSlice<i32>,
+        n: usize,
+        mult: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let d = w.in_features;
+        let op = match &w.weights {
+            DeviceWeights::Bf16(_) => "embed_rows_bf16",
+            DeviceWeights::I8 { .. } => "embed_rows_i8",
+        };
+        let shape = rows_shape(op, n)?;
+        need_len(op, "tokens", tokens.len(), n)?;
+        need_len(op, "out", out.len(), n * d)?;
+        let d_i = i32_of(op, "d", d)?;
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        match &w.weights {
+            DeviceWeights::Bf16(q) => {
+                b.arg(q).arg(tokens).arg(out).arg(&d_i).arg(&mult);
+                launch(op, b, shape)
+            }
+            DeviceWeights::I8 { q, scales, nb } => {
+                let nb_i = i32_of(op, "nb", *nb)?;
+                let rows_i = i32_of(op, "rows", w.out_features)?;
+                b.arg(q)
+                    .arg(scales)
+                    .arg(&nb_i)
+                    .arg(&rows_i)
+                    .arg(tokens)
+                    .arg(out)
+                    .arg(&d_i)
+                    .arg(&mult);
+                launch(op, b, shape)
+            }
+        }
+    }
+
+    /// Row `r` of `k` and `v` (`[n, w]`) to slot `slots[r]` of the caches.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write(
+        &self,
+        kc: &mut CudaSlice<f32>,
+        vc: &mut CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        slots: &CudaSlice<i32>,
+        n: usize,
+        w: usize,
+    ) -> Result<(), CudaError> {
+        let op = "kv_write_f32";
+        let shape = rows_shape(op, n)?;
+        need_len(op, "k", k.len(), n * w)?;
+        need_len(op, "v", v.len(), n * w)?;
+        need_len(op, "slots", slots.len(), n)?;
+        let w_i = i32_of(op, "w", w)?;
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(kc).arg(vc).arg(k).arg(v).arg(slots).arg(&w_i);
+        launch(op, b, shape)
+    }
+
+    /// `vis[slots[i]] = vals[i]` for `i < n`.
+    pub fn set_flags(
+        &self,
+        vis: &mut CudaSlice<i32>,
+        slots: &CudaSlice<i32>,
+        vals: &CudaSlice<i32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let op = "set_flags_i32";
+        let shape = shapes::elementwise_shape(n).map_err(|e| CudaError::invalid(op, e.0))?;
+        need_len(op, "slots", slots.len(), n)?;
+        need_len(op, "vals", vals.len(), n)?;
+        let n_i = n as i64;
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(vis).arg(slots).arg(vals).arg(&n_i);
+        launch(op, b, shape)
+    }
+
+    /// Attention of the `t` rows of a batched pass over the paged caches (see
+    /// `attn_paged_f32`): per row its position, the end of its sequence's pass and the offset
+    /// of its sequence's block table in `tables`; `heads`: (nq, nkv, hd, group size, first
+    /// global query head, first global KV head) of this shard.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_paged(
+        &self,
+        q: &CudaSlice<f32>,
+        kv: (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<i32>),
+        tables: &CudaSlice<i32>,
+        rows: (&CudaSlice<i32>, &CudaSlice<i32>, &CudaSlice<i32>),
+        t: usize,
+        max_end: usize,
+        block_size: usize,
+        heads: (usize, usize, usize, usize, usize, usize),
+        mult: f64,
+        cap: f64,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let (nq, nkv, hd, g, q0, kv0) = heads;
+        let op = "attn_paged_f32";
+        let mut shape = shapes::attention_shape(max_end, nq, nkv.max(1), hd)
+            .map_err(|e| CudaError::invalid(op, e.0))?;
+        let warps = (shape.block.0 / 32) as usize;
+        let smem = max_end * 8 + warps * hd * 4;
+        shape.grid = (nq as u32, t as u32, 1);
+        shape.shared_mem_bytes = smem as u32;
+        if t == 0 || cap <= 0.0 || g == 0 || block_size == 0 {
+            return Err(CudaError::invalid(
+                op,
+                format!("{t} rows, soft-cap {cap}, group {g}, block size {block_size}"),
+            ));
+        }
+        need_len(op, "q", q.len(), t * nq * hd)?;
+        need_len(op, "out", out.len(), t * nq * hd)?;
+        for (what, b) in [
+            ("row positions", rows.0),
+            ("row ends", rows.1),
+            ("row tables", rows.2),
+        ] {
+            need_len(op, what, b.len(), t)?;
+        }
+        let f = self.func(op)?;
+        self.opt_in_shared_mem(f, op, smem, 512, max_end)?;
+        let ints: Vec<i32> = [block_size, nq, nkv, hd, g, q0, kv0]
+            .iter()
+            .map(|&x| i32_of(op, "a dimension", x))
+            .collect::<Result<_, _>>()?;
+        let mut b = self.stream().launch_builder(f);
+        b.arg(q)
+            .arg(kv.0)
+            .arg(kv.1)
+            .arg(kv.2)
+            .arg(tables)
+            .arg(rows.0)
+            .arg(rows.1)
+            .arg(rows.2)
+            .arg(out);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&mult).arg(&cap);
+        launch(op, b, shape)
+    }
+}

@@ -322,6 +322,11 @@ pub fn kernel_names() -> Vec<String> {
         "scale_f32",
         "gather_rows_f32",
         "scatter_add_rows_f32",
+        "embed_rows_bf16",
+        "embed_rows_i8",
+        "kv_write_f32",
+        "set_flags_i32",
+        "attn_paged_f32",
     ] {
         v.push(k.to_string());
     }
@@ -339,7 +344,7 @@ mod tests {
     fn sources_define_every_entry_point() {
         assert!(KERNELS_SRC.len() > 1000);
         let names = kernel_names();
-        assert_eq!(names.len(), 42);
+        assert_eq!(names.len(), 47);
         // The GEMV entry points `gemv_{bf16,i8}_{KIND}_{1..8}` come from one
         // `GEMV_ENTRIES(KIND, ...)` line per kind (a macro of two extern "C" definitions per
         // row count); every other entry point is written out.

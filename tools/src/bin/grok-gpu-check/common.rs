@@ -55,6 +55,7 @@ pub(crate) const GROUPS: &[&str] = &[
     "bench_gemv",
     "cublas",
     "model",
+    "device",
     "model-perf",
     "nccl",
 ];
@@ -220,6 +221,17 @@ impl Cmp {
         };
         c
     }
+    /// A comparison that could not be made (the step failed): never passes.
+    pub(crate) fn failed() -> Self {
+        Cmp {
+            rel: f64::INFINITY,
+            abs: f64::INFINITY,
+            scale: 0.0,
+            nonfinite: 1,
+            worst: 0,
+        }
+    }
+
     pub(crate) fn ok(&self, tol: f64) -> bool {
         self.nonfinite == 0 && self.rel <= tol
     }

@@ -20,6 +20,7 @@
 
 mod bench;
 mod common;
+mod device;
 mod model;
 mod ops;
 
@@ -348,6 +349,7 @@ fn run_group(
         "bench_gemv" => bench_gemv(be, args, rep, cases),
         "cublas" => cublas_bench(be, args, rep, cases),
         "model" => model_check(be, args, rep),
+        "device" => device::device_check(be, args, rep),
         "model-perf" => model_perf(be, args, rep),
         "nccl" => nccl_check(be, rep),
         _ => Err(CudaError::Invalid {

@@ -1,0 +1,485 @@
+//! The CUDA device of the one forward pass ([`crate::model::Device`]): activations, weights
+//! and the paged KV cache in device memory, the kernels of `kernels.cu`. The pass is the CPU's
+//! (`model/mod.rs`): the same sharding, collectives (staged through the host), pad masks and
+//! routing; the cache's blocks are the coordinator's, as on CPU.
+//!
+//! f32 checkpoint weights are converted to bf16 on upload (the GEMV kernels read bf16 or int8);
+//! norm gains and the router stay f32. Attention computes scores and the softmax in f64 from
+//! f32 products (`attn_paged_f32`), so logits agree with the CPU pass within rounding, not bit
+//! for bit.
+
+use super::model::upload_lin;
+use super::{guarded, CudaBackend, CudaError, CudaSlice, DeviceLinear};
+use crate::model::{Cpu, Device, Expert, Heads, Layer, Model, ModelError, SeqInput};
+use std::ops::Range;
+use std::sync::Arc;
+
+fn err(e: CudaError) -> ModelError {
+    ModelError::Device(e.to_string())
+}
+
+/// One CUDA device (an open context and stream, with the compiled kernels).
+#[derive(Clone)]
+pub struct Cuda {
+    pub be: Arc<CudaBackend>,
+}
+
+/// Activations: `n` f32 values (the allocation holds at least one).
+pub struct CudaBuf {
+    s: CudaSlice<f32>,
+    n: usize,
+}
+
+/// A shard's paged KV cache on the device: per layer `[blocks · block_size, kv_heads · key_size]`
+/// keys (after RoPE) and values, and one visibility flag per slot.
+pub struct CudaKv {
+    k: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+    visible: CudaSlice<i32>,
+    num_blocks: usize,
+    block_size: usize,
+    width: usize,
+}
+
+impl CudaKv {
+    /// A zeroed cache of `num_blocks` blocks of `block_size` slots for the layers and KV heads
+    /// `model` holds.
+    pub fn new(
+        model: &Model<Cuda>,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
+        let width = model.shard.kv_heads.len() * model.config.key_size;
+        let slots = num_blocks
+            .checked_mul(block_size)
+            .filter(|&s| s > 0 && s.checked_mul(width).is_some())
+            .ok_or_else(|| {
+                ModelError::Kv(format!(
+                    "{num_blocks} blocks of {block_size} slots overflow"
+                ))
+            })?;
+        let be = &model.dev.be;
+        let mut k = Vec::with_capacity(model.layers.len());
+        let mut v = Vec::with_capacity(model.layers.len());
+        for i in 0..model.layers.len() {
+            k.push(
+                be.zeros(&format!("layer {i} keys"), slots * width)
+                    .map_err(err)?,
+            );
+            v.push(
+                be.zeros(&format!("layer {i} values"), slots * width)
+                    .map_err(err)?,
+            );
+        }
+        Ok(CudaKv {
+            k,
+            v,
+            visible: be.zeros("visibility flags", slots).map_err(err)?,
+            num_blocks,
+            block_size,
+            width,
+        })
+    }
+
+    /// Bytes of device memory the cache holds.
+    pub fn bytes(&self) -> usize {
+        let slots = self.num_blocks * self.block_size;
+        2 * 4 * slots * self.width * self.k.len() + 4 * slots
+    }
+}
+
+impl Cuda {
+    fn ints(&self, what: &str, v: &[usize]) -> Result<CudaSlice<i32>, ModelError> {
+        let x: Vec<i32> = v
+            .iter()
+            .map(|&a| {
+                i32::try_from(a).map_err(|_| ModelError::Device(format!("{what} {a} exceeds i32")))
+            })
+            .collect::<Result<_, _>>()?;
+        self.be.upload(what, &x).map_err(err)
+    }
+
+    fn floats(&self, what: &str, v: &[f32]) -> Result<CudaSlice<f32>, ModelError> {
+        self.be.upload(what, v).map_err(err)
+    }
+}
+
+impl Device for Cuda {
+    type Buf = CudaBuf;
+    type Lin = DeviceLinear;
+    type Vector = CudaSlice<f32>;
+    type Matrix = CudaSlice<f32>;
+    type Kv = CudaKv;
+
+    fn len(&self, b: &CudaBuf) -> usize {
+        b.n
+    }
+
+    fn zeros(&self, n: usize) -> Result<CudaBuf, ModelError> {
+        let s = self.be.zeros("activations", n.max(1)).map_err(err)?;
+        Ok(CudaBuf { s, n })
+    }
+
+    fn upload(&self, x: Vec<f32>) -> Result<CudaBuf, ModelError> {
+        if x.is_empty() {
+            return self.zeros(0);
+        }
+        let n = x.len();
+        Ok(CudaBuf {
+            s: self.floats("activations", &x)?,
+            n,
+        })
+    }
+
+    fn download(&self, b: &CudaBuf) -> Result<Vec<f32>, ModelError> {
+        if b.n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut v = self.be.download("activations", &b.s).map_err(err)?;
+        v.truncate(b.n);
+        Ok(v)
+    }
+
+    fn with_host<R>(
+        &self,
+        b: &mut CudaBuf,
+        f: impl FnOnce(&mut [f32]) -> R,
+    ) -> Result<R, ModelError> {
+        let mut h = self.download(b)?;
+        let r = f(&mut h);
+        if !h.is_empty() {
+            let be = &self.be;
+            guarded("activations back", || {
+                be.stream()
+                    .memcpy_htod(&h, &mut b.s)
+                    .map_err(super::drv("upload activations"))
+            })
+            .map_err(err)?;
+        }
+        Ok(r)
+    }
+
+    fn out_features(&self, w: &DeviceLinear) -> usize {
+        w.out_features
+    }
+
+    fn embed(&self, e: &DeviceLinear, tokens: &[u32], mult: f32) -> Result<CudaBuf, ModelError> {
+        let d = e.in_features;
+        let mut out = self.zeros(tokens.len() * d)?;
+        if tokens.is_empty() {
+            return Ok(out);
+        }
+        let t: Vec<usize> = tokens.iter().map(|&x| x as usize).collect();
+        let t = self.ints("tokens", &t)?;
+        self.be
+            .embed_rows(e, &t, tokens.len(), mult, &mut out.s)
+            .map_err(err)?;
+        Ok(out)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaBuf,
+        gain: &CudaSlice<f32>,
+        eps: f64,
+        out: &mut CudaBuf,
+    ) -> Result<(), ModelError> {
+        let rows = x.n / gain.len().max(1);
+        if rows == 0 {
+            return Ok(());
+        }
+        self.be
+            .rms_norm(&x.s, gain, eps, rows, &mut out.s)
+            .map_err(err)
+    }
+
+    fn matmul(
+        &self,
+        w: &DeviceLinear,
+        x: &CudaBuf,
+        rows: usize,
+        out: &mut CudaBuf,
+    ) -> Result<(), ModelError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        self.be.linear_rows(w, &x.s, rows, &mut out.s).map_err(err)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        heads: usize,
+        key_size: usize,
+        positions: &[usize],
+        theta: f64,
+    ) -> Result<(), ModelError> {
+        let t = positions.len();
+        if t == 0 {
+            return Ok(());
+        }
+        let p: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let p = self.be.upload("positions", &p).map_err(err)?;
+        self.be
+            .rope(&mut x.s, t, heads, key_size, &p, theta)
+            .map_err(err)
+    }
+
+    fn kv_geometry(&self, kv: &CudaKv) -> (usize, usize) {
+        (kv.num_blocks, kv.block_size)
+    }
+
+    fn kv_visible(
+        &self,
+        kv: &mut CudaKv,
+        slots: &[usize],
+        visible: &[bool],
+    ) -> Result<(), ModelError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let s = self.ints("slots", slots)?;
+        let v: Vec<usize> = visible.iter().map(|&b| b as usize).collect();
+        let v = self.ints("flags", &v)?;
+        self.be
+            .set_flags(&mut kv.visible, &s, &v, slots.len())
+            .map_err(err)
+    }
+
+    fn kv_write(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        slots: &[usize],
+        k: &CudaBuf,
+        v: &CudaBuf,
+    ) -> Result<(), ModelError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let s = self.ints("slots", slots)?;
+        let w = kv.width;
+        let (kc, vc) = (&mut kv.k[layer], &mut kv.v[layer]);
+        self.be
+            .kv_write(kc, vc, &k.s, &v.s, &s, slots.len(), w)
+            .map_err(err)
+    }
+
+    fn attend(
+        &self,
+        q: &CudaBuf,
+        seqs: &[SeqInput],
+        rows: &[Range<usize>],
+        positions: &[usize],
+        kv: &CudaKv,
+        layer: usize,
+        h: &Heads,
+    ) -> Result<CudaBuf, ModelError> {
+        let t = positions.len();
+        let mut out = self.zeros(t * h.nq * h.ks)?;
+        if t == 0 {
+            return Ok(out);
+        }
+        let mut tables = Vec::new();
+        let (mut row_end, mut row_tab) = (vec![0usize; t], vec![0usize; t]);
+        for (s, r) in seqs.iter().zip(rows) {
+            let off = tables.len();
+            tables.extend(s.block_table.iter().map(|&b| b as usize));
+            for i in r.clone() {
+                row_end[i] = s.start_pos + s.tokens.len();
+                row_tab[i] = off;
+            }
+        }
+        let max_end = row_end.iter().copied().max().unwrap_or(1);
+        let tables = self.ints("block tables", &tables)?;
+        let (p, e, o) = (
+            self.ints("row positions", positions)?,
+            self.ints("row ends", &row_end)?,
+            self.ints("row tables", &row_tab)?,
+        );
+        self.be
+            .attention_paged(
+                &q.s,
+                (&kv.k[layer], &kv.v[layer], &kv.visible),
+                &tables,
+                (&p, &e, &o),
+                t,
+                max_end,
+                kv.block_size,
+                (h.nq, h.nkv, h.ks, h.g, h.q0, h.kv0),
+                h.mult as f64,
+                h.cap as f64,
+                &mut out.s,
+            )
+            .map_err(err)?;
+        Ok(out)
+    }
+
+    fn add_assign(&self, h: &mut CudaBuf, a: &CudaBuf) -> Result<(), ModelError> {
+        if h.n == 0 {
+            return Ok(());
+        }
+        self.be.add_assign(&mut h.s, &a.s, h.n).map_err(err)
+    }
+
+    fn route(
+        &self,
+        router: &CudaSlice<f32>,
+        xn: &CudaBuf,
+        ne: usize,
+        k: usize,
+        d: usize,
+    ) -> Result<Vec<Vec<(usize, f32)>>, ModelError> {
+        let t = xn.n / d.max(1);
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        let be = &self.be;
+        let mut gates = be.zeros::<f32>("gates", t * k).map_err(err)?;
+        let mut choice = be.zeros::<i32>("experts", t * k).map_err(err)?;
+        let mut probs = be.zeros::<f32>("probs", t * ne).map_err(err)?;
+        be.router_topk(
+            &xn.s,
+            router,
+            t,
+            d,
+            ne,
+            k,
+            &mut gates,
+            &mut choice,
+            &mut probs,
+        )
+        .map_err(err)?;
+        let ch = be.download("router choices", &choice).map_err(err)?;
+        let gs = be.download("router gates", &gates).map_err(err)?;
+        Ok((0..t)
+            .map(|r| {
+                (0..k)
+                    .map(|j| (ch[r * k + j] as usize, gs[r * k + j]))
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn gather_rows(&self, x: &CudaBuf, rows: &[usize], d: usize) -> Result<CudaBuf, ModelError> {
+        let mut out = self.zeros(rows.len() * d)?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let idx = self.ints("rows", rows)?;
+        self.be
+            .gather_rows(&x.s, &idx, rows.len(), d, &mut out.s)
+            .map_err(err)?;
+        Ok(out)
+    }
+
+    fn gelu_gate(&self, a: &mut CudaBuf, b: &CudaBuf) -> Result<(), ModelError> {
+        if a.n == 0 {
+            return Ok(());
+        }
+        let mut o = self.zeros(a.n)?;
+        self.be.gelu_gate(&a.s, &b.s, &mut o.s, a.n).map_err(err)?;
+        *a = o;
+        Ok(())
+    }
+
+    fn scatter_add_rows(
+        &self,
+        m: &mut CudaBuf,
+        rows: &[usize],
+        gates: &[f32],
+        y: &CudaBuf,
+        d: usize,
+    ) -> Result<(), ModelError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let idx = self.ints("rows", rows)?;
+        let g = self.floats("gates", gates)?;
+        self.be
+            .scatter_add_rows(&mut m.s, &idx, &g, &y.s, rows.len(), d)
+            .map_err(err)
+    }
+
+    fn scale(&self, x: &mut CudaBuf, s: f32) -> Result<(), ModelError> {
+        if x.n == 0 {
+            return Ok(());
+        }
+        self.be.scale(&mut x.s, s, x.n).map_err(err)
+    }
+}
+
+impl Model<Cuda> {
+    /// A CPU shard's weights on the device (f32 matrices as bf16; gains and the router f32).
+    /// Returns the model and whether f32 weights were converted.
+    pub fn upload(cpu: Model<Cpu>, dev: Cuda) -> Result<(Self, bool), ModelError> {
+        let be = dev.be.clone();
+        let mut conv = false;
+        let lin = |name: &str, l: &crate::backend::cpu::Linear, conv: &mut bool| {
+            upload_lin(&be, name, l, conv).map_err(err)
+        };
+        let vec = |name: &str, v: &[f32]| be.upload(name, v).map_err(err);
+        let embed = match &cpu.embed {
+            Some(e) => Some(lin("embedding", e, &mut conv)?),
+            None => None,
+        };
+        let final_norm = match &cpu.final_norm {
+            Some(n) => Some(vec("final norm", n)?),
+            None => None,
+        };
+        let mut layers = Vec::with_capacity(cpu.layers.len());
+        for l in &cpu.layers {
+            let i = l.index;
+            let nm = |s: &str| format!("layer {i} {s}");
+            let mut experts = Vec::with_capacity(l.experts.len());
+            for e in &l.experts {
+                experts.push(Expert {
+                    index: e.index,
+                    linear: lin(&nm("linear"), &e.linear, &mut conv)?,
+                    linear_v: lin(&nm("linear_v"), &e.linear_v, &mut conv)?,
+                    linear_1: lin(&nm("linear_1"), &e.linear_1, &mut conv)?,
+                });
+            }
+            layers.push(Layer {
+                index: i,
+                pre_attn_norm: vec(&nm("norm"), &l.pre_attn_norm)?,
+                post_attn_norm: vec(&nm("norm"), &l.post_attn_norm)?,
+                pre_moe_norm: vec(&nm("norm"), &l.pre_moe_norm)?,
+                post_moe_norm: vec(&nm("norm"), &l.post_moe_norm)?,
+                q: lin(&nm("q"), &l.q, &mut conv)?,
+                k: lin(&nm("k"), &l.k, &mut conv)?,
+                v: lin(&nm("v"), &l.v, &mut conv)?,
+                o: lin(&nm("o"), &l.o, &mut conv)?,
+                router: vec(&nm("router"), &l.router)?,
+                experts,
+            });
+        }
+        let ne = cpu.config.num_experts;
+        Ok((
+            Model {
+                config: cpu.config.clone(),
+                shard: cpu.shard.clone(),
+                dev,
+                embed,
+                final_norm,
+                layers,
+                expert_counts: std::sync::Mutex::new(vec![0; cpu.layers.len() * ne]),
+                expert_served: std::sync::Mutex::new(vec![0; ne]),
+                dispatch: cpu.dispatch.clone(),
+            },
+            conv,
+        ))
+    }
+
+    /// Bytes of weights on the device.
+    pub fn device_weight_bytes(&self) -> usize {
+        let mut b = self.embed.as_ref().map_or(0, |e| e.bytes());
+        for l in &self.layers {
+            b += l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + 4 * l.router.len();
+            for e in &l.experts {
+                b += e.linear.bytes() + e.linear_v.bytes() + e.linear_1.bytes();
+            }
+        }
+        b
+    }
+}

@@ -1,0 +1,232 @@
+//! Group `device`: the one forward pass (`grok_shared::model::Model`) on the CUDA device
+//! (`backend::cuda::Cuda`) against the same pass on the CPU: a batch of sequences over a
+//! paged KV cache with scattered block tables (a prefill pass with every logit, then decode
+//! passes), whole and as two tensor-parallel shards on the one GPU (host-staged all-reduce).
+
+use crate::common::*;
+use crate::model::{io_err, model_test_config, per_row_rel, temp_model_dir};
+use grok_shared::backend::cuda::{Cuda, CudaBackend, CudaError, CudaKv};
+use grok_shared::collective::{local_group, Communicator, SingleRank};
+use grok_shared::formats::checkpoint::Checkpoint;
+use grok_shared::formats::genmodel::{self, GenDType};
+use grok_shared::model::{Device, KvCache, Model, SeqInput, WantLogits};
+use grok_shared::sampling::Rng;
+use grok_shared::sharding::Layout;
+use serde_json::json;
+use std::sync::Arc;
+
+const BS: usize = 16;
+
+/// The passes of the check: every sequence's prompt in one pass (all logits), then `decode`
+/// passes of one token each (last logits). Block tables are interleaved over the cache.
+struct Plan {
+    prompts: Vec<Vec<u32>>,
+    decode: Vec<Vec<u32>>,
+    tables: Vec<Vec<u32>>,
+    blocks: usize,
+}
+
+fn plan(vocab: usize, seed: u64) -> Plan {
+    let mut r = Rng::new(seed);
+    let lens = [21usize, 5, 40];
+    let mut prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| 1 + (r.next_u64() % (vocab as u64 - 1)) as u32)
+                .collect()
+        })
+        .collect();
+    // The second sequence starts with a pad (its first row sees only masked keys).
+    prompts[1][0] = 0;
+    prompts[2][9] = 0;
+    let decode: Vec<Vec<u32>> = (0..3)
+        .map(|_| {
+            (0..3)
+                .map(|_| 1 + (r.next_u64() % (vocab as u64 - 1)) as u32)
+                .collect()
+        })
+        .collect();
+    let per = (lens.iter().max().unwrap() + 4).div_ceil(BS);
+    let n = lens.len();
+    // Sequence s gets blocks s, s + n, s + 2n, ...: scattered tables.
+    let tables = (0..n)
+        .map(|s| (0..per).map(|j| (s + j * n) as u32).collect())
+        .collect();
+    Plan {
+        prompts,
+        decode,
+        tables,
+        blocks: per * n,
+    }
+}
+
+/// Runs the plan's passes on `m` with `kv`, returning every logit row in order.
+fn run<D: Device>(
+    m: &Model<D>,
+    kv: &mut D::Kv,
+    p: &Plan,
+    comm: &dyn Communicator,
+) -> Result<Vec<f32>, String> {
+    let mut out = Vec::new();
+    let seqs: Vec<SeqInput> = p
+        .prompts
+        .iter()
+        .zip(&p.tables)
+        .map(|(t, b)| SeqInput {
+            tokens: t,
+            start_pos: 0,
+            block_table: b,
+            want: WantLogits::All,
+        })
+        .collect();
+    out.extend(m.forward(&seqs, kv, comm).map_err(|e| e.to_string())?);
+    for step in 0..p.decode[0].len() {
+        let toks: Vec<[u32; 1]> = p.decode.iter().map(|d| [d[step]]).collect();
+        let seqs: Vec<SeqInput> = toks
+            .iter()
+            .zip(&p.tables)
+            .zip(&p.prompts)
+            .map(|((t, b), pr)| SeqInput {
+                tokens: t,
+                start_pos: pr.len() + step,
+                block_table: b,
+                want: WantLogits::Last,
+            })
+            .collect();
+        out.extend(m.forward(&seqs, kv, comm).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn device_check(
+    be: &Arc<CudaBackend>,
+    args: &Args,
+    rep: &mut Report,
+) -> Result<(), CudaError> {
+    let c = model_test_config();
+    let vocab = c.vocab_size;
+    let p = plan(vocab, seed_of(args.seed, "device plan"));
+    for (dt, name) in [(GenDType::Bf16, "bf16"), (GenDType::Int8, "int8")] {
+        let dir = temp_model_dir(&format!("device-{name}"));
+        genmodel::generate(&c, dt, seed_of(args.seed, name), &dir, 1 << 30, |_, _| {})
+            .map_err(|e| io_err("generate the test model", e))?;
+        let ckpt = Checkpoint::open(&dir).map_err(|e| io_err("open the test model", e))?;
+        let cpu = Model::load(&ckpt).map_err(|e| io_err("load the CPU model", e))?;
+        let mut kv = KvCache::new(&cpu, p.blocks, BS);
+        let want = run(&cpu, &mut kv, &p, &SingleRank).map_err(|e| io_err("CPU passes", e))?;
+        let dev = Cuda { be: be.clone() };
+        // The whole model.
+        let (gm, _) = Model::upload(
+            Model::load(&ckpt).map_err(|e| io_err("load", e))?,
+            dev.clone(),
+        )
+        .map_err(|e| io_err("upload", e))?;
+        let mut gkv = CudaKv::new(&gm, p.blocks, BS).map_err(|e| io_err("device cache", e))?;
+        let got = run(&gm, &mut gkv, &p, &SingleRank).map_err(|e| io_err("device passes", e))?;
+        be.synchronize("device passes")?;
+        let rel = per_row_rel(&got, &want, vocab);
+        rep.check(
+            "device",
+            &format!("{name}: 3 sequences, paged, prefill + 3 decode"),
+            Cmp::new(&got, &to_f64(&want)),
+            TOL_MODEL,
+            json!({"rows": rel.len(), "worst_row_rel": finite_or_null(rel.iter().copied().fold(0f64, f64::max))}),
+        );
+        drop((gm, gkv));
+        // Two tensor-parallel shards on the one GPU, all-reduce staged through the host.
+        let layout = Layout::new(2, 1, 1);
+        let comms = local_group(2);
+        let outs: Vec<Result<Vec<f32>, String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .iter()
+                .enumerate()
+                .map(|(r, comm)| {
+                    let (ckpt, c, p, dev) = (&ckpt, &c, &p, dev.clone());
+                    s.spawn(move || -> Result<Vec<f32>, String> {
+                        let shard = layout.shard(c, r);
+                        let cpu = Model::load_shard(ckpt, &shard).map_err(|e| e.to_string())?;
+                        let (m, _) = Model::upload(cpu, dev).map_err(|e| e.to_string())?;
+                        let mut kv = CudaKv::new(&m, p.blocks, BS).map_err(|e| e.to_string())?;
+                        if r == 0 {
+                            run(&m, &mut kv, p, comm)
+                        } else {
+                            // Rank 1 holds no logits: it runs the layers only.
+                            run_layers_only(&m, &mut kv, p, comm).map(|_| Vec::new())
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into())))
+                .collect()
+        });
+        match &outs[0] {
+            Ok(got) if outs[1].is_ok() => {
+                rep.check(
+                    "device",
+                    &format!("{name}: tp 2 on one GPU (host-staged)"),
+                    Cmp::new(got, &to_f64(&want)),
+                    TOL_MODEL,
+                    json!({}),
+                );
+            }
+            _ => {
+                let why: Vec<String> = outs
+                    .iter()
+                    .filter_map(|o| o.as_ref().err().cloned())
+                    .collect();
+                rep.check(
+                    "device",
+                    &format!("{name}: tp 2 on one GPU (host-staged): {}", why.join("; ")),
+                    Cmp::failed(),
+                    TOL_MODEL,
+                    json!({"error": why}),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The plan's passes without logits (a shard that does not hold the output matrix).
+fn run_layers_only<D: Device>(
+    m: &Model<D>,
+    kv: &mut D::Kv,
+    p: &Plan,
+    comm: &dyn Communicator,
+) -> Result<(), String> {
+    let e = |e: grok_shared::model::ModelError| e.to_string();
+    let pass = |seqs: &[SeqInput], kv: &mut D::Kv| -> Result<(), String> {
+        let mut h = m.embed_tokens(seqs).map_err(e)?;
+        m.forward_layers(&mut h, seqs, kv, comm).map_err(e)
+    };
+    let seqs: Vec<SeqInput> = p
+        .prompts
+        .iter()
+        .zip(&p.tables)
+        .map(|(t, b)| SeqInput {
+            tokens: t,
+            start_pos: 0,
+            block_table: b,
+            want: WantLogits::None,
+        })
+        .collect();
+    pass(&seqs, kv)?;
+    for step in 0..p.decode[0].len() {
+        let toks: Vec<[u32; 1]> = p.decode.iter().map(|d| [d[step]]).collect();
+        let seqs: Vec<SeqInput> = toks
+            .iter()
+            .zip(&p.tables)
+            .zip(&p.prompts)
+            .map(|((t, b), pr)| SeqInput {
+                tokens: t,
+                start_pos: pr.len() + step,
+                block_table: b,
+                want: WantLogits::None,
+            })
+            .collect();
+        pass(&seqs, kv)?;
+    }
+    Ok(())
+}

@@ -150,7 +150,7 @@ EOF
 fi
 
 step "3b. serving on CUDA (grok-worker --device cuda:0 against the CPU run)"
-GROK_LD_READY=1 timeout 240 scripts/gpu-serve-check.sh "$OUT" || FAILED+=("gpu-serve-check")
+GROK_LD_READY=1 timeout 300 scripts/gpu-serve-check.sh "$OUT" || FAILED+=("gpu-serve-check")
 
 # GPU_CHECK_ONLY=groups runs only those groups of grok-gpu-check and skips steps 4-5.
 if [ -n "${GPU_CHECK_ONLY:-}" ]; then

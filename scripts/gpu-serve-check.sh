@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Serving on CUDA: a coordinator and one `grok-worker --device cuda:0` (prebuilt binaries in
-# dist/), greedy generation through the cluster compared with the CPU single-process run of the
-# same bf16 checkpoint. Usage: scripts/gpu-serve-check.sh OUT   (called by gpu-check.sh too)
+# Serving on CUDA: clusters of `grok-worker --device cuda:0` processes (prebuilt binaries in
+# dist/) on the one GPU, in the layouts one worker (tp 1), tp 2, tp 2 x ep 2, pp 2, 2 replicas
+# and data-parallel attention over 2 ranks, each against the CPU single-process run of the same
+# bf16 checkpoint at Grok-1's widths (one layer): greedy ids equal and the prompt's logits within
+# bf16 tolerance. Writes OUT/serve_check.json (`cluster_checks`: layout, workers, max_rel_err,
+# greedy_equal) and fails on any difference or any step that cannot run.
+# Usage: scripts/gpu-serve-check.sh OUT   (called by gpu-check.sh too)
 set -u
 OUT=${1:?usage: gpu-serve-check.sh OUT}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 D=dist
 for b in grokctl grok-coordinator grok-worker; do
-  [ -x "$D/$b" ] || { echo "serve check skipped: $D/$b missing"; exit 0; }
+  [ -x "$D/$b" ] || { echo "SERVE: FAIL ($D/$b missing: build it with --features grok-worker/cuda)"; exit 1; }
 done
 if [ -z "${GROK_LD_READY:-}" ]; then
   # Same library set-up as gpu-check.sh.
@@ -18,26 +22,78 @@ if [ -z "${GROK_LD_READY:-}" ]; then
   export LD_LIBRARY_PATH
 fi
 M=$(mktemp -d)
+trap 'rm -rf "$M"' EXIT
+PROMPT=5,17,99,3,42,7,0,311,6001,12
 # One layer at Grok-1's real widths (the CUDA attention kernel needs a head dim of 32..256).
-"$D/grokctl" gen-model --preset grok-1 --layers 1 --dtype bf16 --seed 5 --out "$M/tiny" 2>/dev/null
-cpu=$("$D/grokctl" generate --model "$M/tiny" --prompt-ids 5,17,99,3,42,7 --max-new-tokens 12 --ignore-eos --json 2>/dev/null | tail -n1)
-"$D/grok-coordinator" --model "$M/tiny" --listen 127.0.0.1:0 --kv-blocks 32 > "$M/coord.out" 2> "$OUT/serve-coordinator.log" &
-cp=$!
-for _ in $(seq 1 100); do grep -q 'listening on' "$M/coord.out" && break; sleep 0.1; done
-addr=$(sed -n 's/^listening on //p' "$M/coord.out")
-"$D/grok-worker" --coordinator "$addr" --device cuda:0 --id gpu0 2> "$OUT/serve-worker.log" &
-wp=$!
-"$D/grokctl" status --endpoint "$addr" --wait-ready 120 > "$OUT/serve-status.txt" 2>&1
-st=$?
-gpu=$("$D/grokctl" generate --endpoint "$addr" --prompt-ids 5,17,99,3,42,7 --max-new-tokens 12 --ignore-eos --json 2>>"$OUT/serve-client.log" | tail -n1)
-t0=$(date +%s.%N)
-"$D/grokctl" generate --endpoint "$addr" --prompt-ids 5,17,99,3,42,7 --max-new-tokens 200 --ignore-eos > /dev/null 2>>"$OUT/serve-client.log"
-t1=$(date +%s.%N)
-kill $wp $cp 2>/dev/null; wait 2>/dev/null
-echo "cluster ready: exit $st"; cat "$OUT/serve-status.txt" | head -12
-echo "cpu  (single process): $cpu"
-echo "cuda (cluster, cuda:0): $gpu"
-echo "200 tokens through the cluster in $(python3 -c "print(round($t1 - $t0, 3))") s (one Grok-1-width layer, batch 1, including RPC)"
-rm -rf "$M"
-if [ "$st" = 0 ] && [ -n "$gpu" ] && [ "$cpu" = "$gpu" ]; then echo "SERVE: PASS (same greedy ids)"; exit 0; fi
-echo "SERVE: FAIL"; tail -20 "$OUT/serve-worker.log"; exit 1
+"$D/grokctl" gen-model --preset grok-1 --layers 1 --dtype bf16 --seed 5 --out "$M/m" 2>/dev/null \
+  || { echo "SERVE: FAIL (gen-model)"; exit 1; }
+cpu=$("$D/grokctl" generate --model "$M/m" --prompt-ids $PROMPT --max-new-tokens 12 --ignore-eos --json \
+  --logits-out "$M/cpu.npy" 2>/dev/null | tail -n1)
+[ -n "$cpu" ] || { echo "SERVE: FAIL (the CPU run)"; exit 1; }
+FAILS=0
+: > "$M/checks.jsonl"
+# name | coordinator flags | workers
+LAYOUTS=(
+  "tp1|--tp 1|1"
+  "tp2|--tp 2|2"
+  "tp2ep2|--tp 2 --ep 2|2"
+  "pp2|--pp 2|2"
+  "replicas2|--replicas 2|2"
+  "dp2|--dp-attention --ep 2 --expert-copies 2|2"
+)
+for spec in "${LAYOUTS[@]}"; do
+  IFS='|' read -r name flags n <<< "$spec"
+  "$D/grok-coordinator" --model "$M/m" --listen 127.0.0.1:0 --kv-blocks 32 $flags \
+    > "$M/coord-$name.out" 2> "$OUT/serve-$name-coordinator.log" &
+  cp=$!
+  for _ in $(seq 1 100); do grep -q 'listening on' "$M/coord-$name.out" && break; sleep 0.1; done
+  addr=$(sed -n 's/^listening on //p' "$M/coord-$name.out")
+  wps=()
+  for i in $(seq 0 $((n - 1))); do
+    "$D/grok-worker" --coordinator "$addr" --device cuda:0 --id "gpu$i" --threads 4 \
+      2> "$OUT/serve-$name-worker$i.log" &
+    wps+=($!)
+  done
+  timeout 180 "$D/grokctl" status --endpoint "$addr" --wait-ready 170 > "$OUT/serve-$name-status.txt" 2>&1
+  st=$?
+  gpu=""
+  if [ "$st" = 0 ]; then
+    gpu=$(timeout 120 "$D/grokctl" generate --endpoint "$addr" --prompt-ids $PROMPT --max-new-tokens 12 \
+      --ignore-eos --json --logits-out "$M/$name.npy" 2>>"$OUT/serve-$name-client.log" | tail -n1)
+  fi
+  kill "${wps[@]}" $cp 2>/dev/null; wait 2>/dev/null
+  python3 - "$name" "$n" "$M/cpu.npy" "$M/$name.npy" "$cpu" "$gpu" "$flags" >> "$M/checks.jsonl" <<'EOF'
+import json, sys
+name, n, cpu_npy, gpu_npy, cpu, gpu, flags = sys.argv[1:8]
+rel = None
+try:
+    import numpy as np
+    a, b = np.load(cpu_npy).astype(np.float64), np.load(gpu_npy).astype(np.float64)
+    if a.shape == b.shape:
+        rel = float(max(np.abs(a[i] - b[i]).max() / max(np.abs(a[i]).max(), 1e-30) for i in range(a.shape[0])))
+except Exception as e:
+    print(f"{name}: logits not compared: {e}", file=sys.stderr)
+ids = lambda s: json.loads(s)["ids"] if s else None
+layout = {"tp": 1, "ep": 1, "pp": 1, "replicas": 1, "dp_attention": "--dp-attention" in flags}
+f = flags.split()
+for k in ("tp", "ep", "pp", "replicas"):
+    if f"--{k}" in f:
+        layout[k] = int(f[f.index(f"--{k}") + 1])
+print(json.dumps({"name": name, "layout": layout, "workers": int(n), "max_rel_err": rel,
+                  "greedy_equal": bool(gpu) and ids(gpu) == ids(cpu), "ids_cuda": ids(gpu), "ids_cpu": ids(cpu)}))
+EOF
+  line=$(tail -n1 "$M/checks.jsonl")
+  ok=$(python3 -c "import json,sys; c=json.loads(sys.argv[1]); print(int(c['greedy_equal'] and c['max_rel_err'] is not None and c['max_rel_err'] <= 1e-3))" "$line")
+  echo "$name ($n workers on cuda:0): $line"
+  if [ "$ok" != 1 ]; then
+    FAILS=$((FAILS + 1))
+    echo "  FAIL: $name"; tail -5 "$OUT/serve-$name-worker0.log"
+  fi
+done
+python3 - "$M/checks.jsonl" "$OUT/serve_check.json" <<'EOF'
+import json, sys
+checks = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+json.dump({"cluster_checks": checks, "tolerance_rel": 1e-3}, open(sys.argv[2], "w"), indent=1)
+EOF
+if [ "$FAILS" = 0 ]; then echo "SERVE: PASS (every layout: same greedy ids, logits within 1e-3)"; exit 0; fi
+echo "SERVE: FAIL ($FAILS layouts)"; exit 1

@@ -2,12 +2,13 @@
 //! communicators, and runs the steps the coordinator plans, in order.
 
 use crate::grammar::{self, Grammars, SeqGrammar};
+use crate::shard::{run_pass, with_shard, Route, Shard};
 use grok_proto::v1 as pb;
 use grok_shared::backend::cpu::{Linear, Weights};
-use grok_shared::collective::Communicator;
 use grok_shared::collective::{TcpComm, TcpConfig};
 use grok_shared::constrain::TokenMask;
 use grok_shared::formats::checkpoint::Checkpoint;
+use grok_shared::model::Device;
 use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
 use grok_shared::sampling::{
     logprob_of, sample, top_logprobs, Penalties, Rng, SamplingParams, SeenTokens,
@@ -64,8 +65,9 @@ struct Undo {
 }
 
 pub struct Engine {
-    model: Model,
-    kv: KvCache,
+    config: grok_shared::config::ModelConfig,
+    /// The model shard and its KV cache, on the CPU or a GPU.
+    shard: Shard,
     layout: Layout,
     place: RankPlace,
     world: TcpComm,
@@ -77,8 +79,6 @@ pub struct Engine {
     placement: Placement,
     /// What was loaded: a later `Load` asking for the same shard only reconnects.
     loaded: LoadedShard,
-    #[cfg(feature = "cuda")]
-    cuda: Option<CudaState>,
 }
 
 /// The identity of a loaded shard.
@@ -89,13 +89,6 @@ pub struct LoadedShard {
     pub rank: usize,
     pub kv_blocks: usize,
     pub block_size: usize,
-}
-
-/// The model on a GPU (one device, tp = pp = 1) and one KV cache per sequence.
-#[cfg(feature = "cuda")]
-struct CudaState {
-    model: grok_shared::backend::cuda::CudaModel,
-    caches: HashMap<u64, grok_shared::backend::cuda::model::CudaSequence>,
 }
 
 /// Resident set size of this process, from /proc (0 where unavailable).
@@ -396,50 +389,37 @@ impl Engine {
         if layout.dp_attention {
             model.dispatch = Some(dispatch_of(&layout, &placement, &spec.live_ranks)?);
         }
-        #[cfg(feature = "cuda")]
-        let cuda = match spec.cuda_device {
-            None => None,
+        let shard = match spec.cuda_device {
+            None => {
+                std::hint::black_box(touch(&model));
+                let kv = KvCache::try_new(&model, spec.kv_blocks, spec.block_size)?;
+                Shard::Cpu { model, kv }
+            }
+            #[cfg(feature = "cuda")]
             Some(n) => {
-                if layout.tp != 1 || layout.pp != 1 {
-                    return Err(EngineError::Invalid(format!(
-                        "CUDA workers run the whole model on one GPU in this version (tp=1 pp=1), not tp={} pp={}",
-                        layout.tp, layout.pp
-                    )));
-                }
+                use grok_shared::backend::cuda::{Cuda, CudaBackend, CudaKv};
                 progress("loading", 0.5, format!("uploading to cuda:{n}"));
                 // The model owns its device: a reload opens it again, the old one is freed.
                 let be = std::sync::Arc::new(
-                    grok_shared::backend::cuda::CudaBackend::open(n)
-                        .map_err(|e| EngineError::Invalid(e.to_string()))?,
+                    CudaBackend::open(n).map_err(|e| EngineError::Invalid(e.to_string()))?,
                 );
-                let max_len =
-                    (spec.kv_blocks * spec.block_size).min(ck.config.max_position_embeddings);
-                let m = grok_shared::backend::cuda::CudaModel::load(
-                    be,
-                    &ck,
-                    &layout.shard(&ck.config, spec.rank),
-                    max_len,
-                )
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
-                Some(CudaState {
-                    model: m,
-                    caches: HashMap::new(),
-                })
+                let (model, _) = Model::upload(model, Cuda { be })?;
+                let kv = CudaKv::new(&model, spec.kv_blocks, spec.block_size)?;
+                Shard::Cuda { model, kv }
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some(n) => {
+                return Err(EngineError::Invalid(format!(
+                    "cuda:{n}: this build has no CUDA support (build with --features cuda)"
+                )))
             }
         };
-        #[cfg(not(feature = "cuda"))]
-        if let Some(n) = spec.cuda_device {
-            return Err(EngineError::Invalid(format!(
-                "cuda:{n}: this build has no CUDA support (build with --features cuda)"
-            )));
-        }
-        std::hint::black_box(touch(&model));
-        let kv = KvCache::try_new(&model, spec.kv_blocks, spec.block_size)?;
-        let bytes = model.weight_bytes() as u64;
+        let bytes = shard.weight_bytes() as u64;
+        let config = ck.config.clone();
         Ok((
             Engine {
-                model,
-                kv,
+                config,
+                shard,
                 layout,
                 place,
                 world,
@@ -454,8 +434,6 @@ impl Engine {
                     kv_blocks: spec.kv_blocks,
                     block_size: spec.block_size,
                 },
-                #[cfg(feature = "cuda")]
-                cuda,
             },
             bytes,
         ))
@@ -468,7 +446,7 @@ impl Engine {
             return;
         }
         self.grammars = (self.samples() && !tokenizer.is_empty()).then(|| {
-            let c = &self.model.config;
+            let c = &self.config;
             Grammars::new(tokenizer, c.vocab_size, c.eos_token_id)
         });
     }
@@ -478,7 +456,7 @@ impl Engine {
     }
 
     pub fn weight_bytes(&self) -> u64 {
-        self.model.weight_bytes() as u64
+        self.shard.weight_bytes() as u64
     }
 
     pub fn loaded(&self) -> &LoadedShard {
@@ -508,7 +486,7 @@ impl Engine {
         let placement = if placement.is_empty() && self.layout.dp_attention {
             self.placement.clone()
         } else {
-            placement_for(&self.layout, &self.model.config, placement)?
+            placement_for(&self.layout, &self.config, placement)?
         };
         let (group_rank, group) = dp_group(&self.layout, self.place.rank, live_ranks)?;
         let tp_group = if self.layout.dp_attention {
@@ -543,10 +521,18 @@ impl Engine {
                 dir: dir.display().to_string(),
                 why: e.to_string(),
             })?;
-            let shard = self
+            let spec = self
                 .layout
-                .shard_placed(&self.model.config, self.place.rank, &placement);
-            loaded = self.model.set_experts(&ck, &shard.experts)?;
+                .shard_placed(&self.config, self.place.rank, &placement);
+            loaded = match &mut self.shard {
+                Shard::Cpu { model, .. } => model.set_experts(&ck, &spec.experts)?,
+                #[cfg(feature = "cuda")]
+                Shard::Cuda { .. } => {
+                    return Err(EngineError::Invalid(
+                        "a new placement of the experts is loaded in place on CPU workers only; restart this CUDA worker to load it".into(),
+                    ))
+                }
+            };
             self.placement = placement;
         }
         let tp_rank = if self.layout.dp_attention {
@@ -560,12 +546,8 @@ impl Engine {
         };
         self.world = TcpComm::connect(group_rank, world_peers, world_listener, cfg())?;
         self.tp = TcpComm::connect(tp_rank, tp_peers, tp_listener, cfg())?;
-        self.model.dispatch = dispatch;
+        with_shard!(&mut self.shard, |m, _kv| m.dispatch = dispatch);
         self.seqs.clear();
-        #[cfg(feature = "cuda")]
-        if let Some(c) = &mut self.cuda {
-            c.caches.clear();
-        }
         Ok(loaded)
     }
 
@@ -598,67 +580,13 @@ impl Engine {
         res
     }
 
-    /// One step on the GPU: each sequence runs with its own KV cache swapped into the model.
-    #[cfg(feature = "cuda")]
-    fn cuda_step(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
-        let mut res = pb::StepResult::default();
-        let v = self.model.config.vocab_size;
-        let masks = self
-            .start_masks(plan)
-            .map(grammar::Pending::finish)
-            .unwrap_or_default();
-        let cuda = self.cuda.as_mut().expect("checked by the caller");
-        let err = |e: grok_shared::backend::cuda::CudaError| EngineError::Invalid(e.to_string());
-        for s in &plan.seqs {
-            let mut seq = match cuda.caches.remove(&s.seq_id) {
-                Some(c) => c,
-                None => cuda.model.new_sequence().map_err(err)?,
-            };
-            cuda.model.swap_sequence(&mut seq);
-            let out = cuda.model.forward(
-                &s.tokens,
-                s.start_pos as usize,
-                s.return_logits || s.score_prompt,
-            );
-            cuda.model.swap_sequence(&mut seq);
-            cuda.caches.insert(s.seq_id, seq);
-            let logits = out.map_err(err)?;
-            if s.return_logits {
-                res.logits.extend_from_slice(&logits);
-            }
-            if s.score_prompt {
-                res.prompt_logprobs.extend(score_prompt(s, &logits, v));
-            }
-            if let Some(st) = self.seqs.get_mut(&s.seq_id) {
-                st.record(s);
-            }
-            if s.sample {
-                let row = &logits[logits.len() - v..];
-                res.tokens
-                    .push(sample_step(&self.seqs[&s.seq_id], s, row, &masks));
-            }
-        }
-        // The whole model is on this device: its counts are every layer's, and its experts
-        // computed every routed row.
-        let counts = cuda.model.take_expert_counts();
-        let ne = self.model.config.num_experts;
-        let mut served = vec![0u64; ne];
-        for (i, c) in counts.iter().enumerate() {
-            served[i % ne] += c;
-        }
-        res.expert_counts = counts;
-        res.first_layer = 0;
-        res.expert_served = served;
-        Ok(res)
-    }
-
     /// Checks the plan's sequences against the engine's state (new sequences need valid
     /// sampling parameters, block ids must lie in the cache, a table never holds more blocks
     /// than the cache has, a sequence appears once) and then, only if all of it holds, records
     /// the new sequences and blocks. What it returns undoes that, for a plan the model then
     /// refuses: a refused plan leaves no trace.
     fn admit(&mut self, plan: &pb::StepPlan) -> Result<Undo, EngineError> {
-        let blocks = self.kv.num_blocks;
+        let blocks = self.shard.kv_blocks();
         let mut seen = std::collections::HashSet::with_capacity(plan.seqs.len());
         let mut fresh = Vec::new();
         for s in &plan.seqs {
@@ -701,7 +629,7 @@ impl Engine {
                         min_tokens: sp.min_tokens,
                         stop_ids: sp.min_tokens_stop_ids.clone(),
                     };
-                    p.validate(self.model.config.vocab_size)
+                    p.validate(self.config.vocab_size)
                         .map_err(|e| EngineError::Invalid(format!("sequence {}: {e}", s.seq_id)))?;
                     let penalties = p.is_active().then(|| {
                         Box::new(PenaltyState {
@@ -729,7 +657,7 @@ impl Engine {
             };
             if let Some(t) = s
                 .next_token
-                .filter(|&t| t as usize >= self.model.config.vocab_size)
+                .filter(|&t| t as usize >= self.config.vocab_size)
             {
                 return Err(EngineError::Invalid(format!(
                     "sequence {}: next token {t} is outside the vocabulary",
@@ -804,10 +732,13 @@ impl Engine {
     /// the step fails with this error and not with a collective's deadline.
     fn refuse_in_step(&mut self, e: EngineError) -> EngineError {
         if self.layout.dp_attention {
-            if let Err(c) = self
-                .model
-                .forward_layers(&mut Vec::new(), &[], &mut self.kv, &self.tp)
-            {
+            let tp = &self.tp;
+            let r: Result<(), grok_shared::model::ModelError> =
+                with_shard!(&mut self.shard, |m, kv| m
+                    .dev
+                    .zeros(0)
+                    .and_then(|mut h| m.forward_layers(&mut h, &[], kv, tp)));
+            if let Err(c) = r {
                 return EngineError::Invalid(format!("{e}; then, serving the experts: {c}"));
             }
         }
@@ -817,10 +748,6 @@ impl Engine {
     fn step_inner(&mut self, plan: &pb::StepPlan) -> Result<pb::StepResult, EngineError> {
         for id in &plan.free_seqs {
             self.seqs.remove(id);
-            #[cfg(feature = "cuda")]
-            if let Some(c) = &mut self.cuda {
-                c.caches.remove(id);
-            }
         }
         let mut res = pb::StepResult::default();
         // With data-parallel attention a rank with no sequence in a step still serves its
@@ -832,10 +759,6 @@ impl Engine {
             Ok(u) => u,
             Err(e) => return Err(self.refuse_in_step(e)),
         };
-        #[cfg(feature = "cuda")]
-        if self.cuda.is_some() {
-            return self.cuda_step(plan);
-        }
         let want = |s: &pb::SeqStep| {
             if s.return_logits || s.score_prompt {
                 WantLogits::All
@@ -860,50 +783,38 @@ impl Engine {
                 })
                 .collect()
         }
-        if let Err(e) = self
-            .model
-            .check_batch(&inputs(plan, &self.seqs, want), &self.kv)
-        {
+        let checked: Result<(), grok_shared::model::ModelError> = {
+            let inputs = inputs(plan, &self.seqs, want);
+            with_shard!(&self.shard, |m, kv| m.check_batch(&inputs, kv))
+        };
+        if let Err(e) = checked {
             self.undo(undo);
             return Err(self.refuse_in_step(e.into()));
         }
         let pending = self.start_masks(plan);
         let inputs = inputs(plan, &self.seqs, want);
-        let d = self.model.config.emb_size;
-        let rows: usize = inputs.iter().map(|s| s.tokens.len()).sum();
         let tp = self.layout.tp;
-        let mut h = if self.place.stage == 0 {
-            self.model.embed_tokens(&inputs)?
-        } else {
-            let mut h = vec![0f32; rows * d];
-            self.world.recv(&mut h, self.place.rank - tp)?;
-            h
+        let route = Route {
+            prev: (self.place.stage > 0).then(|| self.place.rank - tp),
+            next: (!self.is_last_stage()).then(|| self.place.rank + tp),
+            samples: self.samples(),
+            world: &self.world,
+            tp: &self.tp,
         };
-        self.model
-            .forward_layers(&mut h, &inputs, &mut self.kv, &self.tp)?;
+        let out = with_shard!(&mut self.shard, |m, kv| run_pass(m, kv, &inputs, &route))?;
         // Tokens routed to each expert of this stage's layers: every tensor rank routes the
         // same tokens, so tensor rank 0 reports them (the others only reset their counts);
         // with data-parallel attention each rank routes its own.
-        let counts = self.model.take_expert_counts();
-        res.expert_served = self.model.take_expert_served();
+        res.expert_served = out.served;
         if self.place.tp_rank == 0 || self.layout.dp_attention {
-            res.expert_counts = counts;
-            res.first_layer = self.model.shard.layers.start as u32;
+            res.expert_counts = out.counts;
+            res.first_layer = out.first_layer as u32;
         }
-        if !self.is_last_stage() {
-            self.world.send(&h, self.place.rank + tp)?;
+        let Some(logits) = out.logits else {
             return Ok(res);
-        }
-        if !self.samples() {
-            return Ok(res);
-        }
-        let lrows = grok_shared::model::logit_rows(&inputs);
-        if lrows.is_empty() {
-            return Ok(res);
-        }
-        let logits = self.model.logits(&h, &lrows)?;
+        };
         let masks = pending.map(grammar::Pending::finish).unwrap_or_default();
-        let v = self.model.config.vocab_size;
+        let v = self.config.vocab_size;
         // The step's tokens precede the tokens it samples: the penalties count them first.
         for s in &plan.seqs {
             if let Some(st) = self.seqs.get_mut(&s.seq_id) {

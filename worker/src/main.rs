@@ -54,8 +54,8 @@ struct Args {
     /// Give up when the coordinator cannot be reached for this long.
     #[arg(long, default_value_t = 60)]
     register_timeout_s: u64,
-    /// Select the compute device: cpu, or cuda:N (a build with --features cuda; on CUDA the
-    /// worker holds the whole model on one GPU, layouts tp=1 pp=1).
+    /// Select the compute device: cpu, or cuda:N (a build with --features cuda; any layout:
+    /// the shard and its KV cache in the GPU's memory, collectives staged through the host).
     #[arg(long, default_value = "cpu")]
     device: String,
     #[command(flatten)]

@@ -189,21 +189,13 @@ impl Replica {
             max_seqs: cfg.max_seqs,
             block_size: cfg.block_size,
         };
-        // Prefix caching needs the workers' paged KV cache (the CUDA model keeps one cache per
-        // sequence).
-        let world = cfg.layout.world_size();
-        let cpu = lock(&cluster.workers)[ri * world..(ri + 1) * world]
-            .iter()
-            .flatten()
-            .all(|w| !w.device.starts_with("cuda"));
         // Data-parallel attention: a KV cache per worker, each running its own sequences.
         let ranks = match (&live, cfg.layout.dp_attention) {
             (Some(l), true) => l.len(),
             (None, true) => cfg.layout.world_size(),
             _ => 1,
         };
-        let mut sched =
-            Scheduler::with_ranks(budget, ranks, cfg.kv_blocks, cfg.prefix_caching && cpu);
+        let mut sched = Scheduler::with_ranks(budget, ranks, cfg.kv_blocks, cfg.prefix_caching);
         let parked = std::mem::take(&mut *lock(&cluster.parked));
         let resumed = parked.len();
         for p in parked {

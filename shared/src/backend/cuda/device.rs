@@ -8,11 +8,35 @@
 //! f32 products (`attn_paged_f32`), so logits agree with the CPU pass within rounding, not bit
 //! for bit.
 
-use super::model::upload_lin;
-use super::{guarded, CudaBackend, CudaError, CudaSlice, DeviceLinear};
+use super::{guarded, CudaBackend, CudaError, CudaSlice, DeviceLinear, DeviceWeights};
+use crate::backend::cpu::{Linear, Weights};
 use crate::model::{Cpu, Device, Expert, Heads, Layer, Model, ModelError, SeqInput};
+use half::bf16;
 use std::ops::Range;
 use std::sync::Arc;
+
+/// A weight matrix on the device; f32 weights become bf16 (`converted` says so).
+fn upload_lin(
+    be: &CudaBackend,
+    name: &str,
+    lin: &Linear,
+    converted: &mut bool,
+) -> Result<DeviceLinear, CudaError> {
+    if let Weights::F32(w) = &lin.w {
+        *converted = true;
+        let b: Vec<u16> = w
+            .as_slice()
+            .iter()
+            .map(|v| bf16::from_f32(*v).to_bits())
+            .collect();
+        return Ok(DeviceLinear {
+            out_features: lin.out_features,
+            in_features: lin.in_features,
+            weights: DeviceWeights::Bf16(be.upload(name, &b)?),
+        });
+    }
+    be.upload_linear(name, lin)
+}
 
 fn err(e: CudaError) -> ModelError {
     ModelError::Device(e.to_string())
@@ -415,9 +439,8 @@ impl Model<Cuda> {
     pub fn upload(cpu: Model<Cpu>, dev: Cuda) -> Result<(Self, bool), ModelError> {
         let be = dev.be.clone();
         let mut conv = false;
-        let lin = |name: &str, l: &crate::backend::cpu::Linear, conv: &mut bool| {
-            upload_lin(&be, name, l, conv).map_err(err)
-        };
+        let lin =
+            |name: &str, l: &Linear, conv: &mut bool| upload_lin(&be, name, l, conv).map_err(err);
         let vec = |name: &str, v: &[f32]| be.upload(name, v).map_err(err);
         let embed = match &cpu.embed {
             Some(e) => Some(lin("embedding", e, &mut conv)?),

@@ -17,7 +17,6 @@
 //! kernel surfaces at the next synchronising call, which [`CudaBackend::synchronize`] names.
 
 pub mod device;
-pub mod model;
 mod nvrtc;
 mod ops;
 
@@ -26,7 +25,6 @@ pub use cudarc::cublas::CudaBlas;
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
 pub use device::{Cuda, CudaBuf, CudaKv};
 pub use half::bf16;
-pub use model::CudaModel;
 pub use nvrtc::{compile_kernels, nvrtc_version, CompiledKernels};
 pub use ops::{DeviceLinear, DeviceWeights};
 pub use shapes::{GemvKernel, GemvWeights, LaunchShape};

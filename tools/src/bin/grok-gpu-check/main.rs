@@ -4,7 +4,7 @@
 //! every kernel against the CPU backend at Grok-1 widths (GEMV bf16/int8 on tensor cores and on
 //! CUDA cores, RMSNorm, RoPE, GELU gate, router top-2, decode attention against an f64 loop),
 //! times the GEMVs and a cuBLAS bf16 GEMM, writes `DIR/gpu_check.json` and prints a table last.
-//! Group `model` runs the whole forward pass ([`CudaModel`](grok_shared::backend::cuda::CudaModel))
+//! Group `model` runs the whole forward pass (`Model<Cuda>`, one sequence)
 //! against the CPU `Model` on small random bf16/int8/f32 checkpoints (prefill, decode, greedy and
 //! seeded generation); `model-perf` writes a one-layer Grok-1 checkpoint to a temporary folder
 //! and times decode (batch 1) and a 512-token prefill against the copy roofline.

@@ -1,10 +1,11 @@
 //! The whole forward pass on CUDA against the CPU `Model`, and its speed.
 
 use crate::common::*;
-use grok_shared::backend::cuda::{CudaBackend, CudaError};
+use grok_shared::backend::cuda::{Cuda, CudaBackend, CudaError, CudaKv};
+use grok_shared::collective::SingleRank;
 use grok_shared::config::ModelConfig;
-use grok_shared::model::{Model, ShardSpec};
-use grok_shared::sampling::Rng;
+use grok_shared::model::{Model, SeqInput, WantLogits};
+use grok_shared::sampling::{sample, Rng, SamplingParams};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,6 +13,86 @@ use std::time::Instant;
 // ---------------------------------------------------------------------------------------------
 // Model: the whole forward pass on CUDA against the CPU Model on the same checkpoint
 // ---------------------------------------------------------------------------------------------
+
+/// One sequence on the CUDA device through the one forward pass (`Model<Cuda>` over a paged
+/// cache whose table is the first blocks in order): what the model checks drive.
+pub(crate) struct OneSeq {
+    m: Model<Cuda>,
+    kv: CudaKv,
+    table: Vec<u32>,
+    /// Whether f32 checkpoint weights were converted to bf16 on upload.
+    pub(crate) converted_f32: bool,
+    pub(crate) weight_bytes: usize,
+    pub(crate) active_bytes_per_token: f64,
+}
+
+impl OneSeq {
+    /// The whole model of `ckpt` on the device, with room for `max_len` positions.
+    pub(crate) fn load(
+        be: std::sync::Arc<CudaBackend>,
+        ckpt: &grok_shared::formats::checkpoint::Checkpoint,
+        max_len: usize,
+    ) -> Result<Self, CudaError> {
+        let cpu = Model::load(ckpt).map_err(|e| io_err("load the model", e))?;
+        let active = cpu.active_weight_bytes_per_token();
+        let (m, conv) = Model::upload(cpu, Cuda { be }).map_err(|e| io_err("upload", e))?;
+        let blocks = max_len.div_ceil(16).max(1);
+        let kv = CudaKv::new(&m, blocks, 16).map_err(|e| io_err("device cache", e))?;
+        Ok(OneSeq {
+            weight_bytes: m.device_weight_bytes(),
+            m,
+            kv,
+            table: (0..blocks as u32).collect(),
+            converted_f32: conv,
+            active_bytes_per_token: active,
+        })
+    }
+
+    /// Runs `tokens` at `start..`: the logits of every token (`all`) or of the last one.
+    pub(crate) fn forward(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        all: bool,
+    ) -> Result<Vec<f32>, CudaError> {
+        let seq = SeqInput {
+            tokens,
+            start_pos: start,
+            block_table: &self.table,
+            want: if all {
+                WantLogits::All
+            } else {
+                WantLogits::Last
+            },
+        };
+        self.m
+            .forward(&[seq], &mut self.kv, &SingleRank)
+            .map_err(|e| io_err("device forward", e))
+    }
+
+    /// Prefill, then sample `max_new` tokens with the CPU generator's per-position streams.
+    pub(crate) fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        params: &SamplingParams,
+    ) -> Result<Vec<u32>, CudaError> {
+        let mut row = self.forward(prompt, 0, false)?;
+        let mut pos = prompt.len();
+        let mut ids = Vec::new();
+        while ids.len() < max_new {
+            let mut rng = Rng::for_token(params.seed, pos);
+            let s = sample(&row, params, &mut rng);
+            ids.push(s.id);
+            if ids.len() == max_new || pos + 1 >= self.table.len() * 16 {
+                break;
+            }
+            row = self.forward(&[s.id], pos, false)?;
+            pos += 1;
+        }
+        Ok(ids)
+    }
+}
 
 /// A fresh temporary folder (removed by the caller).
 pub(crate) fn temp_model_dir(label: &str) -> PathBuf {
@@ -84,11 +165,8 @@ pub(crate) fn model_check(
     args: &Args,
     rep: &mut Report,
 ) -> Result<(), CudaError> {
-    use grok_shared::backend::cuda::CudaModel;
-    use grok_shared::collective::SingleRank;
     use grok_shared::formats::genmodel::{self, GenDType};
-    use grok_shared::model::{BlockAllocator, KvCache, SeqInput, WantLogits};
-    use grok_shared::sampling::SamplingParams;
+    use grok_shared::model::{BlockAllocator, KvCache};
     let c = model_test_config();
     let vocab = c.vocab_size;
     // A prompt that starts with the pad id (position 0 sees only masked keys: the uniform
@@ -157,7 +235,7 @@ pub(crate) fn model_check(
         }
         drop(cpu);
         // CUDA: prefill with all logits, then decode the CPU's ids one by one.
-        let mut gm = CudaModel::load(std::sync::Arc::clone(be), &ckpt, &ShardSpec::full(&c), 64)?;
+        let mut gm = OneSeq::load(std::sync::Arc::clone(be), &ckpt, 64)?;
         let mut got = gm.forward(&prompt, 0, true)?;
         for (i, &id) in out.ids[..steps - 1].iter().enumerate() {
             got.extend(gm.forward(&[id], prompt.len() + i, false)?);
@@ -217,8 +295,7 @@ pub(crate) fn model_check(
                     &SingleRank,
                 )
                 .map_err(|e| io_err("CPU forward", e))?;
-            let mut gl =
-                CudaModel::load(std::sync::Arc::clone(be), &ckpt, &ShardSpec::full(&c), 128)?;
+            let mut gl = OneSeq::load(std::sync::Arc::clone(be), &ckpt, 128)?;
             let got = gl.forward(&long, 0, true)?;
             let rel = per_row_rel(&got, &want, vocab);
             rep.check(
@@ -230,7 +307,7 @@ pub(crate) fn model_check(
             );
         }
         // Greedy generation on CUDA against the CPU's ids.
-        let ids = gm.generate(&prompt, steps, &SamplingParams::default(), false)?;
+        let ids = gm.generate(&prompt, steps, &SamplingParams::default())?;
         let mut agree = 0;
         let mut clear_disagree = 0;
         let mut margins = Vec::new();
@@ -269,7 +346,7 @@ pub(crate) fn model_check(
         let out2 = grok_shared::generate::generate(&cpu2, &prompt, &opts2, |_| {})
             .map_err(|e| io_err("CPU generate", e))?;
         drop(cpu2);
-        let ids2 = gm.generate(&prompt, steps, &sp, false)?;
+        let ids2 = gm.generate(&prompt, steps, &sp)?;
         let pass = clear_disagree == 0 || name == "f32";
         println!(
             "  [{}] model      {name} greedy: cuda {ids:?} cpu {:?} ({agree}/{steps} agree; top-2 margins {margins:?}); sampled t=0.8 seed 7: cuda {ids2:?} cpu {:?}",
@@ -302,7 +379,6 @@ pub(crate) fn model_perf(
     args: &Args,
     rep: &mut Report,
 ) -> Result<(), CudaError> {
-    use grok_shared::backend::cuda::CudaModel;
     use grok_shared::formats::genmodel::{self, GenDType};
     let layers = 1;
     let c = ModelConfig::preset("grok-1", Some(layers)).expect("grok-1 preset");
@@ -336,7 +412,7 @@ pub(crate) fn model_perf(
         let ckpt = grok_shared::formats::checkpoint::Checkpoint::open(&dir)
             .map_err(|e| io_err("open the grok-1 model", e))?;
         let t1 = Instant::now();
-        let mut gm = CudaModel::load(std::sync::Arc::clone(be), &ckpt, &ShardSpec::full(&c), 1024)?;
+        let mut gm = OneSeq::load(std::sync::Arc::clone(be), &ckpt, 1024)?;
         be.synchronize("upload")?;
         let load_s = t1.elapsed().as_secs_f64();
         drop(ckpt);
@@ -359,9 +435,7 @@ pub(crate) fn model_perf(
         // DRAM roofline: the copy's bytes moved (read + write) per second.
         let roof_s = active / (copy_gbps * 1e9);
         // Prefill of 512 tokens.
-        gm.reset();
-        gm.forward(&prompt[..64], 0, false)?; // warm-up
-        gm.reset();
+        gm.forward(&prompt[..64], 0, false)?; // warm-up (positions are overwritten)
         let t = Instant::now();
         gm.forward(&prompt[..512], 0, false)?;
         let prefill_s = t.elapsed().as_secs_f64();
@@ -397,7 +471,7 @@ pub(crate) fn model_perf(
             "copy_gbps_read_plus_write": copy_gbps}),
         );
     }
-    rep.top.insert("model_perf".into(), json!({"note": "batch 1 only (CudaModel runs one sequence); prefill through the tensor-core GEMV in passes of 64 rows (weights re-read per pass), not a GEMM",
+    rep.top.insert("model_perf".into(), json!({"note": "batch 1 (one sequence through the one forward pass on the device); prefill through the tensor-core GEMV in passes of 64 rows (weights re-read per pass), not a GEMM",
         "rows": rows}));
     Ok(())
 }

@@ -90,7 +90,8 @@ impl CudaBackend {
         static_bytes: usize,
         keys: usize,
     ) -> Result<(), CudaError> {
-        if smem <= shapes::DEFAULT_MAX_DYNAMIC_SMEM {
+        // Without the opt-in, static and dynamic shared memory share the default 48 KiB.
+        if smem + static_bytes <= shapes::DEFAULT_MAX_DYNAMIC_SMEM {
             return Ok(());
         }
         let max = self.info().max_shared_mem_per_block_optin.max(0) as usize;
@@ -706,7 +707,8 @@ impl CudaBackend {
         let smem = max_end * 8 + warps * hd * 4;
         shape.grid = (nq as u32, t as u32, 1);
         shape.shared_mem_bytes = smem as u32;
-        if t == 0 || cap <= 0.0 || g == 0 || block_size == 0 {
+        // Rows go on the grid's y dimension.
+        if t == 0 || t > 65_535 || cap <= 0.0 || g == 0 || block_size == 0 {
             return Err(CudaError::invalid(
                 op,
                 format!("{t} rows, soft-cap {cap}, group {g}, block size {block_size}"),

@@ -2,7 +2,7 @@
 # GPU host check of the CUDA backend, in one run (a few minutes):
 #   scripts/gpu-check.sh OUT [--quick]
 # Run from the repository root of a copy that holds the prebuilt binaries in dist/
-# (dist/grok-gpu-check: `cargo build --release --features grok-tools/cuda --bin grok-gpu-check`).
+# (scripts/build-dist.sh builds them, stripped, with dist/COMMIT).
 # Needs the NVIDIA driver; NVRTC and cuBLAS 13 from a CUDA toolkit or the Python nvidia-* wheels;
 # python3 with PyTorch for the baseline. No Rust, no network.
 #
@@ -11,6 +11,9 @@
 #   2. nvidia-smi;
 #   3. dist/grok-gpu-check --out OUT (OUT/gpu_check.json); if a kernel fault loses the CUDA
 #      context (exit 3), the groups not yet run are run again in a new process (OUT/rerunN/);
+#   3b. scripts/gpu-serve-check.sh: CUDA clusters in every layout against the CPU;
+#   3c. scripts/gpu-serve-bench.sh: bench serve at concurrency 1, 8, 64 (OUT/serve_bench.json);
+#   3d. scripts/gpu_summary.py: OUT/gpu_summary.json;
 #   4. python3 scripts/gpu_torch_bench.py --out OUT (OUT/torch_bench.json);
 #   5. a table of our GEMV against PyTorch eager.
 set -u
@@ -151,6 +154,13 @@ fi
 
 step "3b. serving on CUDA (grok-worker --device cuda:0 against the CPU run)"
 GROK_LD_READY=1 timeout 300 scripts/gpu-serve-check.sh "$OUT" || FAILED+=("gpu-serve-check")
+
+if [ -z "${GPU_CHECK_ONLY:-}" ]; then
+  step "3c. serving benchmark on CUDA (bench serve at concurrency 1, 8 and 64)"
+  GROK_LD_READY=1 timeout 300 scripts/gpu-serve-bench.sh "$OUT" || FAILED+=("gpu-serve-bench")
+  step "3d. summary (OUT/gpu_summary.json)"
+  python3 scripts/gpu_summary.py "$OUT" || FAILED+=("summary")
+fi
 
 # GPU_CHECK_ONLY=groups runs only those groups of grok-gpu-check and skips steps 4-5.
 if [ -n "${GPU_CHECK_ONLY:-}" ]; then

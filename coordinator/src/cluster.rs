@@ -29,6 +29,7 @@ pub struct WorkerEntry {
     pub fraction: f32,
     pub weight_bytes: u64,
     pub resident_bytes: u64,
+    pub kv_bytes: u64,
     pub step_seconds: f64,
     pub comm_seconds: f64,
     pub comm_bytes: u64,
@@ -202,6 +203,8 @@ impl Cluster {
                     step_seconds: w.step_seconds,
                     comm_seconds: w.comm_seconds,
                     comm_bytes: w.comm_bytes,
+                    kv_bytes: w.kv_bytes,
+                    device: w.device.clone(),
                     steps: w.steps,
                     replica: replica as u32,
                 }

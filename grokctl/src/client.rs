@@ -84,7 +84,7 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
         s.pipelined_steps
     );
     out += &format!(
-        "{:<5} {:<7} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10} {:>10}  {}\n",
+        "{:<5} {:<7} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>10} {:>10} {:>10}  {}\n",
         "RANK",
         "REPLICA",
         "STAGE",
@@ -94,6 +94,7 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
         "HEADS",
         "WORKER",
         "WEIGHTS",
+        "KV",
         "RSS",
         "EXPERTS"
     );
@@ -104,7 +105,7 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
             sh.state.clone()
         };
         out += &format!(
-            "{:<5} {:<7} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>8.1}MB {:>8.1}MB  {}\n",
+            "{:<5} {:<7} {:<6} {:<4} {:<10} {:<9} {:<22} {:<24} {:>8.1}MB {:>8.1}MB {:>8.1}MB  {}\n",
             sh.rank,
             sh.replica,
             sh.stage,
@@ -118,6 +119,7 @@ pub fn format_status(s: &pb::ClusterStatusResponse) -> String {
                 format!("{} {}", sh.worker_id, sh.address)
             },
             sh.weight_bytes as f64 / 1e6,
+            sh.kv_bytes as f64 / 1e6,
             sh.resident_bytes as f64 / 1e6,
             sh.experts
         );
@@ -179,7 +181,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
         "shards": s.shards.iter().map(|x| serde_json::json!({
             "rank": x.rank, "stage": x.stage, "tp_rank": x.tp_rank, "state": x.state, "detail": x.detail,
             "worker_id": x.worker_id, "address": x.address, "layers": x.layers, "heads": x.heads,
-            "experts": x.experts, "weight_bytes": x.weight_bytes, "resident_bytes": x.resident_bytes,
+            "experts": x.experts, "weight_bytes": x.weight_bytes, "kv_bytes": x.kv_bytes, "device": x.device, "resident_bytes": x.resident_bytes,
         })).collect::<Vec<_>>(),
     })
 }

@@ -459,6 +459,11 @@ impl Engine {
         self.shard.weight_bytes() as u64
     }
 
+    /// Bytes of the KV cache (in device memory for a GPU).
+    pub fn kv_bytes(&self) -> u64 {
+        self.shard.kv_bytes() as u64
+    }
+
     pub fn loaded(&self) -> &LoadedShard {
         &self.loaded
     }

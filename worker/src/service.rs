@@ -169,6 +169,7 @@ impl pb::worker_server::Worker for Svc {
                     detail: "reconnecting to replaced peers; weights kept".into(),
                     weight_bytes: 0,
                     resident_bytes: engine::resident_bytes(),
+                    kv_bytes: 0,
                 }));
                 engine.use_tokenizer(r.tokenizer);
                 match engine.reconnect(
@@ -190,6 +191,7 @@ impl pb::worker_server::Worker for Svc {
                         }
                         tracing::info!(rank = engine.rank(), "collectives reconnected");
                         let bytes = engine.weight_bytes();
+                        let kv_bytes = engine.kv_bytes();
                         *lock(&slot) = Slot::Ready(engine);
                         let _ = tx.blocking_send(Ok(pb::LoadProgress {
                             stage: "ready".into(),
@@ -197,6 +199,7 @@ impl pb::worker_server::Worker for Svc {
                             detail: String::new(),
                             weight_bytes: bytes,
                             resident_bytes: engine::resident_bytes(),
+                            kv_bytes,
                         }));
                     }
                     Err(e) => {
@@ -237,12 +240,14 @@ impl pb::worker_server::Worker for Svc {
                     detail,
                     weight_bytes: 0,
                     resident_bytes: engine::resident_bytes(),
+                    kv_bytes: 0,
                 }));
             });
             match res {
                 Ok((mut engine, bytes)) => {
                     tracing::info!(rank = engine.rank(), weight_bytes = bytes, "shard loaded");
                     engine.use_tokenizer(r.tokenizer);
+                    let kv_bytes = engine.kv_bytes();
                     *lock(&slot) = Slot::Ready(Box::new(engine));
                     let _ = tx.blocking_send(Ok(pb::LoadProgress {
                         stage: "ready".into(),
@@ -250,6 +255,7 @@ impl pb::worker_server::Worker for Svc {
                         detail: String::new(),
                         weight_bytes: bytes,
                         resident_bytes: engine::resident_bytes(),
+                        kv_bytes,
                     }));
                 }
                 Err(e) => {

@@ -42,6 +42,15 @@ impl Shard {
         }
     }
 
+    /// Bytes of the KV cache (in device memory for a GPU).
+    pub fn kv_bytes(&self) -> usize {
+        match self {
+            Shard::Cpu { kv, .. } => kv.bytes_per_token() * kv.num_blocks * kv.block_size,
+            #[cfg(feature = "cuda")]
+            Shard::Cuda { kv, .. } => kv.bytes(),
+        }
+    }
+
     /// KV blocks of the cache.
     pub fn kv_blocks(&self) -> usize {
         with_shard!(self, |m, kv| m.dev.kv_geometry(kv).0)

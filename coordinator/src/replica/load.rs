@@ -243,6 +243,7 @@ async fn follow_load(
                     w.resident_bytes = p.resident_bytes;
                     if ready {
                         w.weight_bytes = p.weight_bytes;
+                        w.kv_bytes = p.kv_bytes;
                     }
                 });
                 if ready {

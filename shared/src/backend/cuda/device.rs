@@ -42,6 +42,9 @@ fn err(e: CudaError) -> ModelError {
     ModelError::Device(e.to_string())
 }
 
+/// Device memory a KV cache leaves free for the activations and scratch buffers of a step.
+const KV_RESERVE: usize = 1 << 30;
+
 /// One CUDA device (an open context and stream, with the compiled kernels).
 #[derive(Clone)]
 pub struct Cuda {
@@ -83,6 +86,22 @@ impl CudaKv {
                 ))
             })?;
         let be = &model.dev.be;
+        // Refuse a cache the device cannot hold beside the weights and a working reserve for
+        // the activations, naming how many blocks would fit.
+        let layers = model.layers.len();
+        let per_block = block_size * (2 * 4 * width * layers + 4);
+        let need = num_blocks.saturating_mul(per_block);
+        let (free, _) = be.memory().map_err(err)?;
+        let room = free.saturating_sub(KV_RESERVE);
+        if need > room {
+            return Err(ModelError::Kv(format!(
+                "{num_blocks} blocks of {block_size} slots need {:.2} GB of device memory; {:.2} GB is free after the weights, less {:.1} GB kept for activations: at most {} blocks fit (lower --kv-blocks)",
+                need as f64 / 1e9,
+                free as f64 / 1e9,
+                KV_RESERVE as f64 / 1e9,
+                room / per_block.max(1)
+            )));
+        }
         let mut k = Vec::with_capacity(model.layers.len());
         let mut v = Vec::with_capacity(model.layers.len());
         for i in 0..model.layers.len() {

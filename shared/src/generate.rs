@@ -99,16 +99,14 @@ pub fn generate(
     } else {
         WantLogits::Last
     };
-    let logits = model.forward(
-        &[SeqInput {
-            tokens: prompt,
-            start_pos: 0,
-            block_table: &table,
-            want,
-        }],
-        &mut kv,
-        &SingleRank,
-    )?;
+    let seq = [SeqInput {
+        tokens: prompt,
+        start_pos: 0,
+        block_table: &table,
+        want,
+    }];
+    let kvr = &mut kv;
+    let logits = crate::threads::on_pool(|| model.forward(&seq, kvr, &SingleRank))?;
     let v = c.vocab_size;
     let last = logits[logits.len() - v..].to_vec();
     let prompt_logits = opts.prompt_logits.then_some(logits);
@@ -137,16 +135,17 @@ pub fn generate(
             break;
         }
         alloc.ensure(&mut table, pos + 1, bs)?;
-        row = model.forward(
-            &[SeqInput {
-                tokens: &[s.id],
-                start_pos: pos,
-                block_table: &table,
-                want: WantLogits::Last,
-            }],
-            &mut kv,
-            &SingleRank,
-        )?;
+        let id = [s.id];
+        let seq = [SeqInput {
+            tokens: &id,
+            start_pos: pos,
+            block_table: &table,
+            want: WantLogits::Last,
+        }];
+        // On a worker of the compute pool: its matmuls split without waking a thread from
+        // outside the pool for each one.
+        let kvr = &mut kv;
+        row = crate::threads::on_pool(|| model.forward(&seq, kvr, &SingleRank))?;
         pos += 1;
     }
     Ok(GenerateOutput {

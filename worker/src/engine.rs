@@ -571,7 +571,9 @@ impl Engine {
         let t = Instant::now();
         let c0 = self.world.comm_seconds() + self.tp.comm_seconds();
         let b0 = self.world.bytes_sent() + self.tp.bytes_sent();
-        let mut res = match self.step_inner(&plan) {
+        // On a thread of the compute pool: the step's parallel loops split there directly
+        // instead of each waking the pool from this thread.
+        let mut res = match grok_shared::threads::on_pool(|| self.step_inner(&plan)) {
             Ok(r) => r,
             Err(e) => pb::StepResult {
                 error: format!("rank {}: {e}", self.place.rank),

@@ -192,10 +192,28 @@ async fn cancellation_frees_blocks_and_full_queue_refuses() {
     assert_eq!(st.running_sequences, 0);
 
     // One running, one queued: the next is refused at once, and the running one is unharmed.
-    let long = tokio::spawn(run(cl.clone(), req(&[9, 9, 9], 300)));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // (The long request runs to the end of the context: the steps below wait on the status,
+    // not on a clock, so a fast machine cannot finish it before they are done.)
+    let long = tokio::spawn(run(cl.clone(), req(&[9, 9, 9], 500)));
+    let until = |what: &'static str, f: fn(&pb::ClusterStatusResponse) -> bool| {
+        let c = &c;
+        async move {
+            let t = Instant::now();
+            loop {
+                if f(&status(c).await) {
+                    return;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "{what} never happened"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    until("the long request running", |s| s.running_sequences == 1).await;
     let queued = tokio::spawn(run(cl.clone(), req(&[8, 8], 5)));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until("a request queued", |s| s.queued_requests == 1).await;
     let t = Instant::now();
     let refused = run(cl.clone(), req(&[7, 7], 5)).await.unwrap_err();
     assert_eq!(
@@ -205,7 +223,7 @@ async fn cancellation_frees_blocks_and_full_queue_refuses() {
     );
     assert!(t.elapsed() < Duration::from_secs(1));
     let (ids, finish, _) = long.await.unwrap().unwrap();
-    assert_eq!((ids.len(), finish.as_str()), (300, "length"));
+    assert_eq!((ids.len(), finish.as_str()), (500, "length"));
     assert_eq!(queued.await.unwrap().unwrap().0.len(), 5);
 }
 

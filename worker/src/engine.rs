@@ -2,6 +2,7 @@
 //! communicators, and runs the steps the coordinator plans, in order.
 
 use crate::grammar::{self, Grammars, SeqGrammar};
+use crate::group::{dispatch_of, dp_group, placement_for};
 use crate::shard::{run_pass, with_shard, Route, Shard};
 use grok_proto::v1 as pb;
 use grok_shared::backend::cpu::{Linear, Weights};
@@ -13,7 +14,7 @@ use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
 use grok_shared::sampling::{
     logprob_of, sample, top_logprobs, Penalties, Rng, SamplingParams, SeenTokens,
 };
-use grok_shared::sharding::{live_placement, Layout, Placement, RankPlace};
+use grok_shared::sharding::{Layout, Placement, RankPlace};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -244,69 +245,6 @@ pub struct LoadSpec<'a> {
     pub placement: Placement,
 }
 
-/// The placement a load asks for, checked: the given one, or the layout's round-robin one.
-fn placement_for(
-    layout: &Layout,
-    c: &grok_shared::config::ModelConfig,
-    given: &[Vec<usize>],
-) -> Result<Placement, EngineError> {
-    if !layout.dp_attention {
-        if !given.is_empty() {
-            return Err(EngineError::Invalid(
-                "an expert placement is for data-parallel attention only".into(),
-            ));
-        }
-        return Ok(Vec::new());
-    }
-    let p = if given.is_empty() {
-        layout.expert_ranks(c)
-    } else {
-        given.to_vec()
-    };
-    layout
-        .check_placement(c, &p)
-        .map_err(|e| EngineError::Invalid(format!("expert placement: {e}")))?;
-    Ok(p)
-}
-
-/// This rank's data-parallel attention group: its index among the ranks that serve, and
-/// their count (every rank of the replica when `live` is empty).
-fn dp_group(layout: &Layout, rank: usize, live: &[usize]) -> Result<(usize, usize), EngineError> {
-    if live.is_empty() {
-        return Ok((rank, layout.world_size()));
-    }
-    if !layout.dp_attention {
-        return Err(EngineError::Invalid(
-            "live ranks are for data-parallel attention only".into(),
-        ));
-    }
-    let mut sorted = live.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    if sorted.len() != live.len() || sorted.iter().any(|&r| r >= layout.world_size()) {
-        return Err(EngineError::Invalid(format!(
-            "live ranks {live:?} are not distinct ranks of the {} of the replica",
-            layout.world_size()
-        )));
-    }
-    let me = live.iter().position(|&r| r == rank).ok_or_else(|| {
-        EngineError::Invalid(format!("rank {rank} is not among the live ranks {live:?}"))
-    })?;
-    Ok((me, live.len()))
-}
-
-/// The experts' ranks in a data-parallel attention group of the `live` ranks (all: empty).
-fn dispatch_of(
-    layout: &Layout,
-    placement: &[Vec<usize>],
-    live: &[usize],
-) -> Result<grok_shared::model::ExpertDispatch, EngineError> {
-    let all: Vec<usize> = (0..layout.world_size()).collect();
-    let live = if live.is_empty() { &all[..] } else { live };
-    let ranks = live_placement(placement, live).map_err(EngineError::Invalid)?;
-    Ok(grok_shared::model::ExpertDispatch { ranks })
-}
-
 impl Engine {
     /// Connects the collectives, then loads the shard of `spec.rank`.
     pub fn load(
@@ -334,7 +272,8 @@ impl Engine {
         layout
             .validate(&ck.config)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        let (group_rank, group) = dp_group(&layout, spec.rank, &spec.live_ranks)?;
+        let (group_rank, group) =
+            dp_group(&layout, spec.rank, &spec.live_ranks).map_err(EngineError::Invalid)?;
         if spec.world_peers.len() != group || spec.rank >= layout.world_size() {
             return Err(EngineError::Invalid(format!(
                 "rank {} with {} peers does not match the layout's {} ranks",
@@ -372,7 +311,8 @@ impl Engine {
         };
         let world = TcpComm::connect(group_rank, &spec.world_peers, world_listener, cfg())?;
         let tp = TcpComm::connect(tp_rank, &spec.tp_peers, tp_listener, cfg())?;
-        let placement = placement_for(&layout, &ck.config, &spec.placement)?;
+        let placement =
+            placement_for(&layout, &ck.config, &spec.placement).map_err(EngineError::Invalid)?;
         let shard = if layout.dp_attention {
             layout.shard_placed(&ck.config, spec.rank, &placement)
         } else {
@@ -387,7 +327,9 @@ impl Engine {
             );
         })?;
         if layout.dp_attention {
-            model.dispatch = Some(dispatch_of(&layout, &placement, &spec.live_ranks)?);
+            model.dispatch = Some(
+                dispatch_of(&layout, &placement, &spec.live_ranks).map_err(EngineError::Invalid)?,
+            );
         }
         let shard = match spec.cuda_device {
             None => {
@@ -491,9 +433,10 @@ impl Engine {
         let placement = if placement.is_empty() && self.layout.dp_attention {
             self.placement.clone()
         } else {
-            placement_for(&self.layout, &self.config, placement)?
+            placement_for(&self.layout, &self.config, placement).map_err(EngineError::Invalid)?
         };
-        let (group_rank, group) = dp_group(&self.layout, self.place.rank, live_ranks)?;
+        let (group_rank, group) =
+            dp_group(&self.layout, self.place.rank, live_ranks).map_err(EngineError::Invalid)?;
         let tp_group = if self.layout.dp_attention {
             group
         } else {
@@ -509,7 +452,7 @@ impl Engine {
             )));
         }
         let dispatch = if self.layout.dp_attention {
-            Some(dispatch_of(&self.layout, &placement, live_ranks)?)
+            Some(dispatch_of(&self.layout, &placement, live_ranks).map_err(EngineError::Invalid)?)
         } else {
             None
         };

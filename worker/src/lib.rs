@@ -8,11 +8,13 @@
 //! - [`service`]: the `Worker` gRPC service (load, step, health, NCCL ids).
 //! - [`join`]: binding, registering (coordinator or etcd) and serving until shutdown.
 //! - [`engine`]: the shard, its KV cache and one step plan at a time.
+//! - `group`: a data-parallel attention rank's group (placement, live ranks, dispatch).
 //! - [`shard`]: the model shard and its KV cache on the CPU or a GPU, and a step's pass.
 //! - [`grammar`]: structured output on the sampling rank (token masks beside the forward pass).
 
 pub mod engine;
 pub mod grammar;
+mod group;
 mod join;
 mod service;
 pub mod shard;

@@ -1317,3 +1317,41 @@ async fn structured_output_holds_through_preemption_and_pipelining() {
         );
     }
 }
+
+/// Penalties count every prompt token, whichever step computed it: a prompt prefilled in
+/// chunks of 8 (the chunks before the last ask for no logits) gives the output of the prompt
+/// in one step, on one worker and with data-parallel attention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalties_see_the_whole_prompt_however_it_is_chunked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    model(&m);
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 7 % 23) as u32).collect();
+    let penalised = |mut r: pb::GenerateRequest| {
+        r.repetition_penalty = 3.0;
+        r.presence_penalty = 1.5;
+        r
+    };
+    let mut outs = vec![];
+    for args in [
+        &["--max-batch-tokens", "512"][..],
+        &["--max-batch-tokens", "8"][..],
+        &["--max-batch-tokens", "8", "--dp-attention", "--ep", "2"][..],
+    ] {
+        let c = up(&m, args);
+        let cl = client(&c).await;
+        let plain = run(cl.clone(), req(&prompt, 16)).await.unwrap().0;
+        let pen = run(cl.clone(), penalised(req(&prompt, 16)))
+            .await
+            .unwrap()
+            .0;
+        assert_ne!(plain, pen, "{args:?}: the penalties changed nothing");
+        outs.push((args, pen));
+    }
+    for (args, pen) in &outs[1..] {
+        assert_eq!(
+            pen, &outs[0].1,
+            "{args:?}: chunked prefill changed the penalised output"
+        );
+    }
+}

@@ -516,13 +516,15 @@ impl Engine {
         let b0 = self.world.bytes_sent() + self.tp.bytes_sent();
         // On a thread of the compute pool: the step's parallel loops split there directly
         // instead of each waking the pool from this thread.
-        let mut res = match grok_shared::threads::on_pool(|| self.step_inner(&plan)) {
-            Ok(r) => r,
-            Err(e) => pb::StepResult {
-                error: format!("rank {}: {e}", self.place.rank),
-                ..Default::default()
-            },
-        };
+        let span = tracing::Span::current();
+        let mut res =
+            match grok_shared::threads::on_pool(|| span.in_scope(|| self.step_inner(&plan))) {
+                Ok(r) => r,
+                Err(e) => pb::StepResult {
+                    error: format!("rank {}: {e}", self.place.rank),
+                    ..Default::default()
+                },
+            };
         res.step_id = plan.step_id;
         res.compute_seconds = t.elapsed().as_secs_f64();
         res.comm_seconds = self.world.comm_seconds() + self.tp.comm_seconds() - c0;
@@ -760,17 +762,21 @@ impl Engine {
             res.expert_counts = out.counts;
             res.first_layer = out.first_layer as u32;
         }
-        let Some(logits) = out.logits else {
+        if !self.samples() {
             return Ok(res);
-        };
-        let masks = pending.map(grammar::Pending::finish).unwrap_or_default();
-        let v = self.config.vocab_size;
-        // The step's tokens precede the tokens it samples: the penalties count them first.
+        }
+        // The step's tokens precede the tokens it samples: the penalties count them first,
+        // every step (a prompt chunk that asks for no logits too).
         for s in &plan.seqs {
             if let Some(st) = self.seqs.get_mut(&s.seq_id) {
                 st.record(s);
             }
         }
+        let Some(logits) = out.logits else {
+            return Ok(res);
+        };
+        let masks = pending.map(grammar::Pending::finish).unwrap_or_default();
+        let v = self.config.vocab_size;
         let mut off = 0;
         for s in &plan.seqs {
             let n = match want(s) {

@@ -223,7 +223,9 @@ pub async fn load_replica(
         shared.set_worker(base + r, |w| w.state = WorkerState::Ready);
     }
     let sampler = base + (l.pp - 1) * l.tp;
-    Ok(Workers::new(shared.clone(), links, sampler, l.dp_attention))
+    let mut w = Workers::new(shared.clone(), links, sampler, l.dp_attention);
+    w.placement = placement;
+    Ok(w)
 }
 
 /// Drains a load-progress stream into the worker's entry.

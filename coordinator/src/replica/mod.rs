@@ -60,8 +60,8 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
     if cluster.supervised[ri].swap(true, Ordering::AcqRel) {
         return;
     }
-    // When the fault being recovered from began.
-    let mut fault: Option<Instant> = None;
+    // When the fault being recovered from began (or the planned reload).
+    let mut fault: Option<Stopped> = None;
     let mut period = REJOIN_PERIOD;
     let mut ended = None;
     loop {
@@ -84,12 +84,14 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
             }
         };
         let replica = Replica::start(cluster.clone(), ri, workers, live);
-        if let Some(began) = fault.take() {
+        if let Some(Stopped { began, fault: was }) = fault.take() {
             let took = ended
                 .take()
                 .map_or(Duration::ZERO, |t: Instant| t.elapsed());
-            cluster.metrics.recovery.observe(took.as_secs_f64());
-            cluster.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
+            if was {
+                cluster.metrics.recovery.observe(took.as_secs_f64());
+                cluster.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::info!(
                 replica = ri,
                 "serving again {:.2} s after the fault ended ({:.2} s after it began)",
@@ -99,7 +101,7 @@ pub async fn supervise(cluster: Arc<Cluster>, ri: usize) {
             period = REJOIN_PERIOD;
         }
         match replica.run().await {
-            Some(began) => fault = Some(began),
+            Some(s) => fault = Some(s),
             None => break,
         }
     }
@@ -141,6 +143,14 @@ fn sampling_params(
             vec![]
         },
     }
+}
+
+/// Why and when a replica stopped serving: a fault, or a planned reload (its lost ranks are
+/// back, a new placement of the experts), which is neither counted against its requests nor
+/// as a recovery.
+struct Stopped {
+    began: Instant,
+    fault: bool,
 }
 
 /// A step sent to the workers whose result has not been applied yet.
@@ -253,38 +263,37 @@ impl Replica {
     /// With `pp` stages, up to `pp` steps are in flight, each over its own sequences: while
     /// the last stage works on one step, the stage before works on the next, and the loop
     /// applies each result as it arrives (in order) and sends the next step at once.
-    async fn run(mut self) -> Option<Instant> {
+    async fn run(mut self) -> Option<Stopped> {
         let depth = self.cluster.cfg.layout.pp.max(1);
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         loop {
-            let cap = self.cluster.cfg.max_seqs;
+            // The cap holds per rank with data-parallel attention.
+            let cap = self.cluster.cfg.max_seqs * self.sched.ranks();
             if self.sched.is_idle() && inflight.is_empty() {
                 self.update_gauges();
                 // Idle: a worker lost now is noticed before the next request needs it.
                 tokio::select! {
                     job = self.rx.recv() => match job {
                         Some(job) => self.take(job),
-                        None => return None,
+                        None => {
+                            if let Some(h) = self.back.take() {
+                                h.abort();
+                            }
+                            return None;
+                        }
                     },
                     why = self.workers.lost() => return Some(self.fault(why).await),
                     _ = ranks_back(&mut self.back) => return Some(self.regroup().await),
-                    _ = self.cluster.regroup[self.index].notified() => {
-                        return Some(self.replace_experts().await)
-                    }
+                    // Woken for a new placement; the check below decides.
+                    _ = self.cluster.regroup[self.index].notified() => {}
                 }
             }
             if self.back.as_ref().is_some_and(|h| h.is_finished()) {
                 return Some(self.regroup().await);
             }
-            {
-                use futures_util::FutureExt;
-                if self.cluster.regroup[self.index]
-                    .notified()
-                    .now_or_never()
-                    .is_some()
-                {
-                    return Some(self.replace_experts().await);
-                }
+            // The placement the workers hold is not the cluster's (a rebalance): load again.
+            if lock(&self.cluster.placements)[self.index] != self.workers.placement {
+                return Some(self.replace_experts().await);
             }
             // Take from the bounded queue only what the batch can admit, so that the queue
             // bound is what callers see.
@@ -606,14 +615,14 @@ impl Replica {
     /// with none serving, they wait for this one for `--fault-hold-ms`, then end with a
     /// retryable UNAVAILABLE. A request running through [`MAX_FAULTS`] faults ends alone with
     /// INTERNAL (it may be their cause). Returns when the fault began.
-    async fn fault(self, why: String) -> Instant {
+    async fn fault(self, why: String) -> Stopped {
         self.stop(why, true).await
     }
 
     /// The lost ranks of a replica serving without them are back: it stops as after a fault
     /// (without counting one against its requests) and its supervisor loads it with every
     /// rank; the requests resume by re-prefilling.
-    async fn regroup(self) -> Instant {
+    async fn regroup(self) -> Stopped {
         self.stop(
             "its lost ranks are back: it takes them in again".into(),
             false,
@@ -623,7 +632,7 @@ impl Replica {
 
     /// A new placement of the experts (rebalancing): it stops as for [`Replica::regroup`] and
     /// its supervisor loads it again; each worker loads only the experts placed on it anew.
-    async fn replace_experts(self) -> Instant {
+    async fn replace_experts(self) -> Stopped {
         self.stop(
             "a new placement of the experts: its workers load the experts placed on them anew"
                 .into(),
@@ -632,7 +641,7 @@ impl Replica {
         .await
     }
 
-    async fn stop(self, why: String, is_fault: bool) -> Instant {
+    async fn stop(self, why: String, is_fault: bool) -> Stopped {
         let Replica {
             index: me,
             cluster,
@@ -725,6 +734,9 @@ impl Replica {
         }
         let blocks = cluster.cfg.replica_kv_blocks() as u64;
         cluster.set_replica_load(me, (0, 0, blocks));
-        began
+        Stopped {
+            began,
+            fault: is_fault,
+        }
     }
 }

@@ -34,6 +34,25 @@ pub fn rebalance(
             l.ep * cluster.model.num_experts
         )));
     }
+    // Workers load a new placement in place only from the whole checkpoint, on CPU: refuse
+    // before storing one they could not load (the replica would never serve again).
+    if grok_shared::formats::presharded::is_presharded(&cluster.cfg.model_dir) {
+        return Err(Status::failed_precondition(format!(
+            "{} is pre-sharded: its rank files hold the experts of the first placement only; rebalancing needs the whole checkpoint",
+            cluster.cfg.model_dir.display()
+        )));
+    }
+    let world = l.world_size();
+    if let Some(w) = lock(&cluster.workers)[ri * world..(ri + 1) * world]
+        .iter()
+        .flatten()
+        .find(|w| w.device.starts_with("cuda"))
+    {
+        return Err(Status::failed_precondition(format!(
+            "worker `{}` runs on {}: CUDA workers load a new placement of the experts only by restarting; rebalance a CPU replica",
+            w.id, w.device
+        )));
+    }
     let ne = cluster.model.num_experts;
     let mut routed = vec![0u64; ne];
     for (i, v) in lock(&cluster.metrics.expert_tokens).iter().enumerate() {
@@ -61,11 +80,9 @@ pub fn rebalance(
     if !r.dry_run && after != before {
         tracing::info!(replica = ri, ?before, ?after, "experts rebalanced");
         lock(&cluster.placements)[ri] = after;
-        // A serving replica stops and loads again; one that does not serve loads the new
-        // placement when it next does.
-        if lock(&cluster.replicas)[ri].is_some() {
-            cluster.regroup[ri].notify_one();
-        }
+        // A serving replica sees that its workers' placement is not this one and loads
+        // again; one that does not serve loads it when it next does.
+        cluster.regroup[ri].notify_one();
     }
     Ok(resp)
 }

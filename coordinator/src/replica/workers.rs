@@ -48,6 +48,9 @@ pub struct Workers {
     lost_rx: watch::Receiver<Option<String>>,
     step_timeout: Duration,
     next_step: u64,
+    /// The expert placement the workers were loaded with (data-parallel attention; empty
+    /// otherwise).
+    pub placement: grok_shared::sharding::Placement,
 }
 
 impl Workers {
@@ -62,6 +65,7 @@ impl Workers {
             lost_rx,
             step_timeout,
             next_step: 0,
+            placement: Vec::new(),
         }
     }
 

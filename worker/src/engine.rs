@@ -345,7 +345,7 @@ impl Engine {
                 let be = std::sync::Arc::new(
                     CudaBackend::open(n).map_err(|e| EngineError::Invalid(e.to_string()))?,
                 );
-                let (model, _) = Model::upload(model, Cuda { be })?;
+                let (model, _) = Model::upload(model, Cuda::new(be))?;
                 let kv = CudaKv::new(&model, spec.kv_blocks, spec.block_size)?;
                 Shard::Cuda { model, kv }
             }

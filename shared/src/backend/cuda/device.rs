@@ -49,7 +49,12 @@ const KV_RESERVE: usize = 1 << 30;
 #[derive(Clone)]
 pub struct Cuda {
     pub be: Arc<CudaBackend>,
+    /// The pass's index arrays on the device (positions, slots, block tables), by name: every
+    /// layer of a pass asks for the same ones, and they cross to the device once per pass.
+    pass: Arc<std::sync::Mutex<PassArrays>>,
 }
+
+type PassArrays = std::collections::HashMap<&'static str, (Vec<usize>, Arc<CudaSlice<i32>>)>;
 
 /// Activations: `n` f32 values (the allocation holds at least one).
 pub struct CudaBuf {
@@ -132,6 +137,31 @@ impl CudaKv {
 }
 
 impl Cuda {
+    pub fn new(be: Arc<CudaBackend>) -> Self {
+        Cuda {
+            be,
+            pass: Arc::default(),
+        }
+    }
+
+    /// `v` on the device, uploaded only when it differs from the last array of that name
+    /// (a pass's positions, slots and tables are the same in every layer).
+    fn pass_ints(
+        &self,
+        what: &'static str,
+        v: &[usize],
+    ) -> Result<Arc<CudaSlice<i32>>, ModelError> {
+        let mut m = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((host, dev)) = m.get(what) {
+            if host.as_slice() == v {
+                return Ok(dev.clone());
+            }
+        }
+        let dev = Arc::new(self.ints(what, v)?);
+        m.insert(what, (v.to_vec(), dev.clone()));
+        Ok(dev)
+    }
+
     fn ints(&self, what: &str, v: &[usize]) -> Result<CudaSlice<i32>, ModelError> {
         let x: Vec<i32> = v
             .iter()
@@ -261,8 +291,7 @@ impl Device for Cuda {
         if t == 0 {
             return Ok(());
         }
-        let p: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let p = self.be.upload("positions", &p).map_err(err)?;
+        let p = self.pass_ints("positions", positions)?;
         self.be
             .rope(&mut x.s, t, heads, key_size, &p, theta)
             .map_err(err)
@@ -300,7 +329,7 @@ impl Device for Cuda {
         if slots.is_empty() {
             return Ok(());
         }
-        let s = self.ints("slots", slots)?;
+        let s = self.pass_ints("slots", slots)?;
         let w = kv.width;
         let (kc, vc) = (&mut kv.k[layer], &mut kv.v[layer]);
         self.be
@@ -334,11 +363,11 @@ impl Device for Cuda {
             }
         }
         let max_end = row_end.iter().copied().max().unwrap_or(1);
-        let tables = self.ints("block tables", &tables)?;
+        let tables = self.pass_ints("block tables", &tables)?;
         let (p, e, o) = (
-            self.ints("row positions", positions)?,
-            self.ints("row ends", &row_end)?,
-            self.ints("row tables", &row_tab)?,
+            self.pass_ints("positions", positions)?,
+            self.pass_ints("row ends", &row_end)?,
+            self.pass_ints("row tables", &row_tab)?,
         );
         self.be
             .attention_paged(

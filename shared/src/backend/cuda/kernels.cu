@@ -464,7 +464,7 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm_f32(const float* __r
 // (a cos - b sin, b cos + a sin), computed in f64 and rounded to f32 (the CPU's arithmetic).
 // One thread per (row, head, i).
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void rope_f32(float* __restrict__ x, const u32* __restrict__ positions,
+extern "C" __global__ void rope_f32(float* __restrict__ x, const int* __restrict__ positions,
                                     int t, int heads, int ks, double theta) {
     const int half = ks >> 1;
     const long long total = (long long)t * heads * half;
@@ -653,88 +653,6 @@ extern "C" __global__ void scatter_add_rows_f32(float* __restrict__ dst, const i
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] += g * s[i];
 }
 
-// Attention of the official semantics for one sequence: query row r (blockIdx.y) at position
-// pos = start + r attends to keys u <= pos whose visibility flag vis[u] is non-zero; logits
-// s = cap * tanh(mult * (q . k) / cap) (f64 from f32 products), softmax in f64. If every key
-// u <= pos is masked, the reference's -1e30 fill makes the weights uniform over ALL keys of the
-// pass, 0 <= u < end. One block per (query head, row), blockDim.x = 32 W; lanes split the head
-// dim (hd % 32 == 0, hd <= 256). Dynamic shared memory: end doubles + W * hd floats.
-extern "C" __global__ void __launch_bounds__(1024) attn_masked_f32(
-    const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
-    const int* __restrict__ vis, float* __restrict__ out, int start, int end, int nq, int nkv,
-    int hd, double mult, double cap) {
-    extern __shared__ double dsm[];
-    __shared__ float scratch[32];
-    __shared__ double dscratch[32];
-    double* sc = dsm;                              // [end]
-    float* po = (float*)(dsm + end);               // [W][hd]
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int h = blockIdx.x, r = blockIdx.y;
-    const int pos = start + r;
-    const int kvh = h / (nq / nkv);
-    const int nd = hd >> 5;
-    const float* qrow = q + ((size_t)r * nq + h) * hd;
-    float qr[ATTN_MAX_HD / 32];
-#pragma unroll
-    for (int j = 0; j < ATTN_MAX_HD / 32; ++j) qr[j] = j < nd ? qrow[lane + 32 * j] : 0.f;
-    const size_t row = (size_t)nkv * hd;
-    float lany = 0.f;
-    double lmax = -1.0e300;
-    for (int u = warp; u <= pos; u += nw) {
-        if (!vis[u]) { if (lane == 0) sc[u] = -1.0e300; continue; }
-        const float* kr = kc + (size_t)u * row + (size_t)kvh * hd;
-        double dot = 0.0;
-#pragma unroll
-        for (int j = 0; j < ATTN_MAX_HD / 32; ++j)
-            if (j < nd) dot += (double)qr[j] * (double)kr[lane + 32 * j];
-        dot = warp_sum_f64(dot);
-        const double s = cap * tanh(dot * mult / cap);
-        if (lane == 0) sc[u] = s;
-        lmax = fmax(lmax, s);
-        lany = 1.f;
-    }
-    const float any = block_max_f32(lany, scratch);
-    // block max in f64 via the sum helper's scratch: reduce per warp then across warps.
-    for (int o = 16; o > 0; o >>= 1) lmax = fmax(lmax, __shfl_xor_sync(0xffffffffu, lmax, o));
-    if (lane == 0) dscratch[warp] = lmax;
-    __syncthreads();
-    double mx = -1.0e300;
-    for (int w = 0; w < nw; ++w) mx = fmax(mx, dscratch[w]);
-    __syncthreads();
-    const int n = any > 0.f ? pos + 1 : end;
-    double lsum = 0.0;
-    for (int u = threadIdx.x; u < n; u += blockDim.x) {
-        double p;
-        if (any > 0.f) p = vis[u] ? exp(sc[u] - mx) : 0.0;
-        else p = 1.0;
-        sc[u] = p;
-        lsum += p;
-    }
-    const double sum = block_sum_f64(lsum, dscratch);
-    const double inv = 1.0 / sum;
-    float acc[ATTN_MAX_HD / 32];
-#pragma unroll
-    for (int j = 0; j < ATTN_MAX_HD / 32; ++j) acc[j] = 0.f;
-    for (int u = warp; u < n; u += nw) {
-        const float p = (float)(sc[u] * inv);
-        if (p == 0.f) continue;
-        const float* vr = vc + (size_t)u * row + (size_t)kvh * hd;
-#pragma unroll
-        for (int j = 0; j < ATTN_MAX_HD / 32; ++j)
-            if (j < nd) acc[j] = fmaf(p, vr[lane + 32 * j], acc[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < ATTN_MAX_HD / 32; ++j)
-        if (j < nd) po[(size_t)warp * hd + lane + 32 * j] = acc[j];
-    __syncthreads();
-    float* orow = out + ((size_t)r * nq + h) * hd;
-    for (int dd = threadIdx.x; dd < hd; dd += blockDim.x) {
-        float s = 0.f;
-        for (int w = 0; w < nw; ++w) s += po[(size_t)w * hd + dd];
-        orow[dd] = s;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The device of the one forward pass (shared/src/backend/cuda/device.rs): embedding rows, the
 // paged KV cache and attention over it.
@@ -784,7 +702,7 @@ extern "C" __global__ void set_flags_i32(int* __restrict__ vis, const int* __res
 // row_tab[r] (the sequence's block table). If every key u <= pos is masked, the weights are
 // uniform over every key of the sequence's pass, 0 <= u < row_end[r]. Local query head h
 // (blockIdx.x) is global head q0 + h and uses local KV head (q0 + h) / g - kv0. Scores and the
-// softmax in f64 from f32 products, as attn_masked_f32. blockDim.x = 32 W; lanes split the
+// softmax in f64 from f32 products. blockDim.x = 32 W; lanes split the
 // head dim (hd % 32 == 0, hd <= 256). Dynamic shared memory: max_end doubles + W * hd floats.
 extern "C" __global__ void __launch_bounds__(1024) attn_paged_f32(
     const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,

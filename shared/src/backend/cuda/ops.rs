@@ -250,7 +250,7 @@ impl CudaBackend {
         t: usize,
         heads: usize,
         key_size: usize,
-        positions: &CudaSlice<u32>,
+        positions: &CudaSlice<i32>,
         theta: f64,
     ) -> Result<(), CudaError> {
         let op = "rope_f32";
@@ -542,57 +542,6 @@ impl CudaBackend {
         let d_i = i32_of(op, "d", d)?;
         let mut b = self.stream().launch_builder(self.func(op)?);
         b.arg(dst).arg(idx).arg(gate).arg(src).arg(&d_i);
-        launch(op, b, shape)
-    }
-
-    /// Attention of `t` query rows `q: [t, nq, hd]` at positions `start..start + t` over the
-    /// contiguous caches `[>= end, nkv, hd]` with per-position visibility flags `vis`
-    /// (official semantics: masked keys invisible, an all-masked row uniform over `0..end`).
-    pub fn attention_masked(
-        &self,
-        q: &CudaSlice<f32>,
-        k_cache: &CudaSlice<f32>,
-        v_cache: &CudaSlice<f32>,
-        vis: &CudaSlice<i32>,
-        dims: (usize, usize, usize, usize, usize),
-        mult: f64,
-        cap: f64,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<(), CudaError> {
-        let (start, t, nq, nkv, hd) = dims;
-        let end = start + t;
-        let op = "attn_masked_f32";
-        let mut shape =
-            shapes::attention_shape(end, nq, nkv, hd).map_err(|e| CudaError::invalid(op, e.0))?;
-        let warps = (shape.block.0 / 32) as usize;
-        let smem = end * 8 + warps * hd * 4;
-        shape.grid = (nq as u32, t as u32, 1);
-        shape.shared_mem_bytes = smem as u32;
-        need_len(op, "q", q.len(), t * nq * hd)?;
-        need_len(op, "k cache", k_cache.len(), end * nkv * hd)?;
-        need_len(op, "v cache", v_cache.len(), end * nkv * hd)?;
-        need_len(op, "vis", vis.len(), end)?;
-        need_len(op, "out", out.len(), t * nq * hd)?;
-        if cap <= 0.0 {
-            return Err(CudaError::invalid(op, "the soft-cap must be positive"));
-        }
-        let f = self.func(op)?;
-        self.opt_in_shared_mem(f, op, smem, 512, end)?;
-        let (s_i, e_i) = (i32_of(op, "start", start)?, i32_of(op, "end", end)?);
-        let (nq_i, nkv_i, hd_i) = (nq as i32, nkv as i32, hd as i32);
-        let mut b = self.stream().launch_builder(f);
-        b.arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(vis)
-            .arg(out)
-            .arg(&s_i)
-            .arg(&e_i)
-            .arg(&nq_i)
-            .arg(&nkv_i)
-            .arg(&hd_i)
-            .arg(&mult)
-            .arg(&cap);
         launch(op, b, shape)
     }
 }

@@ -317,7 +317,6 @@ pub fn kernel_names() -> Vec<String> {
         "gelu_gate_f32",
         "router_topk_f32",
         "attn_decode_f32",
-        "attn_masked_f32",
         "add_f32",
         "scale_f32",
         "gather_rows_f32",
@@ -344,7 +343,7 @@ mod tests {
     fn sources_define_every_entry_point() {
         assert!(KERNELS_SRC.len() > 1000);
         let names = kernel_names();
-        assert_eq!(names.len(), 47);
+        assert_eq!(names.len(), 46);
         // The GEMV entry points `gemv_{bf16,i8}_{KIND}_{1..8}` come from one
         // `GEMV_ENTRIES(KIND, ...)` line per kind (a macro of two extern "C" definitions per
         // row count); every other entry point is written out.

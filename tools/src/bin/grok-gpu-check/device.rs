@@ -115,7 +115,7 @@ pub(crate) fn device_check(
         let cpu = Model::load(&ckpt).map_err(|e| io_err("load the CPU model", e))?;
         let mut kv = KvCache::new(&cpu, p.blocks, BS);
         let want = run(&cpu, &mut kv, &p, &SingleRank).map_err(|e| io_err("CPU passes", e))?;
-        let dev = Cuda { be: be.clone() };
+        let dev = Cuda::new(be.clone());
         // The whole model.
         let (gm, _) = Model::upload(
             Model::load(&ckpt).map_err(|e| io_err("load", e))?,

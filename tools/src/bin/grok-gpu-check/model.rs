@@ -35,7 +35,7 @@ impl OneSeq {
     ) -> Result<Self, CudaError> {
         let cpu = Model::load(ckpt).map_err(|e| io_err("load the model", e))?;
         let active = cpu.active_weight_bytes_per_token();
-        let (m, conv) = Model::upload(cpu, Cuda { be }).map_err(|e| io_err("upload", e))?;
+        let (m, conv) = Model::upload(cpu, Cuda::new(be)).map_err(|e| io_err("upload", e))?;
         let blocks = max_len.div_ceil(16).max(1);
         let kv = CudaKv::new(&m, blocks, 16).map_err(|e| io_err("device cache", e))?;
         Ok(OneSeq {

@@ -69,7 +69,7 @@ pub(crate) fn rope_check(be: &CudaBackend, args: &Args, rep: &mut Report) -> Res
         let mut want = x.clone();
         cpu::rope(&mut want, heads, ks, &positions, 10000.0);
         let mut xd = be.upload("x", &x)?;
-        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         let pd = be.upload("positions", &pos)?;
         be.rope(&mut xd, t, heads, ks, &pd, 10000.0)?;
         be.synchronize("rope_f32")?;

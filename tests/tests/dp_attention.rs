@@ -198,15 +198,21 @@ fn bad_placements_are_refused_with_the_rule() {
 /// A coordinator for data-parallel attention over `ep` ranks with `k` copies of each expert;
 /// its address.
 fn dp_coordinator(model: &Path, ep: usize, k: usize) -> (Proc, String) {
+    let (ep, k) = (ep.to_string(), k.to_string());
+    dp_coordinator_with(model, &["--ep", &ep, "--expert-copies", &k])
+}
+
+/// A coordinator for data-parallel attention with these arguments; its address.
+fn dp_coordinator_with(model: &Path, args: &[&str]) -> (Proc, String) {
     let mut c = bin("grok-coordinator")
         .args([
             "--model",
             model.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
+            "--dp-attention",
         ])
-        .args(["--dp-attention", "--ep", &ep.to_string()])
-        .args(["--expert-copies", &k.to_string()])
+        .args(args)
         .args(["--kv-blocks", "64", "--comm-timeout-ms", "5000"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -421,22 +427,15 @@ async fn rebalancing_loads_only_the_new_copies_and_placement_files_are_checked()
     // Experts 0-5 on rank 0, 5-7 on rank 1: rank 0 does most of the expert work.
     let placement = tmp.path().join("placement.json");
     std::fs::write(&placement, "[[0], [0], [0], [0], [0], [1, 0], [1], [1]]").unwrap();
-    let mut coord = bin("grok-coordinator")
-        .args([
-            "--model",
-            model.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--dp-attention", "--ep", "2", "--expert-placement"])
-        .arg(&placement)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(&mut coord);
-    let addr = wait_line(&rx, "listening on ", 30);
-    let _coord = Proc(coord);
+    let (_coord, addr) = dp_coordinator_with(
+        &model,
+        &[
+            "--ep",
+            "2",
+            "--expert-placement",
+            placement.to_str().unwrap(),
+        ],
+    );
     let logs: Vec<PathBuf> = (0..2)
         .map(|r| tmp.path().join(format!("w{r}.log")))
         .collect();

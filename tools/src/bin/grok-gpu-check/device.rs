@@ -61,14 +61,31 @@ fn plan(vocab: usize, seed: u64) -> Plan {
     }
 }
 
-/// Runs the plan's passes on `m` with `kv`, returning every logit row in order.
+/// Runs the plan's passes on `m` with `kv`: every logit row in order, or with `logits` false
+/// (a shard that does not hold the output matrix) the layers only.
 fn run<D: Device>(
     m: &Model<D>,
     kv: &mut D::Kv,
     p: &Plan,
     comm: &dyn Communicator,
+    logits: bool,
 ) -> Result<Vec<f32>, String> {
+    let e = |e: grok_shared::model::ModelError| e.to_string();
     let mut out = Vec::new();
+    let mut pass = |seqs: &[SeqInput], kv: &mut D::Kv| -> Result<(), String> {
+        if logits {
+            out.extend(m.forward(seqs, kv, comm).map_err(e)?);
+        } else {
+            let mut h = m.embed_tokens(seqs).map_err(e)?;
+            m.forward_layers(&mut h, seqs, kv, comm).map_err(e)?;
+        }
+        Ok(())
+    };
+    let (all, last) = if logits {
+        (WantLogits::All, WantLogits::Last)
+    } else {
+        (WantLogits::None, WantLogits::None)
+    };
     let seqs: Vec<SeqInput> = p
         .prompts
         .iter()
@@ -77,10 +94,10 @@ fn run<D: Device>(
             tokens: t,
             start_pos: 0,
             block_table: b,
-            want: WantLogits::All,
+            want: all,
         })
         .collect();
-    out.extend(m.forward(&seqs, kv, comm).map_err(|e| e.to_string())?);
+    pass(&seqs, kv)?;
     for step in 0..p.decode[0].len() {
         let toks: Vec<[u32; 1]> = p.decode.iter().map(|d| [d[step]]).collect();
         let seqs: Vec<SeqInput> = toks
@@ -91,10 +108,10 @@ fn run<D: Device>(
                 tokens: t,
                 start_pos: pr.len() + step,
                 block_table: b,
-                want: WantLogits::Last,
+                want: last,
             })
             .collect();
-        out.extend(m.forward(&seqs, kv, comm).map_err(|e| e.to_string())?);
+        pass(&seqs, kv)?;
     }
     Ok(out)
 }
@@ -114,7 +131,8 @@ pub(crate) fn device_check(
         let ckpt = Checkpoint::open(&dir).map_err(|e| io_err("open the test model", e))?;
         let cpu = Model::load(&ckpt).map_err(|e| io_err("load the CPU model", e))?;
         let mut kv = KvCache::new(&cpu, p.blocks, BS);
-        let want = run(&cpu, &mut kv, &p, &SingleRank).map_err(|e| io_err("CPU passes", e))?;
+        let want =
+            run(&cpu, &mut kv, &p, &SingleRank, true).map_err(|e| io_err("CPU passes", e))?;
         let dev = Cuda::new(be.clone());
         // The whole model.
         let (gm, _) = Model::upload(
@@ -123,7 +141,8 @@ pub(crate) fn device_check(
         )
         .map_err(|e| io_err("upload", e))?;
         let mut gkv = CudaKv::new(&gm, p.blocks, BS).map_err(|e| io_err("device cache", e))?;
-        let got = run(&gm, &mut gkv, &p, &SingleRank).map_err(|e| io_err("device passes", e))?;
+        let got =
+            run(&gm, &mut gkv, &p, &SingleRank, true).map_err(|e| io_err("device passes", e))?;
         be.synchronize("device passes")?;
         let rel = per_row_rel(&got, &want, vocab);
         rep.check(
@@ -148,12 +167,8 @@ pub(crate) fn device_check(
                         let cpu = Model::load_shard(ckpt, &shard).map_err(|e| e.to_string())?;
                         let (m, _) = Model::upload(cpu, dev).map_err(|e| e.to_string())?;
                         let mut kv = CudaKv::new(&m, p.blocks, BS).map_err(|e| e.to_string())?;
-                        if r == 0 {
-                            run(&m, &mut kv, p, comm)
-                        } else {
-                            // Rank 1 holds no logits: it runs the layers only.
-                            run_layers_only(&m, &mut kv, p, comm).map(|_| Vec::new())
-                        }
+                        // Rank 1 holds no output matrix: it runs the layers only.
+                        run(&m, &mut kv, p, comm, r == 0)
                     })
                 })
                 .collect();
@@ -185,48 +200,6 @@ pub(crate) fn device_check(
                 );
             }
         }
-    }
-    Ok(())
-}
-
-/// The plan's passes without logits (a shard that does not hold the output matrix).
-fn run_layers_only<D: Device>(
-    m: &Model<D>,
-    kv: &mut D::Kv,
-    p: &Plan,
-    comm: &dyn Communicator,
-) -> Result<(), String> {
-    let e = |e: grok_shared::model::ModelError| e.to_string();
-    let pass = |seqs: &[SeqInput], kv: &mut D::Kv| -> Result<(), String> {
-        let mut h = m.embed_tokens(seqs).map_err(e)?;
-        m.forward_layers(&mut h, seqs, kv, comm).map_err(e)
-    };
-    let seqs: Vec<SeqInput> = p
-        .prompts
-        .iter()
-        .zip(&p.tables)
-        .map(|(t, b)| SeqInput {
-            tokens: t,
-            start_pos: 0,
-            block_table: b,
-            want: WantLogits::None,
-        })
-        .collect();
-    pass(&seqs, kv)?;
-    for step in 0..p.decode[0].len() {
-        let toks: Vec<[u32; 1]> = p.decode.iter().map(|d| [d[step]]).collect();
-        let seqs: Vec<SeqInput> = toks
-            .iter()
-            .zip(&p.tables)
-            .zip(&p.prompts)
-            .map(|((t, b), pr)| SeqInput {
-                tokens: t,
-                start_pos: pr.len() + step,
-                block_table: b,
-                want: WantLogits::None,
-            })
-            .collect();
-        pass(&seqs, kv)?;
     }
     Ok(())
 }

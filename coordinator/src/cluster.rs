@@ -80,6 +80,9 @@ pub struct Cluster {
     pub placements: Mutex<Vec<grok_shared::sharding::Placement>>,
     /// Per replica: asks its step loop to stop and load again (a new expert placement).
     pub regroup: Vec<tokio::sync::Notify>,
+    /// Per replica: stopped for a planned reload (its lost ranks are back, a new placement);
+    /// new requests wait for it rather than being refused.
+    pub reloading: Vec<AtomicBool>,
 }
 
 impl Cluster {
@@ -326,6 +329,7 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
         cached_prefixes: (0..replicas).map(|_| Mutex::default()).collect(),
         placements: Mutex::new(vec![placement; replicas]),
         regroup: (0..replicas).map(|_| tokio::sync::Notify::new()).collect(),
+        reloading: (0..replicas).map(|_| AtomicBool::new(false)).collect(),
     }))
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use tonic::Status;
 
 /// Queues a job on the serving replica.
-pub fn submit(s: &Cluster, job: Job) -> Result<(), Status> {
+pub fn submit(s: &std::sync::Arc<Cluster>, job: Job) -> Result<(), Status> {
     if s.state() == ClusterState::Draining {
         s.metrics.request_done("rejected");
         return Err(Status::unavailable(
@@ -62,6 +62,27 @@ pub fn submit(s: &Cluster, job: Job) -> Result<(), Status> {
         }
     };
     let Some(h) = handle else {
+        // A replica stopped for a planned reload serves again in moments: the request waits
+        // for it (as a fault's requests do, up to --fault-hold-ms) instead of being refused.
+        let rs = lock(&s.replicas);
+        if rs.iter().all(Option::is_none) && s.reloading.iter().any(|r| r.load(Ordering::Acquire)) {
+            let hold = std::time::Duration::from_millis(s.cfg.fault_hold_ms);
+            let first = {
+                let mut p = lock(&s.parked);
+                p.push(crate::replica::seq::Parked {
+                    seq: Box::new(crate::replica::seq::Seq::new(job)),
+                    until: std::time::Instant::now() + hold,
+                    why: "its replica was reloading".into(),
+                });
+                p.len() == 1
+            };
+            drop(rs);
+            if first {
+                tokio::spawn(crate::replica::rejoin::expire_parked(s.clone()));
+            }
+            return Ok(());
+        }
+        drop(rs);
         let (state, detail) = lock(&s.state).clone();
         return Err(Status::unavailable(format!(
             "the cluster is not serving (state {state}{}{detail})",

@@ -504,6 +504,12 @@ async fn rebalancing_loads_only_the_new_copies_and_placement_files_are_checked()
     let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(a["applied"], true);
     assert_eq!(a["after"], d["after"]);
+    // A request sent while the replica reloads waits for it instead of being refused.
+    assert_eq!(
+        greedy(&addr, ps[0].clone(), 10).await.unwrap(),
+        want[0],
+        "a request during the reload"
+    );
     wait_detail(&addr, "serving again with 2 workers", 60).await;
     let st = status(&addr).await;
     let after: Vec<Vec<u64>> = serde_json::from_value(a["after"].clone()).unwrap();

@@ -206,7 +206,15 @@ impl Replica {
             _ => 1,
         };
         let mut sched = Scheduler::with_ranks(budget, ranks, cfg.kv_blocks, cfg.prefix_caching);
-        let parked = std::mem::take(&mut *lock(&cluster.parked));
+        // Serving from here: the router parks no request once the handle is in (it decides
+        // under the same lock), so none is left behind.
+        let reload = cluster.served[ri].swap(true, Ordering::AcqRel);
+        let parked = {
+            let mut rs = lock(&cluster.replicas);
+            rs[ri] = Some(handle);
+            cluster.reloading[ri].store(false, Ordering::Release);
+            std::mem::take(&mut *lock(&cluster.parked))
+        };
         let resumed = parked.len();
         for p in parked {
             sched.push_back(*p.seq);
@@ -215,8 +223,6 @@ impl Replica {
             .metrics
             .resumed
             .fetch_add(resumed as u64, Ordering::Relaxed);
-        let reload = cluster.served[ri].swap(true, Ordering::AcqRel);
-        lock(&cluster.replicas)[ri] = Some(handle);
         let world = cfg.layout.world_size();
         let lost: Vec<usize> = match &live {
             Some(l) => (0..world).filter(|r| !l.contains(r)).collect(),
@@ -655,6 +661,7 @@ impl Replica {
         }
         let began = Instant::now();
         lock(&cluster.replicas)[me] = None;
+        cluster.reloading[me].store(!is_fault, Ordering::Release);
         // Its prefix cache goes with the workers' state.
         lock(&cluster.cached_prefixes[me]).clear();
         if is_fault {

@@ -13,7 +13,7 @@ use grok_shared::constrain::Constrainer;
 use grok_shared::sync::lock;
 use grok_shared::tokenizer::Tokenizer;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug, Default)]
@@ -30,6 +30,7 @@ pub struct WorkerEntry {
     pub weight_bytes: u64,
     pub resident_bytes: u64,
     pub kv_bytes: u64,
+    pub kv_blocks: u32,
     pub step_seconds: f64,
     pub comm_seconds: f64,
     pub comm_bytes: u64,
@@ -58,6 +59,10 @@ pub struct Cluster {
     /// Each replica's (running, waiting inside the engine, free KV blocks); the metrics' gauges
     /// are their sums.
     pub replica_load: Mutex<Vec<(u64, u64, u64)>>,
+    /// Each replica's KV blocks per worker, as its workers allocated them (0: not loaded).
+    pub kv_blocks: Vec<AtomicUsize>,
+    /// Each replica's KV blocks in all (0: not loaded).
+    pub kv_capacity: Vec<AtomicU64>,
     pub generated: AtomicU64,
     pub metrics: Metrics,
     /// (time, generated tokens, rate) of the last throughput sample.
@@ -126,19 +131,55 @@ impl Cluster {
 
     /// Records one replica's load and sets the gauges to the sums over the replicas.
     pub fn set_replica_load(&self, r: usize, load: (u64, u64, u64)) {
-        let (running, free, blocks) = {
+        let (running, free) = {
             let mut l = lock(&self.replica_load);
             l[r] = load;
             (
                 l.iter().map(|x| x.0).sum::<u64>(),
                 l.iter().map(|x| x.2).sum::<u64>(),
-                (self.cfg.replica_kv_blocks() * l.len()) as u64,
             )
         };
+        let blocks: u64 = self
+            .kv_capacity
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
         let m = &self.metrics;
         m.running.store(running, Ordering::Relaxed);
         m.kv_free.store(free, Ordering::Relaxed);
-        m.kv_used.store(blocks - free, Ordering::Relaxed);
+        m.kv_used
+            .store(blocks.saturating_sub(free), Ordering::Relaxed);
+    }
+
+    /// A replica's KV cache as loaded: `blocks` per worker, `capacity` blocks in all (the
+    /// blocks of every serving worker with data-parallel attention). Its load gauges restart
+    /// with every block free.
+    pub fn set_kv_capacity(&self, r: usize, blocks: usize, capacity: usize) {
+        self.kv_blocks[r].store(blocks, Ordering::Relaxed);
+        self.kv_capacity[r].store(capacity as u64, Ordering::Relaxed);
+        self.set_replica_load(r, (0, 0, capacity as u64));
+    }
+
+    /// Tokens one sequence's KV cache can hold: the largest of the loaded replicas' (a
+    /// worker's with data-parallel attention, where a sequence lives on one worker). Before any
+    /// replica is loaded: `--kv-blocks`' worth, or, when the workers size their caches, the
+    /// model's context (the replica's scheduler refuses what its cache cannot hold).
+    pub fn kv_tokens(&self) -> usize {
+        let loaded = self
+            .kv_blocks
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let blocks = if loaded > 0 {
+            loaded
+        } else {
+            match self.cfg.kv_blocks {
+                Some(b) => b,
+                None => return self.model.max_position_embeddings,
+            }
+        };
+        blocks * self.cfg.block_size
     }
 
     pub fn set_worker(&self, rank: usize, f: impl FnOnce(&mut WorkerEntry)) {
@@ -207,6 +248,7 @@ impl Cluster {
                     comm_seconds: w.comm_seconds,
                     comm_bytes: w.comm_bytes,
                     kv_bytes: w.kv_bytes,
+                    kv_blocks: w.kv_blocks,
                     device: w.device.clone(),
                     steps: w.steps,
                     replica: replica as u32,
@@ -299,7 +341,6 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
     }
     let replicas = cfg.layout.replicas.max(1);
     let world = cfg.layout.world_size() * replicas;
-    let kv_blocks = cfg.replica_kv_blocks();
     Ok(Arc::new(Cluster {
         cfg,
         tokenizer,
@@ -316,9 +357,11 @@ pub fn prepare(cfg: CoordinatorConfig) -> Result<Arc<Cluster>, StartError> {
             replicas
         ]),
         next_replica: std::sync::atomic::AtomicUsize::new(0),
-        replica_load: Mutex::new(vec![(0, 0, kv_blocks as u64); replicas]),
+        replica_load: Mutex::new(vec![(0, 0, 0); replicas]),
+        kv_blocks: (0..replicas).map(|_| AtomicUsize::new(0)).collect(),
+        kv_capacity: (0..replicas).map(|_| AtomicU64::new(0)).collect(),
         generated: AtomicU64::new(0),
-        metrics: Metrics::new(model.num_layers, model.num_experts, kv_blocks),
+        metrics: Metrics::new(model.num_layers, model.num_experts),
         rate_sample: Mutex::new((std::time::Instant::now(), 0, 0.0)),
         model,
         instance: instance_id(),

@@ -10,7 +10,12 @@ pub struct CoordinatorConfig {
     pub layout: Layout,
     pub listen: SocketAddr,
     pub tokenizer: Option<PathBuf>,
-    pub kv_blocks: usize,
+    /// KV blocks per worker (None: each worker allocates what its memory budget holds and
+    /// the coordinator schedules each replica against what its workers report).
+    pub kv_blocks: Option<usize>,
+    /// With `kv_blocks` None: the share of a GPU's memory a worker takes for its weights and
+    /// KV cache together.
+    pub kv_memory_fraction: f64,
     pub block_size: usize,
     pub comm_timeout_ms: u32,
     /// Requests waiting beyond this are refused at once.
@@ -38,19 +43,13 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    /// Tokens one sequence's KV cache can hold: a replica's (a worker's with data-parallel
-    /// attention, where a sequence lives on one worker).
-    pub fn kv_tokens(&self) -> usize {
-        self.kv_blocks * self.block_size
-    }
-
-    /// KV blocks of one replica: `kv_blocks`, or with data-parallel attention `kv_blocks` on
-    /// each of its workers.
-    pub fn replica_kv_blocks(&self) -> usize {
+    /// Schedulers of a replica with `blocks` blocks per worker: one over `blocks`, or with
+    /// data-parallel attention one per serving worker.
+    pub fn replica_kv_blocks(&self, blocks: usize, ranks: usize) -> usize {
         if self.layout.dp_attention {
-            self.kv_blocks * self.layout.world_size()
+            blocks * ranks
         } else {
-            self.kv_blocks
+            blocks
         }
     }
 }

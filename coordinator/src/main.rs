@@ -46,9 +46,16 @@ struct Args {
     /// SentencePiece tokenizer.model (default: MODEL/tokenizer.model when present).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// KV cache blocks per worker.
-    #[arg(long, default_value_t = 512)]
-    kv_blocks: usize,
+    /// KV cache blocks per worker. Without it each worker allocates what its memory allows (a
+    /// GPU: --kv-memory-fraction of the device less its weights; a CPU: 512 blocks, or its
+    /// --kv-memory) and each replica admits against the smallest cache of its workers.
+    #[arg(long, env = "GROK_KV_BLOCKS", value_parser = clap::value_parser!(u64).range(1..))]
+    kv_blocks: Option<u64>,
+    /// Without --kv-blocks: the share of each GPU's memory a worker takes for its weights and
+    /// KV cache together (the rest stays free for other processes). Two workers sharing a GPU
+    /// need at most 0.45 each.
+    #[arg(long, default_value_t = 0.9, env = "GROK_KV_MEMORY_FRACTION", value_parser = fraction)]
+    kv_memory_fraction: f64,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
@@ -162,7 +169,8 @@ fn main() {
         },
         listen: a.listen,
         tokenizer: a.tokenizer,
-        kv_blocks: a.kv_blocks.max(1),
+        kv_blocks: a.kv_blocks.map(|b| b as usize),
+        kv_memory_fraction: a.kv_memory_fraction,
         block_size: a.block_size.max(1),
         comm_timeout_ms: a.comm_timeout_ms,
         max_queue: a.max_queue.max(1),
@@ -201,5 +209,15 @@ fn main() {
     )) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// A share in (0, 1].
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!(
+            "`{s}`: expected a share greater than 0 and at most 1, e.g. 0.9"
+        )),
     }
 }

@@ -106,7 +106,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(num_layers: usize, num_experts: usize, kv_blocks: usize) -> Self {
+    pub fn new(num_layers: usize, num_experts: usize) -> Self {
         Self {
             requests: Mutex::new(BTreeMap::new()),
             ttft: Histogram::new(LATENCY_BOUNDS),
@@ -114,7 +114,7 @@ impl Metrics {
             queue_depth: AtomicU64::new(0),
             running: AtomicU64::new(0),
             kv_used: AtomicU64::new(0),
-            kv_free: AtomicU64::new(kv_blocks as u64),
+            kv_free: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),

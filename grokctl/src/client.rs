@@ -181,7 +181,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
         "shards": s.shards.iter().map(|x| serde_json::json!({
             "rank": x.rank, "stage": x.stage, "tp_rank": x.tp_rank, "state": x.state, "detail": x.detail,
             "worker_id": x.worker_id, "address": x.address, "layers": x.layers, "heads": x.heads,
-            "experts": x.experts, "weight_bytes": x.weight_bytes, "kv_bytes": x.kv_bytes, "device": x.device, "resident_bytes": x.resident_bytes,
+            "experts": x.experts, "weight_bytes": x.weight_bytes, "kv_bytes": x.kv_bytes, "kv_blocks": x.kv_blocks, "device": x.device, "resident_bytes": x.resident_bytes,
         })).collect::<Vec<_>>(),
     })
 }

@@ -17,7 +17,7 @@
 //! api_token_file = "/etc/grok/token"  # bearer token of the client APIs (or GROK_API_TOKEN)
 //!
 //! [limits]
-//! kv_blocks = 512                     # GROK_KV_BLOCKS
+//! kv_blocks = 512                     # GROK_KV_BLOCKS (default: what each worker's memory holds)
 //! max_seqs = 64                       # GROK_MAX_SEQS
 //! max_queue = 256                     # GROK_MAX_QUEUE
 //! max_batch_tokens = 512              # GROK_MAX_BATCH_TOKENS
@@ -322,7 +322,7 @@ pub struct UpFlags {
     /// SentencePiece tokenizer.model [env: GROK_TOKENIZER]
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// KV cache blocks per worker, 16 tokens each [default: 512] [env: GROK_KV_BLOCKS]
+    /// KV cache blocks per worker, 16 tokens each [default: what each worker's memory holds: 512 blocks on a CPU, --kv-memory-fraction of a GPU] [env: GROK_KV_BLOCKS]
     #[arg(long)]
     pub kv_blocks: Option<usize>,
     /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics here [env: GROK_HTTP_LISTEN]
@@ -352,7 +352,8 @@ pub struct UpSettings {
     pub expert_copies: usize,
     pub listen: String,
     pub http_listen: Option<String>,
-    pub kv_blocks: usize,
+    /// None: each worker sizes its KV cache from its memory.
+    pub kv_blocks: Option<usize>,
     pub max_seqs: Option<usize>,
     pub max_queue: Option<usize>,
     pub max_batch_tokens: Option<usize>,
@@ -461,8 +462,7 @@ pub fn resolve_up(
             env_usize(env, "GROK_KV_BLOCKS")?,
             flags.kv_blocks,
             file.limits.kv_blocks,
-        )
-        .unwrap_or(512),
+        ),
         max_seqs: pick_u(
             env_usize(env, "GROK_MAX_SEQS")?,
             flags.max_seqs,
@@ -485,7 +485,7 @@ pub fn resolve_up(
         ("layout.pp", s.pp),
         ("layout.replicas", s.replicas),
         ("layout.expert_copies", s.expert_copies),
-        ("limits.kv_blocks", s.kv_blocks),
+        ("limits.kv_blocks", s.kv_blocks.unwrap_or(1)),
     ] {
         if v == 0 {
             return Err(ConfigFileError::Invalid {
@@ -582,7 +582,7 @@ mod tests {
                 s.kv_blocks,
                 s.listen.as_str()
             ),
-            ("/m/file", 2, 2, 100, "127.0.0.1:7000")
+            ("/m/file", 2, 2, Some(100), "127.0.0.1:7000")
         );
         let flags = UpFlags {
             tp: Some(4),

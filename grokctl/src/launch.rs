@@ -164,7 +164,7 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
     let coord_target = target_of(&file.hosts[0]);
     let coord_bin = format!("{}/grok-coordinator", bin_dir(&file.hosts[0]));
     let mut cmd = format!(
-        "{} --model {} --tp {} --ep {} --pp {} --replicas {} --listen {} --kv-blocks {}",
+        "{} --model {} --tp {} --ep {} --pp {} --replicas {} --listen {}",
         q(&coord_bin),
         q(&s.model.display().to_string()),
         s.tp,
@@ -172,8 +172,10 @@ pub async fn launch(a: &LaunchArgs) -> Result<()> {
         s.pp,
         s.replicas,
         q(&s.listen),
-        s.kv_blocks
     );
+    if let Some(b) = s.kv_blocks {
+        cmd += &format!(" --kv-blocks {b}");
+    }
     if s.dp_attention {
         cmd += &format!(" --dp-attention --expert-copies {}", s.expert_copies);
     }

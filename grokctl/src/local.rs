@@ -65,7 +65,11 @@ pub fn gen_model(a: &GenModelArgs) -> Result<()> {
 
 fn load_model(dir: &Path) -> Result<Model> {
     let ckpt = Checkpoint::open(dir).with_context(|| format!("opening model {}", dir.display()))?;
-    Model::load(&ckpt).with_context(|| format!("loading model {}", dir.display()))
+    let mut m = Model::load(&ckpt).with_context(|| format!("loading model {}", dir.display()))?;
+    // Served from this process's own (huge) pages, not the file's mapping.
+    m.make_resident()
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    Ok(m)
 }
 
 /// The tokenizer named on the command line, else `tokenizer.model` inside the model directory.

@@ -17,7 +17,8 @@ pub struct UpArgs {
     pub listen: String,
     pub tokenizer: Option<PathBuf>,
     pub threads_per_worker: usize,
-    pub kv_blocks: usize,
+    /// None: each worker sizes its KV cache from its memory.
+    pub kv_blocks: Option<usize>,
     pub ready_timeout_s: u64,
     /// Extra arguments for the coordinator (e.g. `--http-listen ADDR`).
     pub coordinator_args: Vec<String>,
@@ -130,13 +131,11 @@ pub async fn up(a: &UpArgs) -> Result<()> {
             "--replicas",
             &a.replicas.max(1).to_string(),
         ])
-        .args([
-            "--listen",
-            &a.listen,
-            "--kv-blocks",
-            &a.kv_blocks.to_string(),
-        ])
+        .args(["--listen", &a.listen])
         .stdout(Stdio::piped());
+    if let Some(b) = a.kv_blocks {
+        cmd.arg("--kv-blocks").arg(b.to_string());
+    }
     if let Some(t) = &a.tokenizer {
         cmd.arg("--tokenizer").arg(t);
     }

@@ -751,3 +751,110 @@ async fn nccl_bootstrap_messages_are_refused_by_cpu_workers() {
         "{e:?}"
     );
 }
+
+/// A coordinator without `--kv-blocks` (`extra` added), pp 2: each worker sizes its own cache.
+fn coordinator_sized(model: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut c = bin("grok-coordinator")
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--pp", "2", "--comm-timeout-ms", "5000"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut c);
+    let addr = wait_line(&rx, "listening on ", 30);
+    (Proc(c), addr)
+}
+
+fn worker_capped(addr: &str, id: &str, rank: usize, kv_memory: Option<u64>) -> Proc {
+    let mut c = bin("grok-worker");
+    c.args([
+        "--coordinator",
+        addr,
+        "--id",
+        id,
+        "--rank",
+        &rank.to_string(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(b) = kv_memory {
+        c.args(["--kv-memory", &b.to_string()]);
+    }
+    Proc(c.spawn().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_kv_blocks_a_replica_admits_against_the_smallest_cache_its_workers_allocated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let c = gen_model(&model, 2);
+    // pp 2: each worker holds one layer and every KV head.
+    let per_block = grok_shared::model::kv_block_bytes(1, c.num_kv_heads * c.key_size, 16, 1);
+    let cap = 10 * per_block + per_block / 2;
+    let (_coord, addr) = coordinator_sized(&model, &[]);
+    let _w0 = worker_capped(&addr, "w0", 0, None);
+    let _w1 = worker_capped(&addr, "w1", 1, Some(cap));
+    wait_ready(&addr);
+    // Worker 0 took the CPU default, worker 1 what its --kv-memory holds: the replica
+    // schedules against 10 blocks of 16 tokens.
+    let s = grok_tests::cluster::status(&addr).await;
+    assert_eq!((s.kv_blocks_free, s.kv_blocks_used), (10, 0), "{s:?}");
+    let kv: Vec<u64> = s.shards.iter().map(|w| w.kv_bytes).collect();
+    assert_eq!(
+        kv,
+        vec![512 * per_block, 10 * per_block],
+        "each worker reports the cache it allocated"
+    );
+    let blocks: Vec<u32> = s.shards.iter().map(|w| w.kv_blocks).collect();
+    assert_eq!(blocks, vec![512, 10]);
+    // A prompt beyond the 160 tokens is refused up front, naming the real capacity.
+    let long: Vec<u32> = (0..170).map(|i| 5 + i % 50).collect();
+    let e = grok_tests::cluster::greedy(&addr, long, 4)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("160 tokens"), "{e:?}");
+    // One that fits runs, and one that outgrows the cache while generating ends with
+    // RESOURCE_EXHAUSTED naming the 10 blocks (not a hang, not a crash).
+    let ids = grok_tests::cluster::greedy(&addr, vec![5, 6, 7], 8)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 8);
+    let grows: Vec<u32> = (0..150).map(|i| 5 + i % 50).collect();
+    let e = grok_tests::cluster::greedy(&addr, grows, 40)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("10 KV blocks"), "{e:?}");
+    let ids = grok_tests::cluster::greedy(&addr, vec![5, 6, 7], 8)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 8, "the replica still serves");
+
+    // A fixed --kv-blocks beyond a worker's --kv-memory: that worker refuses to load and says
+    // why, and the cluster does not serve.
+    let (_coord, addr) = coordinator_sized(&model, &["--kv-blocks", "11"]);
+    let _w0 = worker_capped(&addr, "x0", 0, None);
+    let _w1 = worker_capped(&addr, "x1", 1, Some(cap));
+    let t = Instant::now();
+    let detail = loop {
+        let s = grok_tests::cluster::status(&addr).await;
+        assert_ne!(s.state, "ready", "{s:?}");
+        if let Some(w) = s.shards.iter().find(|w| w.detail.contains("--kv-memory")) {
+            break w.detail.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        detail.contains("--kv-blocks 11") && detail.contains("at most 10 blocks"),
+        "{detail}"
+    );
+}

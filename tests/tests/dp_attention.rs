@@ -66,8 +66,9 @@ async fn dp_attention_matches_the_single_process_run() {
             "{what}: {l:?}"
         );
         assert_eq!(st.shards.len(), ep as usize, "{what}");
-        // Each rank's KV cache (32 blocks of 16 slots, every head of 3 layers) and device.
-        let want_kv = 32 * 16 * 2 * 4 * (c.num_kv_heads * c.key_size) * c.num_layers;
+        // Each rank's KV cache (32 blocks of 16 slots, every head of 3 layers, a visibility
+        // flag per slot) and device.
+        let want_kv = 32 * 16 * (2 * 4 * (c.num_kv_heads * c.key_size) * c.num_layers + 1);
         for sh in &st.shards {
             assert_eq!(sh.kv_bytes as usize, want_kv, "{what}: rank {}", sh.rank);
             assert_eq!(sh.device, "cpu", "{what}");

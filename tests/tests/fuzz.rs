@@ -1418,7 +1418,8 @@ fn fuzz_http_json_bodies() {
         layout: grok_shared::sharding::Layout::new(1, 1, 1),
         listen: "127.0.0.1:0".parse().unwrap(),
         tokenizer: tokenizer_path(),
-        kv_blocks: 64,
+        kv_blocks: Some(64),
+        kv_memory_fraction: 0.9,
         block_size: 16,
         comm_timeout_ms: 1000,
         max_queue: 8,
@@ -1521,7 +1522,10 @@ mod worker {
             rank: 0,
             world_peers: vec![w.local_addr().unwrap()],
             tp_peers: vec![t.local_addr().unwrap()],
-            kv_blocks,
+            kv: grok_shared::model::KvSizing {
+                blocks: Some(kv_blocks),
+                ..Default::default()
+            },
             block_size,
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
@@ -1794,7 +1798,10 @@ mod worker {
             rank: r.rank as usize,
             world_peers,
             tp_peers,
-            kv_blocks: r.kv_blocks.max(1) as usize,
+            kv: grok_shared::model::KvSizing {
+                blocks: Some(r.kv_blocks.max(1) as usize),
+                ..Default::default()
+            },
             block_size: r.block_size.max(1) as usize,
             comm_timeout: Duration::from_millis(300),
             cuda_device: None,

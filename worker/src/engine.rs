@@ -3,14 +3,14 @@
 
 use crate::grammar::{self, Grammars, SeqGrammar};
 use crate::group::{dispatch_of, dp_group, placement_for};
+pub use crate::loaded::LoadedShard;
 use crate::shard::{run_pass, with_shard, Route, Shard};
 use grok_proto::v1 as pb;
-use grok_shared::backend::cpu::{Linear, Weights};
 use grok_shared::collective::{TcpComm, TcpConfig};
 use grok_shared::constrain::TokenMask;
 use grok_shared::formats::checkpoint::Checkpoint;
 use grok_shared::model::Device;
-use grok_shared::model::{KvCache, Model, SeqInput, WantLogits};
+use grok_shared::model::{kv_blocks_to_allocate, KvCache, KvSizing, Model, SeqInput, WantLogits};
 use grok_shared::sampling::{
     logprob_of, sample, top_logprobs, Penalties, Rng, SamplingParams, SeenTokens,
 };
@@ -82,16 +82,6 @@ pub struct Engine {
     loaded: LoadedShard,
 }
 
-/// The identity of a loaded shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadedShard {
-    pub model_dir: std::path::PathBuf,
-    pub layout: Layout,
-    pub rank: usize,
-    pub kv_blocks: usize,
-    pub block_size: usize,
-}
-
 /// Resident set size of this process, from /proc (0 where unavailable).
 pub fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -104,38 +94,6 @@ pub fn resident_bytes() -> u64 {
             })
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-/// Reads one byte per page of every weight, so the shard is resident before the first step
-/// (and only the shard: other ranks' bytes are never touched).
-fn touch(model: &Model) -> u64 {
-    fn lin(l: &Linear) -> u64 {
-        let mut s = 0u64;
-        let mut bytes = |b: &[u8]| {
-            for i in (0..b.len()).step_by(4096) {
-                s = s.wrapping_add(b[i] as u64);
-            }
-        };
-        match &l.w {
-            Weights::F32(b) => bytes(bytemuck_bytes(b.as_slice())),
-            Weights::Bf16(b) => bytes(bytemuck_bytes(b.as_slice())),
-            Weights::I8 { w, .. } => bytes(bytemuck_bytes(w.as_slice())),
-        }
-        s
-    }
-    let mut s = model.embed.as_ref().map_or(0, lin);
-    for l in &model.layers {
-        s = s.wrapping_add(lin(&l.q) + lin(&l.k) + lin(&l.v) + lin(&l.o));
-        for e in &l.experts {
-            s = s.wrapping_add(lin(&e.linear) + lin(&e.linear_v) + lin(&e.linear_1));
-        }
-    }
-    s
-}
-
-fn bytemuck_bytes<T: Copy>(s: &[T]) -> &[u8] {
-    // SAFETY: any initialised slice of plain numbers can be viewed as bytes.
-    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
 }
 
 /// Samples the token that follows step `s` of a sequence from its last logits row; the
@@ -233,7 +191,8 @@ pub struct LoadSpec<'a> {
     pub rank: usize,
     pub world_peers: Vec<SocketAddr>,
     pub tp_peers: Vec<SocketAddr>,
-    pub kv_blocks: usize,
+    /// How many KV blocks: fixed by the coordinator, or from the memory budget.
+    pub kv: KvSizing,
     pub block_size: usize,
     pub comm_timeout: Duration,
     /// CUDA device ordinal (None: CPU).
@@ -333,8 +292,11 @@ impl Engine {
         }
         let shard = match spec.cuda_device {
             None => {
-                std::hint::black_box(touch(&model));
-                let kv = KvCache::try_new(&model, spec.kv_blocks, spec.block_size)?;
+                // The shard in the process's own (huge) pages; the file's pages go with `ck`.
+                model.make_resident()?;
+                let per_block = KvCache::block_bytes(&model, spec.block_size);
+                let blocks = kv_blocks_to_allocate(&spec.kv, per_block, None)?;
+                let kv = KvCache::try_new(&model, blocks, spec.block_size)?;
                 Shard::Cpu { model, kv }
             }
             #[cfg(feature = "cuda")]
@@ -346,7 +308,7 @@ impl Engine {
                     CudaBackend::open(n).map_err(|e| EngineError::Invalid(e.to_string()))?,
                 );
                 let (model, _) = Model::upload(model, Cuda::new(be))?;
-                let kv = CudaKv::new(&model, spec.kv_blocks, spec.block_size)?;
+                let kv = CudaKv::sized(&model, &spec.kv, spec.block_size)?;
                 Shard::Cuda { model, kv }
             }
             #[cfg(not(feature = "cuda"))]
@@ -373,7 +335,7 @@ impl Engine {
                     model_dir: dir.to_path_buf(),
                     layout,
                     rank: spec.rank,
-                    kv_blocks: spec.kv_blocks,
+                    kv: spec.kv,
                     block_size: spec.block_size,
                 },
             },
@@ -404,6 +366,11 @@ impl Engine {
     /// Bytes of the KV cache (in device memory for a GPU).
     pub fn kv_bytes(&self) -> u64 {
         self.shard.kv_bytes() as u64
+    }
+
+    /// Blocks of the KV cache.
+    pub fn kv_blocks(&self) -> u32 {
+        self.shard.kv_blocks() as u32
     }
 
     pub fn loaded(&self) -> &LoadedShard {
@@ -473,7 +440,11 @@ impl Engine {
                 .layout
                 .shard_placed(&self.config, self.place.rank, &placement);
             loaded = match &mut self.shard {
-                Shard::Cpu { model, .. } => model.set_experts(&ck, &spec.experts)?,
+                Shard::Cpu { model, .. } => {
+                    let n = model.set_experts(&ck, &spec.experts)?;
+                    model.make_resident()?;
+                    n
+                }
                 #[cfg(feature = "cuda")]
                 Shard::Cuda { .. } => {
                     return Err(EngineError::Invalid(
@@ -828,7 +799,10 @@ mod tests {
             rank: 0,
             world_peers: vec![w.local_addr().unwrap()],
             tp_peers: vec![t.local_addr().unwrap()],
-            kv_blocks: 4,
+            kv: KvSizing {
+                blocks: Some(4),
+                ..Default::default()
+            },
             block_size: 4,
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,
@@ -965,7 +939,10 @@ mod tests {
             rank: 0,
             world_peers: vec![w.local_addr().unwrap()],
             tp_peers: vec![t.local_addr().unwrap()],
-            kv_blocks: u32::MAX as usize,
+            kv: KvSizing {
+                blocks: Some(u32::MAX as usize),
+                ..Default::default()
+            },
             block_size: u32::MAX as usize,
             comm_timeout: Duration::from_secs(5),
             cuda_device: None,

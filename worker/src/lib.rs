@@ -16,6 +16,7 @@ pub mod engine;
 pub mod grammar;
 mod group;
 mod join;
+mod loaded;
 mod service;
 pub mod shard;
 
@@ -40,6 +41,8 @@ pub struct WorkerArgs {
     pub register_timeout: Duration,
     /// CUDA device ordinal (None: CPU).
     pub cuda_device: Option<usize>,
+    /// The most bytes this worker's KV cache may take (`--kv-memory`; None: no cap).
+    pub kv_memory: Option<u64>,
     /// Mutual TLS (None: plaintext): this worker's gRPC server requires a client certificate
     /// signed by the CA, and it registers with its own certificate.
     pub tls: Option<grok_proto::tls::Tls>,

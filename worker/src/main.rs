@@ -9,7 +9,7 @@ use std::time::Duration;
     name = "grok-worker",
     version,
     about = "grok-cluster worker: one shard of one model replica, driven by the coordinator",
-    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3\n  grok-worker --coordinator 10.0.0.1:50051 --tls-ca certs/ca.pem --tls-cert certs/worker.pem --tls-key certs/worker.key\n  grok-worker --etcd http://10.0.0.1:2379 --cluster prod --rank 3 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061"
+    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3\n  grok-worker --coordinator 10.0.0.1:50051 --tls-ca certs/ca.pem --tls-cert certs/worker.pem --tls-key certs/worker.key\n  grok-worker --etcd http://10.0.0.1:2379 --cluster prod --rank 3 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061\n  grok-worker --coordinator 10.0.0.1:50051 --device cuda:1 --kv-memory 40GiB"
 )]
 struct Args {
     /// Coordinator address (HOST:PORT) to register with (static membership).
@@ -58,6 +58,12 @@ struct Args {
     /// the shard and its KV cache in the GPU's memory, collectives staged through the host).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The most memory this worker's KV cache may take (device memory on a GPU, host memory
+    /// on a CPU), e.g. 512MiB, 20GiB, 16GB. Without it a GPU worker takes the coordinator's
+    /// --kv-memory-fraction of the device less its weights, a CPU worker 512 blocks; a
+    /// coordinator's --kv-blocks beyond it is refused at load.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "GROK_KV_MEMORY")]
+    kv_memory: Option<u64>,
     #[command(flatten)]
     member: grok_proto::process::MemberArgs,
 }
@@ -125,12 +131,46 @@ fn main() {
         rank: a.rank,
         register_timeout: Duration::from_secs(a.register_timeout_s),
         cuda_device,
+        kv_memory: a.kv_memory,
         tls,
     }));
     if let Err(e) = res {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// A size in bytes: a number with an optional unit (B, KB, MB, GB, TB; KiB, MiB, GiB, TiB).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a size such as 512MiB, 20GiB or 16GB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    let b = n * mult;
+    if !(b >= 1.0 && b < u64::MAX as f64) {
+        return Err(format!("`{s}`: the size must be at least one byte"));
+    }
+    Ok(b as u64)
 }
 
 enum Device {
@@ -179,4 +219,21 @@ fn check_cuda(ordinal: usize) {
 fn check_cuda(ordinal: usize) {
     eprintln!("error: cuda:{ordinal}: this build has no CUDA support (build with --features cuda)");
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("16GB"), Ok(16_000_000_000));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        for bad in ["", "GiB", "-1GB", "0", "12 parsecs", "1e3"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

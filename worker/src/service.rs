@@ -4,6 +4,7 @@
 
 use crate::engine::{self, Engine, LoadSpec};
 use grok_proto::v1 as pb;
+use grok_shared::model::{KvSizing, DEFAULT_KV_MEMORY_FRACTION};
 use grok_shared::sync::lock;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub(crate) struct Svc {
     listeners: Arc<(TcpListener, TcpListener)>,
     rank: Arc<Mutex<Option<u32>>>,
     cuda_device: Option<usize>,
+    /// The worker's `--kv-memory`: the most bytes its KV cache may take.
+    kv_memory: Option<u64>,
     /// Closes the open step stream: a newer `Load` (a new leader, or the reload after a lost
     /// peer) takes the worker over from whoever holds the stream.
     stream_stop: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
@@ -42,16 +45,41 @@ pub(crate) struct Svc {
 
 impl Svc {
     /// A worker with no shard yet, its collective listeners bound.
-    pub(crate) fn new(listeners: (TcpListener, TcpListener), cuda_device: Option<usize>) -> Self {
+    pub(crate) fn new(
+        listeners: (TcpListener, TcpListener),
+        cuda_device: Option<usize>,
+        kv_memory: Option<u64>,
+    ) -> Self {
         Svc {
             slot: Arc::new(Mutex::new(Slot::Idle)),
             listeners: Arc::new(listeners),
             rank: Arc::new(Mutex::new(None)),
             cuda_device,
+            kv_memory,
             stream_stop: Arc::default(),
             owner: Arc::default(),
         }
     }
+}
+
+/// How the coordinator asks the cache to be sized: `kv_blocks` (0: from the memory budget, the
+/// share `kv_memory_fraction` of a GPU, 0 meaning the default), within this worker's cap.
+fn kv_sizing(r: &pb::LoadRequest, kv_memory: Option<u64>) -> Result<KvSizing, Status> {
+    let f = r.kv_memory_fraction;
+    if f != 0.0 && !(f > 0.0 && f <= 1.0) {
+        return Err(Status::invalid_argument(format!(
+            "kv_memory_fraction {f} is outside (0, 1]"
+        )));
+    }
+    Ok(KvSizing {
+        blocks: (r.kv_blocks > 0).then_some(r.kv_blocks as usize),
+        memory_fraction: if f == 0.0 {
+            DEFAULT_KV_MEMORY_FRACTION
+        } else {
+            f as f64
+        },
+        memory_cap: kv_memory,
+    })
 }
 
 fn parse_addrs(v: &[String]) -> Result<Vec<SocketAddr>, Status> {
@@ -81,6 +109,7 @@ impl pb::worker_server::Worker for Svc {
         let live_ranks: Vec<usize> = r.live_ranks.iter().map(|&x| x as usize).collect();
         let placement = grok_proto::convert::placement_of(&r.placement);
         let tp_peers = parse_addrs(&r.tp_peers)?;
+        let kv = kv_sizing(&r, self.kv_memory)?;
         // NCCL ids come only to GPU workers, and must be whole.
         for (group, id) in [("world", &r.world_nccl_id), ("tp", &r.tp_nccl_id)] {
             if id.is_empty() {
@@ -143,20 +172,12 @@ impl pb::worker_server::Worker for Svc {
                 model_dir: PathBuf::from(&r.model_dir),
                 layout,
                 rank: r.rank as usize,
-                kv_blocks: r.kv_blocks.max(1) as usize,
+                kv,
                 block_size: r.block_size.max(1) as usize,
             };
-            if engine.loaded() != &want {
-                let have = engine.loaded().clone();
+            if let Err(why) = engine.loaded().serves(&want, engine.kv_blocks() as usize) {
                 *lock(&self.slot) = Slot::Ready(engine);
-                return Err(Status::failed_precondition(format!(
-                    "this worker holds rank {} of {} ({:?}); restart it to load rank {} of {}",
-                    have.rank,
-                    have.model_dir.display(),
-                    have.layout,
-                    want.rank,
-                    want.model_dir.display()
-                )));
+                return Err(Status::failed_precondition(why));
             }
             // The newest Load wins: from now on this worker is its caller's.
             *lock(&self.owner) = r.coordinator_id.clone();
@@ -170,6 +191,7 @@ impl pb::worker_server::Worker for Svc {
                     weight_bytes: 0,
                     resident_bytes: engine::resident_bytes(),
                     kv_bytes: 0,
+                    kv_blocks: 0,
                 }));
                 engine.use_tokenizer(r.tokenizer);
                 match engine.reconnect(
@@ -192,6 +214,7 @@ impl pb::worker_server::Worker for Svc {
                         tracing::info!(rank = engine.rank(), "collectives reconnected");
                         let bytes = engine.weight_bytes();
                         let kv_bytes = engine.kv_bytes();
+                        let kv_blocks = engine.kv_blocks();
                         *lock(&slot) = Slot::Ready(engine);
                         let _ = tx.blocking_send(Ok(pb::LoadProgress {
                             stage: "ready".into(),
@@ -200,6 +223,7 @@ impl pb::worker_server::Worker for Svc {
                             weight_bytes: bytes,
                             resident_bytes: engine::resident_bytes(),
                             kv_bytes,
+                            kv_blocks,
                         }));
                     }
                     Err(e) => {
@@ -225,7 +249,7 @@ impl pb::worker_server::Worker for Svc {
                 rank: r.rank as usize,
                 world_peers,
                 tp_peers,
-                kv_blocks: r.kv_blocks.max(1) as usize,
+                kv,
                 block_size: r.block_size.max(1) as usize,
                 comm_timeout,
                 cuda_device,
@@ -241,6 +265,7 @@ impl pb::worker_server::Worker for Svc {
                     weight_bytes: 0,
                     resident_bytes: engine::resident_bytes(),
                     kv_bytes: 0,
+                    kv_blocks: 0,
                 }));
             });
             match res {
@@ -248,6 +273,7 @@ impl pb::worker_server::Worker for Svc {
                     tracing::info!(rank = engine.rank(), weight_bytes = bytes, "shard loaded");
                     engine.use_tokenizer(r.tokenizer);
                     let kv_bytes = engine.kv_bytes();
+                    let kv_blocks = engine.kv_blocks();
                     *lock(&slot) = Slot::Ready(Box::new(engine));
                     let _ = tx.blocking_send(Ok(pb::LoadProgress {
                         stage: "ready".into(),
@@ -256,6 +282,7 @@ impl pb::worker_server::Worker for Svc {
                         weight_bytes: bytes,
                         resident_bytes: engine::resident_bytes(),
                         kv_bytes,
+                        kv_blocks,
                     }));
                 }
                 Err(e) => {

@@ -45,7 +45,7 @@ impl Shard {
     /// Bytes of the KV cache (in device memory for a GPU).
     pub fn kv_bytes(&self) -> usize {
         match self {
-            Shard::Cpu { kv, .. } => kv.bytes_per_token() * kv.num_blocks * kv.block_size,
+            Shard::Cpu { kv, .. } => kv.bytes(),
             #[cfg(feature = "cuda")]
             Shard::Cuda { kv, .. } => kv.bytes(),
         }

@@ -200,7 +200,7 @@ impl pb::inference_server::Inference for Svc {
         let (job, rx) = build_job(
             &c.model,
             c.tokenizer.as_ref(),
-            c.cfg.kv_tokens(),
+            c.kv_tokens(),
             prompt,
             params,
             traceparent.as_deref(),

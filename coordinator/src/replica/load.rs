@@ -128,7 +128,8 @@ pub async fn load_replica(
             rank: rank as u32,
             world_peers: world_peers.clone(),
             tp_peers,
-            kv_blocks: shared.cfg.kv_blocks as u32,
+            kv_blocks: shared.cfg.kv_blocks.unwrap_or(0) as u32,
+            kv_memory_fraction: shared.cfg.kv_memory_fraction as f32,
             block_size: shared.cfg.block_size as u32,
             comm_timeout_ms: shared.cfg.comm_timeout_ms,
             world_nccl_id,
@@ -152,7 +153,7 @@ pub async fn load_replica(
         let shared = shared.clone();
         let rank = base + rank;
         tasks.push(tokio::spawn(async move {
-            let r: Result<WorkerClient, String> = async {
+            let r: Result<(WorkerClient, usize), String> = async {
                 let mut c = connect_worker(&shared, &addr).await.map_err(|e| {
                     format!("cannot reach worker `{id}` (rank {rank}) at {addr}: {e}")
                 })?;
@@ -166,10 +167,10 @@ pub async fn load_replica(
                         )
                     })?
                     .into_inner();
-                follow_load(&shared, rank, s).await.map_err(|e| {
+                let blocks = follow_load(&shared, rank, s).await.map_err(|e| {
                     format!("worker `{id}` (rank {rank}) at {addr} failed to load: {e}")
                 })?;
-                Ok(c)
+                Ok((c, blocks))
             }
             .await;
             if let Err(e) = &r {
@@ -186,10 +187,14 @@ pub async fn load_replica(
         }));
     }
     let mut clients = Vec::new();
+    let mut blocks = Vec::new();
     let mut errors = Vec::new();
     for t in tasks {
         match t.await {
-            Ok(Ok(c)) => clients.push(c),
+            Ok(Ok((c, b))) => {
+                clients.push(c);
+                blocks.push(b);
+            }
             Ok(Err(e)) => errors.push(e),
             Err(e) => errors.push(format!("load task failed: {e}")),
         }
@@ -225,15 +230,40 @@ pub async fn load_replica(
     let sampler = base + (l.pp - 1) * l.tp;
     let mut w = Workers::new(shared.clone(), links, sampler, l.dp_attention);
     w.placement = placement;
+    w.kv_blocks = replica_kv_blocks(&blocks, shared.cfg.kv_blocks).map_err(|e| {
+        format!(
+            "{e} (workers {:?})",
+            workers.iter().map(|w| &w.id).collect::<Vec<_>>()
+        )
+    })?;
+    if blocks.iter().any(|&b| b != w.kv_blocks) {
+        tracing::info!(
+            ?blocks,
+            used = w.kv_blocks,
+            "the replica's workers allocated different KV caches: it schedules against the smallest"
+        );
+    }
     Ok(w)
 }
 
-/// Drains a load-progress stream into the worker's entry.
+/// The blocks a replica schedules against: the smallest cache its workers allocated (a worker
+/// that reports none, an older build, holds what the coordinator asked for).
+fn replica_kv_blocks(reported: &[usize], asked: Option<usize>) -> Result<usize, String> {
+    let per = reported
+        .iter()
+        .map(|&b| if b == 0 { asked.unwrap_or(0) } else { b });
+    match per.min() {
+        Some(b) if b > 0 => Ok(b),
+        _ => Err("the workers reported no KV blocks: give --kv-blocks".into()),
+    }
+}
+
+/// Drains a load-progress stream into the worker's entry; returns the KV blocks it allocated.
 async fn follow_load(
     shared: &Cluster,
     rank: usize,
     mut s: tonic::Streaming<pb::LoadProgress>,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     loop {
         match s.next().await {
             Some(Ok(p)) => {
@@ -246,10 +276,11 @@ async fn follow_load(
                     if ready {
                         w.weight_bytes = p.weight_bytes;
                         w.kv_bytes = p.kv_bytes;
+                        w.kv_blocks = p.kv_blocks;
                     }
                 });
                 if ready {
-                    return Ok(());
+                    return Ok(p.kv_blocks as usize);
                 }
             }
             Some(Err(e)) => return Err(e.message().to_string()),

@@ -205,7 +205,10 @@ impl Replica {
             (None, true) => cfg.layout.world_size(),
             _ => 1,
         };
-        let mut sched = Scheduler::with_ranks(budget, ranks, cfg.kv_blocks, cfg.prefix_caching);
+        // The blocks the workers allocated (the smallest cache of the replica's workers).
+        let blocks = workers.kv_blocks;
+        let mut sched = Scheduler::with_ranks(budget, ranks, blocks, cfg.prefix_caching);
+        cluster.set_kv_capacity(ri, blocks, cfg.replica_kv_blocks(blocks, ranks));
         // Serving from here: the router parks no request once the handle is in (it decides
         // under the same lock), so none is left behind.
         let reload = cluster.served[ri].swap(true, Ordering::AcqRel);
@@ -427,7 +430,7 @@ impl Replica {
         for s in plan.too_long {
             let st = Status::resource_exhausted(format!(
                 "the sequence needs more than the {} KV blocks of {} tokens the cache holds",
-                cluster.cfg.kv_blocks, cluster.cfg.block_size
+                self.workers.kv_blocks, cluster.cfg.block_size
             ));
             self.finish(s, GenEvent::Error(st), "error");
         }
@@ -739,7 +742,7 @@ impl Replica {
         if parked > 0 {
             tokio::spawn(rejoin::expire_parked(cluster.clone()));
         }
-        let blocks = cluster.cfg.replica_kv_blocks() as u64;
+        let blocks = cluster.kv_capacity[me].load(Ordering::Relaxed);
         cluster.set_replica_load(me, (0, 0, blocks));
         Stopped {
             began,

@@ -51,12 +51,18 @@ pub struct Workers {
     /// The expert placement the workers were loaded with (data-parallel attention; empty
     /// otherwise).
     pub placement: grok_shared::sharding::Placement,
+    /// KV blocks per worker the replica schedules against (the smallest its workers hold).
+    pub kv_blocks: usize,
 }
 
 impl Workers {
     pub fn new(cluster: Arc<Cluster>, links: Vec<WorkerLink>, sampler: usize, dp: bool) -> Self {
         let lost_rx = spawn_monitor(cluster.clone(), &links);
         let step_timeout = Duration::from_millis(cluster.cfg.comm_timeout_ms as u64 + 10_000);
+        let kv_blocks = cluster
+            .cfg
+            .kv_blocks
+            .unwrap_or(grok_shared::model::DEFAULT_CPU_KV_BLOCKS);
         Workers {
             cluster,
             links,
@@ -66,6 +72,7 @@ impl Workers {
             step_timeout,
             next_step: 0,
             placement: Vec::new(),
+            kv_blocks,
         }
     }
 

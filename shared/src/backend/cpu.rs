@@ -7,7 +7,7 @@
 //! groups of activation rows with the same row-dot kernel. Weights are never dequantized into a
 //! copy, and every output element is computed by the same arithmetic whatever the batch.
 
-use super::simd::{dot_rows, dot_rows2, WeightElem};
+use super::simd::{dot_rows, dot_rows2, dot_rows_blocks, WeightElem};
 use crate::formats::checkpoint::Buf;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -104,6 +104,38 @@ impl Linear {
         }
     }
 
+    /// The weights' bytes (not the int8 scales).
+    pub fn weight_bytes_view(&self) -> &[u8] {
+        match &self.w {
+            Weights::F32(b) => b.bytes(),
+            Weights::Bf16(b) => b.bytes(),
+            Weights::I8 { w, .. } => w.bytes(),
+        }
+    }
+
+    /// Points the weights at their copy at byte `start` of `map` (same length and type).
+    pub fn rebase(&mut self, map: &Arc<memmap2::Mmap>, start: usize) {
+        let at = |len| (map.clone(), start, len);
+        self.w = match &self.w {
+            Weights::F32(b) => {
+                let (m, s, l) = at(b.len());
+                Weights::F32(Buf::in_map(m, s, l))
+            }
+            Weights::Bf16(b) => {
+                let (m, s, l) = at(b.len());
+                Weights::Bf16(Buf::in_map(m, s, l))
+            }
+            Weights::I8 { w, scales, nb } => {
+                let (m, s, l) = at(w.len());
+                Weights::I8 {
+                    w: Buf::in_map(m, s, l),
+                    scales: scales.clone(),
+                    nb: *nb,
+                }
+            }
+        };
+    }
+
     /// `y[m, out] = x[m, in] · Wᵀ`.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         let (k, n) = (self.in_features, self.out_features);
@@ -166,39 +198,50 @@ impl Linear {
                 false,
             ),
             Weights::I8 { w, scales, nb } => {
-                let bs = k / nb;
-                let row = &w.as_slice()[j * k..(j + 1) * k];
-                for b in 0..*nb {
-                    let s = scales[b * self.out_features + j];
-                    dots_m(&row[b * bs..(b + 1) * bs], x, m, k, b * bs, out, s, b > 0);
+                let (bs, n) = (k / nb, self.out_features);
+                let row = [&w.as_slice()[j * k..(j + 1) * k]];
+                let sc = [&scales[j..]];
+                let mut r0 = 0;
+                while r0 < m {
+                    let g = (m - r0).min(4);
+                    let xr = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
+                    let o = &mut out[r0..r0 + g];
+                    match g {
+                        1 => o.copy_from_slice(&dot_rows_blocks(row, [xr(0)], bs, sc, n)[0]),
+                        2 => o.copy_from_slice(&dot_rows_blocks(row, [xr(0), xr(1)], bs, sc, n)[0]),
+                        3 => o.copy_from_slice(
+                            &dot_rows_blocks(row, [xr(0), xr(1), xr(2)], bs, sc, n)[0],
+                        ),
+                        _ => o.copy_from_slice(
+                            &dot_rows_blocks(row, [xr(0), xr(1), xr(2), xr(3)], bs, sc, n)[0],
+                        ),
+                    }
+                    r0 += g;
                 }
             }
         }
     }
 
-    /// Rows `j` and `j + 1` against the `M` activation rows `x`, for f32 and bf16 weights
-    /// (int8's block scales take the one-row path).
+    /// Rows `j` and `j + 1` against the `M` activation rows `x`: the same arithmetic as
+    /// [`Linear::row_dots`] for each row (int8: block by block, each block's dot scaled and
+    /// summed in block order).
     #[inline]
-    fn pair_dots<const M: usize>(&self, j: usize, x: &[f32], k: usize) -> Option<[[f32; M]; 2]> {
+    fn pair_dots<const M: usize>(&self, j: usize, x: &[f32], k: usize) -> [[f32; M]; 2] {
         let xs: [&[f32]; M] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
         match &self.w {
             Weights::F32(b) => {
                 let b = b.as_slice();
-                Some(dot_rows2(
-                    &b[j * k..(j + 1) * k],
-                    &b[(j + 1) * k..(j + 2) * k],
-                    xs,
-                ))
+                dot_rows2(&b[j * k..(j + 1) * k], &b[(j + 1) * k..(j + 2) * k], xs)
             }
             Weights::Bf16(b) => {
                 let b = b.as_slice();
-                Some(dot_rows2(
-                    &b[j * k..(j + 1) * k],
-                    &b[(j + 1) * k..(j + 2) * k],
-                    xs,
-                ))
+                dot_rows2(&b[j * k..(j + 1) * k], &b[(j + 1) * k..(j + 2) * k], xs)
             }
-            Weights::I8 { .. } => None,
+            Weights::I8 { w, scales, nb } => {
+                let (w, n) = (w.as_slice(), self.out_features);
+                let rows = [&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k]];
+                dot_rows_blocks(rows, xs, k / nb, [&scales[j..], &scales[j + 1..]], n)
+            }
         }
     }
 
@@ -225,10 +268,8 @@ impl Linear {
                     while j < j0 + nb {
                         // Two weight rows against four activation rows per call where it can
                         // (the same bits as one row at a time).
-                        if let Some(pair) = (j + 1 < j0 + nb && mc == 4)
-                            .then(|| self.pair_dots::<4>(j, xs, k))
-                            .flatten()
-                        {
+                        if j + 1 < j0 + nb && mc == 4 {
+                            let pair = self.pair_dots::<4>(j, xs, k);
                             for (w, vals) in pair.iter().enumerate() {
                                 for (r, v) in vals.iter().enumerate() {
                                     // SAFETY: (r0 + r, j + w) lies inside y [m, n]; each task
@@ -447,6 +488,15 @@ mod tests {
                         "m={m} {} i={i}",
                         lin.w.dtype_name()
                     );
+                }
+                // Batch invariance: each row alone gives the same bits as in the batch (the
+                // GEMM's two-row tile and the GEMV's one-row kernel agree).
+                for r in 0..m {
+                    let mut one = vec![0f32; n];
+                    lin.matmul(&x[r * k..(r + 1) * k], 1, &mut one);
+                    let got: Vec<u32> = y[r * n..(r + 1) * n].iter().map(|v| v.to_bits()).collect();
+                    let alone: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, alone, "m={m} {} row {r}", lin.w.dtype_name());
                 }
             }
         }

@@ -88,6 +88,43 @@ pub fn dot_rows2<T: WeightElem, const M: usize>(
     }
 }
 
+/// Block-scaled rows: `out[h][r] = Σ_b scales[h][b · stride] · Σ_{i in block b} ws[h][i]
+/// xs[r][i]` over blocks of `bs` weights, for `R` (1 or 2) weight rows at once. With AVX-512 a
+/// row's blocks accumulate in registers, scaled as each block ends, and reduce once (one call
+/// per row, not one per block); every output has the same arithmetic whatever `R` and `M` are.
+#[inline(always)]
+pub fn dot_rows_blocks<T: WeightElem, const R: usize, const M: usize>(
+    ws: [&[T]; R],
+    xs: [&[f32]; M],
+    bs: usize,
+    scales: [&[f32]; R],
+    stride: usize,
+) -> [[f32; M]; R] {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the feature was detected at run time.
+        Isa::Avx512 => unsafe { x86::dot_blocks512::<T, R, M>(ws, xs, bs, scales, stride) },
+        _ => {
+            let mut out = [[0f32; M]; R];
+            for h in 0..R {
+                for (b, w) in ws[h].chunks(bs).enumerate() {
+                    let xb: [&[f32]; M] = std::array::from_fn(|r| &xs[r][b * bs..b * bs + w.len()]);
+                    let v = dot_rows::<T, M>(w, xb);
+                    let s = scales[h][b * stride];
+                    for r in 0..M {
+                        out[h][r] = if b == 0 {
+                            s * v[r]
+                        } else {
+                            out[h][r] + s * v[r]
+                        };
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
 pub fn dot_portable<T: WeightElem, const M: usize>(w: &[T], xs: [&[f32]; M]) -> [f32; M] {
     let mut acc = [[0f32; 8]; M];
     let n = w.len();
@@ -267,6 +304,84 @@ mod x86 {
                     s += ws[w][k].to_f32() * xs[r][k];
                 }
                 out[w][r] = s;
+            }
+        }
+        out
+    }
+
+    /// [`super::dot_rows_blocks`] with AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn dot_blocks512<T: WeightElem, const R: usize, const M: usize>(
+        ws: [&[T]; R],
+        xs: [&[f32]; M],
+        bs: usize,
+        scales: [&[f32]; R],
+        stride: usize,
+    ) -> [[f32; M]; R] {
+        let n = ws[0].len();
+        assert!(bs > 0 && n.is_multiple_of(bs));
+        let nb = n / bs;
+        for h in 0..R {
+            assert!(ws[h].len() == n && (nb == 0 || scales[h].len() > (nb - 1) * stride));
+        }
+        for x in xs.iter() {
+            assert!(x.len() >= n);
+        }
+        let ahead = PREFETCH_BYTES / std::mem::size_of::<T>();
+        let mut tot = [[_mm512_setzero_ps(); M]; R];
+        let mut tail = [[0f32; M]; R];
+        // SAFETY: every load stays inside `ws[h][..n]`, `xs[r][..n]` and the scales (checked).
+        unsafe {
+            for b in 0..nb {
+                let (mut i, end) = (b * bs, (b + 1) * bs);
+                let mut a0 = [[_mm512_setzero_ps(); M]; R];
+                let mut a1 = [[_mm512_setzero_ps(); M]; R];
+                while i + 32 <= end {
+                    for w in ws.iter() {
+                        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + ahead) as *const i8);
+                    }
+                    let u0: [__m512; R] = std::array::from_fn(|h| load16(ws[h].as_ptr().add(i)));
+                    let u1: [__m512; R] =
+                        std::array::from_fn(|h| load16(ws[h].as_ptr().add(i + 16)));
+                    for r in 0..M {
+                        let xp = xs[r].as_ptr().add(i);
+                        let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+                        for h in 0..R {
+                            a0[h][r] = _mm512_fmadd_ps(u0[h], x0, a0[h][r]);
+                            a1[h][r] = _mm512_fmadd_ps(u1[h], x1, a1[h][r]);
+                        }
+                    }
+                    i += 32;
+                }
+                if i + 16 <= end {
+                    let u0: [__m512; R] = std::array::from_fn(|h| load16(ws[h].as_ptr().add(i)));
+                    for r in 0..M {
+                        let x0 = _mm512_loadu_ps(xs[r].as_ptr().add(i));
+                        for h in 0..R {
+                            a0[h][r] = _mm512_fmadd_ps(u0[h], x0, a0[h][r]);
+                        }
+                    }
+                    i += 16;
+                }
+                for h in 0..R {
+                    let s = *scales[h].get_unchecked(b * stride);
+                    let sv = _mm512_set1_ps(s);
+                    for r in 0..M {
+                        let blk = _mm512_add_ps(a0[h][r], a1[h][r]);
+                        tot[h][r] = _mm512_fmadd_ps(sv, blk, tot[h][r]);
+                        let mut t = 0f32;
+                        for k in i..end {
+                            t += ws[h][k].to_f32() * xs[r][k];
+                        }
+                        tail[h][r] += s * t;
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; M]; R];
+        for h in 0..R {
+            for r in 0..M {
+                out[h][r] = _mm512_reduce_add_ps(tot[h][r]) + tail[h][r];
             }
         }
         out

@@ -149,6 +149,26 @@ impl<T: bytemuck::Pod> Buf<T> {
             Buf::Owned(v) => v,
         }
     }
+    /// The view's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(self.as_slice())
+    }
+
+    /// A view of `len` elements at byte `start` of `map` (e.g. one [`copy_to_huge_pages`]
+    /// made). Panics if they do not lie inside it or `start` is misaligned for `T`.
+    pub fn in_map(map: Arc<Mmap>, start: usize, len: usize) -> Self {
+        assert!(
+            start.is_multiple_of(std::mem::align_of::<T>())
+                && start + len * std::mem::size_of::<T>() <= map.len(),
+            "view outside its mapping"
+        );
+        Buf::Mapped {
+            map,
+            start,
+            len,
+            _t: std::marker::PhantomData,
+        }
+    }
     pub fn len(&self) -> usize {
         match self {
             Buf::Mapped { len, .. } => *len,
@@ -158,6 +178,44 @@ impl<T: bytemuck::Pod> Buf<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Copies `parts` into one anonymous mapping of this process, each at a 64-byte aligned byte
+/// offset (returned), its whole 2 MB pages advised as transparent huge pages before they are
+/// first touched (Linux; a kernel that refuses leaves ordinary pages). Weights read from it
+/// once per token stream without a TLB miss every 4 KB, and the checkpoint's file pages can
+/// leave the process.
+pub fn copy_to_huge_pages(parts: &[&[u8]]) -> std::io::Result<(Arc<Mmap>, Vec<usize>)> {
+    use rayon::prelude::*;
+    const HUGE: usize = 2 << 20;
+    let mut offsets = Vec::with_capacity(parts.len());
+    let mut end = 0usize;
+    for p in parts {
+        let o = end.next_multiple_of(64);
+        offsets.push(o);
+        end = o + p.len();
+    }
+    let mut map = memmap2::MmapMut::map_anon(end + HUGE)?;
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    let addr = map.as_ptr() as usize;
+    let base = addr.next_multiple_of(HUGE) - addr;
+    struct Dst(*mut u8);
+    impl Dst {
+        fn at(&self, o: usize) -> *mut u8 {
+            self.0.wrapping_add(o)
+        }
+    }
+    // SAFETY: the tasks below write disjoint ranges of the mapping.
+    unsafe impl Sync for Dst {}
+    let dst = Dst(map.as_mut_ptr());
+    parts.par_iter().zip(&offsets).for_each(|(p, &o)| {
+        // SAFETY: [base + o, base + o + p.len()) lies inside the mapping (end + HUGE bytes,
+        // base < HUGE) and no two parts overlap (offsets increase past each part's end).
+        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.at(base + o), p.len()) };
+    });
+    let offsets = offsets.into_iter().map(|o| base + o).collect();
+    Ok((Arc::new(map.make_read_only()?), offsets))
 }
 
 struct MappedFile {

@@ -108,6 +108,34 @@ fn load_expert(
 }
 
 impl Model {
+    /// Copies every weight matrix into one anonymous mapping of this process, in huge pages
+    /// where the kernel grants them ([`crate::formats::checkpoint::copy_to_huge_pages`]):
+    /// decode streams each weight once per token, and 2 MB pages spare it a TLB miss every
+    /// 4 KB. Once the checkpoint is dropped its file pages leave this process. Experts loaded
+    /// later (`set_experts`) come from the file again; calling this again copies the whole
+    /// shard anew.
+    pub fn make_resident(&mut self) -> Result<(), ModelError> {
+        let mut lins: Vec<&mut crate::backend::cpu::Linear> = self.embed.iter_mut().collect();
+        for l in &mut self.layers {
+            lins.extend([&mut l.q, &mut l.k, &mut l.v, &mut l.o]);
+            for e in &mut l.experts {
+                lins.extend([&mut e.linear, &mut e.linear_v, &mut e.linear_1]);
+            }
+        }
+        let parts: Vec<&[u8]> = lins.iter().map(|l| l.weight_bytes_view()).collect();
+        let (map, starts) =
+            crate::formats::checkpoint::copy_to_huge_pages(&parts).map_err(|e| {
+                ModelError::Shard(format!(
+                    "copying the weights into this process's memory: {e}"
+                ))
+            })?;
+        drop(parts);
+        for (l, s) in lins.into_iter().zip(starts) {
+            l.rebase(&map, s);
+        }
+        Ok(())
+    }
+
     /// Makes this shard hold the expert slices `experts` in each of its layers: those it holds
     /// already are kept, the others are loaded from `ckpt` (of the same model), and experts no
     /// longer listed are dropped. Nothing changes when a load fails. Returns the number of

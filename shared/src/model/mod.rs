@@ -25,7 +25,10 @@ pub mod names;
 pub use attention::Heads;
 pub use device::{Cpu, Device};
 pub use error::ModelError;
-pub use kv::{BlockAllocator, KvCache};
+pub use kv::{
+    kv_block_bytes, kv_blocks_to_allocate, BlockAllocator, DeviceMemory, KvCache, KvSizing,
+    DEFAULT_CPU_KV_BLOCKS, DEFAULT_KV_MEMORY_FRACTION,
+};
 
 use crate::collective::Communicator;
 use crate::config::ModelConfig;
@@ -854,6 +857,46 @@ mod dp_tests {
         m.forward_layers(&mut h, &inputs, &mut kv, comm).unwrap();
         let b = m.logits(&h, &logit_rows(&inputs)).unwrap();
         vec![a, b]
+    }
+
+    /// Weights copied into the process's own (huge) pages give the same bits, and the shard
+    /// no longer reads the checkpoint's file.
+    #[test]
+    fn resident_weights_give_the_same_logits_and_no_longer_read_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ModelConfig::preset("tiny8", None).unwrap();
+        crate::formats::genmodel::generate(
+            &c,
+            crate::formats::genmodel::GenDType::Bf16,
+            4,
+            dir.path(),
+            1 << 30,
+            |_, _| {},
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let mut m = Model::load(&ck).unwrap();
+        let prompts = vec![vec![3u32, 14, 15, 92, 65]];
+        let before = run(&m, &prompts, &crate::collective::SingleRank);
+        m.make_resident().unwrap();
+        drop(ck);
+        // The file's bytes change under the model: a shard still reading its mapping would
+        // see zeros.
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let p = f.unwrap().path();
+            if p.extension().is_some_and(|e| e == "safetensors") {
+                let n = std::fs::metadata(&p).unwrap().len() as usize;
+                std::fs::write(&p, vec![0u8; n]).unwrap();
+            }
+        }
+        let after = run(&m, &prompts, &crate::collective::SingleRank);
+        let bits = |v: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+            v.iter()
+                .map(|r| r.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&before), bits(&after));
+        assert!(before.iter().flatten().all(|x| x.is_finite()));
     }
 
     /// Data-parallel attention with experts dispatched by all-to-all gives the bits of one

@@ -337,7 +337,7 @@ fn start(
         let (job, rx) = build_job(
             &s.model,
             s.tokenizer.as_ref(),
-            s.cfg.kv_tokens(),
+            s.kv_tokens(),
             prompt.clone(),
             p,
             traceparent,
@@ -468,10 +468,7 @@ fn chat_request(app: &App, body: Map<String, Value>, tp: Option<String>) -> Star
                 tok.encode(&text)
                     .map_err(|e| HttpError::invalid("messages", format!("messages: {e}"))),
             )?;
-            let room = s
-                .model
-                .max_position_embeddings
-                .min(s.cfg.kv_blocks * s.cfg.block_size);
+            let room = s.model.max_position_embeddings.min(s.kv_tokens());
             let mt = c
                 .max_tokens
                 .unwrap_or_else(|| room.saturating_sub(ids.len()).max(1));

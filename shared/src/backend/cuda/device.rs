@@ -93,8 +93,7 @@ impl CudaKv {
         let be = &model.dev.be;
         // Refuse a cache the device cannot hold beside the weights and a working reserve for
         // the activations, naming how many blocks would fit.
-        let layers = model.layers.len();
-        let per_block = block_size * (2 * 4 * width * layers + 4);
+        let per_block = Self::block_bytes(model, block_size) as usize;
         let need = num_blocks.saturating_mul(per_block);
         let (free, _) = be.memory().map_err(err)?;
         let room = free.saturating_sub(KV_RESERVE);
@@ -127,6 +126,32 @@ impl CudaKv {
             block_size,
             width,
         })
+    }
+
+    /// Bytes of device memory one block of `block_size` slots takes for the layers and KV heads
+    /// `model` holds (keys and values in f32, a 4-byte flag per slot).
+    pub fn block_bytes(model: &Model<Cuda>, block_size: usize) -> u64 {
+        let width = model.shard.kv_heads.len() * model.config.key_size;
+        crate::model::kv_block_bytes(model.layers.len(), width, block_size, 4)
+    }
+
+    /// A cache sized by `sizing`: its fixed block count, or what the device's memory budget
+    /// holds beside this worker's weights ([`crate::model::kv_blocks_to_allocate`]).
+    pub fn sized(
+        model: &Model<Cuda>,
+        sizing: &crate::model::KvSizing,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
+        let (free, total) = model.dev.be.memory().map_err(err)?;
+        let mem = crate::model::DeviceMemory {
+            free: free as u64,
+            total: total as u64,
+            weights: model.device_weight_bytes() as u64,
+            reserve: KV_RESERVE as u64,
+        };
+        let per_block = Self::block_bytes(model, block_size);
+        let n = crate::model::kv_blocks_to_allocate(sizing, per_block, Some(&mem))?;
+        Self::new(model, n, block_size)
     }
 
     /// Bytes of device memory the cache holds.

@@ -153,9 +153,11 @@ pub fn dot_portable<T: WeightElem, const M: usize>(w: &[T], xs: [&[f32]; M]) -> 
     out
 }
 
-/// How far ahead of the row-dot kernels the weights are prefetched.
+/// How far ahead of the row-dot kernels the weights are prefetched: 4 KB, measured against 2
+/// and 8 KB with the weights in 2 MB pages (decode at 1 thread: int8 +8%, bf16 +3%; 2 threads
+/// level or better; prefill unchanged).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_BYTES: usize = 2048;
+const PREFETCH_BYTES: usize = 4096;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

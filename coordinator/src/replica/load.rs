@@ -12,9 +12,33 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-/// Whether a replica on these devices talks NCCL: all of them GPUs.
-pub fn uses_nccl(devices: &[&str]) -> bool {
-    !devices.is_empty() && devices.iter().all(|d| d.starts_with("cuda"))
+/// How a replica's ranks exchange tensors, from where they run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collectives {
+    /// Every rank on a GPU of its own: NCCL ids are made and sent with `Load`.
+    Nccl,
+    /// The TCP collective, staged through the host; why not NCCL.
+    Tcp(String),
+}
+
+/// The collectives of a replica whose ranks run at `(address, device)` (a worker's gRPC
+/// address, `HOST:PORT`, and its device, `cpu` or `cuda:N`): NCCL only when every rank is on a
+/// GPU and no two share one (the same host and device; NCCL refuses two ranks on one GPU).
+pub fn collectives_for(ranks: &[(&str, &str)]) -> Collectives {
+    if ranks.len() < 2 {
+        return Collectives::Tcp("one rank: nothing to exchange".into());
+    }
+    if let Some((_, d)) = ranks.iter().find(|(_, d)| !d.starts_with("cuda")) {
+        return Collectives::Tcp(format!("a rank runs on `{d}`"));
+    }
+    let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
+    let mut seen = std::collections::HashSet::new();
+    for (a, d) in ranks {
+        if !seen.insert((host(a), d.to_string())) {
+            return Collectives::Tcp(format!("two ranks share {d} on {}", host(a)));
+        }
+    }
+    Collectives::Nccl
 }
 
 /// The NCCL ids rank `rank` (inside the replica) gets: its world group's and its stage's
@@ -69,8 +93,17 @@ pub async fn load_replica(
     let world_peers: Vec<String> = workers.iter().map(|w| w.world_comm.clone()).collect();
     let placement = lock(&shared.placements)[ri].clone();
     // GPU replicas of more than one worker: each NCCL group's first rank makes its unique id.
-    let devices: Vec<&str> = workers.iter().map(|w| w.device.as_str()).collect();
-    let nccl = if uses_nccl(&devices) && world > 1 && live.is_none() {
+    let ranks: Vec<(&str, &str)> = workers
+        .iter()
+        .map(|w| (w.address.as_str(), w.device.as_str()))
+        .collect();
+    let choice = collectives_for(&ranks);
+    if let Collectives::Tcp(why) = &choice {
+        if ranks.iter().any(|(_, d)| d.starts_with("cuda")) && world > 1 {
+            tracing::info!(replica = ri, why = %why, "GPU ranks exchange tensors over TCP");
+        }
+    }
+    let nccl = if choice == Collectives::Nccl && live.is_none() {
         let mut ids = std::collections::HashMap::new();
         for g in grok_shared::collective::bootstrap::groups(&l) {
             let w = &workers[g.root];
@@ -92,16 +125,21 @@ pub async fn load_replica(
                     ids.insert(g.name.clone(), id);
                 }
                 Err(e) => {
-                    return Err(format!(
-                        "worker `{}` (rank {}) gave no NCCL id for group {}: {e}",
-                        w.id,
-                        base + g.root,
-                        g.name
-                    ));
+                    // No NCCL there (the library is missing, say): the TCP collective serves.
+                    tracing::warn!(
+                        replica = ri,
+                        worker = %w.id,
+                        rank = base + g.root,
+                        group = %g.name,
+                        error = %e,
+                        "no NCCL id: the replica's ranks exchange tensors over TCP"
+                    );
+                    ids.clear();
+                    break;
                 }
             }
         }
-        Some(ids)
+        (!ids.is_empty()).then_some(ids)
     } else {
         None
     };
@@ -295,9 +333,28 @@ mod tests {
 
     #[test]
     fn nccl_bootstrap_goes_to_gpu_replicas_and_each_rank_gets_its_groups() {
-        assert!(uses_nccl(&["cuda:0", "cuda:1"]));
-        assert!(!uses_nccl(&["cuda:0", "cpu"]));
-        assert!(!uses_nccl(&[]));
+        use Collectives::*;
+        let c = |r: &[(&str, &str)]| collectives_for(r);
+        assert_eq!(
+            c(&[("10.0.0.1:5", "cuda:0"), ("10.0.0.1:6", "cuda:1")]),
+            Nccl
+        );
+        // One GPU on each of two hosts.
+        assert_eq!(
+            c(&[("10.0.0.1:5", "cuda:0"), ("10.0.0.2:5", "cuda:0")]),
+            Nccl
+        );
+        assert_eq!(c(&[("[::1]:5", "cuda:0"), ("[::2]:5", "cuda:0")]), Nccl);
+        // Two workers on one GPU, a CPU rank, a lone rank: TCP, saying why.
+        let shared = c(&[("10.0.0.1:5", "cuda:0"), ("10.0.0.1:6", "cuda:0")]);
+        assert!(
+            matches!(&shared, Tcp(w) if w.contains("share cuda:0 on 10.0.0.1")),
+            "{shared:?}"
+        );
+        let cpu = c(&[("h:5", "cuda:0"), ("h:6", "cpu")]);
+        assert!(matches!(&cpu, Tcp(w) if w.contains("`cpu`")), "{cpu:?}");
+        assert!(matches!(c(&[("h:5", "cuda:0")]), Tcp(_)));
+        assert!(matches!(c(&[]), Tcp(_)));
         let l = grok_shared::sharding::Layout::new(2, 1, 2);
         let mut ids = std::collections::HashMap::new();
         for g in grok_shared::collective::bootstrap::groups(&l) {

@@ -307,7 +307,14 @@ impl Engine {
                 let be = std::sync::Arc::new(
                     CudaBackend::open(n).map_err(|e| EngineError::Invalid(e.to_string()))?,
                 );
-                let (model, _) = Model::upload(model, Cuda::new(be))?;
+                let (model, _) =
+                    Model::upload_with_progress(model, Cuda::new(be), &mut |done, total| {
+                        progress(
+                            "loading",
+                            0.5 + 0.5 * done as f32 / total as f32,
+                            format!("uploading to cuda:{n}: {done}/{total} (embedding, layers)"),
+                        )
+                    })?;
                 let kv = CudaKv::sized(&model, &spec.kv, spec.block_size)?;
                 Shard::Cuda { model, kv }
             }

@@ -113,6 +113,15 @@ impl Linear {
         }
     }
 
+    /// Drops the weights' file pages from resident memory ([`Buf::release_pages`]).
+    pub fn release_pages(&self) {
+        match &self.w {
+            Weights::F32(b) => b.release_pages(),
+            Weights::Bf16(b) => b.release_pages(),
+            Weights::I8 { w, .. } => w.release_pages(),
+        }
+    }
+
     /// Points the weights at their copy at byte `start` of `map` (same length and type).
     pub fn rebase(&mut self, map: &Arc<memmap2::Mmap>, start: usize) {
         let at = |len| (map.clone(), start, len);

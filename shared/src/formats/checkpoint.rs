@@ -128,6 +128,9 @@ pub enum Buf<T: bytemuck::Pod> {
         map: Arc<Mmap>,
         start: usize,
         len: usize,
+        /// A view of a file (its pages can be dropped and read again), not of this process's
+        /// anonymous memory.
+        file: bool,
         _t: std::marker::PhantomData<T>,
     },
     Owned(Arc<Vec<T>>),
@@ -166,7 +169,39 @@ impl<T: bytemuck::Pod> Buf<T> {
             map,
             start,
             len,
+            file: false,
             _t: std::marker::PhantomData,
+        }
+    }
+
+    /// Drops a file view's pages from this process's resident memory once they have been
+    /// copied elsewhere: the data stays readable (read again, the pages come back from the
+    /// file). Views of anonymous memory and owned buffers are left alone.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Buf::Mapped {
+            map,
+            start,
+            len,
+            file: true,
+            ..
+        } = self
+        {
+            const PAGE: usize = 4096;
+            let base = map.as_ptr() as usize;
+            let (a, b) = (base + start, base + start + len * std::mem::size_of::<T>());
+            let (lo, hi) = (a.next_multiple_of(PAGE), b / PAGE * PAGE);
+            if hi > lo {
+                // SAFETY: a read-only mapping of a file the process never writes: dropped
+                // pages are read back from the file, unchanged, if anything reads them again.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        lo - base,
+                        hi - lo,
+                    )
+                };
+            }
         }
     }
     pub fn len(&self) -> usize {
@@ -185,7 +220,13 @@ impl<T: bytemuck::Pod> Buf<T> {
 /// first touched (Linux; a kernel that refuses leaves ordinary pages). Weights read from it
 /// once per token stream without a TLB miss every 4 KB, and the checkpoint's file pages can
 /// leave the process.
-pub fn copy_to_huge_pages(parts: &[&[u8]]) -> std::io::Result<(Arc<Mmap>, Vec<usize>)> {
+///
+/// `copied(i)` runs as soon as part `i` is copied (to let its source go: [`Buf::release_pages`]),
+/// so the source and the copy are not both resident for the whole shard at once.
+pub fn copy_to_huge_pages(
+    parts: &[&[u8]],
+    copied: impl Fn(usize) + Sync,
+) -> std::io::Result<(Arc<Mmap>, Vec<usize>)> {
     use rayon::prelude::*;
     const HUGE: usize = 2 << 20;
     let mut offsets = Vec::with_capacity(parts.len());
@@ -209,11 +250,17 @@ pub fn copy_to_huge_pages(parts: &[&[u8]]) -> std::io::Result<(Arc<Mmap>, Vec<us
     // SAFETY: the tasks below write disjoint ranges of the mapping.
     unsafe impl Sync for Dst {}
     let dst = Dst(map.as_mut_ptr());
-    parts.par_iter().zip(&offsets).for_each(|(p, &o)| {
-        // SAFETY: [base + o, base + o + p.len()) lies inside the mapping (end + HUGE bytes,
-        // base < HUGE) and no two parts overlap (offsets increase past each part's end).
-        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.at(base + o), p.len()) };
-    });
+    parts
+        .par_iter()
+        .zip(&offsets)
+        .enumerate()
+        .for_each(|(i, (p, &o))| {
+            // SAFETY: [base + o, base + o + p.len()) lies inside the mapping (end + HUGE
+            // bytes, base < HUGE) and no two parts overlap (offsets increase past each part's
+            // end).
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.at(base + o), p.len()) };
+            copied(i);
+        });
     let offsets = offsets.into_iter().map(|o| base + o).collect();
     Ok((Arc::new(map.make_read_only()?), offsets))
 }
@@ -348,6 +395,7 @@ impl Checkpoint {
                 map: f.map.clone(),
                 start: info.start,
                 len,
+                file: true,
                 _t: std::marker::PhantomData,
             }
         } else {
@@ -613,6 +661,27 @@ impl<W: Write> Write for CountingWriter<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn released_file_pages_read_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = crate::config::ModelConfig::preset("tiny", Some(1)).unwrap();
+        crate::formats::genmodel::generate(
+            &c,
+            crate::formats::genmodel::GenDType::F32,
+            5,
+            dir.path(),
+            1 << 30,
+            |_, _| {},
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let m = crate::model::Model::load(&ck).unwrap();
+        let lin = &m.layers[0].experts[0].linear;
+        let before = lin.weight_bytes_view().to_vec();
+        lin.release_pages();
+        assert_eq!(lin.weight_bytes_view(), &before[..]);
+    }
 
     #[test]
     fn index_files_name_only_plain_files() {

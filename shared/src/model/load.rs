@@ -123,8 +123,10 @@ impl Model {
             }
         }
         let parts: Vec<&[u8]> = lins.iter().map(|l| l.weight_bytes_view()).collect();
-        let (map, starts) =
-            crate::formats::checkpoint::copy_to_huge_pages(&parts).map_err(|e| {
+        // Each matrix's file pages go as soon as it is copied.
+        let copied = |i: usize| lins[i].release_pages();
+        let (map, starts) = crate::formats::checkpoint::copy_to_huge_pages(&parts, copied)
+            .map_err(|e| {
                 ModelError::Shard(format!(
                     "copying the weights into this process's memory: {e}"
                 ))

@@ -510,10 +510,25 @@ impl Model<Cuda> {
     /// A CPU shard's weights on the device (f32 matrices as bf16; gains and the router f32).
     /// Returns the model and whether f32 weights were converted.
     pub fn upload(cpu: Model<Cpu>, dev: Cuda) -> Result<(Self, bool), ModelError> {
+        Self::upload_with_progress(cpu, dev, &mut |_, _| {})
+    }
+
+    /// [`Model::upload`], layer by layer: `progress(done, total)` after each layer, and each
+    /// matrix's file pages leave the process's resident memory once it is on the device, so no
+    /// CPU copy of the shard stays resident.
+    pub fn upload_with_progress(
+        cpu: Model<Cpu>,
+        dev: Cuda,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Self, bool), ModelError> {
         let be = dev.be.clone();
+        let total = cpu.layers.len() + 1;
         let mut conv = false;
-        let lin =
-            |name: &str, l: &Linear, conv: &mut bool| upload_lin(&be, name, l, conv).map_err(err);
+        let lin = |name: &str, l: &Linear, conv: &mut bool| {
+            let d = upload_lin(&be, name, l, conv).map_err(err)?;
+            l.release_pages();
+            Ok::<_, ModelError>(d)
+        };
         let vec = |name: &str, v: &[f32]| be.upload(name, v).map_err(err);
         let embed = match &cpu.embed {
             Some(e) => Some(lin("embedding", e, &mut conv)?),
@@ -523,6 +538,7 @@ impl Model<Cuda> {
             Some(n) => Some(vec("final norm", n)?),
             None => None,
         };
+        progress(1, total);
         let mut layers = Vec::with_capacity(cpu.layers.len());
         for l in &cpu.layers {
             let i = l.index;
@@ -549,6 +565,7 @@ impl Model<Cuda> {
                 router: vec(&nm("router"), &l.router)?,
                 experts,
             });
+            progress(layers.len() + 1, total);
         }
         let ne = cpu.config.num_experts;
         Ok((

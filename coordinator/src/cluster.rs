@@ -131,14 +131,11 @@ impl Cluster {
 
     /// Records one replica's load and sets the gauges to the sums over the replicas.
     pub fn set_replica_load(&self, r: usize, load: (u64, u64, u64)) {
-        let (running, free) = {
-            let mut l = lock(&self.replica_load);
-            l[r] = load;
-            (
-                l.iter().map(|x| x.0).sum::<u64>(),
-                l.iter().map(|x| x.2).sum::<u64>(),
-            )
-        };
+        // Under the lock: the gauges are always those of the last update, capacity included.
+        let mut l = lock(&self.replica_load);
+        l[r] = load;
+        let running = l.iter().map(|x| x.0).sum::<u64>();
+        let free = l.iter().map(|x| x.2).sum::<u64>();
         let blocks: u64 = self
             .kv_capacity
             .iter()
@@ -152,8 +149,8 @@ impl Cluster {
     }
 
     /// A replica's KV cache as loaded: `blocks` per worker, `capacity` blocks in all (the
-    /// blocks of every serving worker with data-parallel attention). Its load gauges restart
-    /// with every block free.
+    /// blocks of every serving worker with data-parallel attention; 0 and 0 when it stops).
+    /// Its load gauges restart with every block free.
     pub fn set_kv_capacity(&self, r: usize, blocks: usize, capacity: usize) {
         self.kv_blocks[r].store(blocks, Ordering::Relaxed);
         self.kv_capacity[r].store(capacity as u64, Ordering::Relaxed);

@@ -49,8 +49,8 @@ struct Args {
     /// KV cache blocks per worker. Without it each worker allocates what its memory allows (a
     /// GPU: --kv-memory-fraction of the device less its weights; a CPU: 512 blocks, or its
     /// --kv-memory) and each replica admits against the smallest cache of its workers.
-    #[arg(long, env = "GROK_KV_BLOCKS", value_parser = clap::value_parser!(u64).range(1..))]
-    kv_blocks: Option<u64>,
+    #[arg(long, env = "GROK_KV_BLOCKS", value_parser = clap::value_parser!(u32).range(1..))]
+    kv_blocks: Option<u32>,
     /// Without --kv-blocks: the share of each GPU's memory a worker takes for its weights and
     /// KV cache together (the rest stays free for other processes). Two workers sharing a GPU
     /// need at most 0.45 each.
@@ -212,12 +212,10 @@ fn main() {
     }
 }
 
-/// A share in (0, 1].
+/// A share from 0.001 to 1.
 fn fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
-        _ => Err(format!(
-            "`{s}`: expected a share greater than 0 and at most 1, e.g. 0.9"
-        )),
+        Ok(f) if (1e-3..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("`{s}`: expected a share from 0.001 to 1, e.g. 0.9")),
     }
 }

@@ -31,6 +31,18 @@ pub fn submit(s: &std::sync::Arc<Cluster>, job: Job) -> Result<(), Status> {
             .filter(|(_, (_, st))| st.0 != ReplicaState::Draining)
             .filter_map(|(i, (h, _))| h.as_ref().map(|h| (i, h)))
             .collect();
+        // Replicas whose KV cache holds the prompt (caches differ when each worker sizes its
+        // own); when none does, every replica stays a candidate and refuses it with its size.
+        let bs_tokens = s.cfg.block_size.max(1);
+        let holds = |i: usize| {
+            let b = s.kv_blocks[i].load(Ordering::Relaxed);
+            b == 0 || b * bs_tokens > job.prompt.len()
+        };
+        let serving: Vec<(usize, &ReplicaHandle)> = if serving.iter().any(|&(i, _)| holds(i)) {
+            serving.into_iter().filter(|&(i, _)| holds(i)).collect()
+        } else {
+            serving
+        };
         // The least loaded (running, waiting and queued requests); ties in turn.
         let n = serving.len();
         let start = s.next_replica.fetch_add(1, Ordering::Relaxed);

@@ -752,7 +752,8 @@ async fn nccl_bootstrap_messages_are_refused_by_cpu_workers() {
     );
 }
 
-/// A coordinator without `--kv-blocks` (`extra` added), pp 2: each worker sizes its own cache.
+/// A coordinator without `--kv-blocks` (`extra` added: the layout, ...): each worker sizes its
+/// own cache.
 fn coordinator_sized(model: &Path, extra: &[&str]) -> (Proc, String) {
     let mut c = bin("grok-coordinator")
         .args([
@@ -761,7 +762,7 @@ fn coordinator_sized(model: &Path, extra: &[&str]) -> (Proc, String) {
             "--listen",
             "127.0.0.1:0",
         ])
-        .args(["--pp", "2", "--comm-timeout-ms", "5000"])
+        .args(["--comm-timeout-ms", "5000"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -798,7 +799,7 @@ async fn without_kv_blocks_a_replica_admits_against_the_smallest_cache_its_worke
     // pp 2: each worker holds one layer and every KV head.
     let per_block = grok_shared::model::kv_block_bytes(1, c.num_kv_heads * c.key_size, 16, 1);
     let cap = 10 * per_block + per_block / 2;
-    let (_coord, addr) = coordinator_sized(&model, &[]);
+    let (_coord, addr) = coordinator_sized(&model, &["--pp", "2"]);
     let _w0 = worker_capped(&addr, "w0", 0, None);
     let _w1 = worker_capped(&addr, "w1", 1, Some(cap));
     wait_ready(&addr);
@@ -840,7 +841,7 @@ async fn without_kv_blocks_a_replica_admits_against_the_smallest_cache_its_worke
 
     // A fixed --kv-blocks beyond a worker's --kv-memory: that worker refuses to load and says
     // why, and the cluster does not serve.
-    let (_coord, addr) = coordinator_sized(&model, &["--kv-blocks", "11"]);
+    let (_coord, addr) = coordinator_sized(&model, &["--pp", "2", "--kv-blocks", "11"]);
     let _w0 = worker_capped(&addr, "x0", 0, None);
     let _w1 = worker_capped(&addr, "x1", 1, Some(cap));
     let t = Instant::now();
@@ -856,5 +857,46 @@ async fn without_kv_blocks_a_replica_admits_against_the_smallest_cache_its_worke
     assert!(
         detail.contains("--kv-blocks 11") && detail.contains("at most 10 blocks"),
         "{detail}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_goes_to_a_replica_whose_cache_holds_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let c = gen_model(&model, 1);
+    let per_block = grok_shared::model::kv_block_bytes(1, c.num_kv_heads * c.key_size, 16, 1);
+    // Two replicas of one worker: replica 1's cache holds 10 blocks (160 tokens), replica 0's
+    // the CPU default of 512.
+    let (_coord, addr) = coordinator_sized(&model, &["--replicas", "2"]);
+    let _w0 = worker_capped(&addr, "r0", 0, None);
+    let _w1 = worker_capped(&addr, "r1", 1, Some(10 * per_block));
+    wait_ready(&addr);
+    let s = grok_tests::cluster::status(&addr).await;
+    let blocks: Vec<u32> = s.shards.iter().map(|w| w.kv_blocks).collect();
+    assert_eq!(blocks, vec![512, 10]);
+    // Prompts only replica 0 can hold all run there, whichever replica's turn it is; short
+    // ones still go to both.
+    // (Distinct prompts: no cached prefix draws them to one replica.)
+    for k in 0..4u32 {
+        let long: Vec<u32> = (0..200).map(|i| 5 + (i + 7 * k) % 50).collect();
+        let ids = grok_tests::cluster::greedy(&addr, long, 4).await.unwrap();
+        assert_eq!(ids.len(), 4);
+    }
+    for _ in 0..4 {
+        let ids = grok_tests::cluster::greedy(&addr, vec![5, 6, 7], 4)
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 4);
+    }
+    let steps: Vec<u64> = grok_tests::cluster::status(&addr)
+        .await
+        .shards
+        .iter()
+        .map(|w| w.steps)
+        .collect();
+    assert!(
+        steps.iter().all(|&n| n > 0),
+        "both replicas served: {steps:?}"
     );
 }

@@ -278,10 +278,12 @@ impl Engine {
             layout.shard(&ck.config, spec.rank)
         };
         progress("loading", 0.0, format!("layers {:?}", shard.layers));
+        // A GPU's upload is the second half of its loading.
+        let share = if spec.cuda_device.is_some() { 0.5 } else { 1.0 };
         let mut model = Model::load_shard_with_progress(&ck, &shard, |done, total| {
             progress(
                 "loading",
-                done as f32 / total as f32,
+                share * done as f32 / total as f32,
                 format!("layer {done}/{total}"),
             );
         })?;

@@ -742,8 +742,8 @@ impl Replica {
         if parked > 0 {
             tokio::spawn(rejoin::expire_parked(cluster.clone()));
         }
-        let blocks = cluster.kv_capacity[me].load(Ordering::Relaxed);
-        cluster.set_replica_load(me, (0, 0, blocks));
+        // A stopped replica holds no cache until it serves again.
+        cluster.set_kv_capacity(me, 0, 0);
         Stopped {
             began,
             fault: is_fault,

@@ -320,6 +320,13 @@ impl<T: Tokens> Scheduler<T> {
                 break;
             };
             let len = front.seq.num_tokens();
+            // One the whole cache of a rank cannot hold would wait forever (and hold up those
+            // behind it): it goes back with its error.
+            if len.div_ceil(bs) > self.kv_blocks {
+                let e = self.waiting.pop_front().expect("front exists");
+                plan.too_long.push(e.seq);
+                continue;
+            }
             // The rank to admit it to: among those with budget, room under the cap and the
             // blocks for its first chunk, the one holding the longest cached prefix of its
             // tokens (whole blocks, and at least one token left to compute: the step must give
@@ -694,6 +701,18 @@ mod tests {
         assert!(p.slots.is_empty());
         assert_eq!(s.free_blocks(), 2);
         assert_eq!(p.free, vec![1]);
+    }
+
+    #[test]
+    fn a_prompt_longer_than_the_whole_cache_is_returned_at_once_and_holds_up_nothing() {
+        // 3 blocks of 4 tokens: a 13-token prompt can never be admitted.
+        let mut s = sched(100, 4, 3);
+        s.push_back(S { id: 1, len: 13 });
+        s.push_back(S { id: 2, len: 5 });
+        let p = step(&mut s);
+        assert_eq!(p.too_long.iter().map(|x| x.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(p.slots.len(), 1, "the sequence behind it runs");
+        assert_eq!((p.slots[0].start, p.slots[0].n), (0, 5));
     }
 
     #[test]

@@ -176,14 +176,21 @@ pub fn kv_blocks_to_allocate(
                 .saturating_sub(m.weights + m.reserve)
                 .min(m.free.saturating_sub(m.reserve));
             let fit = (room / per_block) as usize;
+            let by_free =
+                m.free.saturating_sub(m.reserve) < budget.saturating_sub(m.weights + m.reserve);
             let why = format!(
-                "{:.0}% of the device's {} is {}; the weights take {}, {} is kept for activations, {} is free",
+                "{:.0}% of the device's {} is {}; the weights take {}, {} is kept for activations, {} is free{}",
                 sizing.memory_fraction * 100.0,
                 gb(m.total),
                 gb(budget),
                 gb(m.weights),
                 gb(m.reserve),
-                gb(m.free)
+                gb(m.free),
+                if by_free {
+                    " (other processes hold the rest: free the device, or give each worker that shares it a smaller --kv-memory-fraction)"
+                } else {
+                    ""
+                }
             );
             match (cap_blocks, sizing.memory_cap) {
                 (Some(cb), Some(c)) if cb < fit => (cb, format!("--kv-memory {}", gb(c))),
@@ -193,7 +200,7 @@ pub fn kv_blocks_to_allocate(
     };
     if blocks == 0 {
         return Err(ModelError::Kv(format!(
-            "no room for one KV block of {} ({why}): raise --kv-memory-fraction or --kv-memory, or give --kv-blocks",
+            "no room for one KV block of {} ({why}): give the worker more memory (--kv-memory-fraction, --kv-memory), or give --kv-blocks",
             gb(per_block)
         )));
     }

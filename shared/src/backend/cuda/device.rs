@@ -99,7 +99,7 @@ impl CudaKv {
         let room = free.saturating_sub(KV_RESERVE);
         if need > room {
             return Err(ModelError::Kv(format!(
-                "{num_blocks} blocks of {block_size} slots need {:.2} GB of device memory; {:.2} GB is free after the weights, less {:.1} GB kept for activations: at most {} blocks fit (lower --kv-blocks)",
+                "{num_blocks} blocks of {block_size} slots need {:.2} GB of device memory; {:.2} GB is free after the weights, less {:.1} GB kept for activations: at most {} blocks fit (lower --kv-blocks, or leave it unset to size the cache from memory)",
                 need as f64 / 1e9,
                 free as f64 / 1e9,
                 KV_RESERVE as f64 / 1e9,

@@ -145,23 +145,21 @@ fn every_layout_matches_the_single_process_run() {
 
 /// Starts a coordinator by hand (so workers can be killed individually).
 fn coordinator(model: &Path, tp: usize, pp: usize) -> (Proc, String, mpsc::Receiver<String>) {
+    let (tp, pp) = (tp.to_string(), pp.to_string());
+    coordinator_with(model, &["--kv-blocks", "64", "--tp", &tp, "--pp", &pp])
+}
+
+/// A coordinator by hand with `args` (the layout, limits...).
+fn coordinator_with(model: &Path, args: &[&str]) -> (Proc, String, mpsc::Receiver<String>) {
     let mut c = bin("grok-coordinator")
         .args([
             "--model",
             model.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
-            "--kv-blocks",
-            "64",
         ])
-        .args([
-            "--tp",
-            &tp.to_string(),
-            "--pp",
-            &pp.to_string(),
-            "--comm-timeout-ms",
-            "5000",
-        ])
+        .args(["--comm-timeout-ms", "5000"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -752,27 +750,6 @@ async fn nccl_bootstrap_messages_are_refused_by_cpu_workers() {
     );
 }
 
-/// A coordinator without `--kv-blocks` (`extra` added: the layout, ...): each worker sizes its
-/// own cache.
-fn coordinator_sized(model: &Path, extra: &[&str]) -> (Proc, String) {
-    let mut c = bin("grok-coordinator")
-        .args([
-            "--model",
-            model.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--comm-timeout-ms", "5000"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(&mut c);
-    let addr = wait_line(&rx, "listening on ", 30);
-    (Proc(c), addr)
-}
-
 fn worker_capped(addr: &str, id: &str, rank: usize, kv_memory: Option<u64>) -> Proc {
     let mut c = bin("grok-worker");
     c.args([
@@ -799,7 +776,7 @@ async fn without_kv_blocks_a_replica_admits_against_the_smallest_cache_its_worke
     // pp 2: each worker holds one layer and every KV head.
     let per_block = grok_shared::model::kv_block_bytes(1, c.num_kv_heads * c.key_size, 16, 1);
     let cap = 10 * per_block + per_block / 2;
-    let (_coord, addr) = coordinator_sized(&model, &["--pp", "2"]);
+    let (_coord, addr, _rx) = coordinator_with(&model, &["--pp", "2"]);
     let _w0 = worker_capped(&addr, "w0", 0, None);
     let _w1 = worker_capped(&addr, "w1", 1, Some(cap));
     wait_ready(&addr);
@@ -841,7 +818,7 @@ async fn without_kv_blocks_a_replica_admits_against_the_smallest_cache_its_worke
 
     // A fixed --kv-blocks beyond a worker's --kv-memory: that worker refuses to load and says
     // why, and the cluster does not serve.
-    let (_coord, addr) = coordinator_sized(&model, &["--pp", "2", "--kv-blocks", "11"]);
+    let (_coord, addr, _rx) = coordinator_with(&model, &["--pp", "2", "--kv-blocks", "11"]);
     let _w0 = worker_capped(&addr, "x0", 0, None);
     let _w1 = worker_capped(&addr, "x1", 1, Some(cap));
     let t = Instant::now();
@@ -868,7 +845,7 @@ async fn a_prompt_goes_to_a_replica_whose_cache_holds_it() {
     let per_block = grok_shared::model::kv_block_bytes(1, c.num_kv_heads * c.key_size, 16, 1);
     // Two replicas of one worker: replica 1's cache holds 10 blocks (160 tokens), replica 0's
     // the CPU default of 512.
-    let (_coord, addr) = coordinator_sized(&model, &["--replicas", "2"]);
+    let (_coord, addr, _rx) = coordinator_with(&model, &["--replicas", "2"]);
     let _w0 = worker_capped(&addr, "r0", 0, None);
     let _w1 = worker_capped(&addr, "r1", 1, Some(10 * per_block));
     wait_ready(&addr);

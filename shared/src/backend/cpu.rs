@@ -186,26 +186,8 @@ impl Linear {
     #[inline]
     fn row_dots(&self, j: usize, x: &[f32], m: usize, k: usize, out: &mut [f32]) {
         match &self.w {
-            Weights::F32(b) => dots_m(
-                &b.as_slice()[j * k..(j + 1) * k],
-                x,
-                m,
-                k,
-                0,
-                out,
-                1.0,
-                false,
-            ),
-            Weights::Bf16(b) => dots_m(
-                &b.as_slice()[j * k..(j + 1) * k],
-                x,
-                m,
-                k,
-                0,
-                out,
-                1.0,
-                false,
-            ),
+            Weights::F32(b) => dots_m(&b.as_slice()[j * k..(j + 1) * k], x, m, out),
+            Weights::Bf16(b) => dots_m(&b.as_slice()[j * k..(j + 1) * k], x, m, out),
             Weights::I8 { w, scales, nb } => {
                 let (bs, n) = (k / nb, self.out_features);
                 let row = [&w.as_slice()[j * k..(j + 1) * k]];
@@ -308,20 +290,11 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
-/// `out[r] (+)= scale * Σ_i w[i] x[r, off + i]` for every row `r < m`, in groups of up to four.
+/// `out[r] = Σ_i w[i] x[r, i]` for every row `r < m` (rows of `w.len()`), in groups of up to four.
 #[inline]
-fn dots_m<T: WeightElem>(
-    w: &[T],
-    x: &[f32],
-    m: usize,
-    k: usize,
-    off: usize,
-    out: &mut [f32],
-    scale: f32,
-    add: bool,
-) {
-    let len = w.len();
-    let row = |r: usize| &x[r * k + off..r * k + off + len];
+fn dots_m<T: WeightElem>(w: &[T], x: &[f32], m: usize, out: &mut [f32]) {
+    let k = w.len();
+    let row = |r: usize| &x[r * k..(r + 1) * k];
     let mut r0 = 0;
     while r0 < m {
         let g = (m - r0).min(4);
@@ -340,13 +313,7 @@ fn dots_m<T: WeightElem>(
             }
             _ => dot_rows::<T, 4>(w, [row(r0), row(r0 + 1), row(r0 + 2), row(r0 + 3)]),
         };
-        for i in 0..g {
-            if add {
-                out[r0 + i] += scale * vals[i];
-            } else {
-                out[r0 + i] = scale * vals[i];
-            }
-        }
+        out[r0..r0 + g].copy_from_slice(&vals[..g]);
         r0 += g;
     }
 }

@@ -859,21 +859,20 @@ mod dp_tests {
         vec![a, b]
     }
 
+    /// A random `tiny8` checkpoint in bf16 (seed `seed`) in a temporary directory.
+    fn tiny8(seed: u64) -> (tempfile::TempDir, ModelConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ModelConfig::preset("tiny8", None).unwrap();
+        let bf16 = crate::formats::genmodel::GenDType::Bf16;
+        crate::formats::genmodel::generate(&c, bf16, seed, dir.path(), 1 << 30, |_, _| {}).unwrap();
+        (dir, c)
+    }
+
     /// Weights copied into the process's own (huge) pages give the same bits, and the shard
     /// no longer reads the checkpoint's file.
     #[test]
     fn resident_weights_give_the_same_logits_and_no_longer_read_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = ModelConfig::preset("tiny8", None).unwrap();
-        crate::formats::genmodel::generate(
-            &c,
-            crate::formats::genmodel::GenDType::Bf16,
-            4,
-            dir.path(),
-            1 << 30,
-            |_, _| {},
-        )
-        .unwrap();
+        let (dir, _) = tiny8(4);
         let ck = Checkpoint::open(dir.path()).unwrap();
         let mut m = Model::load(&ck).unwrap();
         let prompts = vec![vec![3u32, 14, 15, 92, 65]];
@@ -914,17 +913,7 @@ mod dp_tests {
     /// with ranks that have no sequence in a step.
     #[test]
     fn dp_attention_with_dispatched_experts_matches_one_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = ModelConfig::preset("tiny8", None).unwrap();
-        crate::formats::genmodel::generate(
-            &c,
-            crate::formats::genmodel::GenDType::Bf16,
-            3,
-            dir.path(),
-            1 << 30,
-            |_, _| {},
-        )
-        .unwrap();
+        let (dir, c) = tiny8(3);
         let ck = Checkpoint::open(dir.path()).unwrap();
         let one = Model::load(&ck).unwrap();
         let prompts: Vec<Vec<u32>> = (0..3)

@@ -1531,6 +1531,7 @@ mod worker {
             cuda_device: None,
             live_ranks: Vec::new(),
             placement: Vec::new(),
+            nccl: Default::default(),
         };
         Engine::load(spec, w, t, |_, _, _| {}).unwrap().0
     }
@@ -1792,6 +1793,12 @@ mod worker {
             .find(|d| d.to_string_lossy() == r.model_dir)
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&r.model_dir));
+        // As the worker's service checks them (a CPU worker refuses any).
+        let nccl = match grok_worker::comm::NcclIds::parse(&r.world_nccl_id, &r.tp_nccl_id) {
+            Ok(ids) if !ids.any() => ids,
+            Ok(_) => return clear("an NCCL id was sent to a CPU worker"),
+            Err(e) => return clear(e),
+        };
         let spec = LoadSpec {
             model_dir: &dir,
             layout,
@@ -1807,6 +1814,7 @@ mod worker {
             cuda_device: None,
             live_ranks: r.live_ranks.iter().map(|&x| x as usize).collect(),
             placement: grok_proto::convert::placement_of(&r.placement),
+            nccl,
         };
         match Engine::load(spec, w, t, |_, _, _| {}) {
             Ok(_) => Ok(()),

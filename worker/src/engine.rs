@@ -1,6 +1,7 @@
 //! The worker's compute engine: one thread owns the model shard, its KV cache and its
 //! communicators, and runs the steps the coordinator plans, in order.
 
+use crate::comm::{Comm, NcclIds, NcclStream};
 use crate::grammar::{self, Grammars, SeqGrammar};
 use crate::group::{dispatch_of, dp_group, placement_for};
 pub use crate::loaded::LoadedShard;
@@ -71,8 +72,8 @@ pub struct Engine {
     shard: Shard,
     layout: Layout,
     place: RankPlace,
-    world: TcpComm,
-    tp: TcpComm,
+    world: Comm,
+    tp: Comm,
     seqs: HashMap<u64, SeqState>,
     /// Structured output's vocabulary (the sampling rank, given the coordinator's tokenizer).
     grammars: Option<Grammars>,
@@ -202,6 +203,29 @@ pub struct LoadSpec<'a> {
     /// Data-parallel attention: the ranks holding each expert (empty: the layout's
     /// round-robin placement of its copies).
     pub placement: Placement,
+    /// NCCL ids of this rank's groups (GPU replicas whose ranks each have a GPU of their own).
+    pub nccl: NcclIds,
+}
+
+/// The world and tensor-parallel communicators over their TCP groups, each on NCCL when its id
+/// came and every member joined (see [`Comm::join`]); the world group joins first on every rank.
+fn join_groups(
+    world: TcpComm,
+    tp: TcpComm,
+    ids: NcclIds,
+    stream: Option<&NcclStream>,
+    timeout: Duration,
+) -> Result<(Comm, Comm), EngineError> {
+    let (world, why_w) = Comm::join(world, ids.world, stream, timeout)?;
+    let (tp, why_t) = Comm::join(tp, ids.tp, stream, timeout)?;
+    for (group, c, why) in [("world", &world, why_w), ("tensor-parallel", &tp, why_t)] {
+        match why {
+            Some(why) => tracing::warn!(group, why = %why, "NCCL asked for, TCP serves"),
+            None if c.transport() == "nccl" => tracing::info!(group, "collectives over NCCL"),
+            None => {}
+        }
+    }
+    Ok((world, tp))
 }
 
 impl Engine {
@@ -268,8 +292,31 @@ impl Engine {
             timeout: spec.comm_timeout,
             connect_timeout: spec.comm_timeout,
         };
+        // A GPU worker opens its device first: NCCL joins on the device's stream.
+        #[cfg(feature = "cuda")]
+        let backend = spec
+            .cuda_device
+            .map(|n| grok_shared::backend::cuda::CudaBackend::open(n).map(std::sync::Arc::new))
+            .transpose()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        #[cfg(feature = "cuda")]
+        let stream = backend.as_ref().map(|b| b.stream().clone());
+        #[cfg(not(feature = "cuda"))]
+        let stream: Option<NcclStream> = None;
         let world = TcpComm::connect(group_rank, &spec.world_peers, world_listener, cfg())?;
         let tp = TcpComm::connect(tp_rank, &spec.tp_peers, tp_listener, cfg())?;
+        let (world, tp) = join_groups(world, tp, spec.nccl, stream.as_ref(), spec.comm_timeout)?;
+        if spec.nccl.any() {
+            progress(
+                "connecting",
+                0.0,
+                format!(
+                    "collectives: world {}, tensor-parallel {}",
+                    world.transport(),
+                    tp.transport()
+                ),
+            );
+        }
         let placement =
             placement_for(&layout, &ck.config, &spec.placement).map_err(EngineError::Invalid)?;
         let shard = if layout.dp_attention {
@@ -303,12 +350,12 @@ impl Engine {
             }
             #[cfg(feature = "cuda")]
             Some(n) => {
-                use grok_shared::backend::cuda::{Cuda, CudaBackend, CudaKv};
+                use grok_shared::backend::cuda::{Cuda, CudaKv};
                 progress("loading", 0.5, format!("uploading to cuda:{n}"));
-                // The model owns its device: a reload opens it again, the old one is freed.
-                let be = std::sync::Arc::new(
-                    CudaBackend::open(n).map_err(|e| EngineError::Invalid(e.to_string()))?,
-                );
+                // The model owns its device (opened above): a reload opens it again, the old
+                // one is freed.
+                let be = backend
+                    .ok_or_else(|| EngineError::Invalid(format!("cuda:{n} was not opened")))?;
                 let (model, _) =
                     Model::upload_with_progress(model, Cuda::new(be), &mut |done, total| {
                         progress(
@@ -405,6 +452,7 @@ impl Engine {
         world_listener: TcpListener,
         tp_listener: TcpListener,
         comm_timeout: Duration,
+        nccl: NcclIds,
     ) -> Result<usize, EngineError> {
         let placement = if placement.is_empty() && self.layout.dp_attention {
             self.placement.clone()
@@ -472,8 +520,10 @@ impl Engine {
             timeout: comm_timeout,
             connect_timeout: comm_timeout,
         };
-        self.world = TcpComm::connect(group_rank, world_peers, world_listener, cfg())?;
-        self.tp = TcpComm::connect(tp_rank, tp_peers, tp_listener, cfg())?;
+        let world = TcpComm::connect(group_rank, world_peers, world_listener, cfg())?;
+        let tp = TcpComm::connect(tp_rank, tp_peers, tp_listener, cfg())?;
+        let stream = self.shard.nccl_stream();
+        (self.world, self.tp) = join_groups(world, tp, nccl, stream.as_ref(), comm_timeout)?;
         with_shard!(&mut self.shard, |m, _kv| m.dispatch = dispatch);
         self.seqs.clear();
         Ok(loaded)
@@ -817,6 +867,7 @@ mod tests {
             cuda_device: None,
             live_ranks: Vec::new(),
             placement: Vec::new(),
+            nccl: NcclIds::default(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {}).unwrap().0;
         (dir, e)
@@ -957,6 +1008,7 @@ mod tests {
             cuda_device: None,
             live_ranks: Vec::new(),
             placement: Vec::new(),
+            nccl: NcclIds::default(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {})
             .err()

@@ -9,9 +9,12 @@
 //! - [`join`]: binding, registering (coordinator or etcd) and serving until shutdown.
 //! - [`engine`]: the shard, its KV cache and one step plan at a time.
 //! - `group`: a data-parallel attention rank's group (placement, live ranks, dispatch).
+//! - [`comm`]: a group's communicator: TCP, and NCCL over it when every member of a GPU group
+//!   joins.
 //! - [`shard`]: the model shard and its KV cache on the CPU or a GPU, and a step's pass.
 //! - [`grammar`]: structured output on the sampling rank (token masks beside the forward pass).
 
+pub mod comm;
 pub mod engine;
 pub mod grammar;
 mod group;

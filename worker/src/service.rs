@@ -112,17 +112,14 @@ impl pb::worker_server::Worker for Svc {
         let kv = kv_sizing(&r, self.kv_memory)?;
         // NCCL ids come only to GPU workers, and must be whole.
         for (group, id) in [("world", &r.world_nccl_id), ("tp", &r.tp_nccl_id)] {
-            if id.is_empty() {
-                continue;
-            }
-            if self.cuda_device.is_none() {
+            if !id.is_empty() && self.cuda_device.is_none() {
                 return Err(Status::invalid_argument(format!(
                     "an NCCL id for group {group} was sent to a CPU worker"
                 )));
             }
-            grok_shared::collective::bootstrap::check_id(group, id)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        let nccl = crate::comm::NcclIds::parse(&r.world_nccl_id, &r.tp_nccl_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let clone = |l: &TcpListener| {
             l.try_clone()
                 .map_err(|e| Status::internal(format!("collective listener: {e}")))
@@ -202,6 +199,7 @@ impl pb::worker_server::Worker for Svc {
                     world,
                     tp,
                     comm_timeout,
+                    nccl,
                 ) {
                     Ok(loaded) => {
                         if loaded > 0 {
@@ -255,6 +253,7 @@ impl pb::worker_server::Worker for Svc {
                 cuda_device,
                 live_ranks,
                 placement,
+                nccl,
             };
             let txp = tx.clone();
             let res = Engine::load(spec, world, tp, |stage, fraction, detail| {

@@ -3,7 +3,8 @@
 //! `grok_shared::model` (the same sharding, collectives and masks on both devices); hidden
 //! states cross pipeline stages and the collectives through the host.
 
-use grok_shared::collective::{Communicator, TcpComm};
+use crate::comm::{Comm, NcclStream};
+use grok_shared::collective::Communicator;
 use grok_shared::model::{logit_rows, Cpu, Device, KvCache, Model, ModelError, SeqInput};
 
 /// A model shard and its KV cache, on the device the worker was started with.
@@ -51,6 +52,15 @@ impl Shard {
         }
     }
 
+    /// The stream NCCL would join on (a GPU shard's device stream).
+    pub fn nccl_stream(&self) -> Option<NcclStream> {
+        match self {
+            Shard::Cpu { .. } => None,
+            #[cfg(feature = "cuda")]
+            Shard::Cuda { model, .. } => Some(model.dev.be.stream().clone()),
+        }
+    }
+
     /// KV blocks of the cache.
     pub fn kv_blocks(&self) -> usize {
         with_shard!(self, |m, kv| m.dev.kv_geometry(kv).0)
@@ -65,8 +75,8 @@ pub struct Route<'a> {
     pub next: Option<usize>,
     /// This rank computes logits (the sampling rank).
     pub samples: bool,
-    pub world: &'a TcpComm,
-    pub tp: &'a TcpComm,
+    pub world: &'a Comm,
+    pub tp: &'a Comm,
 }
 
 /// What a step's pass gives back on this rank.
@@ -92,11 +102,7 @@ pub fn run_pass<D: Device>(
     let rows: usize = inputs.iter().map(|s| s.tokens.len()).sum();
     let mut h = match r.prev {
         None => m.embed_tokens(inputs)?,
-        Some(prev) => {
-            let mut v = vec![0f32; rows * d];
-            r.world.recv(&mut v, prev)?;
-            m.dev.upload(v)?
-        }
+        Some(prev) => m.dev.recv(r.world, rows * d, prev)?,
     };
     m.forward_layers(&mut h, inputs, kv, r.tp as &dyn Communicator)?;
     let mut out = PassOut {
@@ -106,8 +112,7 @@ pub fn run_pass<D: Device>(
         first_layer: m.shard.layers.start,
     };
     if let Some(next) = r.next {
-        let v = m.dev.download(&h)?;
-        r.world.send(&v, next)?;
+        m.dev.send(r.world, &h, next)?;
         return Ok(out);
     }
     if !r.samples {

@@ -112,6 +112,12 @@ impl CommError {
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
+    /// The NCCL communicator behind this one, if any: a device whose buffers NCCL can reach
+    /// uses it directly instead of staging through the host.
+    #[cfg(feature = "cuda")]
+    fn nccl(&self) -> Option<&nccl::NcclComm> {
+        None
+    }
     /// Element-wise sum over all ranks, result on every rank.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
     /// `output` (len = world_size * input.len()) receives every rank's input in rank order.

@@ -10,12 +10,15 @@
 //! asynchronous error) the communicator is aborted and every later call is [`CommError::Broken`].
 //! Initialisation, which cannot be polled, runs on a helper thread under the same deadline.
 //!
-//! The [`Communicator`] methods take host slices (staged through device buffers): they serve
-//! the conformance checks; the device-resident forward pass uses [`NcclComm::all_reduce_device`].
+//! The [`Communicator`] methods take host slices (staged through device buffers); the forward
+//! pass on a GPU reaches the communicator through [`Communicator::nccl`] and uses the device
+//! buffers directly ([`NcclComm::all_reduce_device`], [`NcclComm::send_device`],
+//! [`NcclComm::recv_device`]): no host round trip.
 
 use super::{check_all_to_all, check_gather, check_peer, check_root, CommError, Communicator};
 use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::{result, sys};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,9 @@ pub struct NcclComm {
     rank: usize,
     world: usize,
     timeout: Duration,
+    /// Nanoseconds spent in operations (issue to completion) and bytes this rank sent.
+    nanos: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// Makes a unique id (on the group's first rank): the 128 bytes every member needs.
@@ -119,7 +125,32 @@ impl NcclComm {
             rank,
             world,
             timeout,
+            nanos: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Seconds spent in this communicator's operations so far (each from its issue to its
+    /// completion on the stream, so the compute queued before it on the stream counts too).
+    pub fn comm_seconds(&self) -> f64 {
+        self.nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Bytes this rank has sent so far (for an all-reduce, the ring's `2 (w - 1) / w` of the
+    /// buffer; NCCL's own algorithm may move a different amount).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, t: Instant, bytes: usize) {
+        self.nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The stream this communicator's operations run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// Runs `op` on the communicator, then waits for the stream with the deadline; aborts the
@@ -192,14 +223,24 @@ impl NcclComm {
         res
     }
 
-    /// In-place sum over the group of a device buffer.
-    pub fn all_reduce_device(&self, buf: &mut CudaSlice<f32>) -> Result<(), CommError> {
+    /// In-place sum over the group of the first `n` elements of a device buffer (on this
+    /// communicator's stream, so ordered after the kernels that wrote it).
+    pub fn all_reduce_device(&self, buf: &mut CudaSlice<f32>, n: usize) -> Result<(), CommError> {
         use cudarc::driver::DevicePtrMut;
-        let n = buf.len();
+        if n > buf.len() {
+            return Err(CommError::Usage(format!(
+                "all_reduce of {n} elements from a buffer of {}",
+                buf.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let t = Instant::now();
         let (ptr, _rec) = buf.device_ptr_mut(&self.stream);
         let ptr = ptr as *mut core::ffi::c_void;
         self.run("all_reduce", |comm, s| {
-            // SAFETY: ptr addresses n f32 on this communicator's device, in place.
+            // SAFETY: ptr addresses at least n f32 on this communicator's device, in place.
             unsafe {
                 result::all_reduce(
                     ptr,
@@ -213,7 +254,84 @@ impl NcclComm {
             }
             .map(|_| ())
             .map_err(|e| nccl_err("ncclAllReduce", e))
-        })
+        })?;
+        self.count(t, 2 * (self.world - 1) * n * 4 / self.world);
+        Ok(())
+    }
+
+    /// Sends the first `n` elements of a device buffer to `peer`. Unlike the TCP collective's
+    /// buffered send this returns once the peer has received them.
+    pub fn send_device(
+        &self,
+        buf: &CudaSlice<f32>,
+        n: usize,
+        peer: usize,
+    ) -> Result<(), CommError> {
+        use cudarc::driver::DevicePtr;
+        check_peer(self.rank, self.world, peer, "send")?;
+        if n > buf.len() {
+            return Err(CommError::Usage(format!(
+                "send of {n} elements from a buffer of {}",
+                buf.len()
+            )));
+        }
+        let t = Instant::now();
+        let (ptr, _rec) = buf.device_ptr(&self.stream);
+        let ptr = ptr as *mut core::ffi::c_void;
+        self.run("send", |comm, s| {
+            // SAFETY: ptr addresses at least n f32 on this device.
+            unsafe {
+                result::send(
+                    ptr,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    peer as i32,
+                    comm,
+                    s,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclSend", e))
+        })?;
+        self.count(t, n * 4);
+        Ok(())
+    }
+
+    /// Receives `n` elements from `peer` into the start of a device buffer.
+    pub fn recv_device(
+        &self,
+        buf: &mut CudaSlice<f32>,
+        n: usize,
+        peer: usize,
+    ) -> Result<(), CommError> {
+        use cudarc::driver::DevicePtrMut;
+        check_peer(self.rank, self.world, peer, "recv")?;
+        if n > buf.len() {
+            return Err(CommError::Usage(format!(
+                "recv of {n} elements into a buffer of {}",
+                buf.len()
+            )));
+        }
+        let t = Instant::now();
+        let (ptr, _rec) = buf.device_ptr_mut(&self.stream);
+        let ptr = ptr as *mut core::ffi::c_void;
+        self.run("recv", |comm, s| {
+            // SAFETY: ptr addresses at least n f32 on this device.
+            unsafe {
+                result::recv(
+                    ptr,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    peer as i32,
+                    comm,
+                    s,
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("ncclRecv", e))
+        })?;
+        self.count(t, 0);
+        Ok(())
     }
 
     fn staged(
@@ -230,6 +348,8 @@ impl NcclComm {
         out: Option<&mut [f32]>,
     ) -> Result<(), CommError> {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let t = Instant::now();
+        let sent = host.len() * 4;
         let io = |e: cudarc::driver::DriverError| CommError::Io(format!("{what}: {e}"));
         let src = self.stream.clone_htod(&*host).map_err(io)?;
         let mut dst = self.stream.alloc_zeros::<f32>(out_len.max(1)).map_err(io)?;
@@ -246,7 +366,9 @@ impl NcclComm {
         self.stream
             .memcpy_dtoh(&dst.slice(..target.len()), target)
             .map_err(io)?;
-        self.stream.synchronize().map_err(io)
+        self.stream.synchronize().map_err(io)?;
+        self.count(t, sent);
+        Ok(())
     }
 }
 
@@ -294,6 +416,9 @@ impl CommError {
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank
+    }
+    fn nccl(&self) -> Option<&NcclComm> {
+        Some(self)
     }
     fn world_size(&self) -> usize {
         self.world

@@ -4,13 +4,16 @@
 //! supplies buffers, weights and a paged KV cache of its own and the kernels below.
 //!
 //! Activations are row-major `[rows, width]` f32 buffers. Routing choices come back to the
-//! host (the MoE groups rows by expert there); collectives take host slices, so a device
-//! whose memory the communicator cannot reach stages through the host (`with_host`).
+//! host (the MoE groups rows by expert there). The tensor-parallel all-reduce and the pipeline's
+//! send and receive are device operations ([`Device::all_reduce`], [`Device::send`],
+//! [`Device::recv`]): by default staged through the host to any communicator; the CUDA device
+//! hands its buffers to NCCL directly when the communicator is NCCL.
 
 use super::attention::{self, Heads};
 use super::{KvCache, ModelError, SeqInput};
 use crate::backend::cpu::{rms_norm, rope, Linear};
 use crate::backend::simd::gelu_gate;
+use crate::collective::Communicator;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -136,6 +139,40 @@ pub trait Device: Send + Sync {
     ) -> Result<(), ModelError>;
     /// `x *= s`.
     fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<(), ModelError>;
+
+    /// Sums `buf` (`[rows, d]`) over the tensor-parallel group `tp`. By default through the
+    /// host, in the batch-invariant order of [`super::all_reduce_rows`]; a device whose buffers
+    /// the communicator reaches directly (NCCL) overrides it.
+    fn all_reduce(
+        &self,
+        tp: &dyn Communicator,
+        buf: &mut Self::Buf,
+        d: usize,
+    ) -> Result<(), ModelError> {
+        self.with_host(buf, |b| super::all_reduce_rows(tp, b, d))?
+    }
+    /// Sends `buf` to rank `peer` of `comm` (pipeline stages), through the host by default.
+    fn send(
+        &self,
+        comm: &dyn Communicator,
+        buf: &Self::Buf,
+        peer: usize,
+    ) -> Result<(), ModelError> {
+        let v = self.download(buf)?;
+        comm.send(&v, peer)?;
+        Ok(())
+    }
+    /// Receives `n` elements from rank `peer` of `comm`, through the host by default.
+    fn recv(
+        &self,
+        comm: &dyn Communicator,
+        n: usize,
+        peer: usize,
+    ) -> Result<Self::Buf, ModelError> {
+        let mut v = vec![0f32; n];
+        comm.recv(&mut v, peer)?;
+        self.upload(v)
+    }
 }
 
 /// The host CPU: buffers are `Vec<f32>`, weights [`Linear`], kernels `backend::cpu` and

@@ -337,7 +337,7 @@ impl<D: Device> Model<D> {
         if tp.world_size() <= 1 {
             return Ok(());
         }
-        self.dev.with_host(buf, |b| all_reduce_rows(tp, b, d))?
+        self.dev.all_reduce(tp, buf, d)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -714,7 +714,11 @@ impl Model<Cpu> {
 /// major, so the ring's chunk `c` (`[c·len/w, (c+1)·len/w)`) is exactly columns
 /// `[c·d/w, (c+1)·d/w)` of every row. This keeps a sequence's logits independent of the batch
 /// for any tp (for tp <= 2 any order is exact anyway).
-fn all_reduce_rows(tp: &dyn Communicator, buf: &mut [f32], d: usize) -> Result<(), ModelError> {
+pub(crate) fn all_reduce_rows(
+    tp: &dyn Communicator,
+    buf: &mut [f32],
+    d: usize,
+) -> Result<(), ModelError> {
     let w = tp.world_size();
     if w <= 2 || !d.is_multiple_of(w) {
         tp.all_reduce_sum(buf)?;

@@ -1,7 +1,8 @@
 //! The CUDA device of the one forward pass ([`crate::model::Device`]): activations, weights
 //! and the paged KV cache in device memory, the kernels of `kernels.cu`. The pass is the CPU's
-//! (`model/mod.rs`): the same sharding, collectives (staged through the host), pad masks and
-//! routing; the cache's blocks are the coordinator's, as on CPU.
+//! (`model/mod.rs`): the same sharding, collectives, pad masks and routing; the cache's blocks
+//! are the coordinator's, as on CPU. Collectives go to NCCL in device memory when the
+//! communicator is NCCL, through the host otherwise (the TCP collective of ranks sharing a GPU).
 //!
 //! f32 checkpoint weights are converted to bf16 on upload (the GEMV kernels read bf16 or int8);
 //! norm gains and the router stay f32. Attention computes scores and the softmax in f64 from
@@ -10,6 +11,7 @@
 
 use super::{guarded, CudaBackend, CudaError, CudaSlice, DeviceLinear, DeviceWeights};
 use crate::backend::cpu::{Linear, Weights};
+use crate::collective::Communicator;
 use crate::model::{Cpu, Device, Expert, Heads, Layer, Model, ModelError, SeqInput};
 use half::bf16;
 use std::ops::Range;
@@ -503,6 +505,65 @@ impl Device for Cuda {
             return Ok(());
         }
         self.be.scale(&mut x.s, s, x.n).map_err(err)
+    }
+
+    /// NCCL sums the device buffer in place (its own order of summation, see ARCHITECTURE.md);
+    /// another communicator gets the host copy.
+    fn all_reduce(
+        &self,
+        tp: &dyn Communicator,
+        buf: &mut CudaBuf,
+        d: usize,
+    ) -> Result<(), ModelError> {
+        match self.nccl_of(tp)? {
+            Some(n) => Ok(n.all_reduce_device(&mut buf.s, buf.n)?),
+            None => self.with_host(buf, |b| crate::model::all_reduce_rows(tp, b, d))?,
+        }
+    }
+
+    fn send(&self, comm: &dyn Communicator, buf: &CudaBuf, peer: usize) -> Result<(), ModelError> {
+        match self.nccl_of(comm)? {
+            Some(n) => Ok(n.send_device(&buf.s, buf.n, peer)?),
+            None => {
+                let v = self.download(buf)?;
+                Ok(comm.send(&v, peer)?)
+            }
+        }
+    }
+
+    fn recv(&self, comm: &dyn Communicator, n: usize, peer: usize) -> Result<CudaBuf, ModelError> {
+        match self.nccl_of(comm)? {
+            Some(c) => {
+                let mut b = self.zeros(n)?;
+                c.recv_device(&mut b.s, n, peer)?;
+                Ok(b)
+            }
+            None => {
+                let mut v = vec![0f32; n];
+                comm.recv(&mut v, peer)?;
+                self.upload(v)
+            }
+        }
+    }
+}
+
+impl Cuda {
+    /// The NCCL communicator behind `comm`, if any. NCCL runs on the stream it was made with;
+    /// when that is not this device's stream, the work queued here is finished first.
+    fn nccl_of<'a>(
+        &self,
+        comm: &'a dyn Communicator,
+    ) -> Result<Option<&'a crate::collective::nccl::NcclComm>, ModelError> {
+        let Some(n) = comm.nccl() else {
+            return Ok(None);
+        };
+        if !Arc::ptr_eq(n.stream(), self.be.stream()) {
+            self.be
+                .stream()
+                .synchronize()
+                .map_err(|e| ModelError::Device(format!("synchronising before NCCL: {e}")))?;
+        }
+        Ok(Some(n))
     }
 }
 

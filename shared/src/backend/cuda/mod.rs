@@ -22,14 +22,14 @@ mod ops;
 
 pub use super::cuda_shapes as shapes;
 pub use cudarc::cublas::CudaBlas;
-pub use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut};
+pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut};
 pub use device::{Cuda, CudaBuf, CudaKv};
 pub use half::bf16;
 pub use nvrtc::{compile_kernels, nvrtc_version, CompiledKernels};
 pub use ops::{DeviceLinear, DeviceWeights};
 pub use shapes::{GemvKernel, GemvWeights, LaunchShape};
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, DriverError};
+use cudarc::driver::{sys, CudaContext, CudaFunction, DriverError};
 use std::collections::HashMap;
 use std::sync::Arc;
 

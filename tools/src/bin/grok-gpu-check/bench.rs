@@ -57,7 +57,7 @@ pub(crate) fn nccl_check(be: &CudaBackend, rep: &mut Report) -> Result<(), CudaE
     );
     c.barrier().map_err(inv)?;
     let mut d = be.upload("nccl input", &x)?;
-    c.all_reduce_device(&mut d).map_err(inv)?;
+    c.all_reduce_device(&mut d, x.len()).map_err(inv)?;
     let back = be.download("nccl output", &d)?;
     rep.check(
         "nccl",

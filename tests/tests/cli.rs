@@ -595,3 +595,33 @@ fn convert_changes_the_weight_type_of_any_checkpoint() {
         &["--to must differ"],
     );
 }
+
+/// GPU-only worker flags on a CPU worker are refused before anything starts (never accepted
+/// and ignored), and a bad precision is named.
+#[test]
+fn a_cpu_worker_refuses_the_gpu_gemm_flags() {
+    let run = |args: &[&str]| {
+        Command::new(grok_tests::bin("grok-worker"))
+            .args(["--coordinator", "127.0.0.1:1"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for (args, needle) in [
+        (&["--gemm-min-rows", "64"][..], "apply to GPU workers"),
+        (&["--gemm-precision", "bf16"][..], "apply to GPU workers"),
+        (
+            &["--device", "cuda:0", "--gemm-precision", "fp8"][..],
+            "possible values: split, bf16",
+        ),
+    ] {
+        let o = run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

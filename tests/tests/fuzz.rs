@@ -1532,6 +1532,7 @@ mod worker {
             live_ranks: Vec::new(),
             placement: Vec::new(),
             nccl: Default::default(),
+            gemm: Default::default(),
         };
         Engine::load(spec, w, t, |_, _, _| {}).unwrap().0
     }
@@ -1815,6 +1816,7 @@ mod worker {
             live_ranks: r.live_ranks.iter().map(|&x| x as usize).collect(),
             placement: grok_proto::convert::placement_of(&r.placement),
             nccl,
+            gemm: Default::default(),
         };
         match Engine::load(spec, w, t, |_, _, _| {}) {
             Ok(_) => Ok(()),

@@ -205,6 +205,8 @@ pub struct LoadSpec<'a> {
     pub placement: Placement,
     /// NCCL ids of this rank's groups (GPU replicas whose ranks each have a GPU of their own).
     pub nccl: NcclIds,
+    /// Which passes of a GPU shard take cuBLAS.
+    pub gemm: grok_shared::backend::cuda_shapes::GemmSettings,
 }
 
 /// The world and tensor-parallel communicators over their TCP groups, each on NCCL when its id
@@ -356,14 +358,15 @@ impl Engine {
                 // one is freed.
                 let be = backend
                     .ok_or_else(|| EngineError::Invalid(format!("cuda:{n} was not opened")))?;
-                let (model, _) =
-                    Model::upload_with_progress(model, Cuda::new(be), &mut |done, total| {
-                        progress(
-                            "loading",
-                            0.5 + 0.5 * done as f32 / total as f32,
-                            format!("uploading to cuda:{n}: {done}/{total} (embedding, layers)"),
-                        )
-                    })?;
+                let mut dev = Cuda::new(be);
+                dev.set_gemm(spec.gemm);
+                let (model, _) = Model::upload_with_progress(model, dev, &mut |done, total| {
+                    progress(
+                        "loading",
+                        0.5 + 0.5 * done as f32 / total as f32,
+                        format!("uploading to cuda:{n}: {done}/{total} (embedding, layers)"),
+                    )
+                })?;
                 let kv = CudaKv::sized(&model, &spec.kv, spec.block_size)?;
                 Shard::Cuda { model, kv }
             }
@@ -868,6 +871,7 @@ mod tests {
             live_ranks: Vec::new(),
             placement: Vec::new(),
             nccl: NcclIds::default(),
+            gemm: Default::default(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {}).unwrap().0;
         (dir, e)
@@ -1009,6 +1013,7 @@ mod tests {
             live_ranks: Vec::new(),
             placement: Vec::new(),
             nccl: NcclIds::default(),
+            gemm: Default::default(),
         };
         let e = Engine::load(spec, w, t, |_, _, _| {})
             .err()

@@ -22,7 +22,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let tp = TcpListener::bind((ip, 0)).context("binding the collective listener")?;
     let world_addr = world.local_addr()?;
     let tp_addr = tp.local_addr()?;
-    let svc = Svc::new((world, tp), args.cuda_device, args.kv_memory);
+    let svc = Svc::new((world, tp), args.cuda_device, args.kv_memory, args.gemm);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &args.tls {

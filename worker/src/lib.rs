@@ -46,6 +46,8 @@ pub struct WorkerArgs {
     pub cuda_device: Option<usize>,
     /// The most bytes this worker's KV cache may take (`--kv-memory`; None: no cap).
     pub kv_memory: Option<u64>,
+    /// Which passes of a GPU worker take cuBLAS.
+    pub gemm: grok_shared::backend::cuda_shapes::GemmSettings,
     /// Mutual TLS (None: plaintext): this worker's gRPC server requires a client certificate
     /// signed by the CA, and it registers with its own certificate.
     pub tls: Option<grok_proto::tls::Tls>,

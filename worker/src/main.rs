@@ -9,7 +9,7 @@ use std::time::Duration;
     name = "grok-worker",
     version,
     about = "grok-cluster worker: one shard of one model replica, driven by the coordinator",
-    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3\n  grok-worker --coordinator 10.0.0.1:50051 --tls-ca certs/ca.pem --tls-cert certs/worker.pem --tls-key certs/worker.key\n  grok-worker --etcd http://10.0.0.1:2379 --cluster prod --rank 3 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061\n  grok-worker --coordinator 10.0.0.1:50051 --device cuda:1 --kv-memory 40GiB"
+    after_help = "Examples:\n  grok-worker --coordinator 127.0.0.1:50051 --listen 127.0.0.1:0\n  grok-worker --coordinator 10.0.0.1:50051 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061 --rank 3\n  grok-worker --coordinator 10.0.0.1:50051 --tls-ca certs/ca.pem --tls-cert certs/worker.pem --tls-key certs/worker.key\n  grok-worker --etcd http://10.0.0.1:2379 --cluster prod --rank 3 --listen 0.0.0.0:50061 --advertise 10.0.0.2:50061\n  grok-worker --coordinator 10.0.0.1:50051 --device cuda:1 --kv-memory 40GiB\n  grok-worker --coordinator 10.0.0.1:50051 --device cuda:0 --gemm-min-rows 256 --gemm-precision bf16"
 )]
 struct Args {
     /// Coordinator address (HOST:PORT) to register with (static membership).
@@ -55,7 +55,8 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     register_timeout_s: u64,
     /// Select the compute device: cpu, or cuda:N (a build with --features cuda; any layout:
-    /// the shard and its KV cache in the GPU's memory, collectives staged through the host).
+    /// the shard and its KV cache in the GPU's memory; collectives over NCCL when every rank
+    /// of the replica has a GPU of its own, else over TCP through the host).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The most memory this worker's KV cache may take (device memory on a GPU, host memory
@@ -64,6 +65,16 @@ struct Args {
     /// coordinator's --kv-blocks beyond it is refused at load.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "GROK_KV_MEMORY")]
     kv_memory: Option<u64>,
+    /// GPU workers: passes of at least this many rows (prefill chunks, large batches) go
+    /// through cuBLAS instead of the GEMV kernels; 0 never uses cuBLAS [default: 16]. The GPU
+    /// check's `gemm` group measures the crossover on a card.
+    #[arg(long, value_name = "ROWS")]
+    gemm_min_rows: Option<usize>,
+    /// GPU workers: how cuBLAS takes the f32 activations: `split` (two bf16 halves, the
+    /// GEMV's precision, twice the tensor work) or `bf16` (rounded to bf16, about 2^-9
+    /// relative, half the work) [default: split].
+    #[arg(long, value_name = "split|bf16", value_parser = ["split", "bf16"])]
+    gemm_precision: Option<String>,
     #[command(flatten)]
     member: grok_proto::process::MemberArgs,
 }
@@ -83,6 +94,19 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if cuda_device.is_none() && (a.gemm_min_rows.is_some() || a.gemm_precision.is_some()) {
+        eprintln!(
+            "error: --gemm-min-rows and --gemm-precision apply to GPU workers (--device cuda:N)"
+        );
+        std::process::exit(2);
+    }
+    let mut gemm = grok_shared::backend::cuda_shapes::GemmSettings::default();
+    if let Some(r) = a.gemm_min_rows {
+        gemm.min_rows = r;
+    }
+    if a.gemm_precision.as_deref() == Some("bf16") {
+        gemm.precision = grok_shared::backend::cuda_shapes::GemmPrecision::Bf16;
+    }
     if a.threads > 0 {
         if let Err(e) = grok_shared::threads::init(a.threads) {
             grok_proto::process::exit(1, e);
@@ -132,6 +156,7 @@ fn main() {
         register_timeout: Duration::from_secs(a.register_timeout_s),
         cuda_device,
         kv_memory: a.kv_memory,
+        gemm,
         tls,
     }));
     if let Err(e) = res {

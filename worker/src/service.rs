@@ -4,6 +4,7 @@
 
 use crate::engine::{self, Engine, LoadSpec};
 use grok_proto::v1 as pb;
+use grok_shared::backend::cuda_shapes::GemmSettings;
 use grok_shared::model::{KvSizing, DEFAULT_KV_MEMORY_FRACTION};
 use grok_shared::sync::lock;
 use std::net::{SocketAddr, TcpListener};
@@ -35,6 +36,8 @@ pub(crate) struct Svc {
     cuda_device: Option<usize>,
     /// The worker's `--kv-memory`: the most bytes its KV cache may take.
     kv_memory: Option<u64>,
+    /// Which passes of a GPU shard take cuBLAS.
+    gemm: GemmSettings,
     /// Closes the open step stream: a newer `Load` (a new leader, or the reload after a lost
     /// peer) takes the worker over from whoever holds the stream.
     stream_stop: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
@@ -49,6 +52,7 @@ impl Svc {
         listeners: (TcpListener, TcpListener),
         cuda_device: Option<usize>,
         kv_memory: Option<u64>,
+        gemm: GemmSettings,
     ) -> Self {
         Svc {
             slot: Arc::new(Mutex::new(Slot::Idle)),
@@ -56,6 +60,7 @@ impl Svc {
             rank: Arc::new(Mutex::new(None)),
             cuda_device,
             kv_memory,
+            gemm,
             stream_stop: Arc::default(),
             owner: Arc::default(),
         }
@@ -239,6 +244,7 @@ impl pb::worker_server::Worker for Svc {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let slot = self.slot.clone();
         let cuda_device = self.cuda_device;
+        let gemm = self.gemm;
         std::thread::spawn(move || {
             let dir = PathBuf::from(&r.model_dir);
             let spec = LoadSpec {
@@ -254,6 +260,7 @@ impl pb::worker_server::Worker for Svc {
                 live_ranks,
                 placement,
                 nccl,
+                gemm,
             };
             let txp = tx.clone();
             let res = Engine::load(spec, world, tp, |stage, fraction, detail| {

@@ -9,7 +9,10 @@
 //! f32 products (`attn_paged_f32`), so logits agree with the CPU pass within rounding, not bit
 //! for bit.
 
-use super::{guarded, CudaBackend, CudaError, CudaSlice, DeviceLinear, DeviceWeights};
+use super::ops::GemmWorkspace;
+use super::{
+    guarded, CudaBackend, CudaBlas, CudaError, CudaSlice, DeviceLinear, DeviceWeights, GemmSettings,
+};
 use crate::backend::cpu::{Linear, Weights};
 use crate::collective::Communicator;
 use crate::model::{Cpu, Device, Expert, Heads, Layer, Model, ModelError, SeqInput};
@@ -54,6 +57,13 @@ pub struct Cuda {
     /// The pass's index arrays on the device (positions, slots, block tables), by name: every
     /// layer of a pass asks for the same ones, and they cross to the device once per pass.
     pass: Arc<std::sync::Mutex<PassArrays>>,
+    /// Which passes take cuBLAS ([`GemmSettings`]).
+    gemm: GemmSettings,
+    /// The cuBLAS handle (on the device's stream), made at the first GEMM; None: cuBLAS could
+    /// not be loaded, and every pass takes the GEMV.
+    blas: Arc<std::sync::OnceLock<Option<CudaBlas>>>,
+    /// The GEMM's buffers, kept between passes.
+    ws: Arc<std::sync::Mutex<GemmWorkspace>>,
 }
 
 type PassArrays = std::collections::HashMap<&'static str, (Vec<usize>, Arc<CudaSlice<i32>>)>;
@@ -168,7 +178,61 @@ impl Cuda {
         Cuda {
             be,
             pass: Arc::default(),
+            gemm: GemmSettings::default(),
+            blas: Arc::default(),
+            ws: Arc::default(),
         }
+    }
+
+    /// Which passes take cuBLAS from now on.
+    pub fn set_gemm(&mut self, g: GemmSettings) {
+        self.gemm = g;
+    }
+
+    pub fn gemm(&self) -> GemmSettings {
+        self.gemm
+    }
+
+    /// Device bytes the GEMM's buffers hold.
+    pub fn gemm_workspace_bytes(&self) -> usize {
+        self.ws.lock().unwrap_or_else(|p| p.into_inner()).bytes()
+    }
+
+    /// `out = x · wᵀ` through cuBLAS when the settings take `rows` rows there, cuBLAS loads and
+    /// the workspace fits; Ok(false) when the GEMV should run instead.
+    fn try_gemm(
+        &self,
+        w: &DeviceLinear,
+        x: &CudaBuf,
+        rows: usize,
+        out: &mut CudaBuf,
+    ) -> Result<bool, ModelError> {
+        if !self.gemm.uses(rows) {
+            return Ok(false);
+        }
+        let blas = self.blas.get_or_init(|| match self.be.cublas() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "no cuBLAS: passes of many rows take the GEMV");
+                None
+            }
+        });
+        let Some(blas) = blas else {
+            return Ok(false);
+        };
+        let mut ws = self.ws.lock().unwrap_or_else(|p| p.into_inner());
+        let prec = self.gemm.precision;
+        let plan = match ws.reserve(&self.be, w, rows, prec) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, rows, "no room for the GEMM's buffers: this pass takes the GEMV");
+                return Ok(false);
+            }
+        };
+        self.be
+            .linear_gemm(blas, &mut ws, prec, plan, w, &x.s, rows, &mut out.s)
+            .map_err(err)?;
+        Ok(true)
     }
 
     /// `v` on the device, uploaded only when it differs from the last array of that name
@@ -300,7 +364,7 @@ impl Device for Cuda {
         rows: usize,
         out: &mut CudaBuf,
     ) -> Result<(), ModelError> {
-        if rows == 0 {
+        if rows == 0 || self.try_gemm(w, x, rows, out)? {
             return Ok(());
         }
         self.be.linear_rows(w, &x.s, rows, &mut out.s).map_err(err)

@@ -654,6 +654,56 @@ extern "C" __global__ void scatter_add_rows_f32(float* __restrict__ dst, const i
 }
 
 // ---------------------------------------------------------------------------------------------
+// Operands of the cuBLAS GEMM that takes passes of many rows (CudaBackend::linear_gemm).
+// ---------------------------------------------------------------------------------------------
+// f32 -> bf16 bits, round to nearest even (as cvt.rn.bf16.f32; NaN stays NaN), on any arch.
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+// hi[i] = bf16(x[i]); when lo is not null, lo[i] = bf16(x[i] - hi[i]) (x - hi is exact in f32):
+// the GEMV's split, x = hi + lo + O(2^-17 |x|).
+extern "C" __global__ void split_bf16_f32(const float* __restrict__ x, unsigned short* __restrict__ hi,
+                                          unsigned short* __restrict__ lo, long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = x[i];
+        const unsigned short h = f32_to_bf16_bits(v);
+        hi[i] = h;
+        if (lo != nullptr) lo[i] = f32_to_bf16_bits(v - __uint_as_float(((unsigned)h) << 16));
+    }
+}
+// w[i] = bf16(q[i]), exact (|q| <= 128 has 8 significant bits).
+extern "C" __global__ void i8_to_bf16(const signed char* __restrict__ q, unsigned short* __restrict__ w,
+                                      long long n) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        w[i] = f32_to_bf16_bits((float)q[i]);
+}
+// The GEMM's partial sums to the output: p holds nb blocks (the int8 scale blocks; 1 for bf16)
+// of `halves` x n floats, n = rows * out, each block [halves * rows, out] row-major (with
+// halves = 2, rows of the hi activations, then rows of the lo ones). y[r, o] = sum over
+// b = 0..nb-1, in order, of s[b * out + o] * (p_b[r, o] + p_b[rows + r, o]) (s null: 1).
+extern "C" __global__ void gemm_finish_f32(const float* __restrict__ p, const float* __restrict__ s,
+                                           int nb, int halves, long long n, int out,
+                                           float* __restrict__ y) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const int o = (int)(i % out);
+        float acc = 0.f;
+        for (int b = 0; b < nb; ++b) {
+            const float* pb = p + (size_t)b * halves * n;
+            float v = pb[i];
+            if (halves == 2) v += pb[n + i];
+            acc += s != nullptr ? s[(size_t)b * out + o] * v : v;
+        }
+        y[i] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The device of the one forward pass (shared/src/backend/cuda/device.rs): embedding rows, the
 // paged KV cache and attention over it.
 // ---------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut
 pub use device::{Cuda, CudaBuf, CudaKv};
 pub use half::bf16;
 pub use nvrtc::{compile_kernels, nvrtc_version, CompiledKernels};
-pub use ops::{DeviceLinear, DeviceWeights};
-pub use shapes::{GemvKernel, GemvWeights, LaunchShape};
+pub use ops::{DeviceLinear, DeviceWeights, GemmWorkspace};
+pub use shapes::{GemmPrecision, GemmSettings, GemvKernel, GemvWeights, LaunchShape};
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, DriverError};
 use std::collections::HashMap;

@@ -301,6 +301,114 @@ pub fn attention_shape(
     LaunchShape::linear(nq, REDUCE_BLOCK_THREADS, smem)
 }
 
+/// How the cuBLAS path of a linear layer takes its f32 activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// `x = hi + lo`, two bf16 halves stacked as twice the rows of one GEMM: the GEMV's
+    /// 2^-17, at twice the tensor work.
+    Split,
+    /// `x` rounded to bf16 (relative error 2^-9), one GEMM of the rows.
+    Bf16,
+}
+
+impl GemmPrecision {
+    /// Activation halves (rows of the GEMM per row of the pass).
+    pub fn halves(self) -> usize {
+        match self {
+            GemmPrecision::Split => 2,
+            GemmPrecision::Bf16 => 1,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPrecision::Split => "split",
+            GemmPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Bytes of f32 partial sums one GEMM chunk may hold (`[nb][halves x rows, out]`).
+pub const GEMM_PARTIALS_BYTES: usize = 128 << 20;
+/// Bytes of bf16 activations one GEMM chunk may hold (`[halves x rows, in]`).
+pub const GEMM_ACTIVATIONS_BYTES: usize = 64 << 20;
+/// Bytes of bf16 weights converted from int8 per chunk of output rows.
+pub const GEMM_WEIGHTS_BYTES: usize = 64 << 20;
+
+/// How `CudaBackend::linear_gemm` cuts a pass of `m` rows through `[out, in]` weights with `nb`
+/// scale blocks (1 for bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmPlan {
+    /// Rows of the pass per chunk (the partial sums of a chunk fit [`GEMM_PARTIALS_BYTES`],
+    /// its bf16 activations [`GEMM_ACTIVATIONS_BYTES`]).
+    pub rows: usize,
+    /// Output rows per weight chunk (int8: the bf16 copy fits [`GEMM_WEIGHTS_BYTES`]; bf16:
+    /// all of them).
+    pub out_rows: usize,
+}
+
+/// Which passes of a CUDA device take the cuBLAS path, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmSettings {
+    /// Passes of at least this many rows go through cuBLAS (0: never; fewer rows take the
+    /// tensor-core GEMV, which reads the weights once per 64 rows).
+    pub min_rows: usize,
+    pub precision: GemmPrecision,
+}
+
+/// Rows from which a pass takes cuBLAS by default. On an H200 (BENCHMARKS.md, GPU kernels) the
+/// tensor-core GEMV of [6144 x 6144] bf16 was level with cuBLAS at 8 rows (28 against 30 µs) and
+/// took 4x its time at 64 (127 against 31 µs); 16 sits between, counting the split's double
+/// tensor work. The GPU check's `gemm` group measures the crossover of this code on a card.
+pub const DEFAULT_GEMM_MIN_ROWS: usize = 16;
+
+impl Default for GemmSettings {
+    fn default() -> Self {
+        GemmSettings {
+            min_rows: DEFAULT_GEMM_MIN_ROWS,
+            precision: GemmPrecision::Split,
+        }
+    }
+}
+
+impl GemmSettings {
+    /// Whether a pass of `rows` rows takes cuBLAS.
+    pub fn uses(&self, rows: usize) -> bool {
+        self.min_rows > 0 && rows >= self.min_rows
+    }
+}
+
+pub fn gemm_plan(
+    m: usize,
+    out: usize,
+    in_: usize,
+    nb: usize,
+    int8: bool,
+    prec: GemmPrecision,
+) -> Result<GemmPlan, ShapeError> {
+    if m == 0 || out == 0 || in_ == 0 || nb == 0 || !in_.is_multiple_of(nb) {
+        return bad(format!(
+            "gemm: {m} rows through [{out} x {in_}] with {nb} scale blocks"
+        ));
+    }
+    let h = prec.halves();
+    let rows = (GEMM_PARTIALS_BYTES / (nb * h * out * 4))
+        .min(GEMM_ACTIVATIONS_BYTES / (h * in_ * 2))
+        .clamp(1, m);
+    let out_rows = if int8 {
+        (GEMM_WEIGHTS_BYTES / (2 * in_)).clamp(1, out)
+    } else {
+        out
+    };
+    // cuBLAS takes i32 dimensions and leading dimensions; batch strides are i64.
+    let fits = |v: usize| v <= i32::MAX as usize;
+    if !fits(in_) || !fits(out) || !fits(h * rows) || !fits(nb) {
+        return bad(format!(
+            "gemm: [{out} x {in_}] exceeds cuBLAS's i32 dimensions"
+        ));
+    }
+    Ok(GemmPlan { rows, out_rows })
+}
+
 /// Every `extern "C"` entry point of [`KERNELS_SRC`].
 pub fn kernel_names() -> Vec<String> {
     let mut v = Vec::new();
@@ -326,6 +434,9 @@ pub fn kernel_names() -> Vec<String> {
         "kv_write_f32",
         "set_flags_i32",
         "attn_paged_f32",
+        "split_bf16_f32",
+        "i8_to_bf16",
+        "gemm_finish_f32",
     ] {
         v.push(k.to_string());
     }
@@ -336,6 +447,43 @@ pub fn kernel_names() -> Vec<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn gemm_plans_bound_their_buffers_and_cover_the_pass() {
+        use GemmPrecision::*;
+        // Grok-1's widths: the MoE's up projection and its int8 down projection (nb 8).
+        let p = gemm_plan(4096, 32768, 6144, 1, false, Split).unwrap();
+        assert_eq!(p.out_rows, 32768, "bf16 weights are used in place");
+        assert!(
+            p.rows * 2 * 32768 * 4 <= GEMM_PARTIALS_BYTES && p.rows >= 512,
+            "{p:?}"
+        );
+        let p = gemm_plan(4096, 6144, 32768, 8, true, Bf16).unwrap();
+        assert!(
+            p.rows * 8 * 6144 * 4 <= GEMM_PARTIALS_BYTES && p.rows >= 512,
+            "{p:?}"
+        );
+        assert!(p.rows * 32768 * 2 <= GEMM_ACTIVATIONS_BYTES, "{p:?}");
+        assert!(
+            p.out_rows * 32768 * 2 <= GEMM_WEIGHTS_BYTES && p.out_rows >= 512,
+            "{p:?}"
+        );
+        // Few rows: one chunk; a row wider than the budget still gets one row.
+        assert_eq!(
+            gemm_plan(3, 8, 16, 1, true, Split).unwrap(),
+            GemmPlan {
+                rows: 3,
+                out_rows: 8
+            }
+        );
+        assert_eq!(gemm_plan(9, 1 << 26, 64, 8, false, Split).unwrap().rows, 1);
+        for bad in [(0, 8, 16, 1), (4, 0, 16, 1), (4, 8, 16, 3), (4, 8, 16, 0)] {
+            assert!(
+                gemm_plan(bad.0, bad.1, bad.2, bad.3, false, Split).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
     const I8_1: GemvWeights = GemvWeights::I8 { nb: 1 };
     const I8_8: GemvWeights = GemvWeights::I8 { nb: 8 };
 
@@ -343,7 +491,7 @@ mod tests {
     fn sources_define_every_entry_point() {
         assert!(KERNELS_SRC.len() > 1000);
         let names = kernel_names();
-        assert_eq!(names.len(), 46);
+        assert_eq!(names.len(), 49);
         // The GEMV entry points `gemv_{bf16,i8}_{KIND}_{1..8}` come from one
         // `GEMV_ENTRIES(KIND, ...)` line per kind (a macro of two extern "C" definitions per
         // row count); every other entry point is written out.

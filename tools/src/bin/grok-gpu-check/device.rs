@@ -1,11 +1,14 @@
 //! Group `device`: the one forward pass (`grok_shared::model::Model`) on the CUDA device
 //! (`backend::cuda::Cuda`) against the same pass on the CPU: a batch of sequences over a
 //! paged KV cache with scattered block tables (a prefill pass with every logit, then decode
-//! passes), whole and as two tensor-parallel shards on the one GPU (host-staged all-reduce).
+//! passes), whole, whole with every product through cuBLAS, and as two tensor-parallel shards
+//! on the one GPU (host-staged all-reduce).
 
 use crate::common::*;
 use crate::model::{io_err, model_test_config, per_row_rel, temp_model_dir};
-use grok_shared::backend::cuda::{Cuda, CudaBackend, CudaError, CudaKv};
+use grok_shared::backend::cuda::{
+    Cuda, CudaBackend, CudaError, CudaKv, GemmPrecision, GemmSettings,
+};
 use grok_shared::collective::{local_group, Communicator, SingleRank};
 use grok_shared::formats::checkpoint::Checkpoint;
 use grok_shared::formats::genmodel::{self, GenDType};
@@ -151,6 +154,26 @@ pub(crate) fn device_check(
             Cmp::new(&got, &to_f64(&want)),
             TOL_MODEL,
             json!({"rows": rel.len(), "worst_row_rel": finite_or_null(rel.iter().copied().fold(0f64, f64::max))}),
+        );
+        drop((gm, gkv));
+        // The whole model with every matrix product through cuBLAS (prefill and decode).
+        let mut gdev = dev.clone();
+        gdev.set_gemm(GemmSettings {
+            min_rows: 1,
+            precision: GemmPrecision::Split,
+        });
+        let (gm, _) = Model::upload(Model::load(&ckpt).map_err(|e| io_err("load", e))?, gdev)
+            .map_err(|e| io_err("upload", e))?;
+        let mut gkv = CudaKv::new(&gm, p.blocks, BS).map_err(|e| io_err("device cache", e))?;
+        let got = run(&gm, &mut gkv, &p, &SingleRank, true)
+            .map_err(|e| io_err("device passes (cuBLAS)", e))?;
+        be.synchronize("device passes (cuBLAS)")?;
+        rep.check(
+            "device",
+            &format!("{name}: 3 sequences, paged, every product through cuBLAS (split)"),
+            Cmp::new(&got, &to_f64(&want)),
+            TOL_MODEL,
+            json!({"gemm_min_rows": 1, "precision": "split"}),
         );
         drop((gm, gkv));
         // Two tensor-parallel shards on the one GPU, all-reduce staged through the host.

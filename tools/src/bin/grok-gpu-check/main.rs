@@ -3,7 +3,8 @@
 //! Prints the device, measures the device-to-device copy bandwidth (the HBM roofline), checks
 //! every kernel against the CPU backend at Grok-1 widths (GEMV bf16/int8 on tensor cores and on
 //! CUDA cores, RMSNorm, RoPE, GELU gate, router top-2, decode attention against an f64 loop),
-//! times the GEMVs and a cuBLAS bf16 GEMM, writes `DIR/gpu_check.json` and prints a table last.
+//! times the GEMVs and a cuBLAS bf16 GEMM, checks and times the cuBLAS path of passes of many
+//! rows (`gemm`: both precisions, against the GEMV by row count), writes `DIR/gpu_check.json` and prints a table last.
 //! Group `model` runs the whole forward pass (`Model<Cuda>`, one sequence)
 //! against the CPU `Model` on small random bf16/int8/f32 checkpoints (prefill, decode, greedy and
 //! seeded generation); `model-perf` writes a one-layer Grok-1 checkpoint to a temporary folder
@@ -21,6 +22,7 @@
 mod bench;
 mod common;
 mod device;
+mod gemm;
 mod model;
 mod ops;
 
@@ -348,6 +350,7 @@ fn run_group(
         "attention" => attention_check(be, args, rep),
         "bench_gemv" => bench_gemv(be, args, rep, cases),
         "cublas" => cublas_bench(be, args, rep, cases),
+        "gemm" => gemm::gemm_check(be, args, rep),
         "model" => model_check(be, args, rep),
         "device" => device::device_check(be, args, rep),
         "model-perf" => model_perf(be, args, rep),

@@ -51,62 +51,103 @@ pub struct Comm {
 }
 
 impl Comm {
-    /// Joins NCCL group `id` over `tcp`'s group when this rank has an id and a device stream,
-    /// and agrees with the other ranks over TCP which transport serves (see the module).
-    /// Returns the communicator and, when NCCL was asked for and not used, why.
+    /// Joins NCCL group `id` over `tcp`'s group when every rank can (see the module) and
+    /// returns the communicator and, when NCCL was asked for and not used, why. Two sums over
+    /// TCP keep the ranks in step: first whether each can try (it has the id, a device stream
+    /// and the NCCL library), so that no rank waits in NCCL's initialisation for one that never
+    /// comes; then whether each joined. Initialisation waits at most half of `timeout`, so a
+    /// rank whose join failed at once is still waiting in the second sum when the others
+    /// arrive.
     pub fn join(
         tcp: TcpComm,
         id: Option<[u8; 128]>,
         stream: Option<&NcclStream>,
         timeout: Duration,
     ) -> Result<(Comm, Option<String>), EngineError> {
+        let w = tcp.world_size();
         #[cfg(feature = "cuda")]
-        let (nccl, why) = match (id, stream) {
-            (Some(id), Some(s)) if tcp.world_size() > 1 => {
-                match grok_shared::collective::nccl::NcclComm::new(
-                    s.clone(),
-                    tcp.rank(),
-                    tcp.world_size(),
-                    id,
-                    timeout,
-                ) {
-                    Ok(c) => (Some(c), None),
-                    Err(e) => (None, Some(format!("joining NCCL: {e}"))),
-                }
-            }
-            (Some(_), None) => (None, Some("this worker has no CUDA device".to_string())),
-            _ => (None, None),
+        let (can, why_not): (bool, Option<String>) = match (id, stream) {
+            (Some(_), Some(_)) => match grok_shared::collective::nccl::available() {
+                Ok(()) => (true, None),
+                Err(e) => (false, Some(e.to_string())),
+            },
+            (Some(_), None) => (false, Some("this worker has no CUDA device".to_string())),
+            (None, _) => (false, None),
         };
         #[cfg(not(feature = "cuda"))]
-        let (nccl, why): (Option<()>, Option<String>) = {
-            let _ = (stream, timeout);
+        let (can, why_not): (bool, Option<String>) = {
+            let _ = stream;
             (
-                None,
+                false,
                 id.map(|_| "this worker was built without CUDA".to_string()),
             )
         };
-        // Every rank says whether it joined; the sum is the same on every rank.
-        let mut joined = [nccl.is_some() as u8 as f32];
-        if tcp.world_size() > 1 {
-            tcp.all_reduce_sum(&mut joined)?;
-        }
-        let all = joined[0] as usize == tcp.world_size() && tcp.world_size() > 1;
-        let why = match (id.is_some(), all, why) {
-            (true, false, None) => Some("a peer could not join NCCL".to_string()),
-            (_, _, w) => w,
+        let all = |flag: bool| -> Result<bool, EngineError> {
+            if w <= 1 {
+                return Ok(false);
+            }
+            let mut v = [flag as u8 as f32];
+            tcp.all_reduce_sum(&mut v)?;
+            Ok(v[0] as usize == w)
         };
+        let asked = id.is_some();
+        if !all(can)? {
+            let why = why_not.or_else(|| asked.then(|| "a peer cannot use NCCL".to_string()));
+            return Ok((Comm::tcp(tcp), why));
+        }
         #[cfg(feature = "cuda")]
-        return Ok((
-            Comm {
-                tcp,
-                nccl: if all { nccl } else { None },
-            },
-            if all { None } else { why },
-        ));
+        let joined = match (id, stream) {
+            (Some(id), Some(s)) => grok_shared::collective::nccl::NcclComm::new(
+                s.clone(),
+                tcp.rank(),
+                w,
+                id,
+                timeout / 2,
+            )
+            .map_err(|e| format!("joining NCCL: {e}")),
+            _ => Err("no NCCL id or device stream".to_string()),
+        };
         #[cfg(not(feature = "cuda"))]
-        {
-            let _ = all;
-            Ok((Comm { tcp }, why))
+        let joined: Result<std::convert::Infallible, String> = {
+            let _ = timeout;
+            Err("this worker was built without CUDA".to_string())
+        };
+        let ok = all(joined.is_ok())?;
+        #[cfg(not(feature = "cuda"))]
+        let _ = ok;
+        Ok(match joined {
+            #[cfg(feature = "cuda")]
+            Ok(c) if ok => (Comm { tcp, nccl: Some(c) }, None),
+            #[cfg(feature = "cuda")]
+            Ok(c) => {
+                c.abort();
+                (
+                    Comm::tcp(tcp),
+                    Some("a peer could not join NCCL".to_string()),
+                )
+            }
+            #[cfg(not(feature = "cuda"))]
+            Ok(never) => match never {},
+            Err(e) => (Comm::tcp(tcp), Some(e)),
+        })
+    }
+
+    /// The TCP collective alone.
+    pub fn tcp(tcp: TcpComm) -> Comm {
+        Comm {
+            tcp,
+            #[cfg(feature = "cuda")]
+            nccl: None,
+        }
+    }
+
+    /// Closes the NCCL communicator, if any, at once and on this rank alone (NCCL's abort: no
+    /// peer takes part); the TCP collective stays. Before a reconnect, so that the old
+    /// communicator's device memory is free for the new one.
+    pub fn close_nccl(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(c) = self.nccl.take() {
+            c.abort();
         }
     }
 

@@ -294,7 +294,9 @@ impl Engine {
             timeout: spec.comm_timeout,
             connect_timeout: spec.comm_timeout,
         };
-        // A GPU worker opens its device first: NCCL joins on the device's stream.
+        let world = TcpComm::connect(group_rank, &spec.world_peers, world_listener, cfg())?;
+        let tp = TcpComm::connect(tp_rank, &spec.tp_peers, tp_listener, cfg())?;
+        // A GPU worker opens its device before the shard loads: NCCL joins on its stream.
         #[cfg(feature = "cuda")]
         let backend = spec
             .cuda_device
@@ -305,8 +307,6 @@ impl Engine {
         let stream = backend.as_ref().map(|b| b.stream().clone());
         #[cfg(not(feature = "cuda"))]
         let stream: Option<NcclStream> = None;
-        let world = TcpComm::connect(group_rank, &spec.world_peers, world_listener, cfg())?;
-        let tp = TcpComm::connect(tp_rank, &spec.tp_peers, tp_listener, cfg())?;
         let (world, tp) = join_groups(world, tp, spec.nccl, stream.as_ref(), spec.comm_timeout)?;
         if spec.nccl.any() {
             progress(
@@ -523,6 +523,10 @@ impl Engine {
             timeout: comm_timeout,
             connect_timeout: comm_timeout,
         };
+        // The old NCCL communicators go first (aborted on this rank alone: a peer may be gone),
+        // so that their device memory is free for the new ones.
+        self.world.close_nccl();
+        self.tp.close_nccl();
         let world = TcpComm::connect(group_rank, world_peers, world_listener, cfg())?;
         let tp = TcpComm::connect(tp_rank, tp_peers, tp_listener, cfg())?;
         let stream = self.shard.nccl_stream();

@@ -65,9 +65,10 @@ struct Args {
     /// coordinator's --kv-blocks beyond it is refused at load.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "GROK_KV_MEMORY")]
     kv_memory: Option<u64>,
-    /// GPU workers: passes of at least this many rows (prefill chunks, large batches) go
-    /// through cuBLAS instead of the GEMV kernels; 0 never uses cuBLAS [default: 16]. The GPU
-    /// check's `gemm` group measures the crossover on a card.
+    /// GPU workers: matrix products of at least this many rows (a prefill chunk's rows, a
+    /// large batch, the rows routed to one expert) go through cuBLAS instead of the GEMV
+    /// kernels, for bf16 and int8 weights alike; 0 never uses cuBLAS [default: 16 for bf16
+    /// weights, 64 for int8]. The GPU check's `gemm` group measures the crossover on a card.
     #[arg(long, value_name = "ROWS")]
     gemm_min_rows: Option<usize>,
     /// GPU workers: how cuBLAS takes the f32 activations: `split` (two bf16 halves, the
@@ -103,6 +104,7 @@ fn main() {
     let mut gemm = grok_shared::backend::cuda_shapes::GemmSettings::default();
     if let Some(r) = a.gemm_min_rows {
         gemm.min_rows = r;
+        gemm.min_rows_int8 = r;
     }
     if a.gemm_precision.as_deref() == Some("bf16") {
         gemm.precision = grok_shared::backend::cuda_shapes::GemmPrecision::Bf16;

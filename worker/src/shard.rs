@@ -1,7 +1,8 @@
 //! The worker's shard on its device: the model and its paged KV cache on the CPU or on a
 //! CUDA GPU, and a step's part of the forward pass over either. The pass is the one of
 //! `grok_shared::model` (the same sharding, collectives and masks on both devices); hidden
-//! states cross pipeline stages and the collectives through the host.
+//! states cross pipeline stages and the all-reduces in device memory over NCCL, through the
+//! host over TCP.
 
 use crate::comm::{Comm, NcclStream};
 use grok_shared::collective::Communicator;

@@ -56,6 +56,11 @@ pub fn unique_id() -> Result<[u8; 128], CommError> {
     Ok(out)
 }
 
+/// Whether NCCL can be loaded here (an error saying why not).
+pub fn available() -> Result<(), CommError> {
+    nccl_present()
+}
+
 /// NCCL is loaded at run time; its absence is an error, never cudarc's panic.
 fn nccl_present() -> Result<(), CommError> {
     crate::backend::cuda::nccl_status().map_err(|e| CommError::Io(e.to_string()))
@@ -350,8 +355,14 @@ impl NcclComm {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let t = Instant::now();
         let sent = host.len() * 4;
-        let io = |e: cudarc::driver::DriverError| CommError::Io(format!("{what}: {e}"));
-        let src = self.stream.clone_htod(&*host).map_err(io)?;
+        let io = |e: cudarc::driver::DriverError| self.fail(CommError::Io(format!("{what}: {e}")));
+        // Never an empty allocation (a rank may send or receive nothing in an all-to-all).
+        let src = if host.is_empty() {
+            self.stream.alloc_zeros::<f32>(1)
+        } else {
+            self.stream.clone_htod(&*host)
+        }
+        .map_err(io)?;
         let mut dst = self.stream.alloc_zeros::<f32>(out_len.max(1)).map_err(io)?;
         {
             let (s, _r1) = src.device_ptr(&self.stream);
@@ -363,12 +374,37 @@ impl NcclComm {
             Some(o) => o,
             None => host,
         };
-        self.stream
-            .memcpy_dtoh(&dst.slice(..target.len()), target)
-            .map_err(io)?;
+        if !target.is_empty() {
+            self.stream
+                .memcpy_dtoh(&dst.slice(..target.len()), target)
+                .map_err(io)?;
+        }
         self.stream.synchronize().map_err(io)?;
         self.count(t, sent);
         Ok(())
+    }
+}
+
+impl NcclComm {
+    /// Closes the communicator on this rank alone (`ncclCommAbort`: no peer takes part, unlike
+    /// a destroy, which may wait for the other ranks of the node).
+    pub fn abort(self) {
+        drop(self)
+    }
+
+    /// Marks the communicator broken by `e` and aborts it (a failure before NCCL was called
+    /// on this rank still leaves it unusable: its peers may be inside the operation).
+    fn fail(&self, e: CommError) -> CommError {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = g.comm.take() {
+            // SAFETY: no operation of this rank is in flight; the communicator is not used
+            // again.
+            unsafe { sys::ncclCommAbort(r.0) };
+        }
+        if g.broken.is_none() {
+            g.broken = Some(e.clone_shallow());
+        }
+        e
     }
 }
 
@@ -376,8 +412,9 @@ impl Drop for NcclComm {
     fn drop(&mut self) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = g.comm.take() {
-            // SAFETY: no operation is in flight (they all wait for completion).
-            unsafe { sys::ncclCommDestroy(r.0) };
+            // SAFETY: no operation is in flight (they all wait for completion); abort frees
+            // this rank's resources without waiting for the others.
+            unsafe { sys::ncclCommAbort(r.0) };
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct Cuda {
     blas: Arc<std::sync::OnceLock<Option<CudaBlas>>>,
     /// The GEMM's buffers, kept between passes.
     ws: Arc<std::sync::Mutex<GemmWorkspace>>,
+    /// The fewest rows whose buffers found no room (usize::MAX: none yet).
+    gemm_no_room: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 type PassArrays = std::collections::HashMap<&'static str, (Vec<usize>, Arc<CudaSlice<i32>>)>;
@@ -181,6 +183,7 @@ impl Cuda {
             gemm: GemmSettings::default(),
             blas: Arc::default(),
             ws: Arc::default(),
+            gemm_no_room: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
         }
     }
 
@@ -207,7 +210,11 @@ impl Cuda {
         rows: usize,
         out: &mut CudaBuf,
     ) -> Result<bool, ModelError> {
-        if !self.gemm.uses(rows) {
+        if !self.gemm.uses(rows, w.kind()) {
+            return Ok(false);
+        }
+        // A size that found no room once takes the GEMV from then on (no retry per layer).
+        if rows >= self.gemm_no_room.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(false);
         }
         let blas = self.blas.get_or_init(|| match self.be.cublas() {
@@ -225,7 +232,9 @@ impl Cuda {
         let plan = match ws.reserve(&self.be, w, rows, prec) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, rows, "no room for the GEMM's buffers: this pass takes the GEMV");
+                tracing::warn!(error = %e, rows, "no room for the GEMM's buffers: products of this many rows take the GEMV");
+                self.gemm_no_room
+                    .fetch_min(rows, std::sync::atomic::Ordering::Relaxed);
                 return Ok(false);
             }
         };

@@ -346,12 +346,15 @@ pub struct GemmPlan {
     pub out_rows: usize,
 }
 
-/// Which passes of a CUDA device take the cuBLAS path, and how.
+/// Which matrix products of a CUDA device take the cuBLAS path, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmSettings {
-    /// Passes of at least this many rows go through cuBLAS (0: never; fewer rows take the
-    /// tensor-core GEMV, which reads the weights once per 64 rows).
+    /// Products of at least this many rows through bf16 weights go through cuBLAS (0: never;
+    /// fewer rows take the tensor-core GEMV, which reads the weights once per 64 rows).
     pub min_rows: usize,
+    /// The same for int8 weights (which cuBLAS takes after converting them to bf16: 5 bytes
+    /// moved per weight, where the GEMV reads 1 per 64 rows).
+    pub min_rows_int8: usize,
     pub precision: GemmPrecision,
 }
 
@@ -360,20 +363,29 @@ pub struct GemmSettings {
 /// took 4x its time at 64 (127 against 31 µs); 16 sits between, counting the split's double
 /// tensor work. The GPU check's `gemm` group measures the crossover of this code on a card.
 pub const DEFAULT_GEMM_MIN_ROWS: usize = 16;
+/// The same for int8 weights: the GEMV reads 1 byte per weight per 64 rows where the conversion
+/// and the GEMM move 5, so cuBLAS can only pay from about 64 rows (a guess from that arithmetic
+/// until the `gemm` group has measured it).
+pub const DEFAULT_GEMM_MIN_ROWS_INT8: usize = 64;
 
 impl Default for GemmSettings {
     fn default() -> Self {
         GemmSettings {
             min_rows: DEFAULT_GEMM_MIN_ROWS,
+            min_rows_int8: DEFAULT_GEMM_MIN_ROWS_INT8,
             precision: GemmPrecision::Split,
         }
     }
 }
 
 impl GemmSettings {
-    /// Whether a pass of `rows` rows takes cuBLAS.
-    pub fn uses(&self, rows: usize) -> bool {
-        self.min_rows > 0 && rows >= self.min_rows
+    /// Whether a product of `rows` rows through weights of `kind` takes cuBLAS.
+    pub fn uses(&self, rows: usize, kind: GemvWeights) -> bool {
+        let min = match kind {
+            GemvWeights::Bf16 => self.min_rows,
+            GemvWeights::I8 { .. } => self.min_rows_int8,
+        };
+        min > 0 && rows >= min
     }
 }
 
@@ -394,8 +406,10 @@ pub fn gemm_plan(
     let rows = (GEMM_PARTIALS_BYTES / (nb * h * out * 4))
         .min(GEMM_ACTIVATIONS_BYTES / (h * in_ * 2))
         .clamp(1, m);
+    // Whole multiples of 64 output rows keep every chunk's output columns 256-byte aligned.
     let out_rows = if int8 {
-        (GEMM_WEIGHTS_BYTES / (2 * in_)).clamp(1, out)
+        let r = GEMM_WEIGHTS_BYTES / (2 * in_);
+        (if r >= 64 { r / 64 * 64 } else { r }).clamp(1, out)
     } else {
         out
     };
@@ -448,6 +462,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gemm_settings_pick_cublas_by_rows_and_weights() {
+        let g = GemmSettings::default();
+        let i8 = GemvWeights::I8 { nb: 8 };
+        assert!(!g.uses(DEFAULT_GEMM_MIN_ROWS - 1, GemvWeights::Bf16));
+        assert!(g.uses(DEFAULT_GEMM_MIN_ROWS, GemvWeights::Bf16));
+        assert!(
+            !g.uses(DEFAULT_GEMM_MIN_ROWS_INT8 - 1, i8) && g.uses(DEFAULT_GEMM_MIN_ROWS_INT8, i8)
+        );
+        let never = GemmSettings {
+            min_rows: 0,
+            min_rows_int8: 0,
+            ..g
+        };
+        assert!(!never.uses(1 << 20, GemvWeights::Bf16) && !never.uses(1 << 20, i8));
+    }
+
+    #[test]
     fn gemm_plans_bound_their_buffers_and_cover_the_pass() {
         use GemmPrecision::*;
         // Grok-1's widths: the MoE's up projection and its int8 down projection (nb 8).
@@ -467,6 +498,8 @@ mod tests {
             p.out_rows * 32768 * 2 <= GEMM_WEIGHTS_BYTES && p.out_rows >= 512,
             "{p:?}"
         );
+        let p = gemm_plan(64, 32768, 6144, 1, true, Split).unwrap();
+        assert_eq!(p.out_rows % 64, 0, "{p:?}");
         // Few rows: one chunk; a row wider than the budget still gets one row.
         assert_eq!(
             gemm_plan(3, 8, 16, 1, true, Split).unwrap(),

@@ -160,6 +160,7 @@ pub(crate) fn device_check(
         let mut gdev = dev.clone();
         gdev.set_gemm(GemmSettings {
             min_rows: 1,
+            min_rows_int8: 1,
             precision: GemmPrecision::Split,
         });
         let (gm, _) = Model::upload(Model::load(&ckpt).map_err(|e| io_err("load", e))?, gdev)

@@ -232,7 +232,8 @@ pub(crate) fn gemm_check(be: &CudaBackend, args: &Args, rep: &mut Report) -> Res
     );
     rep.top.insert(
         "gemm".into(),
-        json!({"default_min_rows": shapes::DEFAULT_GEMM_MIN_ROWS, "times": rows,
+        json!({"default_min_rows": shapes::DEFAULT_GEMM_MIN_ROWS,
+               "default_min_rows_int8": shapes::DEFAULT_GEMM_MIN_ROWS_INT8, "times": rows,
                "split_faster_from_rows": crossover,
                "workspace_bytes": ws.bytes()}),
     );

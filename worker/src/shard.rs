@@ -9,6 +9,8 @@ use grok_shared::collective::Communicator;
 use grok_shared::model::{logit_rows, Cpu, Device, KvCache, Model, ModelError, SeqInput};
 
 /// A model shard and its KV cache, on the device the worker was started with.
+// One per loaded worker, never moved in a loop: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Shard {
     Cpu {
         model: Model<Cpu>,

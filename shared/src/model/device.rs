@@ -4,7 +4,8 @@
 //! supplies buffers, weights and a paged KV cache of its own and the kernels below.
 //!
 //! Activations are row-major `[rows, width]` f32 buffers. Routing choices come back to the
-//! host (the MoE groups rows by expert there). The tensor-parallel all-reduce and the pipeline's
+//! host (the MoE groups rows by expert there), unless the device runs a layer's MoE with its
+//! routing kept on the device ([`Device::moe_routed`], CUDA decode passes). The tensor-parallel all-reduce and the pipeline's
 //! send and receive are device operations ([`Device::all_reduce`], [`Device::send`],
 //! [`Device::recv`]): by default staged through the host to any communicator; the CUDA device
 //! hands its buffers to NCCL directly when the communicator is NCCL.
@@ -16,6 +17,28 @@ use crate::backend::simd::gelu_gate;
 use crate::collective::Communicator;
 use rayon::prelude::*;
 use std::ops::Range;
+
+/// Per-expert counts a device gathered ([`Device::take_routing_stats`]).
+pub struct RoutingStats {
+    /// Tokens routed to each expert, `[local layer, expert]`.
+    pub routed: Vec<u64>,
+    /// Rows this shard's experts computed, `[expert]`.
+    pub served: Vec<u64>,
+}
+
+/// One MoE layer's sizes for [`Device::moe_routed`].
+#[derive(Clone, Copy, Debug)]
+pub struct MoeShape {
+    /// Rows of the pass.
+    pub rows: usize,
+    pub emb: usize,
+    /// Experts of the model, and how many each row chooses.
+    pub experts: usize,
+    pub k: usize,
+    /// The layer's index among this shard's layers, and their number.
+    pub layer: usize,
+    pub layers: usize,
+}
 
 /// A device the forward pass runs on.
 pub trait Device: Send + Sync {
@@ -139,6 +162,29 @@ pub trait Device: Send + Sync {
     ) -> Result<(), ModelError>;
     /// `x *= s`.
     fn scale(&self, x: &mut Self::Buf, s: f32) -> Result<(), ModelError>;
+
+    /// The MoE of one layer over this shard's `experts` (in their order) with the routing kept
+    /// on the device: the gated sums `[rows, emb]` of the experts each row chose, or None where
+    /// this device or this pass takes the host path (`Model::moe_local`, which it must equal).
+    /// Counts the routed and served rows for [`Device::take_routing_stats`].
+    fn moe_routed(
+        &self,
+        router: &Self::Matrix,
+        experts: &[super::Expert<Self>],
+        xn: &Self::Buf,
+        shape: MoeShape,
+    ) -> Result<Option<Self::Buf>, ModelError>
+    where
+        Self: Sized,
+    {
+        let _ = (router, experts, xn, shape);
+        Ok(None)
+    }
+    /// Routed tokens (`[local layer, expert]`) and served rows (`[expert]`) that
+    /// [`Device::moe_routed`] counted since the last call (None: it counted none).
+    fn take_routing_stats(&self) -> Result<Option<RoutingStats>, ModelError> {
+        Ok(None)
+    }
 
     /// Sums `buf` (`[rows, d]`) over the tensor-parallel group `tp`. By default through the
     /// host, in the batch-invariant order of [`super::all_reduce_rows`]; a device whose buffers

@@ -23,7 +23,7 @@ mod load;
 pub mod names;
 
 pub use attention::Heads;
-pub use device::{Cpu, Device};
+pub use device::{Cpu, Device, MoeShape, RoutingStats};
 pub use error::ModelError;
 pub use kv::{
     kv_block_bytes, kv_blocks_to_allocate, BlockAllocator, DeviceMemory, KvCache, KvSizing,
@@ -415,20 +415,41 @@ impl<D: Device> Model<D> {
         let c = &self.config;
         let d = c.emb_size;
         let xn = self.normed(h, &l.pre_moe_norm)?;
-        let routes = self.route(l, &xn)?;
-        {
-            let li = l.index - self.shard.layers.start;
-            let ne = c.num_experts;
-            let mut counts = self.expert_counts.lock().unwrap_or_else(|p| p.into_inner());
-            for sel in &routes {
-                for (e, _) in sel {
-                    counts[li * ne + e] += 1;
+        let li = l.index - self.shard.layers.start;
+        let on_device = match self.dispatch {
+            Some(_) => None,
+            None => self.dev.moe_routed(
+                &l.router,
+                &l.experts,
+                &xn,
+                device::MoeShape {
+                    rows: self.dev.len(&xn) / d.max(1),
+                    emb: d,
+                    experts: c.num_experts,
+                    k: c.num_selected_experts,
+                    layer: li,
+                    layers: self.layers.len(),
+                },
+            )?,
+        };
+        let mut m = match on_device {
+            Some(m) => m,
+            None => {
+                let routes = self.route(l, &xn)?;
+                {
+                    let ne = c.num_experts;
+                    let mut counts = self.expert_counts.lock().unwrap_or_else(|p| p.into_inner());
+                    for sel in &routes {
+                        for (e, _) in sel {
+                            counts[li * ne + e] += 1;
+                        }
+                    }
+                }
+                match &self.dispatch {
+                    Some(dp) => self.moe_dispatched(l, &xn, &routes, tp, dp)?,
+                    None => self.moe_local(l, &xn, &routes)?,
                 }
             }
-        }
-        let mut m = match &self.dispatch {
-            Some(dp) => self.moe_dispatched(l, &xn, &routes, tp, dp)?,
-            None => self.moe_local(l, &xn, &routes)?,
         };
         if self.dispatch.is_none() {
             self.all_reduce(tp, &mut m, d)?;
@@ -606,8 +627,29 @@ impl<D: Device> Model<D> {
         self.dev.upload(m)
     }
 
+    /// Adds what the device counted ([`Device::take_routing_stats`]) to the host's counts.
+    /// Metrics only: a failure to read them is logged, and the pass's own error (if the device
+    /// is broken) comes from the next operation.
+    fn pull_device_stats(&self) {
+        match self.dev.take_routing_stats() {
+            Ok(Some(RoutingStats { routed, served })) => {
+                let add = |m: &std::sync::Mutex<Vec<u64>>, v: &[u64]| {
+                    let mut c = m.lock().unwrap_or_else(|p| p.into_inner());
+                    for (a, b) in c.iter_mut().zip(v) {
+                        *a += b;
+                    }
+                };
+                add(&self.expert_counts, &routed);
+                add(&self.expert_served, &served);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "per-expert counts of the device not read"),
+        }
+    }
+
     /// Returns and resets the rows this shard's experts computed, per expert.
     pub fn take_expert_served(&self) -> Vec<u64> {
+        self.pull_device_stats();
         let mut c = self.expert_served.lock().unwrap_or_else(|p| p.into_inner());
         let out = c.clone();
         c.iter_mut().for_each(|v| *v = 0);
@@ -623,6 +665,7 @@ impl<D: Device> Model<D> {
 
     /// Returns and resets the routed-token counts, `[local layer, expert]`.
     pub fn take_expert_counts(&self) -> Vec<u64> {
+        self.pull_device_stats();
         let mut c = self.expert_counts.lock().unwrap_or_else(|p| p.into_inner());
         let out = c.clone();
         c.iter_mut().for_each(|v| *v = 0);

@@ -9,13 +9,15 @@
 //! f32 products (`attn_paged_f32`), so logits agree with the CPU pass within rounding, not bit
 //! for bit.
 
-use super::ops::GemmWorkspace;
+use super::ops::{GemmWorkspace, GroupedLinear};
 use super::{
     guarded, CudaBackend, CudaBlas, CudaError, CudaSlice, DeviceLinear, DeviceWeights, GemmSettings,
 };
 use crate::backend::cpu::{Linear, Weights};
 use crate::collective::Communicator;
-use crate::model::{Cpu, Device, Expert, Heads, Layer, Model, ModelError, SeqInput};
+use crate::model::{
+    Cpu, Device, Expert, Heads, Layer, Model, ModelError, MoeShape, RoutingStats, SeqInput,
+};
 use half::bf16;
 use std::ops::Range;
 use std::sync::Arc;
@@ -66,6 +68,32 @@ pub struct Cuda {
     ws: Arc<std::sync::Mutex<GemmWorkspace>>,
     /// The fewest rows whose buffers found no room (usize::MAX: none yet).
     gemm_no_room: Arc<std::sync::atomic::AtomicUsize>,
+    /// The MoE with its routing on the device: each layer's grouped expert matrices, by the
+    /// addresses and indices of its experts (so a matrix freed and another uploaded at its
+    /// address is never confused with it), and the per-expert counts of the step.
+    moe_groups: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u64>, Arc<MoeGroup>>>>,
+    moe_stats: Arc<std::sync::Mutex<Option<MoeStats>>>,
+    /// Whether decode passes keep the router's choices on the device (default true).
+    device_routing: bool,
+}
+
+/// A layer's local experts for the grouped GEMV: their indices (slot order) and each matrix's
+/// addresses, and the bit mask of the indices.
+struct MoeGroup {
+    ids: CudaSlice<i32>,
+    local: u32,
+    linear: GroupedLinear,
+    linear_v: GroupedLinear,
+    linear_1: GroupedLinear,
+}
+
+/// Routed tokens `[layers, experts]` and served rows `[experts]` counted on the device.
+struct MoeStats {
+    routed: CudaSlice<u64>,
+    served: CudaSlice<u64>,
+    layers: usize,
+    experts: usize,
+    dirty: bool,
 }
 
 type PassArrays = std::collections::HashMap<&'static str, (Vec<usize>, Arc<CudaSlice<i32>>)>;
@@ -184,7 +212,47 @@ impl Cuda {
             blas: Arc::default(),
             ws: Arc::default(),
             gemm_no_room: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
+            moe_groups: Arc::default(),
+            moe_stats: Arc::default(),
+            device_routing: true,
         }
+    }
+
+    /// Whether decode passes keep the router's choices on the device (the MoE's grouped GEMV;
+    /// false: every pass copies them to the host, as passes of many rows do).
+    pub fn set_device_routing(&mut self, on: bool) {
+        self.device_routing = on;
+    }
+
+    /// The grouped matrices of `experts` (made once per set of experts and addresses).
+    fn moe_group(&self, experts: &[Expert<Cuda>]) -> Result<Arc<MoeGroup>, ModelError> {
+        let mut key = Vec::with_capacity(experts.len() * 7);
+        for e in experts {
+            key.push(e.index as u64);
+            for l in [&e.linear, &e.linear_v, &e.linear_1] {
+                let (w, s) = l.addresses(self.be.stream());
+                key.extend([w, s]);
+            }
+        }
+        let mut groups = self.moe_groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = groups.get(&key) {
+            return Ok(g.clone());
+        }
+        let be = &self.be;
+        let ids: Vec<i32> = experts.iter().map(|e| e.index as i32).collect();
+        let group = |f: fn(&Expert<Cuda>) -> &DeviceLinear| {
+            let v: Vec<&DeviceLinear> = experts.iter().map(f).collect();
+            be.group_linears(&v).map_err(err)
+        };
+        let g = Arc::new(MoeGroup {
+            ids: be.upload("expert indices", &ids).map_err(err)?,
+            local: experts.iter().fold(0u32, |m, e| m | (1u32 << e.index)),
+            linear: group(|e| &e.linear)?,
+            linear_v: group(|e| &e.linear_v)?,
+            linear_1: group(|e| &e.linear_1)?,
+        });
+        groups.insert(key, g.clone());
+        Ok(g)
     }
 
     /// Which passes take cuBLAS from now on.
@@ -578,6 +646,135 @@ impl Device for Cuda {
             return Ok(());
         }
         self.be.scale(&mut x.s, s, x.n).map_err(err)
+    }
+
+    /// Passes of fewer rows than the GEMV takes at once (64) and than cuBLAS would take for
+    /// an expert: the router's choices stay on the device; one plan kernel lists each expert's
+    /// rows, one gather, one grouped GEMV per expert matrix (an expert no row chose reads no
+    /// weights) and one gated sum in the experts' order, so the result is `moe_local`'s, bit
+    /// for bit (the GEMV gives a row the same bits in any batch).
+    fn moe_routed(
+        &self,
+        router: &CudaSlice<f32>,
+        experts: &[Expert<Cuda>],
+        xn: &CudaBuf,
+        sh: MoeShape,
+    ) -> Result<Option<CudaBuf>, ModelError> {
+        let (t, d, ne, k) = (sh.rows, sh.emb, sh.experts, sh.k);
+        let Some(first) = experts.first() else {
+            return Ok(None);
+        };
+        if !self.device_routing
+            || t == 0
+            || t > super::shapes::GEMV_MAX_ROWS
+            || ne > super::shapes::MOE_DEVICE_MAX_EXPERTS
+            || k == 0
+            || k > ne
+            || experts.iter().any(|e| e.index >= ne)
+            || [&first.linear, &first.linear_v, &first.linear_1]
+                .iter()
+                .any(|l| self.gemm.uses(t, l.kind()))
+        {
+            return Ok(None);
+        }
+        let g = self.moe_group(experts)?;
+        let be = &self.be;
+        let z32 = |what: &str, n: usize| be.zeros::<f32>(what, n.max(1)).map_err(err);
+        let zi = |what: &str, n: usize| be.zeros::<i32>(what, n.max(1)).map_err(err);
+        let (mut gates, mut choice, mut probs) = (
+            z32("gates", t * k)?,
+            zi("experts", t * k)?,
+            z32("probs", t * ne)?,
+        );
+        be.router_topk(
+            &xn.s,
+            router,
+            t,
+            d,
+            ne,
+            k,
+            &mut gates,
+            &mut choice,
+            &mut probs,
+        )
+        .map_err(err)?;
+        let (mut counts, mut rows, mut gv, mut pos) = (
+            zi("expert rows", ne)?,
+            zi("expert row lists", ne * t)?,
+            z32("expert gates", ne * t)?,
+            zi("row positions", t * ne)?,
+        );
+        {
+            let mut st = self.moe_stats.lock().unwrap_or_else(|p| p.into_inner());
+            if st
+                .as_ref()
+                .is_none_or(|s| s.layers != sh.layers || s.experts != ne)
+            {
+                *st = Some(MoeStats {
+                    routed: be
+                        .zeros::<u64>("routed counts", sh.layers * ne)
+                        .map_err(err)?,
+                    served: be.zeros::<u64>("served counts", ne).map_err(err)?,
+                    layers: sh.layers,
+                    experts: ne,
+                    dirty: false,
+                });
+            }
+            let st = st.as_mut().expect("set above");
+            be.moe_plan(
+                &choice,
+                &gates,
+                (t, k, ne),
+                (sh.layer, g.local),
+                &mut counts,
+                &mut rows,
+                &mut gv,
+                &mut pos,
+                &mut st.routed,
+                &mut st.served,
+            )
+            .map_err(err)?;
+            st.dirty = true;
+        }
+        let ns = experts.len();
+        let f = g.linear.out_features;
+        let mut xs = z32("expert inputs", ns * t * d)?;
+        be.moe_gather(&xn.s, &g.ids, &counts, &rows, (t, d, ns, ne), &mut xs)
+            .map_err(err)?;
+        let (mut a, mut b) = (
+            z32("expert hidden", ns * t * f)?,
+            z32("expert gate", ns * t * f)?,
+        );
+        be.gemv_grouped(&g.linear, &g.ids, &counts, ns, t, &xs, &mut a)
+            .map_err(err)?;
+        be.gemv_grouped(&g.linear_v, &g.ids, &counts, ns, t, &xs, &mut b)
+            .map_err(err)?;
+        let mut o = z32("expert activations", ns * t * f)?;
+        be.gelu_gate(&a, &b, &mut o, ns * t * f).map_err(err)?;
+        let mut y = z32("expert outputs", ns * t * d)?;
+        be.gemv_grouped(&g.linear_1, &g.ids, &counts, ns, t, &o, &mut y)
+            .map_err(err)?;
+        let mut m = self.zeros(t * d)?;
+        be.moe_combine(&mut m.s, &g.ids, (ns, ne, t, d), &pos, &gv, &y)
+            .map_err(err)?;
+        Ok(Some(m))
+    }
+
+    fn take_routing_stats(&self) -> Result<Option<RoutingStats>, ModelError> {
+        let mut st = self.moe_stats.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(st) = st.as_mut().filter(|s| s.dirty) else {
+            return Ok(None);
+        };
+        let be = &self.be;
+        let routed = be.download("routed counts", &st.routed).map_err(err)?;
+        let served = be.download("served counts", &st.served).map_err(err)?;
+        for s in [&mut st.routed, &mut st.served] {
+            be.stream()
+                .memset_zeros(s)
+                .map_err(|e| ModelError::Device(format!("resetting the expert counts: {e}")))?;
+        }
+        st.dirty = false;
+        Ok(Some(RoutingStats { routed, served }))
     }
 
     /// NCCL sums the device buffer in place (its own order of summation, see ARCHITECTURE.md);

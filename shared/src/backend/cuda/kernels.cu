@@ -351,6 +351,35 @@ __device__ __forceinline__ void gemv_mma(const void* __restrict__ wptr,
 GEMV_ENTRIES(mma, GEMV_MMA_BOUNDS, GEMV_MMA_BOUNDS_WIDE)
 
 
+// The grouped GEMV of the MoE with its routing on the device (`gemv_{bf16,i8}_mmag_{1..8}`):
+// blockIdx.y is slot s of a layer's local experts. The slot's weights are at ws[s] (int8: its
+// scales at ss[s]), its input rows at x + s * mx * k, its output rows at y + s * mx * out, and
+// its row count is counts[ids[s]]: a slot no row chose returns at once and reads no weights.
+#define GEMV_GROUPED_ENTRY(BOUNDS, M)                                                               \
+  extern "C" __global__ void BOUNDS gemv_bf16_mmag_##M(const unsigned long long* ws,                \
+      const int* ids, const int* counts, int mx, const float* x, float* y, int out, int k) {        \
+    const int s = blockIdx.y;                                                                       \
+    const int m = counts[ids[s]];                                                                   \
+    if (m <= 0) return;                                                                             \
+    gemv_mma<M, false>((const void*)ws[s], nullptr, 1, x + (size_t)s * mx * k,                      \
+                       y + (size_t)s * mx * out, m, out, k);                                        \
+  }                                                                                                 \
+  extern "C" __global__ void BOUNDS gemv_i8_mmag_##M(const unsigned long long* ws,                  \
+      const unsigned long long* ss, int nb, const int* ids, const int* counts, int mx,              \
+      const float* x, float* y, int out, int k) {                                                   \
+    const int s = blockIdx.y;                                                                       \
+    const int m = counts[ids[s]];                                                                   \
+    if (m <= 0) return;                                                                             \
+    gemv_mma<M, true>((const void*)ws[s], (const float*)ss[s], nb, x + (size_t)s * mx * k,          \
+                      y + (size_t)s * mx * out, m, out, k);                                         \
+  }
+#define GEMV_GROUPED_ENTRIES(LO, HI)                                                                \
+  GEMV_GROUPED_ENTRY(LO, 1) GEMV_GROUPED_ENTRY(LO, 2) GEMV_GROUPED_ENTRY(LO, 3)                     \
+  GEMV_GROUPED_ENTRY(LO, 4) GEMV_GROUPED_ENTRY(HI, 5) GEMV_GROUPED_ENTRY(HI, 6)                     \
+  GEMV_GROUPED_ENTRY(HI, 7) GEMV_GROUPED_ENTRY(HI, 8)
+
+GEMV_GROUPED_ENTRIES(GEMV_MMA_BOUNDS, GEMV_MMA_BOUNDS_WIDE)
+
 // ---------------------------------------------------------------------------------------------
 // Weight-only GEMV on CUDA cores (the simple, exact-f32 variant; also the fallback and the
 // cross-check of the tensor-core kernel): up to MR <= 8 activation rows per launch (the host
@@ -651,6 +680,69 @@ extern "C" __global__ void scatter_add_rows_f32(float* __restrict__ dst, const i
     const float* s = src + (size_t)blockIdx.x * d;
     const float g = gate[blockIdx.x];
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] += g * s[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MoE with its routing on the device (Cuda::moe_routed): the plan, the gather of each
+// expert's rows, and the gated sum; the experts' products are the grouped GEMV above.
+// ---------------------------------------------------------------------------------------------
+// One thread per expert e < ne (ne <= 32) lists, in row order, the rows of the t-row pass that
+// chose e (choice/gates [t, k]): rows[e * t + i] and g[e * t + i] for i < counts[e], and
+// pos[r * ne + e] = i (-1: row r did not choose e). It adds counts[e] to routed[li * ne + e]
+// and, when bit e of `local` is set, to served[e] (the per-expert metrics, read once a step).
+extern "C" __global__ void moe_plan_i32(const int* __restrict__ choice,
+                                        const float* __restrict__ gates, int t, int k, int ne,
+                                        int li, unsigned local, int* __restrict__ counts,
+                                        int* __restrict__ rows, float* __restrict__ g,
+                                        int* __restrict__ pos,
+                                        unsigned long long* __restrict__ routed,
+                                        unsigned long long* __restrict__ served) {
+    const int e = threadIdx.x;
+    if (e >= ne) return;
+    int c = 0;
+    for (int r = 0; r < t; ++r) {
+        int p = -1;
+        for (int j = 0; j < k; ++j)
+            if (p < 0 && choice[r * k + j] == e) {
+                rows[e * t + c] = r;
+                g[e * t + c] = gates[r * k + j];
+                p = c++;
+            }
+        pos[r * ne + e] = p;
+    }
+    counts[e] = c;
+    routed[(size_t)li * ne + e] += (unsigned long long)c;
+    if ((local >> e) & 1u) served[e] += (unsigned long long)c;
+}
+// dst[(s * t + i), :] = src[rows[e * t + i], :] for slot s = blockIdx.y of expert e = ids[s] and
+// i = blockIdx.x < counts[e] (other blocks return; dst rows they would write stay as they are).
+extern "C" __global__ void moe_gather_f32(const float* __restrict__ src, const int* __restrict__ ids,
+                                          const int* __restrict__ counts,
+                                          const int* __restrict__ rows, int t,
+                                          float* __restrict__ dst, int d) {
+    const int s = blockIdx.y, i = blockIdx.x, e = ids[s];
+    if (i >= counts[e]) return;
+    const float* a = src + (size_t)rows[e * t + i] * d;
+    float* o = dst + ((size_t)s * t + i) * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = a[c];
+}
+// m[r, :] += g[e * t + p] * y[(s * t + p), :] for each slot s < nslots in order, e = ids[s],
+// p = pos[r * ne + e] >= 0 (row r = blockIdx.x): the gated outputs of the row's experts added in
+// the order of the slots, as one scatter per expert in that order adds them.
+extern "C" __global__ void moe_combine_f32(float* __restrict__ m, const int* __restrict__ ids,
+                                           int nslots, int ne, const int* __restrict__ pos,
+                                           const float* __restrict__ g,
+                                           const float* __restrict__ y, int t, int d) {
+    const int r = blockIdx.x;
+    float* o = m + (size_t)r * d;
+    for (int s = 0; s < nslots; ++s) {
+        const int e = ids[s];
+        const int p = pos[r * ne + e];
+        if (p < 0) continue;
+        const float gate = g[e * t + p];
+        const float* a = y + ((size_t)s * t + p) * d;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] += gate * a[c];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -40,6 +40,17 @@ impl DeviceLinear {
     pub fn bytes(&self) -> usize {
         self.kind().bytes(self.out_features, self.in_features)
     }
+
+    /// Device addresses of the weights and (int8) the scales (0: none).
+    pub fn addresses(&self, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> (u64, u64) {
+        use cudarc::driver::DevicePtr;
+        match &self.weights {
+            DeviceWeights::Bf16(w) => (w.device_ptr(stream).0, 0),
+            DeviceWeights::I8 { q, scales, .. } => {
+                (q.device_ptr(stream).0, scales.device_ptr(stream).0)
+            }
+        }
+    }
 }
 
 fn to_cfg(s: LaunchShape) -> LaunchConfig {
@@ -950,5 +961,246 @@ impl CudaBackend {
             r0 += rows;
         }
         Ok(())
+    }
+}
+
+/// Device pointers of one matrix of each of a layer's local experts, in slot order, for the
+/// grouped GEMV (`ws`; `ss`: int8 scales), with the slots' expert indices (`ids`).
+pub struct GroupedLinear {
+    pub ws: CudaSlice<u64>,
+    pub ss: Option<CudaSlice<u64>>,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub kind: GemvWeights,
+}
+
+/// The MoE with its routing on the device.
+impl CudaBackend {
+    /// Collects the device addresses of `lins` (one per slot; all of one shape and kind) for
+    /// [`CudaBackend::gemv_grouped`]. The matrices must outlive every launch that uses them.
+    pub fn group_linears(&self, lins: &[&DeviceLinear]) -> Result<GroupedLinear, CudaError> {
+        use cudarc::driver::DevicePtr;
+        let op = "group_linears";
+        let first = lins
+            .first()
+            .ok_or_else(|| CudaError::invalid(op, "no matrices"))?;
+        let (out, k, kind) = (first.out_features, first.in_features, first.kind());
+        let stream = self.stream().clone();
+        let (mut ws, mut ss) = (Vec::new(), Vec::new());
+        for l in lins {
+            if (l.out_features, l.in_features, l.kind()) != (out, k, kind) {
+                return Err(CudaError::invalid(
+                    op,
+                    format!(
+                        "[{} x {}] {} beside [{out} x {k}] {}",
+                        l.out_features,
+                        l.in_features,
+                        l.kind().name(),
+                        kind.name()
+                    ),
+                ));
+            }
+            match &l.weights {
+                DeviceWeights::Bf16(w) => ws.push(w.device_ptr(&stream).0),
+                DeviceWeights::I8 { q, scales, .. } => {
+                    ws.push(q.device_ptr(&stream).0);
+                    ss.push(scales.device_ptr(&stream).0);
+                }
+            }
+        }
+        Ok(GroupedLinear {
+            ws: self.upload("expert weight addresses", &ws)?,
+            ss: if ss.is_empty() {
+                None
+            } else {
+                Some(self.upload("expert scale addresses", &ss)?)
+            },
+            out_features: out,
+            in_features: k,
+            kind,
+        })
+    }
+
+    /// The plan of a `t`-row pass over `ne` experts from the router's `choice` and `gates`
+    /// (`[t, k]`): see `moe_plan_i32`. `routed` is `[layers, ne]`, `served` `[ne]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_plan(
+        &self,
+        choice: &CudaSlice<i32>,
+        gates: &CudaSlice<f32>,
+        (t, k, ne): (usize, usize, usize),
+        (li, local): (usize, u32),
+        counts: &mut CudaSlice<i32>,
+        rows: &mut CudaSlice<i32>,
+        g: &mut CudaSlice<f32>,
+        pos: &mut CudaSlice<i32>,
+        routed: &mut CudaSlice<u64>,
+        served: &mut CudaSlice<u64>,
+    ) -> Result<(), CudaError> {
+        let op = "moe_plan_i32";
+        if t == 0 || ne == 0 || ne > shapes::MOE_DEVICE_MAX_EXPERTS || k == 0 || k > ne {
+            return Err(CudaError::invalid(
+                op,
+                format!("{t} rows, top-{k} of {ne} experts"),
+            ));
+        }
+        need_len(op, "choice", choice.len(), t * k)?;
+        need_len(op, "gates", gates.len(), t * k)?;
+        need_len(op, "counts", counts.len(), ne)?;
+        need_len(op, "rows", rows.len(), ne * t)?;
+        need_len(op, "g", g.len(), ne * t)?;
+        need_len(op, "pos", pos.len(), t * ne)?;
+        need_len(op, "routed", routed.len(), (li + 1) * ne)?;
+        need_len(op, "served", served.len(), ne)?;
+        let (t_i, k_i, ne_i, li_i) = (i32_of(op, "t", t)?, k as i32, ne as i32, li as i32);
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(choice)
+            .arg(gates)
+            .arg(&t_i)
+            .arg(&k_i)
+            .arg(&ne_i)
+            .arg(&li_i)
+            .arg(&local)
+            .arg(counts)
+            .arg(rows)
+            .arg(g)
+            .arg(pos)
+            .arg(routed)
+            .arg(served);
+        launch(
+            op,
+            b,
+            LaunchShape {
+                grid: (1, 1, 1),
+                block: (32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
+    }
+
+    /// Each slot's rows of `src` (`[t, d]`) into `dst` (`[slots, t, d]`, rows past a slot's
+    /// count untouched): see `moe_gather_f32`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gather(
+        &self,
+        src: &CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        counts: &CudaSlice<i32>,
+        rows: &CudaSlice<i32>,
+        (t, d, slots, ne): (usize, usize, usize, usize),
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let op = "moe_gather_f32";
+        let mut shape = rows_shape(op, t)?;
+        shape.grid.1 = slots as u32;
+        need_len(op, "src", src.len(), t * d)?;
+        need_len(op, "ids", ids.len(), slots)?;
+        need_len(op, "counts", counts.len(), ne)?;
+        need_len(op, "dst", dst.len(), slots * t * d)?;
+        need_len(op, "rows", rows.len(), ne * t)?;
+        let (t_i, d_i) = (i32_of(op, "t", t)?, i32_of(op, "d", d)?);
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(src)
+            .arg(ids)
+            .arg(counts)
+            .arg(rows)
+            .arg(&t_i)
+            .arg(dst)
+            .arg(&d_i);
+        launch(op, b, shape)
+    }
+
+    /// `y[s] = x[s] · W_sᵀ` for every slot `s` of `g`, over `counts[ids[s]]` rows of at most
+    /// `t` (<= 64): the tensor-core GEMV's arithmetic, each slot's weights read only when a row
+    /// chose it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_grouped(
+        &self,
+        gl: &GroupedLinear,
+        ids: &CudaSlice<i32>,
+        counts: &CudaSlice<i32>,
+        slots: usize,
+        t: usize,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let (out, k) = (gl.out_features, gl.in_features);
+        let name = shapes::gemv_grouped_kernel_name(gl.kind, t.max(1));
+        let shape = shapes::gemv_grouped_shape(out, k, t, slots, gl.kind)
+            .map_err(|e| CudaError::invalid(&name, e.0))?;
+        need_len(&name, "weights", gl.ws.len(), slots)?;
+        need_len(&name, "ids", ids.len(), slots)?;
+        need_len(&name, "x", x.len(), slots * t * k)?;
+        need_len(&name, "y", y.len(), slots * t * out)?;
+        let (t_i, out_i, k_i) = (
+            i32_of(&name, "t", t)?,
+            i32_of(&name, "out", out)?,
+            i32_of(&name, "in", k)?,
+        );
+        let mut b = self.stream().launch_builder(self.func(&name)?);
+        match (&gl.ss, gl.kind) {
+            (None, GemvWeights::Bf16) => {
+                b.arg(&gl.ws);
+            }
+            (Some(ss), GemvWeights::I8 { nb }) => {
+                let nb = nb as i32;
+                b.arg(&gl.ws).arg(ss).arg(&nb);
+                b.arg(ids)
+                    .arg(counts)
+                    .arg(&t_i)
+                    .arg(x)
+                    .arg(y)
+                    .arg(&out_i)
+                    .arg(&k_i);
+                return launch(&name, b, shape);
+            }
+            _ => return Err(CudaError::invalid(&name, "scales do not match the weights")),
+        }
+        b.arg(ids)
+            .arg(counts)
+            .arg(&t_i)
+            .arg(x)
+            .arg(y)
+            .arg(&out_i)
+            .arg(&k_i);
+        launch(&name, b, shape)
+    }
+
+    /// `m[r] += Σ_s g · y[s]` over the slots row `r` chose, in slot order: see
+    /// `moe_combine_f32`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_combine(
+        &self,
+        m: &mut CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        (slots, ne, t, d): (usize, usize, usize, usize),
+        pos: &CudaSlice<i32>,
+        g: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let op = "moe_combine_f32";
+        let shape = rows_shape(op, t)?;
+        need_len(op, "m", m.len(), t * d)?;
+        need_len(op, "ids", ids.len(), slots)?;
+        need_len(op, "pos", pos.len(), t * ne)?;
+        need_len(op, "g", g.len(), ne * t)?;
+        need_len(op, "y", y.len(), slots * t * d)?;
+        let (s_i, ne_i, t_i, d_i) = (
+            slots as i32,
+            ne as i32,
+            i32_of(op, "t", t)?,
+            i32_of(op, "d", d)?,
+        );
+        let mut b = self.stream().launch_builder(self.func(op)?);
+        b.arg(m)
+            .arg(ids)
+            .arg(&s_i)
+            .arg(&ne_i)
+            .arg(pos)
+            .arg(g)
+            .arg(y)
+            .arg(&t_i)
+            .arg(&d_i);
+        launch(op, b, shape)
     }
 }

@@ -220,6 +220,32 @@ pub fn gemv_kernel_name(kernel: GemvKernel, w: GemvWeights, rows: usize) -> Stri
     format!("gemv_{}_{}_{n}", dtype_tag(w), kernel.name())
 }
 
+/// The grouped tensor-core GEMV (`gemv_{bf16,i8}_mmag_{tiles}`) of the MoE with its routing on
+/// the device, for slots of at most `rows` rows.
+pub fn gemv_grouped_kernel_name(w: GemvWeights, rows: usize) -> String {
+    format!("gemv_{}_mmag_{}", dtype_tag(w), gemv_mma_tiles(rows))
+}
+
+/// Launch of the grouped GEMV: the tensor-core GEMV's blocks for `rows` rows, once per slot
+/// (grid.y).
+pub fn gemv_grouped_shape(
+    out: usize,
+    in_: usize,
+    rows: usize,
+    slots: usize,
+    w: GemvWeights,
+) -> Result<LaunchShape, ShapeError> {
+    if slots == 0 || slots > 65535 {
+        return bad(format!("grouped gemv: {slots} slots"));
+    }
+    let mut s = gemv_mma_shape(out, in_, rows, w)?;
+    s.grid.1 = slots as u32;
+    Ok(s)
+}
+
+/// Experts the MoE with its routing on the device takes at most (its plan's bit mask).
+pub const MOE_DEVICE_MAX_EXPERTS: usize = 32;
+
 fn dtype_tag(w: GemvWeights) -> &'static str {
     match w {
         GemvWeights::Bf16 => "bf16",
@@ -433,6 +459,11 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
     }
+    for w in [GemvWeights::Bf16, GemvWeights::I8 { nb: 1 }] {
+        for n in 1..=8 {
+            v.push(gemv_grouped_kernel_name(w, n * 8));
+        }
+    }
     for k in [
         "rms_norm_f32",
         "rope_f32",
@@ -451,6 +482,9 @@ pub fn kernel_names() -> Vec<String> {
         "split_bf16_f32",
         "i8_to_bf16",
         "gemm_finish_f32",
+        "moe_plan_i32",
+        "moe_gather_f32",
+        "moe_combine_f32",
     ] {
         v.push(k.to_string());
     }
@@ -460,6 +494,19 @@ pub fn kernel_names() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grouped_gemv_is_the_gemv_once_per_slot() {
+        let one = gemv_mma_shape(32768, 6144, 3, GemvWeights::Bf16).unwrap();
+        let g = gemv_grouped_shape(32768, 6144, 3, 8, GemvWeights::Bf16).unwrap();
+        assert_eq!(
+            (g.grid.0, g.grid.1, g.block, g.shared_mem_bytes),
+            (one.grid.0, 8, one.block, one.shared_mem_bytes)
+        );
+        assert_eq!(gemv_grouped_kernel_name(I8_8, 9), "gemv_i8_mmag_2");
+        assert!(gemv_grouped_shape(64, 64, 1, 0, GemvWeights::Bf16).is_err());
+        assert!(gemv_grouped_shape(64, 64, 65, 2, GemvWeights::Bf16).is_err());
+    }
 
     #[test]
     fn gemm_settings_pick_cublas_by_rows_and_weights() {
@@ -524,7 +571,7 @@ mod tests {
     fn sources_define_every_entry_point() {
         assert!(KERNELS_SRC.len() > 1000);
         let names = kernel_names();
-        assert_eq!(names.len(), 49);
+        assert_eq!(names.len(), 68);
         // The GEMV entry points `gemv_{bf16,i8}_{KIND}_{1..8}` come from one
         // `GEMV_ENTRIES(KIND, ...)` line per kind (a macro of two extern "C" definitions per
         // row count); every other entry point is written out.
@@ -536,7 +583,11 @@ mod tests {
                 .and_then(|rest| rest.rsplit_once('_'))
                 .filter(|(_, m)| matches!(m.parse::<u32>(), Ok(1..=8)));
             if let Some((kind, _)) = family {
-                let line = format!("\nGEMV_ENTRIES({kind}, ");
+                let line = if kind == "mmag" {
+                    "\nGEMV_GROUPED_ENTRIES(".to_string()
+                } else {
+                    format!("\nGEMV_ENTRIES({kind}, ")
+                };
                 assert_eq!(
                     KERNELS_SRC.matches(&line).count(),
                     1,
@@ -557,13 +608,13 @@ mod tests {
             );
         }
         assert_eq!(
-            generated, 32,
-            "two GEMV kinds x two weight types x 8 row counts"
+            generated, 48,
+            "three GEMV kinds (one grouped) x two weight types x 8 row counts"
         );
         // Each entry point is extern "C" (unmangled names for cuModuleGetFunction): the
-        // written ones, and the two in the GEMV macro.
+        // written ones, and the two in each of the two GEMV macros.
         let externs = KERNELS_SRC.matches("extern \"C\" __global__").count();
-        assert_eq!(externs, names.len() - generated + 2);
+        assert_eq!(externs, names.len() - generated + 4);
         // Self-contained: NVRTC gets no include paths.
         assert!(!KERNELS_SRC
             .lines()

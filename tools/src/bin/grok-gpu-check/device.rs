@@ -147,6 +147,7 @@ pub(crate) fn device_check(
         let got =
             run(&gm, &mut gkv, &p, &SingleRank, true).map_err(|e| io_err("device passes", e))?;
         be.synchronize("device passes")?;
+        let counts = (gm.take_expert_counts(), gm.take_expert_served());
         let rel = per_row_rel(&got, &want, vocab);
         rep.check(
             "device",
@@ -156,6 +157,32 @@ pub(crate) fn device_check(
             json!({"rows": rel.len(), "worst_row_rel": finite_or_null(rel.iter().copied().fold(0f64, f64::max))}),
         );
         drop((gm, gkv));
+        // The same with the router's choices copied to the host in every pass: the decode
+        // passes' MoE on the device (grouped GEMV) must give the same bits and counts.
+        let mut hdev = dev.clone();
+        hdev.set_device_routing(false);
+        let (hm, _) = Model::upload(Model::load(&ckpt).map_err(|e| io_err("load", e))?, hdev)
+            .map_err(|e| io_err("upload", e))?;
+        let mut hkv = CudaKv::new(&hm, p.blocks, BS).map_err(|e| io_err("device cache", e))?;
+        let host = run(&hm, &mut hkv, &p, &SingleRank, true)
+            .map_err(|e| io_err("device passes (host routing)", e))?;
+        be.synchronize("device passes (host routing)")?;
+        let host_counts = (hm.take_expert_counts(), hm.take_expert_served());
+        let same = got.len() == host.len()
+            && got
+                .iter()
+                .zip(&host)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        let counts_same = counts == host_counts && counts.0.iter().sum::<u64>() > 0;
+        rep.check(
+            "device",
+            &format!("{name}: decode MoE routed on the device = routed through the host (bits, expert counts)"),
+            if same && counts_same { Cmp::new(&got, &to_f64(&host)) } else { Cmp::failed() },
+            0.0,
+            json!({"bitwise_equal": same, "counts_equal": counts_same,
+                   "routed": counts.0.iter().sum::<u64>(), "routed_host": host_counts.0.iter().sum::<u64>()}),
+        );
+        drop((hm, hkv));
         // The whole model with every matrix product through cuBLAS (prefill and decode).
         let mut gdev = dev.clone();
         gdev.set_gemm(GemmSettings {

@@ -126,7 +126,7 @@ else
 import json, os, sys
 out, n = sys.argv[1], int(sys.argv[2])
 groups = ["bandwidth", "gemv_simt", "gemv_mma", "rms_norm", "rope", "gelu", "router",
-          "attention", "bench_gemv", "cublas", "gemm", "model", "device", "model-perf", "nccl"]
+          "attention", "bench_gemv", "cublas", "gemm", "grouped", "model", "device", "model-perf", "nccl"]
 done = set()
 for i in range(n):
     p = os.path.join(out, "gpu_check.json") if i == 0 else os.path.join(out, f"rerun{i}", "gpu_check.json")

@@ -5,8 +5,8 @@
 //!
 //! Activations are row-major `[rows, width]` f32 buffers. Routing choices come back to the
 //! host (the MoE groups rows by expert there), unless the device runs a layer's MoE with its
-//! routing kept on the device ([`Device::moe_routed`], CUDA decode passes). The tensor-parallel all-reduce and the pipeline's
-//! send and receive are device operations ([`Device::all_reduce`], [`Device::send`],
+//! routing kept on the device ([`Device::moe_routed`], CUDA decode passes). The
+//! tensor-parallel all-reduce and the pipeline's send and receive are device operations ([`Device::all_reduce`], [`Device::send`],
 //! [`Device::recv`]): by default staged through the host to any communicator; the CUDA device
 //! hands its buffers to NCCL directly when the communicator is NCCL.
 
@@ -58,6 +58,11 @@ pub trait Device: Send + Sync {
     fn len(&self, b: &Self::Buf) -> usize;
     /// A zeroed buffer of `n` elements.
     fn zeros(&self, n: usize) -> Result<Self::Buf, ModelError>;
+    /// A buffer of `n` elements for an operation that writes every one of them before any is
+    /// read (a matrix product's or a norm's output): no zeroing where the device can skip it.
+    fn scratch(&self, n: usize) -> Result<Self::Buf, ModelError> {
+        self.zeros(n)
+    }
     /// A buffer holding `x`.
     fn upload(&self, x: Vec<f32>) -> Result<Self::Buf, ModelError>;
     /// A buffer's contents on the host.

@@ -321,7 +321,7 @@ impl<D: Device> Model<D> {
 
     /// `out` normed by `gain` (a new buffer of `x`'s size).
     fn normed(&self, x: &D::Buf, gain: &D::Vector) -> Result<D::Buf, ModelError> {
-        let mut out = self.dev.zeros(self.dev.len(x))?;
+        let mut out = self.dev.scratch(self.dev.len(x))?;
         self.dev
             .rms_norm(x, gain, self.config.rms_norm_eps, &mut out)?;
         Ok(out)
@@ -364,9 +364,9 @@ impl<D: Device> Model<D> {
         let nq = self.shard.q_heads.len();
         let nkv = self.shard.kv_heads.len();
         let xn = self.normed(h, &l.pre_attn_norm)?;
-        let mut q = dev.zeros(t * nq * ks)?;
-        let mut k = dev.zeros(t * nkv * ks)?;
-        let mut v = dev.zeros(t * nkv * ks)?;
+        let mut q = dev.scratch(t * nq * ks)?;
+        let mut k = dev.scratch(t * nkv * ks)?;
+        let mut v = dev.scratch(t * nkv * ks)?;
         dev.matmul(&l.q, &xn, t, &mut q)?;
         dev.matmul(&l.k, &xn, t, &mut k)?;
         dev.matmul(&l.v, &xn, t, &mut v)?;
@@ -385,7 +385,7 @@ impl<D: Device> Model<D> {
             cap: c.max_attn_value as f32,
         };
         let o = dev.attend(&q, seqs, &pass.rows, &pass.positions, kv, li, &heads)?;
-        let mut a = dev.zeros(t * d)?;
+        let mut a = dev.scratch(t * d)?;
         dev.matmul(&l.o, &o, t, &mut a)?;
         if self.dispatch.is_none() {
             self.all_reduce(tp, &mut a, d)?;
@@ -463,12 +463,12 @@ impl<D: Device> Model<D> {
         let dev = &self.dev;
         let d = self.config.emb_size;
         let f = dev.out_features(&ex.linear);
-        let mut a = dev.zeros(n * f)?;
-        let mut b = dev.zeros(n * f)?;
+        let mut a = dev.scratch(n * f)?;
+        let mut b = dev.scratch(n * f)?;
         dev.matmul(&ex.linear, xs, n, &mut a)?;
         dev.matmul(&ex.linear_v, xs, n, &mut b)?;
         dev.gelu_gate(&mut a, &b)?;
-        let mut y = dev.zeros(n * d)?;
+        let mut y = dev.scratch(n * d)?;
         dev.matmul(&ex.linear_1, &a, n, &mut y)?;
         Ok(y)
     }

@@ -11,7 +11,8 @@
 
 use super::ops::{GemmWorkspace, GroupedLinear};
 use super::{
-    guarded, CudaBackend, CudaBlas, CudaError, CudaSlice, DeviceLinear, DeviceWeights, GemmSettings,
+    guarded, CudaBackend, CudaBlas, CudaError, CudaSlice, DeviceLinear, DeviceWeights,
+    GemmSettings, GemvWeights,
 };
 use crate::backend::cpu::{Linear, Weights};
 use crate::collective::Communicator;
@@ -69,8 +70,8 @@ pub struct Cuda {
     /// The fewest rows whose buffers found no room (usize::MAX: none yet).
     gemm_no_room: Arc<std::sync::atomic::AtomicUsize>,
     /// The MoE with its routing on the device: each layer's grouped expert matrices, by the
-    /// addresses and indices of its experts (so a matrix freed and another uploaded at its
-    /// address is never confused with it), and the per-expert counts of the step.
+    /// indices, addresses and shapes of its experts, and the per-expert counts of the step.
+    /// Both belong to one model ([`Model::upload`] gives it fresh ones).
     moe_groups: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u64>, Arc<MoeGroup>>>>,
     moe_stats: Arc<std::sync::Mutex<Option<MoeStats>>>,
     /// Whether decode passes keep the router's choices on the device (default true).
@@ -226,12 +227,18 @@ impl Cuda {
 
     /// The grouped matrices of `experts` (made once per set of experts and addresses).
     fn moe_group(&self, experts: &[Expert<Cuda>]) -> Result<Arc<MoeGroup>, ModelError> {
-        let mut key = Vec::with_capacity(experts.len() * 7);
+        // The key holds everything a group holds: indices, addresses and shapes (a matrix
+        // uploaded at a freed one's address with the same shape gives the same group).
+        let mut key = Vec::with_capacity(experts.len() * 16);
         for e in experts {
             key.push(e.index as u64);
             for l in [&e.linear, &e.linear_v, &e.linear_1] {
                 let (w, s) = l.addresses(self.be.stream());
-                key.extend([w, s]);
+                let nb = match l.kind() {
+                    GemvWeights::Bf16 => 0,
+                    GemvWeights::I8 { nb } => nb as u64,
+                };
+                key.extend([w, s, l.out_features as u64, l.in_features as u64, nb]);
             }
         }
         let mut groups = self.moe_groups.lock().unwrap_or_else(|p| p.into_inner());
@@ -361,6 +368,18 @@ impl Device for Cuda {
         Ok(CudaBuf { s, n })
     }
 
+    /// Without the memset of [`Device::zeros`]: an uninitialised allocation from the stream's
+    /// pool.
+    fn scratch(&self, n: usize) -> Result<CudaBuf, ModelError> {
+        Ok(CudaBuf {
+            s: self
+                .be
+                .uninit::<f32>("activations", n.max(1))
+                .map_err(err)?,
+            n,
+        })
+    }
+
     fn upload(&self, x: Vec<f32>) -> Result<CudaBuf, ModelError> {
         if x.is_empty() {
             return self.zeros(0);
@@ -406,7 +425,7 @@ impl Device for Cuda {
 
     fn embed(&self, e: &DeviceLinear, tokens: &[u32], mult: f32) -> Result<CudaBuf, ModelError> {
         let d = e.in_features;
-        let mut out = self.zeros(tokens.len() * d)?;
+        let mut out = self.scratch(tokens.len() * d)?;
         if tokens.is_empty() {
             return Ok(out);
         }
@@ -602,7 +621,7 @@ impl Device for Cuda {
     }
 
     fn gather_rows(&self, x: &CudaBuf, rows: &[usize], d: usize) -> Result<CudaBuf, ModelError> {
-        let mut out = self.zeros(rows.len() * d)?;
+        let mut out = self.scratch(rows.len() * d)?;
         if rows.is_empty() {
             return Ok(out);
         }
@@ -617,7 +636,7 @@ impl Device for Cuda {
         if a.n == 0 {
             return Ok(());
         }
-        let mut o = self.zeros(a.n)?;
+        let mut o = self.scratch(a.n)?;
         self.be.gelu_gate(&a.s, &b.s, &mut o.s, a.n).map_err(err)?;
         *a = o;
         Ok(())
@@ -648,8 +667,9 @@ impl Device for Cuda {
         self.be.scale(&mut x.s, s, x.n).map_err(err)
     }
 
-    /// Passes of fewer rows than the GEMV takes at once (64) and than cuBLAS would take for
-    /// an expert: the router's choices stay on the device; one plan kernel lists each expert's
+    /// Passes of at most the rows the GEMV takes at once (64) and fewer than cuBLAS would take
+    /// for an expert, over at most 32 experts of one shape with distinct indices: the router's
+    /// choices stay on the device; one plan kernel lists each expert's
     /// rows, one gather, one grouped GEMV per expert matrix (an expert no row chose reads no
     /// weights) and one gated sum in the experts' order, so the result is `moe_local`'s, bit
     /// for bit (the GEMV gives a row the same bits in any batch).
@@ -664,7 +684,18 @@ impl Device for Cuda {
         let Some(first) = experts.first() else {
             return Ok(None);
         };
+        let shape = |l: &DeviceLinear| (l.out_features, l.in_features, l.kind());
+        let mut seen = 0u64;
+        let grouped = experts.iter().all(|e| {
+            let fresh = e.index < 64 && seen & (1 << e.index) == 0;
+            seen |= 1u64 << e.index.min(63);
+            fresh
+                && shape(&e.linear) == shape(&first.linear)
+                && shape(&e.linear_v) == shape(&first.linear_v)
+                && shape(&e.linear_1) == shape(&first.linear_1)
+        });
         if !self.device_routing
+            || !grouped
             || t == 0
             || t > super::shapes::GEMV_MAX_ROWS
             || ne > super::shapes::MOE_DEVICE_MAX_EXPERTS
@@ -738,20 +769,23 @@ impl Device for Cuda {
         }
         let ns = experts.len();
         let f = g.linear.out_features;
-        let mut xs = z32("expert inputs", ns * t * d)?;
+        // Rows past an expert's count stay unwritten: the GEMV reads only the rows below it and
+        // the gated sum only their positions.
+        let un = |what: &str, n: usize| be.uninit::<f32>(what, n.max(1)).map_err(err);
+        let mut xs = un("expert inputs", ns * t * d)?;
         be.moe_gather(&xn.s, &g.ids, &counts, &rows, (t, d, ns, ne), &mut xs)
             .map_err(err)?;
         let (mut a, mut b) = (
-            z32("expert hidden", ns * t * f)?,
-            z32("expert gate", ns * t * f)?,
+            un("expert hidden", ns * t * f)?,
+            un("expert gate", ns * t * f)?,
         );
         be.gemv_grouped(&g.linear, &g.ids, &counts, ns, t, &xs, &mut a)
             .map_err(err)?;
         be.gemv_grouped(&g.linear_v, &g.ids, &counts, ns, t, &xs, &mut b)
             .map_err(err)?;
-        let mut o = z32("expert activations", ns * t * f)?;
+        let mut o = un("expert activations", ns * t * f)?;
         be.gelu_gate(&a, &b, &mut o, ns * t * f).map_err(err)?;
-        let mut y = z32("expert outputs", ns * t * d)?;
+        let mut y = un("expert outputs", ns * t * d)?;
         be.gemv_grouped(&g.linear_1, &g.ids, &counts, ns, t, &o, &mut y)
             .map_err(err)?;
         let mut m = self.zeros(t * d)?;
@@ -804,7 +838,7 @@ impl Device for Cuda {
     fn recv(&self, comm: &dyn Communicator, n: usize, peer: usize) -> Result<CudaBuf, ModelError> {
         match self.nccl_of(comm)? {
             Some(c) => {
-                let mut b = self.zeros(n)?;
+                let mut b = self.scratch(n)?;
                 c.recv_device(&mut b.s, n, peer)?;
                 Ok(b)
             }
@@ -849,9 +883,13 @@ impl Model<Cuda> {
     /// CPU copy of the shard stays resident.
     pub fn upload_with_progress(
         cpu: Model<Cpu>,
-        dev: Cuda,
+        mut dev: Cuda,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Self, bool), ModelError> {
+        // The model's own routing counts and expert groups: clones of `dev` that other models
+        // hold keep theirs.
+        dev.moe_stats = Arc::default();
+        dev.moe_groups = Arc::default();
         let be = dev.be.clone();
         let total = cpu.layers.len() + 1;
         let mut conv = false;

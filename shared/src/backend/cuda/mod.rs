@@ -401,6 +401,23 @@ impl CudaBackend {
     }
 
     /// A zeroed device buffer of `len` elements.
+    /// `len` elements of device memory from the stream's pool, not initialised: for outputs a
+    /// kernel writes in full before anything reads them.
+    pub fn uninit<T: cudarc::driver::DeviceRepr>(
+        &self,
+        what: &str,
+        len: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        guarded(what, || {
+            // SAFETY: the memory is only read after a kernel has written it (the callers'
+            // contract); T is plain data.
+            unsafe { self.stream.alloc::<T>(len) }.map_err(drv(format!(
+                "allocate {what} ({} bytes)",
+                len * std::mem::size_of::<T>()
+            )))
+        })
+    }
+
     pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         what: &str,

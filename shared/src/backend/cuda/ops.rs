@@ -964,8 +964,8 @@ impl CudaBackend {
     }
 }
 
-/// Device pointers of one matrix of each of a layer's local experts, in slot order, for the
-/// grouped GEMV (`ws`; `ss`: int8 scales), with the slots' expert indices (`ids`).
+/// Device addresses of one matrix of each of a layer's local experts, in slot order, for the
+/// grouped GEMV (`ws`; `ss`: int8 scales).
 pub struct GroupedLinear {
     pub ws: CudaSlice<u64>,
     pub ss: Option<CudaSlice<u64>>,
@@ -1129,6 +1129,9 @@ impl CudaBackend {
         let shape = shapes::gemv_grouped_shape(out, k, t, slots, gl.kind)
             .map_err(|e| CudaError::invalid(&name, e.0))?;
         need_len(&name, "weights", gl.ws.len(), slots)?;
+        if let Some(ss) = &gl.ss {
+            need_len(&name, "scales", ss.len(), slots)?;
+        }
         need_len(&name, "ids", ids.len(), slots)?;
         need_len(&name, "x", x.len(), slots * t * k)?;
         need_len(&name, "y", y.len(), slots * t * out)?;

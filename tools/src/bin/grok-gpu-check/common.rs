@@ -12,7 +12,7 @@ use std::time::Instant;
 #[command(
     name = "grok-gpu-check",
     about = "Checks and benchmarks the CUDA kernels against the CPU backend; writes DIR/gpu_check.json",
-    after_help = "Groups: bandwidth, gemv_simt, gemv_mma, rms_norm, rope, gelu, router, attention, bench_gemv, cublas, gemm, model, device, model-perf, nccl\n\
+    after_help = "Groups: bandwidth, gemv_simt, gemv_mma, rms_norm, rope, gelu, router, attention, bench_gemv, cublas, gemm, grouped, model, device, model-perf, nccl\n\
                   Exit codes: 0 passed, 1 a check failed, 2 CUDA unavailable, 3 CUDA context lost (rerun with --skip GROUP)"
 )]
 pub(crate) struct Args {
@@ -55,6 +55,7 @@ pub(crate) const GROUPS: &[&str] = &[
     "bench_gemv",
     "cublas",
     "gemm",
+    "grouped",
     "model",
     "device",
     "model-perf",

@@ -239,3 +239,82 @@ pub(crate) fn gemm_check(be: &CudaBackend, args: &Args, rep: &mut Report) -> Res
     );
     Ok(())
 }
+
+/// Group `grouped`: the grouped GEMV of the MoE with its routing on the device
+/// (`CudaBackend::gemv_grouped`, one launch for all of a layer's experts) against the plain
+/// tensor-core GEMV (`linear_rows`) of each expert on its own rows: bit for bit, for pass sizes
+/// on both sides of each 8-row tile, with slots of uneven counts (one empty), and rows past a
+/// slot's count left as they were.
+pub(crate) fn grouped_check(
+    be: &CudaBackend,
+    args: &Args,
+    rep: &mut Report,
+) -> Result<(), CudaError> {
+    let (out, in_) = (384usize, 512usize);
+    let ids = [0i32, 2, 5];
+    let ne = 6usize;
+    for nb in [None, Some(8usize)] {
+        let label = if nb.is_some() { "int8 nb=8" } else { "bf16" };
+        let lins: Vec<Linear> = ids
+            .iter()
+            .map(|&e| {
+                weights(
+                    out,
+                    in_,
+                    nb,
+                    seed_of(args.seed, &format!("grouped {label} {e}")),
+                )
+            })
+            .collect();
+        let devs: Vec<DeviceLinear> = lins
+            .iter()
+            .map(|l| be.upload_linear(label, l))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&DeviceLinear> = devs.iter().collect();
+        let gl = be.group_linears(&refs)?;
+        let ids_d = be.upload("slot experts", &ids)?;
+        for t in [1usize, 8, 9, 15, 17, 63, 64] {
+            let per_slot = [t, t.div_ceil(2), 0];
+            let mut counts = vec![0i32; ne];
+            for (s, &e) in ids.iter().enumerate() {
+                counts[e as usize] = per_slot[s] as i32;
+            }
+            let counts_d = be.upload("slot counts", &counts)?;
+            let x = rand_f32(
+                ids.len() * t * in_,
+                seed_of(args.seed, &format!("grouped x {t}")),
+                -1.0,
+                1.0,
+            );
+            let xd = be.upload("grouped x", &x)?;
+            let mut yd = be.zeros::<f32>("grouped y", ids.len() * t * out)?;
+            be.gemv_grouped(&gl, &ids_d, &counts_d, ids.len(), t, &xd, &mut yd)?;
+            be.synchronize("gemv_grouped")?;
+            let y = be.download("grouped y", &yd)?;
+            let mut equal = true;
+            let mut untouched = true;
+            for (s, &c) in per_slot.iter().enumerate() {
+                let ys = &y[s * t * out..(s + 1) * t * out];
+                if c > 0 {
+                    let xs = be.upload("slot x", &x[s * t * in_..(s * t + c) * in_])?;
+                    let mut rd = be.zeros::<f32>("slot y", c * out)?;
+                    be.linear_rows(&devs[s], &xs, c, &mut rd)?;
+                    let r = be.download("slot y", &rd)?;
+                    equal &= r
+                        .iter()
+                        .zip(&ys[..c * out])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                }
+                untouched &= ys[c * out..].iter().all(|&v| v == 0.0);
+            }
+            rep.check(
+                "grouped",
+                &format!("{label} [{out}x{in_}] t={t}, slots of {per_slot:?} rows"),
+                if equal && untouched { Cmp::new(&[0.0], &[0.0]) } else { Cmp::failed() },
+                0.0,
+                json!({"t": t, "rows_per_slot": per_slot, "bitwise_equal": equal, "rows_past_count_untouched": untouched}),
+            );
+        }
+    }
+    Ok(())
+}

@@ -351,6 +351,7 @@ fn run_group(
         "bench_gemv" => bench_gemv(be, args, rep, cases),
         "cublas" => cublas_bench(be, args, rep, cases),
         "gemm" => gemm::gemm_check(be, args, rep),
+        "grouped" => gemm::grouped_check(be, args, rep),
         "model" => model_check(be, args, rep),
         "device" => device::device_check(be, args, rep),
         "model-perf" => model_perf(be, args, rep),

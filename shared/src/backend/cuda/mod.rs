@@ -298,6 +298,7 @@ impl CudaBackend {
                 ),
             ));
         }
+        keep_pool_memory(&ctx);
         let compiled = compile_kernels(&info.arch(), &[])?;
         let (module, binary) = nvrtc::load(&ctx, &compiled)?;
         let mut compiled = compiled;
@@ -495,5 +496,34 @@ impl CudaBackend {
                 message: e.to_string(),
             })
         })
+    }
+}
+
+/// The buffers of a pass come from the device's stream-ordered pool (`cuMemAllocAsync`). By
+/// default the pool gives its free memory back to the driver at every synchronisation, so each
+/// step would allocate from the driver again; with a release threshold the pool keeps up to
+/// that much free memory and later passes reuse it. 1 GiB, the KV sizing's reserve: a step's
+/// buffers stay, an outlier's (a long prefill's) go back. Without pool support the default
+/// stays (a debug line says so).
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut max: u64 = 1 << 30;
+    // SAFETY: the context is current on this thread (just created and bound by cudarc); `pool`
+    // and `max` are valid for the calls.
+    let r = unsafe {
+        ctx.bind_to_thread().ok();
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+        if r == sys::CUresult::CUDA_SUCCESS {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut max as *mut u64 as *mut core::ffi::c_void,
+            )
+        } else {
+            r
+        }
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        tracing::debug!(result = ?r, "the device's memory pool keeps its default release threshold");
     }
 }

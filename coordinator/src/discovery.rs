@@ -134,7 +134,11 @@ impl Etcd {
                 _ = &mut lost_rx => break false,
             }
         };
+        // The watcher may be between its `leader` answer and its "standby" state when aborted:
+        // wait until it has stopped, or it could overwrite the leader's state below (a leader
+        // saying it is a standby, until workers arrive).
         watcher.abort();
+        let _ = watcher.await;
         if !won {
             return Err(DiscoveryError::LostLeadership(cfg.cluster.clone()));
         }

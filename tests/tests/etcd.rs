@@ -12,6 +12,10 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+/// The tests that start etcd run one at a time: one kills its etcd and restarts it on the same
+/// ports, and while those ports are free another test's free-port pick could take them.
+static ONE_ETCD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn model(dir: &Path) {
     let c = ModelConfig::preset("tiny", Some(2)).unwrap();
     genmodel::generate(&c, GenDType::F32, 21, dir, 1 << 30, |_, _| {}).unwrap();
@@ -59,6 +63,7 @@ fn worker(etcd: &str, cluster: &str, rank: usize) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_found_in_etcd_and_serving_survives_an_etcd_outage() {
+    let _one = ONE_ETCD.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     model(&tmp.path().join("m"));
     let mut etcd = EtcdServer::start(tmp.path());
@@ -91,6 +96,7 @@ async fn workers_are_found_in_etcd_and_serving_survives_an_etcd_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
+    let _one = ONE_ETCD.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     model(&tmp.path().join("m"));
     let etcd = EtcdServer::start(tmp.path());
@@ -100,8 +106,20 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     // freshly started etcd and coordinator; on a loaded 2-core CI machine that once took more
     // than 15 s. The takeover below is what is timed.)
     let t = Instant::now();
-    while status(&a).await.state == "standby" {
-        assert!(t.elapsed() < Duration::from_secs(45), "no leader elected");
+    loop {
+        let st = status(&a).await;
+        if st.state != "standby" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(45),
+            "no leader elected in 45 s: {} ({}); etcd log: {}",
+            st.state,
+            st.detail,
+            std::fs::read_to_string(tmp.path().join("etcd.log"))
+                .map(|l| l.lines().rev().take(15).collect::<Vec<_>>().join(" | "))
+                .unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_standby, b) = coordinator(&m, &etcd.url, "ha", free_port());

@@ -9,10 +9,10 @@
 //! f32 products (`attn_paged_f32`), so logits agree with the CPU pass within rounding, not bit
 //! for bit.
 
-use super::ops::{GemmWorkspace, GroupedLinear};
+use super::moe::{MoeGroup, MoeStats};
+use super::GemmWorkspace;
 use super::{
-    guarded, CudaBackend, CudaBlas, CudaError, CudaSlice, DeviceLinear, DeviceWeights,
-    GemmSettings, GemvWeights,
+    guarded, CudaBackend, CudaBlas, CudaError, CudaSlice, DeviceLinear, DeviceWeights, GemmSettings,
 };
 use crate::backend::cpu::{Linear, Weights};
 use crate::collective::Communicator;
@@ -46,7 +46,7 @@ fn upload_lin(
     be.upload_linear(name, lin)
 }
 
-fn err(e: CudaError) -> ModelError {
+pub(super) fn err(e: CudaError) -> ModelError {
     ModelError::Device(e.to_string())
 }
 
@@ -59,50 +59,32 @@ pub struct Cuda {
     pub be: Arc<CudaBackend>,
     /// The pass's index arrays on the device (positions, slots, block tables), by name: every
     /// layer of a pass asks for the same ones, and they cross to the device once per pass.
-    pass: Arc<std::sync::Mutex<PassArrays>>,
+    pub(super) pass: Arc<std::sync::Mutex<PassArrays>>,
     /// Which passes take cuBLAS ([`GemmSettings`]).
-    gemm: GemmSettings,
+    pub(super) gemm: GemmSettings,
     /// The cuBLAS handle (on the device's stream), made at the first GEMM; None: cuBLAS could
     /// not be loaded, and every pass takes the GEMV.
-    blas: Arc<std::sync::OnceLock<Option<CudaBlas>>>,
+    pub(super) blas: Arc<std::sync::OnceLock<Option<CudaBlas>>>,
     /// The GEMM's buffers, kept between passes.
-    ws: Arc<std::sync::Mutex<GemmWorkspace>>,
+    pub(super) ws: Arc<std::sync::Mutex<GemmWorkspace>>,
     /// The fewest rows whose buffers found no room (usize::MAX: none yet).
-    gemm_no_room: Arc<std::sync::atomic::AtomicUsize>,
+    pub(super) gemm_no_room: Arc<std::sync::atomic::AtomicUsize>,
     /// The MoE with its routing on the device: each layer's grouped expert matrices, by the
     /// indices, addresses and shapes of its experts, and the per-expert counts of the step.
     /// Both belong to one model ([`Model::upload`] gives it fresh ones).
-    moe_groups: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u64>, Arc<MoeGroup>>>>,
-    moe_stats: Arc<std::sync::Mutex<Option<MoeStats>>>,
+    pub(super) moe_groups:
+        Arc<std::sync::Mutex<std::collections::HashMap<Vec<u64>, Arc<MoeGroup>>>>,
+    pub(super) moe_stats: Arc<std::sync::Mutex<Option<MoeStats>>>,
     /// Whether decode passes keep the router's choices on the device (default true).
-    device_routing: bool,
-}
-
-/// A layer's local experts for the grouped GEMV: their indices (slot order) and each matrix's
-/// addresses, and the bit mask of the indices.
-struct MoeGroup {
-    ids: CudaSlice<i32>,
-    local: u32,
-    linear: GroupedLinear,
-    linear_v: GroupedLinear,
-    linear_1: GroupedLinear,
-}
-
-/// Routed tokens `[layers, experts]` and served rows `[experts]` counted on the device.
-struct MoeStats {
-    routed: CudaSlice<u64>,
-    served: CudaSlice<u64>,
-    layers: usize,
-    experts: usize,
-    dirty: bool,
+    pub(super) device_routing: bool,
 }
 
 type PassArrays = std::collections::HashMap<&'static str, (Vec<usize>, Arc<CudaSlice<i32>>)>;
 
 /// Activations: `n` f32 values (the allocation holds at least one).
 pub struct CudaBuf {
-    s: CudaSlice<f32>,
-    n: usize,
+    pub(super) s: CudaSlice<f32>,
+    pub(super) n: usize,
 }
 
 /// A shard's paged KV cache on the device: per layer `[blocks · block_size, kv_heads · key_size]`
@@ -219,49 +201,6 @@ impl Cuda {
         }
     }
 
-    /// Whether decode passes keep the router's choices on the device (the MoE's grouped GEMV;
-    /// false: every pass copies them to the host, as passes of many rows do).
-    pub fn set_device_routing(&mut self, on: bool) {
-        self.device_routing = on;
-    }
-
-    /// The grouped matrices of `experts` (made once per set of experts and addresses).
-    fn moe_group(&self, experts: &[Expert<Cuda>]) -> Result<Arc<MoeGroup>, ModelError> {
-        // The key holds everything a group holds: indices, addresses and shapes (a matrix
-        // uploaded at a freed one's address with the same shape gives the same group).
-        let mut key = Vec::with_capacity(experts.len() * 16);
-        for e in experts {
-            key.push(e.index as u64);
-            for l in [&e.linear, &e.linear_v, &e.linear_1] {
-                let (w, s) = l.addresses(self.be.stream());
-                let nb = match l.kind() {
-                    GemvWeights::Bf16 => 0,
-                    GemvWeights::I8 { nb } => nb as u64,
-                };
-                key.extend([w, s, l.out_features as u64, l.in_features as u64, nb]);
-            }
-        }
-        let mut groups = self.moe_groups.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(g) = groups.get(&key) {
-            return Ok(g.clone());
-        }
-        let be = &self.be;
-        let ids: Vec<i32> = experts.iter().map(|e| e.index as i32).collect();
-        let group = |f: fn(&Expert<Cuda>) -> &DeviceLinear| {
-            let v: Vec<&DeviceLinear> = experts.iter().map(f).collect();
-            be.group_linears(&v).map_err(err)
-        };
-        let g = Arc::new(MoeGroup {
-            ids: be.upload("expert indices", &ids).map_err(err)?,
-            local: experts.iter().fold(0u32, |m, e| m | (1u32 << e.index)),
-            linear: group(|e| &e.linear)?,
-            linear_v: group(|e| &e.linear_v)?,
-            linear_1: group(|e| &e.linear_1)?,
-        });
-        groups.insert(key, g.clone());
-        Ok(g)
-    }
-
     /// Which passes take cuBLAS from now on.
     pub fn set_gemm(&mut self, g: GemmSettings) {
         self.gemm = g;
@@ -276,47 +215,10 @@ impl Cuda {
         self.ws.lock().unwrap_or_else(|p| p.into_inner()).bytes()
     }
 
-    /// `out = x · wᵀ` through cuBLAS when the settings take `rows` rows there, cuBLAS loads and
-    /// the workspace fits; Ok(false) when the GEMV should run instead.
-    fn try_gemm(
-        &self,
-        w: &DeviceLinear,
-        x: &CudaBuf,
-        rows: usize,
-        out: &mut CudaBuf,
-    ) -> Result<bool, ModelError> {
-        if !self.gemm.uses(rows, w.kind()) {
-            return Ok(false);
-        }
-        // A size that found no room once takes the GEMV from then on (no retry per layer).
-        if rows >= self.gemm_no_room.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(false);
-        }
-        let blas = self.blas.get_or_init(|| match self.be.cublas() {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::warn!(error = %e, "no cuBLAS: passes of many rows take the GEMV");
-                None
-            }
-        });
-        let Some(blas) = blas else {
-            return Ok(false);
-        };
-        let mut ws = self.ws.lock().unwrap_or_else(|p| p.into_inner());
-        let prec = self.gemm.precision;
-        let plan = match ws.reserve(&self.be, w, rows, prec) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, rows, "no room for the GEMM's buffers: products of this many rows take the GEMV");
-                self.gemm_no_room
-                    .fetch_min(rows, std::sync::atomic::Ordering::Relaxed);
-                return Ok(false);
-            }
-        };
-        self.be
-            .linear_gemm(blas, &mut ws, prec, plan, w, &x.s, rows, &mut out.s)
-            .map_err(err)?;
-        Ok(true)
+    /// Whether decode passes keep the router's choices on the device (the MoE's grouped GEMV;
+    /// false: every pass copies them to the host, as passes of many rows do).
+    pub fn set_device_routing(&mut self, on: bool) {
+        self.device_routing = on;
     }
 
     /// `v` on the device, uploaded only when it differs from the last array of that name
@@ -667,12 +569,6 @@ impl Device for Cuda {
         self.be.scale(&mut x.s, s, x.n).map_err(err)
     }
 
-    /// Passes of at most the rows the GEMV takes at once (64) and fewer than cuBLAS would take
-    /// for an expert, over at most 32 experts of one shape with distinct indices: the router's
-    /// choices stay on the device; one plan kernel lists each expert's
-    /// rows, one gather, one grouped GEMV per expert matrix (an expert no row chose reads no
-    /// weights) and one gated sum in the experts' order, so the result is `moe_local`'s, bit
-    /// for bit (the GEMV gives a row the same bits in any batch).
     fn moe_routed(
         &self,
         router: &CudaSlice<f32>,
@@ -680,135 +576,11 @@ impl Device for Cuda {
         xn: &CudaBuf,
         sh: MoeShape,
     ) -> Result<Option<CudaBuf>, ModelError> {
-        let (t, d, ne, k) = (sh.rows, sh.emb, sh.experts, sh.k);
-        let Some(first) = experts.first() else {
-            return Ok(None);
-        };
-        let shape = |l: &DeviceLinear| (l.out_features, l.in_features, l.kind());
-        let mut seen = 0u64;
-        let grouped = experts.iter().all(|e| {
-            let fresh = e.index < 64 && seen & (1 << e.index) == 0;
-            seen |= 1u64 << e.index.min(63);
-            fresh
-                && shape(&e.linear) == shape(&first.linear)
-                && shape(&e.linear_v) == shape(&first.linear_v)
-                && shape(&e.linear_1) == shape(&first.linear_1)
-        });
-        if !self.device_routing
-            || !grouped
-            || t == 0
-            || t > super::shapes::GEMV_MAX_ROWS
-            || ne > super::shapes::MOE_DEVICE_MAX_EXPERTS
-            || k == 0
-            || k > ne
-            || experts.iter().any(|e| e.index >= ne)
-            || [&first.linear, &first.linear_v, &first.linear_1]
-                .iter()
-                .any(|l| self.gemm.uses(t, l.kind()))
-        {
-            return Ok(None);
-        }
-        let g = self.moe_group(experts)?;
-        let be = &self.be;
-        let z32 = |what: &str, n: usize| be.zeros::<f32>(what, n.max(1)).map_err(err);
-        let zi = |what: &str, n: usize| be.zeros::<i32>(what, n.max(1)).map_err(err);
-        let (mut gates, mut choice, mut probs) = (
-            z32("gates", t * k)?,
-            zi("experts", t * k)?,
-            z32("probs", t * ne)?,
-        );
-        be.router_topk(
-            &xn.s,
-            router,
-            t,
-            d,
-            ne,
-            k,
-            &mut gates,
-            &mut choice,
-            &mut probs,
-        )
-        .map_err(err)?;
-        let (mut counts, mut rows, mut gv, mut pos) = (
-            zi("expert rows", ne)?,
-            zi("expert row lists", ne * t)?,
-            z32("expert gates", ne * t)?,
-            zi("row positions", t * ne)?,
-        );
-        {
-            let mut st = self.moe_stats.lock().unwrap_or_else(|p| p.into_inner());
-            if st
-                .as_ref()
-                .is_none_or(|s| s.layers != sh.layers || s.experts != ne)
-            {
-                *st = Some(MoeStats {
-                    routed: be
-                        .zeros::<u64>("routed counts", sh.layers * ne)
-                        .map_err(err)?,
-                    served: be.zeros::<u64>("served counts", ne).map_err(err)?,
-                    layers: sh.layers,
-                    experts: ne,
-                    dirty: false,
-                });
-            }
-            let st = st.as_mut().expect("set above");
-            be.moe_plan(
-                &choice,
-                &gates,
-                (t, k, ne),
-                (sh.layer, g.local),
-                &mut counts,
-                &mut rows,
-                &mut gv,
-                &mut pos,
-                &mut st.routed,
-                &mut st.served,
-            )
-            .map_err(err)?;
-            st.dirty = true;
-        }
-        let ns = experts.len();
-        let f = g.linear.out_features;
-        // Rows past an expert's count stay unwritten: the GEMV reads only the rows below it and
-        // the gated sum only their positions.
-        let un = |what: &str, n: usize| be.uninit::<f32>(what, n.max(1)).map_err(err);
-        let mut xs = un("expert inputs", ns * t * d)?;
-        be.moe_gather(&xn.s, &g.ids, &counts, &rows, (t, d, ns, ne), &mut xs)
-            .map_err(err)?;
-        let (mut a, mut b) = (
-            un("expert hidden", ns * t * f)?,
-            un("expert gate", ns * t * f)?,
-        );
-        be.gemv_grouped(&g.linear, &g.ids, &counts, ns, t, &xs, &mut a)
-            .map_err(err)?;
-        be.gemv_grouped(&g.linear_v, &g.ids, &counts, ns, t, &xs, &mut b)
-            .map_err(err)?;
-        let mut o = un("expert activations", ns * t * f)?;
-        be.gelu_gate(&a, &b, &mut o, ns * t * f).map_err(err)?;
-        let mut y = un("expert outputs", ns * t * d)?;
-        be.gemv_grouped(&g.linear_1, &g.ids, &counts, ns, t, &o, &mut y)
-            .map_err(err)?;
-        let mut m = self.zeros(t * d)?;
-        be.moe_combine(&mut m.s, &g.ids, (ns, ne, t, d), &pos, &gv, &y)
-            .map_err(err)?;
-        Ok(Some(m))
+        self.moe_on_device(router, experts, xn, sh)
     }
 
     fn take_routing_stats(&self) -> Result<Option<RoutingStats>, ModelError> {
-        let mut st = self.moe_stats.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(st) = st.as_mut().filter(|s| s.dirty) else {
-            return Ok(None);
-        };
-        let be = &self.be;
-        let routed = be.download("routed counts", &st.routed).map_err(err)?;
-        let served = be.download("served counts", &st.served).map_err(err)?;
-        for s in [&mut st.routed, &mut st.served] {
-            be.stream()
-                .memset_zeros(s)
-                .map_err(|e| ModelError::Device(format!("resetting the expert counts: {e}")))?;
-        }
-        st.dirty = false;
-        Ok(Some(RoutingStats { routed, served }))
+        self.take_device_routing_stats()
     }
 
     /// NCCL sums the device buffer in place (its own order of summation, see ARCHITECTURE.md);

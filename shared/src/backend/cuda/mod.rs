@@ -17,6 +17,8 @@
 //! kernel surfaces at the next synchronising call, which [`CudaBackend::synchronize`] names.
 
 pub mod device;
+mod gemm;
+mod moe;
 mod nvrtc;
 mod ops;
 
@@ -24,9 +26,11 @@ pub use super::cuda_shapes as shapes;
 pub use cudarc::cublas::CudaBlas;
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut};
 pub use device::{Cuda, CudaBuf, CudaKv};
+pub use gemm::GemmWorkspace;
 pub use half::bf16;
+pub use moe::GroupedLinear;
 pub use nvrtc::{compile_kernels, nvrtc_version, CompiledKernels};
-pub use ops::{DeviceLinear, DeviceWeights, GemmWorkspace};
+pub use ops::{DeviceLinear, DeviceWeights};
 pub use shapes::{GemmPrecision, GemmSettings, GemvKernel, GemvWeights, LaunchShape};
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, DriverError};

@@ -2,8 +2,8 @@
 
 Usage: python3 scripts/gpu_summary.py OUT
 Fields: card, date, commit (dist/COMMIT), cluster_checks (gpu-serve-check.sh), serve
-(gpu-serve-bench.sh), decode_batch1 and prefill (grok-gpu-check's model-perf group). Exits 1
-when a part is missing.
+(gpu-serve-bench.sh), decode_batch1 and prefill (grok-gpu-check's model-perf group),
+gemm_crossover_rows (its gemm group; informative). Exits 1 when a required part is missing.
 """
 import datetime, json, os, subprocess, sys
 
@@ -39,6 +39,9 @@ summary = {
                       "roofline_fraction": p0.get("decode_frac_of_roofline")},
     "prefill": {"tokens": p0.get("prefill_tokens"), "tflops": p0.get("prefill_tflops"),
                 "peak_fraction": p0.get("prefill_frac_of_peak")},
+    # The fewest rows from which cuBLAS (split precision) beat the GEMV, per weight shape: what
+    # grok-worker --gemm-min-rows should be on this card (grok-gpu-check's gemm group).
+    "gemm_crossover_rows": (gc.get("gemm") or {}).get("split_faster_from_rows"),
 }
 json.dump(summary, open(os.path.join(out, "gpu_summary.json"), "w"), indent=1)
 print(json.dumps(summary, indent=1))

@@ -221,6 +221,33 @@ impl Cuda {
         self.device_routing = on;
     }
 
+    /// The router's top-`k` gates and experts of each of the `t` rows of `xn` (`[t, k]` each,
+    /// on the device; the kernel writes every element, so nothing is zeroed first).
+    pub(super) fn router_choices(
+        &self,
+        router: &CudaSlice<f32>,
+        xn: &CudaBuf,
+        (t, d, ne, k): (usize, usize, usize, usize),
+    ) -> Result<(CudaSlice<f32>, CudaSlice<i32>), ModelError> {
+        let be = &self.be;
+        let mut gates = be.uninit::<f32>("gates", t * k).map_err(err)?;
+        let mut choice = be.uninit::<i32>("experts", t * k).map_err(err)?;
+        let mut probs = be.uninit::<f32>("probs", t * ne).map_err(err)?;
+        be.router_topk(
+            &xn.s,
+            router,
+            t,
+            d,
+            ne,
+            k,
+            &mut gates,
+            &mut choice,
+            &mut probs,
+        )
+        .map_err(err)?;
+        Ok((gates, choice))
+    }
+
     /// `v` on the device, uploaded only when it differs from the last array of that name
     /// (a pass's positions, slots and tables are the same in every layer).
     fn pass_ints(
@@ -496,21 +523,7 @@ impl Device for Cuda {
             return Ok(Vec::new());
         }
         let be = &self.be;
-        let mut gates = be.zeros::<f32>("gates", t * k).map_err(err)?;
-        let mut choice = be.zeros::<i32>("experts", t * k).map_err(err)?;
-        let mut probs = be.zeros::<f32>("probs", t * ne).map_err(err)?;
-        be.router_topk(
-            &xn.s,
-            router,
-            t,
-            d,
-            ne,
-            k,
-            &mut gates,
-            &mut choice,
-            &mut probs,
-        )
-        .map_err(err)?;
+        let (gates, choice) = self.router_choices(router, xn, (t, d, ne, k))?;
         let ch = be.download("router choices", &choice).map_err(err)?;
         let gs = be.download("router gates", &gates).map_err(err)?;
         Ok((0..t)

@@ -185,24 +185,15 @@ impl CudaBackend {
             i32_of(&name, "out", out)?,
             i32_of(&name, "in", k)?,
         );
-        let mut b = self.stream().launch_builder(self.func(&name)?);
-        match (&gl.ss, gl.kind) {
-            (None, GemvWeights::Bf16) => {
-                b.arg(&gl.ws);
-            }
-            (Some(ss), GemvWeights::I8 { nb }) => {
-                let nb = nb as i32;
-                b.arg(&gl.ws).arg(ss).arg(&nb);
-                b.arg(ids)
-                    .arg(counts)
-                    .arg(&t_i)
-                    .arg(x)
-                    .arg(y)
-                    .arg(&out_i)
-                    .arg(&k_i);
-                return launch(&name, b, shape);
-            }
+        let nb = match (&gl.ss, gl.kind) {
+            (None, GemvWeights::Bf16) => 0,
+            (Some(_), GemvWeights::I8 { nb }) => nb as i32,
             _ => return Err(CudaError::invalid(&name, "scales do not match the weights")),
+        };
+        let mut b = self.stream().launch_builder(self.func(&name)?);
+        b.arg(&gl.ws);
+        if let Some(ss) = &gl.ss {
+            b.arg(ss).arg(&nb);
         }
         b.arg(ids)
             .arg(counts)
@@ -353,30 +344,16 @@ impl Cuda {
         }
         let g = self.moe_group(experts)?;
         let be = &self.be;
-        let z32 = |what: &str, n: usize| be.zeros::<f32>(what, n.max(1)).map_err(err);
-        let zi = |what: &str, n: usize| be.zeros::<i32>(what, n.max(1)).map_err(err);
-        let (mut gates, mut choice, mut probs) = (
-            z32("gates", t * k)?,
-            zi("experts", t * k)?,
-            z32("probs", t * ne)?,
-        );
-        be.router_topk(
-            &xn.s,
-            router,
-            t,
-            d,
-            ne,
-            k,
-            &mut gates,
-            &mut choice,
-            &mut probs,
-        )
-        .map_err(err)?;
+        let (gates, choice) = self.router_choices(router, xn, (t, d, ne, k))?;
+        // The plan writes every count and position; a list's entries past its count are never
+        // read.
+        let un = |what: &str, n: usize| be.uninit::<f32>(what, n.max(1)).map_err(err);
+        let ui = |what: &str, n: usize| be.uninit::<i32>(what, n.max(1)).map_err(err);
         let (mut counts, mut rows, mut gv, mut pos) = (
-            zi("expert rows", ne)?,
-            zi("expert row lists", ne * t)?,
-            z32("expert gates", ne * t)?,
-            zi("row positions", t * ne)?,
+            ui("expert rows", ne)?,
+            ui("expert row lists", ne * t)?,
+            un("expert gates", ne * t)?,
+            ui("row positions", t * ne)?,
         );
         {
             let mut st = self.moe_stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -414,7 +391,6 @@ impl Cuda {
         let f = g.linear.out_features;
         // Rows past an expert's count stay unwritten: the GEMV reads only the rows below it and
         // the gated sum only their positions.
-        let un = |what: &str, n: usize| be.uninit::<f32>(what, n.max(1)).map_err(err);
         let mut xs = un("expert inputs", ns * t * d)?;
         be.moe_gather(&xn.s, &g.ids, &counts, &rows, (t, d, ns, ne), &mut xs)
             .map_err(err)?;
